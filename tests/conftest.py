@@ -1,0 +1,15 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Make tests/utils.py importable as `utils` and keep CPU runs small and deterministic.
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,42 @@
+"""Shared test helpers: one comparison function and one tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative tolerances by dtype. float64: the engine and the references perform the same sums in a
+# different order, so errors are a few hundred ulps at most (2.2e-16 * ~1e3 < 1e-10). float32: the
+# same argument with eps 1.2e-7 and reductions over up to ~1e3 terms. float16: Triton kernels
+# accumulate in fp32 but read fp16 inputs (eps 9.8e-4).
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, name=""):
+    """Compare two tensors; report max-abs and max-relative error; NaN/Inf anywhere fails.
+
+    The relative error is measured against the largest magnitude of ``expected`` (a norm-wise
+    criterion), so entries that are zero up to cancellation do not produce meaningless ratios.
+    """
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{name}: actual has NaN/Inf")
+    if not torch.isfinite(expected).all():
+        raise AssertionError(f"{name}: expected has NaN/Inf")
+    if rtol is None:
+        rtol = RTOL[expected.dtype if expected.is_floating_point() else torch.float64]
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if a.numel() == 0:
+        return
+    max_abs = (a - e).abs().max().item()
+    scale = e.abs().max().item()
+    rel = max_abs / scale if scale > 0 else max_abs
+    bound = rtol * scale + (atol or 0.0)
+    if max_abs > bound:
+        raise AssertionError(
+            f"{name}: max abs err {max_abs:.3e}, max rel err {rel:.3e} (rtol {rtol:.1e}, "
+            f"atol {atol or 0.0:.1e}, scale {scale:.3e})"
+        )
