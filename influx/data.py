@@ -8,21 +8,27 @@ batches that carry the dataset indices, so every score can be aligned to its exa
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from influx.errors import InfluxValueError
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [B, ...], targets [B, ...], indices [B]
+# inputs [B, ...], targets [B, ...], indices [B]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _with_index(item: Any, position: int) -> tuple:
     if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
         raise InfluxValueError(
-            f"a dataset item must be (input, target) or (input, target, index); got {type(item).__name__}"
+            "a dataset item must be (input, target) or (input, target, index); "
+            f"got {type(item).__name__}"
             + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
         )
     if len(item) == 2:
@@ -44,12 +50,14 @@ class _IndexedDataset(Dataset):
 def _check_pair(data: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     if len(data) not in (2, 3):
         raise InfluxValueError(
-            f"data given as a tuple must be (inputs, targets) or (inputs, targets, indices); got {len(data)} items"
+            "data given as a tuple must be (inputs, targets) or (inputs, targets, indices); "
+            f"got {len(data)} items"
         )
     inputs, targets = torch.as_tensor(data[0]), torch.as_tensor(data[1])
     if inputs.shape[0] != targets.shape[0]:
         raise InfluxValueError(
-            f"inputs and targets disagree on the number of examples: {inputs.shape[0]} vs {targets.shape[0]}"
+            "inputs and targets disagree on the number of examples: "
+            f"{inputs.shape[0]} vs {targets.shape[0]}"
         )
     return inputs, targets
 
@@ -67,7 +75,7 @@ def as_tensors(data) -> Batch:
         batches = list(iter_batches(data, batch_size=1024))
         if not batches:
             raise InfluxValueError("the dataset is empty")
-        return tuple(torch.cat(parts) for parts in zip(*batches))  # type: ignore[return-value]
+        return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))  # type: ignore[return-value]
     raise InfluxValueError(
         f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
     )
@@ -98,3 +106,328 @@ def num_examples(data) -> int:
     if isinstance(data, (tuple, list)):
         return _check_pair(data)[0].shape[0]
     return len(data)
+
+
+def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+    """Yield ``(inputs, targets, indices)`` batches visiting the positions ``order`` [M] in turn.
+
+    ``order`` holds positions into ``data`` (0 <= p < num_examples(data)); the yielded ``indices``
+    are the dataset indices the examples carry. Used by the trainer to replay a recorded epoch.
+    """
+    if batch_size < 1:
+        raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
+    order = torch.as_tensor(order, dtype=torch.long)
+    if isinstance(data, (tuple, list)):
+        inputs, targets, indices = as_tensors(data)
+        for start in range(0, order.shape[0], batch_size):
+            positions = order[start : start + batch_size]
+            yield inputs[positions], targets[positions], indices[positions]
+        return
+    if isinstance(data, Dataset):
+        loader = DataLoader(_IndexedDataset(data), batch_size=batch_size, sampler=order.tolist())
+        for inputs, targets, indices in loader:
+            yield inputs, targets, torch.as_tensor(indices, dtype=torch.long)
+        return
+    raise InfluxValueError(
+        f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: digits (embedded), cifar10 (local python-format folder), synthetic (generated).
+# Each yields (input, target, index) and carries .targets [N], .num_classes and .input_shape.
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = ("digits", "cifar10", "synthetic")
+SPLITS = ("train", "test")
+DATA_DIR_ENV = "INFLUX_DATA_DIR"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+# Per-channel mean and standard deviation of the CIFAR-10 training images (pixel values in [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DIGITS_TEST_SIZE = 197
+
+
+class ClassificationDataset(Dataset):
+    """Base of influx's datasets: items ``(input, target, index)`` with ``index`` = position.
+
+    Attributes: ``targets`` (LongTensor [N]), ``num_classes``, ``input_shape`` (of one input),
+    ``name``, ``split``, ``flipped`` (LongTensor of the indices whose label was flipped, sorted;
+    empty unless label noise was requested) and ``clean_targets`` (labels before flipping).
+    """
+
+    name: str = ""
+
+    def __init__(self, targets: torch.Tensor, num_classes: int, input_shape, split: str):
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.clean_targets = self.targets.clone()
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(int(size) for size in input_shape)
+        self.split = split
+        self.flipped = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def _input(self, position: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        position = int(position)
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"index {position} out of range for a dataset of {len(self)} examples")
+        position %= len(self)
+        return self._input(position), self.targets[position], position
+
+    def __repr__(self) -> str:
+        flips = f", flipped={self.flipped.numel()}" if self.flipped.numel() else ""
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes}{flips})"
+        )
+
+
+class TensorClassificationDataset(ClassificationDataset):
+    """A dataset held in memory as one float tensor ``inputs`` [N, *input_shape]."""
+
+    def __init__(self, name: str, inputs: torch.Tensor, targets, num_classes: int, split: str):
+        super().__init__(targets, num_classes, inputs.shape[1:], split)
+        self.name = name
+        self.inputs = inputs
+
+    def _input(self, position: int) -> torch.Tensor:
+        return self.inputs[position]
+
+
+class Cifar10Dataset(ClassificationDataset):
+    """CIFAR-10 kept as one uint8 tensor ``images`` [N, 3, 32, 32] (150 MB for the 50k train set);
+    each item is converted to normalized float32 [3, 32, 32] when read."""
+
+    name = "cifar10"
+
+    def __init__(self, images: torch.Tensor, targets, split: str, classes: list[str]):
+        super().__init__(targets, 10, images.shape[1:], split)
+        self.images = images
+        self.classes = classes
+        self._mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+    def _input(self, position: int) -> torch.Tensor:
+        return (self.images[position].float() / 255.0 - self._mean) / self._std
+
+
+class SyntheticDataset(ClassificationDataset):
+    """CIFAR-shaped Gaussian data with planted class structure, generated per item (memory-light).
+
+    Input ``i`` is ``prototype[target_i] + noise * e_i`` where each class prototype is a smooth
+    random image (Gaussian noise upsampled from 1/4 resolution, so convolutions can pick it up) of
+    per-pixel scale ``signal``, and ``e_i`` is standard Gaussian noise seeded by (seed, split, i):
+    the same item always yields the same tensor.
+    """
+
+    name = "synthetic"
+
+    def __init__(self, prototypes: torch.Tensor, targets, split: str, noise: float, item_seed: int):
+        super().__init__(targets, prototypes.shape[0], prototypes.shape[1:], split)
+        self.prototypes = prototypes
+        self.noise = noise
+        self.item_seed = item_seed
+
+    def _input(self, position: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.item_seed + position)
+        noise = torch.randn(self.input_shape, generator=generator)
+        return self.prototypes[self.targets[position]] + self.noise * noise
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise InfluxValueError(f"split must be 'train' or 'test'; got {split!r}")
+
+
+def _digits(split: str, split_seed: int) -> TensorClassificationDataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    positions = torch.arange(len(bunch.target)).numpy()
+    # Stratified so that both splits keep the class balance of the 1,797 images.
+    train_positions, test_positions = train_test_split(
+        positions, test_size=DIGITS_TEST_SIZE, stratify=bunch.target, random_state=split_seed
+    )
+    chosen = sorted(train_positions if split == "train" else test_positions)
+    # Pixel intensities are integers 0..16.
+    inputs = torch.as_tensor(bunch.data[chosen] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    targets = torch.as_tensor(bunch.target[chosen], dtype=torch.long)
+    return TensorClassificationDataset("digits", inputs, targets, 10, split)
+
+
+def resolve_data_dir(root: str | os.PathLike | None) -> Path:
+    """The data folder: ``root`` if given, else ``$INFLUX_DATA_DIR``, else ``./data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    return Path(os.environ.get(DATA_DIR_ENV, "data")).expanduser()
+
+
+def _cifar10_folder(root: str | os.PathLike | None) -> Path:
+    base = resolve_data_dir(root)
+    # Accept both the parent folder and the extracted folder itself.
+    if base.name == CIFAR10_FOLDER or (base / CIFAR10_TRAIN_FILES[0]).is_file():
+        return base
+    return base / CIFAR10_FOLDER
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        # The official files were pickled by Python 2; "bytes" keeps their str keys as bytes.
+        content = pickle.load(handle, encoding="bytes")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
+
+
+def _cifar10(root, split: str) -> Cifar10Dataset:
+    folder = _cifar10_folder(root)
+    files = CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise InfluxValueError(
+            f"CIFAR-10 not found: expected the python-format folder {folder.resolve()} holding "
+            f"{', '.join(files)}; missing {', '.join(missing)}. Download 'CIFAR-10 python version' "
+            "(cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html and extract "
+            f"it into {folder.resolve().parent}, or point --data-dir (or ${DATA_DIR_ENV}) at the "
+            f"folder that contains {CIFAR10_FOLDER}."
+        )
+    images, labels = [], []
+    for name in files:
+        batch = _unpickle(folder / name)
+        # Rows are 3,072 bytes: the red, green and blue 32x32 planes, in that order.
+        images.append(
+            torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)).view(-1, 3, 32, 32)
+        )
+        labels.extend(int(label) for label in batch["labels"])
+    classes = [f"class_{k}" for k in range(10)]
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        names = _unpickle(meta).get("label_names", [])
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names] or classes
+    return Cifar10Dataset(torch.cat(images), torch.tensor(labels), split, classes)
+
+
+def _synthetic(
+    split: str,
+    size: int | None,
+    num_classes: int,
+    input_shape,
+    seed: int,
+    signal: float,
+    noise: float,
+) -> SyntheticDataset:
+    if size is None:
+        size = 5000 if split == "train" else 1000
+    if size < 1 or num_classes < 2:
+        raise InfluxValueError(
+            f"synthetic data needs size >= 1 and num_classes >= 2; got size={size}, "
+            f"num_classes={num_classes}"
+        )
+    if len(input_shape) != 3:
+        raise InfluxValueError(
+            f"synthetic input_shape must be (channels, height, width); got {tuple(input_shape)}"
+        )
+    channels, height, width = input_shape
+    generator = torch.Generator().manual_seed(seed)
+    # Prototypes are shared by both splits: the same seed gives one learnable task.
+    coarse = torch.randn(
+        num_classes, channels, max(1, height // 4), max(1, width // 4), generator=generator
+    )
+    prototypes = signal * torch.nn.functional.interpolate(
+        coarse, size=(height, width), mode="bilinear", align_corners=False
+    )
+    split_offset = 0 if split == "train" else 1
+    label_generator = torch.Generator().manual_seed(seed * 2 + split_offset)
+    # Balanced classes in a seeded order.
+    targets = (torch.arange(size) % num_classes)[torch.randperm(size, generator=label_generator)]
+    # Item seeds of the two splits never overlap (train < 2**40 <= test).
+    item_seed = seed * 2**41 + split_offset * 2**40
+    return SyntheticDataset(prototypes, targets, split, noise, item_seed)
+
+
+def flip_labels(
+    dataset: ClassificationDataset, fraction: float, seed: int
+) -> ClassificationDataset:
+    """Give ``round(fraction * N)`` seeded random examples a different random label, in place.
+
+    Each chosen example gets a label drawn uniformly from the other ``num_classes - 1`` classes.
+    Records the chosen indices in ``dataset.flipped`` (sorted) and keeps ``dataset.clean_targets``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise InfluxValueError(f"flip_fraction must be in [0, 1]; got {fraction}")
+    count = round(fraction * len(dataset))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[:count].sort().values
+    shift = torch.randint(1, dataset.num_classes, (count,), generator=generator)
+    targets = dataset.clean_targets.clone()
+    targets[chosen] = (targets[chosen] + shift) % dataset.num_classes
+    dataset.targets = targets
+    dataset.flipped = chosen
+    return dataset
+
+
+def load(
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    flip_fraction: float = 0.0,
+    seed: int = 0,
+    max_examples: int | None = None,
+    split_seed: int = 0,
+    size: int | None = None,
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    signal: float = 0.3,
+    noise: float = 1.0,
+) -> ClassificationDataset:
+    """Load a dataset by name; items are ``(input, target, index)``.
+
+    - ``digits``: scikit-learn's 1,797 8x8 digit images (ships with scikit-learn), inputs
+      float32 [1, 8, 8] in [0, 1], 10 classes; a stratified split seeded by ``split_seed``:
+      1,600 train / 197 test.
+    - ``cifar10``: the python-format folder ``cifar-10-batches-py`` under ``root`` (else
+      ``$INFLUX_DATA_DIR``, else ``./data``); inputs normalized float32 [3, 32, 32]; 50,000 train /
+      10,000 test.
+    - ``synthetic``: ``size`` examples (default 5,000 train / 1,000 test) of shape ``input_shape``
+      in ``num_classes`` balanced classes: class prototype (scale ``signal``) + Gaussian ``noise``,
+      all seeded by ``seed``.
+
+    ``max_examples`` keeps the first examples only. ``flip_fraction`` (train split only) gives that
+    seeded (``seed``) fraction of labels a different random class; see :func:`flip_labels`.
+    """
+    _check_split(split)
+    if flip_fraction and split != "train":
+        raise InfluxValueError(
+            f"flip_fraction applies to the train split only; got split={split!r} with "
+            f"flip_fraction={flip_fraction}. Load the test split with flip_fraction=0."
+        )
+    if name == "digits":
+        dataset: ClassificationDataset = _digits(split, split_seed)
+    elif name == "cifar10":
+        dataset = _cifar10(root, split)
+    elif name == "synthetic":
+        dataset = _synthetic(split, size, num_classes, input_shape, seed, signal, noise)
+    else:
+        raise InfluxValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if max_examples is not None:
+        dataset = _truncate(dataset, max_examples)
+    if flip_fraction:
+        flip_labels(dataset, flip_fraction, seed)
+    return dataset
+
+
+def _truncate(dataset: ClassificationDataset, max_examples: int) -> ClassificationDataset:
+    if max_examples < 1:
+        raise InfluxValueError(f"max_examples must be >= 1; got {max_examples}")
+    keep = min(max_examples, len(dataset))
+    dataset.targets = dataset.targets[:keep]
+    dataset.clean_targets = dataset.clean_targets[:keep]
+    # Inputs are looked up by position, so shortening the targets shortens the dataset.
+    return dataset
