@@ -1,0 +1,110 @@
+"""Pairwise inner products of per-sample gradients, never forming G.
+
+For samples i of one batch (``a`` [N, T, d_in], ``b`` [N, T, d_out]) and j of another
+(``a2`` [M, T2, d_in], ``b2`` [M, T2, d_out]):
+
+    <G_i, G'_j> = sum_{t,s} (a_it . a2_js)(b_it . b2_js)      (T = 1: (a_i . a2_j)(b_i . b2_j))
+
+Dtypes: fp16/bf16 inputs accumulate in fp32 and return fp32; fp32 and float64 return their own
+dtype. The Triton launcher reads fp32/fp16/bf16; float64 always runs the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import (
+    KernelInputError,
+    accumulation_dtype,
+    as_sequence,
+    cdiv,
+    check_grid,
+    check_last_dim,
+    check_pair,
+    check_same_kind,
+    lazy_kernel,
+    select_backend,
+    tl,
+)
+
+# Elements of the largest Gram block [rows, cols, T, T2] the reference builds at once (64 MiB fp32).
+DEFAULT_MAX_ELEMENTS = 2**24
+
+
+def pairwise_grad_dot(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Matrix of gradient inner products ``<G_i, G'_j>``.
+
+    Args:
+        a, b: activations ``[N, T, d_in]`` and output grads ``[N, T, d_out]`` (2-D means T = 1).
+        a2, b2: the second batch ``[M, T2, d_in]``, ``[M, T2, d_out]``; both default to ``a``, ``b``.
+
+    Returns:
+        ``[N, M]`` (fp32 for half inputs, else the input dtype).
+    """
+    a, b, a2, b2 = _validated(a, b, a2, b2, "pairwise_grad_dot")
+    if select_backend("pairwise_grad_dot", a, b, a2, b2) == "triton":
+        return pairwise_grad_dot_triton(a, b, a2, b2)
+    return pairwise_grad_dot_reference(a, b, a2, b2)
+
+
+def _validated(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = as_sequence(kernel, "a", a, "d_in")
+    b = as_sequence(kernel, "b", b, "d_out")
+    check_pair(kernel, a, b, "a", "b")
+    if (a2 is None) != (b2 is None):
+        raise KernelInputError(
+            f"{kernel}: pass both `a2` and `b2` (the second batch) or neither (pairs within `a`, `b`)."
+        )
+    if a2 is None:
+        return a, b, a, b
+    a2 = as_sequence(kernel, "a2", a2, "d_in")
+    b2 = as_sequence(kernel, "b2", b2, "d_out")
+    check_pair(kernel, a2, b2, "a2", "b2")
+    check_last_dim(kernel, "a2", a2, a.shape[2], "d_in of `a`")
+    check_last_dim(kernel, "b2", b2, b.shape[2], "d_out of `b`")
+    check_same_kind(kernel, (a, a2), ("a", "a2"))
+    return a, b, a2, b2
+
+
+def pairwise_grad_dot_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """The Gram-form double sum, in blocks of rows and columns of at most ``max_elements`` entries.
+
+    One (i, j) pair needs a T x T2 block; that is the floor of the memory used.
+    """
+    a, b, a2, b2 = _validated(a, b, a2, b2, "pairwise_grad_dot_reference")
+    n_rows, seq_len = a.shape[:2]
+    n_cols, seq_len2 = a2.shape[:2]
+    acc_dtype = accumulation_dtype(a.dtype)
+    out = torch.empty(n_rows, n_cols, dtype=acc_dtype, device=a.device)
+    pair_elements = max(1, seq_len * seq_len2)
+    col_block = max(1, min(n_cols, max_elements // pair_elements))
+    row_block = max(1, max_elements // (pair_elements * col_block))
+    for i0 in range(0, n_rows, row_block):
+        a_rows = a[i0 : i0 + row_block].to(acc_dtype)  # [r, T, d_in]
+        b_rows = b[i0 : i0 + row_block].to(acc_dtype)  # [r, T, d_out]
+        for j0 in range(0, n_cols, col_block):
+            a_cols = a2[j0 : j0 + col_block].to(acc_dtype)  # [c, T2, d_in]
+            b_cols = b2[j0 : j0 + col_block].to(acc_dtype)  # [c, T2, d_out]
+            gram_a = torch.einsum("itd,jsd->ijts", a_rows, a_cols)  # [r, c, T, T2]
+            gram_b = torch.einsum("itd,jsd->ijts", b_rows, b_cols)  # [r, c, T, T2]
+            block = (gram_a * gram_b).sum(dim=(2, 3))  # [r, c]
+            out[i0 : i0 + row_block, j0 : j0 + col_block] = block
+    return out
