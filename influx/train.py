@@ -1,0 +1,343 @@
+"""A small deterministic trainer that records what later analyses need to replay training.
+
+:func:`train` records, per epoch, the seed and the order in which examples were visited, and at the
+requested steps a copy of the parameters with the learning rate then in effect (TracIn sums
+``eta_t grad l(w_t, z) . grad l(w_t, z')`` over such checkpoints). The same model, data and seed
+give the same parameters, bit for bit, on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from influx.data import iter_batches, iter_ordered_batches, num_examples
+from influx.errors import InfluxValueError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["Checkpoint", "TrainResult", "cross_entropy_per_example", "evaluate", "train"]
+
+
+def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The standard ``loss_fn``: logits [N, C] and class targets [N] -> per-example losses [N]."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def mse_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Half squared error summed over output dimensions: [N, ...] and [N, ...] -> [N]."""
+    targets = targets.to(outputs.dtype).reshape(outputs.shape)
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1)
+
+
+_LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy_per_example, "mse": mse_per_example}
+_OPTIMIZERS = ("adam", "sgd")
+_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Parameters after ``step`` optimizer steps (``step`` 0 = the initial model).
+
+    ``lr`` is the learning rate in effect at that moment, i.e. the one the next step uses.
+    ``state_dict`` is a detached copy on the CPU.
+    """
+
+    step: int
+    epoch: int
+    lr: float
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    - ``epoch_seeds[e]``: the seed of the permutation of epoch ``e``;
+      ``epoch_orders[e]`` [N]: the dataset indices in the order they were visited (a final partial
+      epoch, when training by ``steps``, lists only the visited ones).
+    - ``losses`` [steps]: the mean mini-batch loss at each step; ``lrs`` [steps]: its learning rate.
+    - ``checkpoints``: one :class:`Checkpoint` per requested step, in step order.
+    - ``final_loss`` / ``final_accuracy``: over the whole training set, eval mode, after training
+      (accuracy is NaN for losses other than cross-entropy).
+    """
+
+    steps: int
+    epochs: float
+    epoch_seeds: list[int]
+    epoch_orders: list[torch.Tensor]
+    losses: torch.Tensor
+    lrs: torch.Tensor
+    checkpoints: list[Checkpoint]
+    final_loss: float
+    final_accuracy: float
+    seconds: float
+    config: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainResult(steps={self.steps}, epochs={self.epochs:g}, "
+            f"final_loss={self.final_loss:.4g}, final_accuracy={self.final_accuracy:.4g}, "
+            f"checkpoints={[c.step for c in self.checkpoints]}, seconds={self.seconds:.2f})"
+        )
+
+
+def _resolve_loss(loss: str | LossFn) -> LossFn:
+    if callable(loss):
+        return loss
+    if loss not in _LOSSES:
+        raise InfluxValueError(
+            f"loss must be one of {sorted(_LOSSES)} or a callable "
+            f"(outputs, targets) -> losses [N]; got {loss!r}"
+        )
+    return _LOSSES[loss]
+
+
+def _total_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
+    if (epochs is None) == (steps is None):
+        raise InfluxValueError(
+            f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}"
+        )
+    if epochs is not None:
+        if epochs < 0:
+            raise InfluxValueError(f"epochs must be >= 0; got {epochs}")
+        return epochs * math.ceil(n / batch_size)
+    if steps < 0:  # type: ignore[operator]
+        raise InfluxValueError(f"steps must be >= 0; got {steps}")
+    return int(steps)  # type: ignore[arg-type]
+
+
+def _checkpoint_steps(
+    checkpoints: Iterable[int] | str, total: int, steps_per_epoch: int
+) -> list[int]:
+    if checkpoints == "epochs":
+        # The initial model and the end of every (possibly partial) epoch.
+        return sorted({0, *range(steps_per_epoch, total + 1, steps_per_epoch), total})
+    if isinstance(checkpoints, str):
+        raise InfluxValueError(
+            f"checkpoints must be step numbers or 'epochs'; got the string {checkpoints!r}"
+        )
+    wanted = sorted({int(step) for step in checkpoints})
+    out_of_range = [step for step in wanted if not 0 <= step <= total]
+    if out_of_range:
+        raise InfluxValueError(
+            f"checkpoint steps must lie in [0, {total}] (the number of training steps); "
+            f"got {out_of_range}"
+        )
+    return wanted
+
+
+def _make_optimizer(
+    name: str, parameters, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise InfluxValueError(f"optimizer must be one of {_OPTIMIZERS}; got {name!r}")
+
+
+def _lr_at(step: int, total: int, lr: float, schedule: str) -> float:
+    if schedule == "constant" or total == 0:
+        return lr
+    # Cosine decay from lr at step 0 to 0 after the last step.
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    loss: str | LossFn = "cross_entropy",
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``data`` in eval mode.
+
+    Accuracy compares ``argmax`` of the outputs [N, C] with the targets [N]; it is NaN for a loss
+    other than cross-entropy. The model's train/eval mode is restored afterwards.
+    """
+    loss_fn = _resolve_loss(loss)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    try:
+        for inputs, targets, _ in iter_batches(data, batch_size):
+            inputs, targets = inputs.to(device), targets.to(device)
+            outputs = model(inputs)
+            total_loss += loss_fn(outputs, targets).sum().item()
+            if loss_fn is cross_entropy_per_example:
+                correct += (outputs.argmax(dim=1) == targets).sum().item()
+            count += targets.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise InfluxValueError("cannot evaluate on empty data")
+    accuracy = correct / count if loss_fn is cross_entropy_per_example else float("nan")
+    return total_loss / count, accuracy
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # One independent stream per epoch, so a single epoch's order can be replayed on its own.
+    return int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(seed + epoch)))
+
+
+def train(
+    model: nn.Module,
+    data,
+    *,
+    loss: str | LossFn = "cross_entropy",
+    optimizer: Literal["adam", "sgd"] = "adam",
+    lr: float = 1e-3,
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = 128,
+    seed: int = 0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    lr_schedule: Literal["constant", "cosine"] = "constant",
+    checkpoints: Iterable[int] | str = (),
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` with mini-batches in a seeded random order.
+
+    Give exactly one of ``epochs`` and ``steps``. ``batch_size=None`` trains on the full batch.
+    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable mapping (outputs, targets) to
+    per-example losses [N]; each step minimizes their mean. ``checkpoints`` lists the steps
+    (0 = before training, up to the total number of steps) at which to keep a parameter copy, or
+    ``"epochs"`` for the initial model and the end of every epoch. ``lr_schedule="cosine"`` decays
+    the learning rate to 0 over the run. The global RNG state is left untouched: the seed drives
+    shuffling and any randomness in the model (dropout) through a forked RNG.
+    """
+    n = num_examples(data)
+    if n == 0:
+        raise InfluxValueError("cannot train on empty data")
+    batch_size = n if batch_size is None else batch_size
+    if batch_size < 1:
+        raise InfluxValueError(f"batch_size must be >= 1 or None (full batch); got {batch_size}")
+    if lr_schedule not in _SCHEDULES:
+        raise InfluxValueError(f"lr_schedule must be one of {_SCHEDULES}; got {lr_schedule!r}")
+    if not lr > 0:
+        raise InfluxValueError(f"lr must be > 0; got {lr}")
+    loss_fn = _resolve_loss(loss)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = _total_steps(n, batch_size, epochs, steps)
+    checkpoint_steps = _checkpoint_steps(checkpoints, total, steps_per_epoch)
+    device = torch.device(device) if device is not None else _model_device(model)
+    model.to(device)
+    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    config = dict(
+        loss=loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss)),
+        optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
+        seed=seed, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        checkpoints=checkpoint_steps, device=str(device), num_examples=n,
+    )  # fmt: skip
+
+    start = time.perf_counter()
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        run = _run(
+            model, data, loss_fn, opt, total, batch_size, seed, lr, lr_schedule,
+            checkpoint_steps, device, progress,
+        )  # fmt: skip
+    final_loss, final_accuracy = evaluate(model, data, loss=loss_fn, device=device)
+    return TrainResult(
+        steps=total,
+        epochs=total / steps_per_epoch,
+        final_loss=final_loss,
+        final_accuracy=final_accuracy,
+        seconds=time.perf_counter() - start,
+        config=config,
+        **run,
+    )
+
+
+def _run(
+    model: nn.Module,
+    data,
+    loss_fn: LossFn,
+    opt: torch.optim.Optimizer,
+    total: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+    lr_schedule: str,
+    checkpoint_steps: list[int],
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """The training loop; returns the recorded fields of :class:`TrainResult`."""
+    n = num_examples(data)
+    epoch_seeds: list[int] = []
+    epoch_orders: list[torch.Tensor] = []
+    losses = torch.zeros(total)
+    lrs = torch.zeros(total)
+    saved: list[Checkpoint] = []
+    pending = list(checkpoint_steps)
+
+    def maybe_checkpoint(step: int, epoch: int) -> None:
+        if pending and pending[0] == step:
+            pending.pop(0)
+            current_lr = _lr_at(step, total, lr, lr_schedule)
+            saved.append(Checkpoint(step, epoch, current_lr, _state_copy(model)))
+
+    was_training = model.training
+    model.train()
+    step, epoch = 0, 0
+    maybe_checkpoint(0, 0)
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
+    try:
+        while step < total:
+            epoch_seed = _epoch_seed(seed, epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
+            # A final partial epoch visits only the positions its remaining steps reach.
+            order = order[: (total - step) * batch_size]
+            visited = []
+            for inputs, targets, indices in iter_ordered_batches(data, order, batch_size):
+                step_lr = _lr_at(step, total, lr, lr_schedule)
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                opt.zero_grad(set_to_none=True)
+                batch_loss = loss_fn(model(inputs.to(device)), targets.to(device)).mean()
+                batch_loss.backward()
+                opt.step()
+                losses[step], lrs[step] = batch_loss.detach().cpu(), step_lr
+                visited.append(indices)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{batch_loss.item():.4f}", refresh=False)
+                maybe_checkpoint(step, epoch)
+            epoch_seeds.append(epoch_seed)
+            epoch_orders.append(torch.cat(visited))
+            epoch += 1
+    finally:
+        bar.close()
+        model.train(was_training)
+    return dict(
+        epoch_seeds=epoch_seeds,
+        epoch_orders=epoch_orders,
+        losses=losses,
+        lrs=lrs,
+        checkpoints=saved,
+    )
