@@ -1,0 +1,108 @@
+"""Capture per-layer inputs and output gradients from ONE batched forward and backward.
+
+For every captured call of a module we keep its inputs ``a`` (detached) and the gradient of the
+*summed* per-example losses with respect to its output, ``b``. Because example i only touches
+loss i, ``b[i]`` is exactly the gradient of loss i: per-sample gradients follow from (a, b) layer
+by layer without a per-example backward.
+
+The backward asks autograd only for the gradients at the captured outputs (``GradientEdge``s
+recorded during the forward), so no parameter gradient is computed or accumulated into
+``.grad``, and an in-place operation after a layer (``ReLU(inplace=True)``) cannot corrupt
+what was recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from influx.errors import UnsupportedModelError
+from influx.grads.functional import LossFn, check_batch, check_per_example_losses
+
+
+@dataclass
+class LayerCall:
+    """One call of a module during the forward pass."""
+
+    args: tuple  # the positional inputs, tensors detached
+    grad_output: torch.Tensor  # [N, *output.shape[1:]], d(sum of losses)/d(output)
+
+
+def check_no_train_batchnorm(model: nn.Module) -> None:
+    """BatchNorm in train mode mixes examples through the batch statistics: refuse it."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModelError(
+                f"model contains {type(module).__name__} ({name or 'the root module'}) in train mode: "
+                "per-sample gradients are ill-defined because batch statistics mix the examples; "
+                "call influx.models.convert_batchnorm(model) to use GroupNorm, or model.eval() "
+                "to use the running statistics"
+            )
+
+
+@contextmanager
+def _requiring_grad(parameters):
+    """Temporarily make the selected parameters require grad (a frozen one may be selected)."""
+    frozen = [p for p in parameters if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def capture(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    modules: Mapping[str, nn.Module],
+    parameters=(),
+) -> tuple[torch.Tensor, dict[str, list[LayerCall]]]:
+    """Run forward + backward once; return the per-example losses [N] and the calls per module.
+
+    ``modules`` maps names to the modules to watch; ``parameters`` are made to require grad for
+    the duration, so the watched outputs are part of the graph.
+    """
+    check_batch(inputs, targets)
+    check_no_train_batchnorm(model)
+    pending: list[tuple[str, tuple, torch.autograd.graph.GradientEdge, torch.Tensor]] = []
+
+    def watch(name: str):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
+                    "per-sample rules need a single tensor output: wrap the module so it returns one"
+                )
+            if output.requires_grad:
+                detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+                pending.append((name, detached, get_gradient_edge(output), output))
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
+    try:
+        with torch.enable_grad(), _requiring_grad(list(parameters)):
+            losses = loss_fn(model(inputs), targets)
+            check_per_example_losses(losses, inputs.shape[0])
+            if pending:
+                edges = [edge for _, _, edge, _ in pending]
+                grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            else:
+                grads = []
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    calls: dict[str, list[LayerCall]] = {name: [] for name in modules}
+    for (name, args, _, output), g in zip(pending, grads):
+        calls[name].append(LayerCall(args, torch.zeros_like(output) if g is None else g))
+    return losses.detach(), calls

@@ -1,0 +1,279 @@
+"""Public per-sample gradient functions, built on one batched forward + backward.
+
+Shapes: N examples, P parameters, K projected dims. ``loss_fn(outputs, targets)`` returns the
+per-example losses [N]; gradients are those of each example's own loss (not of the mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.grads.capture import LayerCall, capture
+from influx.grads.functional import LossFn, check_batch, select_parameters
+from influx.grads.projection import Projector, dense_project
+from influx.grads.rules import LayerRule, MatmulRule, rule_for
+
+
+@dataclass
+class _Layer:
+    """A module that owns selected parameters, the rule that serves it, and their full names."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    params: dict[str, str] = field(default_factory=dict)  # local name -> full name
+
+
+def _plan(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[_Layer]:
+    full_name_of = {id(p): name for name, p in selected.items()}
+    layers = []
+    for module_name, module in model.named_modules():
+        owned = {
+            local: full_name_of[id(p)]
+            for local, p in module.named_parameters(recurse=False)
+            if id(p) in full_name_of
+        }
+        if owned:
+            layers.append(_Layer(module_name, module, rule_for(module), owned))
+    return layers
+
+
+def _tied(layers: list[_Layer]) -> set[str]:
+    """Full names of parameters registered in more than one module (weight tying)."""
+    seen, tied = set(), set()
+    for layer in layers:
+        for full in layer.params.values():
+            (tied if full in seen else seen).add(full)
+    return tied
+
+
+def _chunks(inputs, targets, chunk_size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    check_batch(inputs, targets)
+    if chunk_size is not None and chunk_size < 1:
+        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+    n = inputs.shape[0]
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, max(step, 1)):
+        yield inputs[start : start + step], targets[start : start + step]
+
+
+def _capture_chunk(model, loss_fn, inputs, targets, layers) -> dict[str, list[LayerCall]]:
+    modules = {layer.name: layer.module for layer in layers}
+    params = dict(model.named_parameters())
+    wanted = [params[full] for layer in layers for full in layer.params.values()]
+    _, calls = capture(model, loss_fn, inputs, targets, modules, wanted)
+    return calls
+
+
+def _accumulate(total: dict, name: str, value: torch.Tensor) -> None:
+    total[name] = total[name] + value if name in total else value
+
+
+def _empty_grads(selected) -> dict[str, torch.Tensor]:
+    return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
+
+
+def _grads_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict[str, torch.Tensor]:
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if not calls[layer.name]:
+            continue
+        for local, g in layer.rule.grads(layer.module, calls[layer.name]).items():
+            if local in layer.params:
+                _accumulate(out, layer.params[local], g)
+    n = inputs.shape[0]
+    # a selected parameter that did not take part in this forward has zero gradient
+    return {name: out.get(name, p.new_zeros((n, *p.shape))) for name, p in selected.items()}
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of every selected parameter: name -> [N, *param.shape].
+
+    ``params`` selects parameter names (default: all that require grad); ``chunk_size`` bounds
+    memory by processing that many examples per forward/backward.
+    """
+    selected = select_parameters(model, params)
+    layers = _plan(model, selected)
+    parts = [
+        _grads_of_chunk(model, loss_fn, x, y, layers, selected) for x, y in _chunks(inputs, targets, chunk_size)
+    ]
+    if not parts:
+        return _empty_grads(selected)
+    return {name: torch.cat([part[name] for part in parts]) for name in selected}
+
+
+def _sqnorms_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict[str, torch.Tensor]:
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+    tied = _tied(layers)
+    out: dict[str, torch.Tensor] = {}
+    tied_grads: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if not calls[layer.name]:
+            continue
+        if tied & set(layer.params.values()):
+            # the norm of a sum is not the sum of norms: tied parameters are materialized
+            for local, g in layer.rule.grads(layer.module, calls[layer.name]).items():
+                if local in layer.params:
+                    _accumulate(tied_grads, layer.params[local], g)
+            continue
+        for local, sq in layer.rule.sqnorms(layer.module, calls[layer.name]).items():
+            if local in layer.params:
+                out[layer.params[local]] = sq
+    for name, g in tied_grads.items():
+        out[name] = g.flatten(1).square().sum(1)
+    zeros = inputs.new_zeros(inputs.shape[0], dtype=next(iter(selected.values())).dtype)
+    return {name: out.get(name, zeros) for name in selected}
+
+
+def per_sample_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    params: Iterable[str] | None = None,
+    by_layer: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Per-sample L2 gradient norms [N] (or name -> [N] with ``by_layer=True``).
+
+    Layers with a rule never materialize per-sample gradients: Linear/Conv use the ghost norm or
+    the direct form, whichever is cheaper for that layer.
+    """
+    selected = select_parameters(model, params)
+    layers = _plan(model, selected)
+    parts = [
+        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected) for x, y in _chunks(inputs, targets, chunk_size)
+    ]
+    dtype = next(iter(selected.values())).dtype
+    sqnorms = {
+        name: torch.cat([p[name] for p in parts]) if parts else inputs.new_zeros(0, dtype=dtype)
+        for name in selected
+    }
+    if by_layer:
+        return {name: sq.sqrt() for name, sq in sqnorms.items()}
+    return torch.stack(list(sqnorms.values())).sum(0).sqrt()
+
+
+def per_sample_projected(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    dim: int,
+    seed: int = 0,
+    kind: str = "kronecker",
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Randomly projected per-sample gradients [N, K].
+
+    ``kind="kronecker"``: each module gets ``dim // (number of modules)`` dims; a Linear/Conv
+    weight (with its bias, as the weight of a constant-1 input) is projected as
+    ``P_out G_i P_in^T`` (LoGra-style) without forming ``G_i``; other parameters are projected
+    densely, or kept whole when they are smaller than their share. K is the sum of the shares
+    actually used (<= dim). ``kind="dense"``: one Gaussian JL matrix [dim, P] applied to the
+    materialized flat gradient (K = dim); the reference. Same ``seed``, same projection.
+    """
+    if kind not in ("kronecker", "dense"):
+        raise InfluxValueError(f"kind must be 'kronecker' or 'dense'; got {kind!r}")
+    if dim < 1:
+        raise InfluxValueError(f"dim must be >= 1; got {dim}")
+    selected = select_parameters(model, params)
+    if kind == "dense":
+        grads = per_sample_grads(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size)
+        flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+        return dense_project(flat, dim, seed=seed)
+    layers = _plan(model, selected)
+    if _tied(layers):
+        raise UnsupportedModelError(
+            f"parameters {sorted(_tied(layers))} are shared between modules; Kronecker projection "
+            "needs one owner per weight: use kind='dense' or select the parameters with params="
+        )
+    reference = next(iter(selected.values()))
+    projector = Projector(budget=max(1, dim // len(layers)), seed=seed, dtype=reference.dtype, device=reference.device)
+    parts = []
+    for x, y in _chunks(inputs, targets, chunk_size):
+        calls = _capture_chunk(model, loss_fn, x, y, layers)
+        blocks = [_project_layer(layer, calls[layer.name], projector, x.shape[0]) for layer in layers]
+        parts.append(torch.cat(blocks, dim=1))
+    return torch.cat(parts) if parts else reference.new_zeros(0, 0)
+
+
+def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.Tensor:
+    everything_selected = set(layer.params) == {local for local, _ in layer.module.named_parameters(recurse=False)}
+    if calls and everything_selected:
+        return torch.cat(layer.rule.project(layer.module, calls, projector, layer.name + "."), dim=1)
+    # a partial selection (e.g. weight without bias) or an unused layer: dense per parameter
+    blocks = []
+    grads = layer.rule.grads(layer.module, calls) if calls else {}
+    share = max(1, projector.budget // len(layer.params))
+    for local, full in layer.params.items():
+        param = getattr(layer.module, local)
+        g = grads.get(local, param.new_zeros(n, *param.shape)).flatten(1)
+        blocks.append(projector.dense_block(full, g, share))
+    return torch.cat(blocks, dim=1)
+
+
+@dataclass
+class MatmulCapture:
+    """Captured matmul form of one Linear/Conv layer, for curvature factors (K-FAC).
+
+    ``a`` [N, T, d_in(+1)]: input activations (or unfolded patches), with a trailing column of
+    ones when the layer has a bias; ``b`` [N, T, d_out]: gradients of the summed per-example
+    losses w.r.t. the layer outputs. Example i's gradient of ``[weight | bias]`` is ``b[i]^T a[i]``.
+    """
+
+    module: nn.Module
+    a: torch.Tensor
+    b: torch.Tensor
+    weight_name: str
+    bias_name: str | None
+
+
+def capture_matmul_layers(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    params: Iterable[str] | None = None,
+) -> dict[str, MatmulCapture]:
+    """Capture (a, b) for every Linear/Conv layer owning a selected weight, from one backward."""
+    selected = select_parameters(model, params)
+    layers = [
+        layer for layer in _plan(model, selected)
+        if isinstance(layer.rule, MatmulRule) and "weight" in layer.params
+    ]
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+    captured = {}
+    for layer in layers:
+        if not calls[layer.name]:
+            continue
+        a, b = layer.rule._forms(layer.module, calls[layer.name])
+        if a.shape[1] != 1:
+            raise UnsupportedModelError(
+                f"layer {layer.name} is a grouped convolution (groups={a.shape[1]}): its weight has "
+                "no single Kronecker factorization; exclude it with params="
+            )
+        a, b = a[:, 0], b[:, 0]
+        bias_name = layer.params.get("bias")
+        if getattr(layer.module, "bias", None) is not None:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        captured[layer.name] = MatmulCapture(layer.module, a, b, layer.params["weight"], bias_name)
+    return captured

@@ -1,0 +1,317 @@
+"""Per-layer rules: per-sample gradients, squared norms and projections from captured (a, b).
+
+A rule turns the calls of one module (inputs a, output gradients b, see ``capture.py``) into
+per-sample quantities for the module's own parameters (``weight``, ``bias``). Rules are
+registered per exact module type with :func:`register_rule`; a module type without a rule uses
+:class:`FunctionalRule`, which applies ``torch.func`` to that module alone.
+
+Linear and convolution layers share the *matmul form*: ``a`` [N, G, T, d_in] and ``b``
+[N, G, T, d_out] per group G, so that the weight gradient of example i and group g is
+``b[i, g]^T a[i, g]``. Everything fast (ghost norms, Kronecker projections) works on that form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from influx.errors import UnsupportedModelError
+from influx.grads.capture import LayerCall
+from influx.grads.projection import Projector
+from influx.kernels import direct_sqnorm, ghost_sqnorm, kron_project
+
+RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(*module_types: type[nn.Module]):
+    """Class decorator: use this rule for modules of exactly these types."""
+
+    def decorate(rule_cls):
+        for module_type in module_types:
+            RULES[module_type] = rule_cls()
+        return rule_cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> LayerRule:
+    return RULES.get(type(module), FUNCTIONAL_RULE)
+
+
+class LayerRule:
+    """Base rule: everything derives from materialized per-sample gradients."""
+
+    def grads(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
+        """Local parameter name -> [N, *param.shape]."""
+        raise NotImplementedError
+
+    def sqnorms(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
+        """Local parameter name -> [N] squared per-sample gradient norms."""
+        return {name: g.flatten(1).square().sum(1) for name, g in self.grads(module, calls).items()}
+
+    def project(
+        self, module: nn.Module, calls: Sequence[LayerCall], projector: Projector, prefix: str
+    ) -> list[torch.Tensor]:
+        """Projected per-sample gradients, one [N, k] block per projection unit of the module."""
+        grads = self.grads(module, calls)
+        share = max(1, projector.budget // len(grads))
+        return [projector.dense_block(f"{prefix}{name}", g.flatten(1), share) for name, g in grads.items()]
+
+
+def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    # Several calls of one module (weight sharing) add their gradients: concatenating along the
+    # token axis T expresses exactly that sum in the matmul form.
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class MatmulRule(LayerRule):
+    """Layers whose weight gradient is ``b^T a`` per example (Linear, Conv)."""
+
+    def matmul_form(self, module, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (a [N, G, T, d_in], b [N, G, T, d_out]) for one call."""
+        raise NotImplementedError
+
+    def weight_shape(self, module) -> torch.Size:
+        return module.weight.shape
+
+    def _forms(self, module, calls):
+        forms = [self.matmul_form(module, call) for call in calls]
+        return _cat_tokens([a for a, _ in forms]), _cat_tokens([b for _, b in forms])
+
+    def grads(self, module, calls):
+        a, b = self._forms(module, calls)
+        n = a.shape[0]
+        out = {}
+        if module.weight is not None:
+            # [N, G, d_out, d_in] -> the weight's own layout, groups stacked along d_out
+            out["weight"] = torch.einsum("ngto,ngti->ngoi", b, a).reshape(n, *self.weight_shape(module))
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = b.sum(2).reshape(n, -1)
+        return out
+
+    def sqnorms(self, module, calls):
+        a, b = self._forms(module, calls)
+        n, groups, tokens, d_in = a.shape
+        d_out = b.shape[-1]
+        out = {}
+        if module.weight is not None:
+            a_flat = a.reshape(n * groups, tokens, d_in)
+            b_flat = b.reshape(n * groups, tokens, d_out)
+            # Ghost norm costs ~T^2 (d_in + d_out) per example, the direct form T d_in d_out:
+            # take the cheaper one for this layer (mixed ghost clipping).
+            if tokens * (d_in + d_out) < d_in * d_out:
+                per_group = ghost_sqnorm(a_flat, b_flat)
+            else:
+                per_group = direct_sqnorm(a_flat, b_flat)
+            out["weight"] = per_group.reshape(n, groups).sum(1)
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = b.sum(2).square().sum((1, 2))
+        return out
+
+    def project(self, module, calls, projector, prefix):
+        a, b = self._forms(module, calls)
+        n, groups, _, d_in = a.shape
+        if groups != 1:
+            # Grouped convolutions project each weight densely (they are small: C_in/G per filter).
+            return super().project(module, calls, projector, prefix)
+        has_bias = getattr(module, "bias", None) is not None
+        p_in, p_out = projector.kronecker_factors(prefix + "weight", d_in + has_bias, b.shape[-1])
+        # [N, k_out, k_in] = (b P_out^T)^T (a P_in^T); a bias is the weight of a constant-1 input,
+        # whose projected column P_in[:, d_in] pairs with the summed output gradient.
+        block = kron_project(a[:, 0], b[:, 0], p_in[:, :d_in].contiguous(), p_out)
+        if has_bias:
+            bias_out = b[:, 0].sum(1) @ p_out.T  # [N, k_out]
+            block = block + bias_out[:, :, None] * p_in[:, d_in][None, None, :]
+        return [block.reshape(n, -1)]
+
+
+@register_rule(nn.Linear)
+class LinearRule(MatmulRule):
+    def matmul_form(self, module, call):
+        a, b = call.args[0], call.grad_output
+        n = a.shape[0]
+        # any number of leading dims after the batch: they are tokens
+        return a.reshape(n, 1, -1, a.shape[-1]), b.reshape(n, 1, -1, b.shape[-1])
+
+
+def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
+    """F.pad-style padding (last dim first) for a conv module, including padding='same'."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [0] * (2 * spatial_dims)
+        pads = []
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    return [p for p in reversed(module.padding) for _ in range(2)]
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+class ConvRule(MatmulRule):
+    """Conv1d/Conv2d with any stride, padding (incl. 'same' and non-zero modes), dilation, groups."""
+
+    def matmul_form(self, module, call):
+        x, b = call.args[0], call.grad_output
+        spatial = x.dim() - 2
+        if spatial not in (1, 2) or x.dim() != b.dim():
+            raise UnsupportedModelError(
+                f"{type(module).__name__} needs a batched input [N, C, ...]; got shape {tuple(x.shape)}"
+            )
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        if spatial == 1:
+            # Conv1d as a Conv2d of height 1
+            x, b = x.unsqueeze(2), b.unsqueeze(2)
+            kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+        pads = _explicit_padding(module, spatial) + ([0, 0] if spatial == 1 else [])
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        if any(pads):
+            x = F.pad(x, pads, mode=mode)
+        n, groups = x.shape[0], module.groups
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C_in*k, L]
+        a = patches.reshape(n, groups, patches.shape[1] // groups, -1).transpose(2, 3)
+        b = b.reshape(n, groups, b.shape[1] // groups, -1).transpose(2, 3)  # [N, G, L, C_out/G]
+        return a, b
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    """Embedding: the gradient of row v is the sum of the output gradients at positions with index v."""
+
+    def _tokens(self, module, calls):
+        idx = torch.cat([c.args[0].reshape(c.args[0].shape[0], -1) for c in calls], 1)  # [N, T]
+        b = torch.cat([c.grad_output.reshape(idx.shape[0], -1, module.embedding_dim) for c in calls], 1)
+        if module.padding_idx is not None:
+            b = b * (idx != module.padding_idx).unsqueeze(-1)
+        return idx, b  # [N, T], [N, T, D]
+
+    def _check(self, module):
+        if module.scale_grad_by_freq:
+            raise UnsupportedModelError(
+                "Embedding(scale_grad_by_freq=True) scales gradients by batch counts, which mixes "
+                "examples; per-sample gradients are ill-defined: construct it without that flag"
+            )
+
+    def grads(self, module, calls):
+        self._check(module)
+        idx, b = self._tokens(module, calls)
+        n = idx.shape[0]
+        weight = b.new_zeros(n, module.num_embeddings, module.embedding_dim)
+        weight.scatter_add_(1, idx.unsqueeze(-1).expand_as(b), b)
+        return {"weight": weight}
+
+    def sqnorms(self, module, calls):
+        self._check(module)
+        idx, b = self._tokens(module, calls)
+        if idx.shape[1] ** 2 >= module.num_embeddings:
+            return super().sqnorms(module, calls)
+        # Ghost form: sum_{t,s} [idx_t == idx_s] (b_t . b_s), O(T^2 D) instead of O(V D).
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(b.dtype)  # [N, T, T]
+        return {"weight": (same * (b @ b.transpose(1, 2))).sum((1, 2))}
+
+    def project(self, module, calls, projector, prefix):
+        self._check(module)
+        idx, b = self._tokens(module, calls)
+        d, v = module.embedding_dim, module.num_embeddings
+        p_in, p_out = projector.kronecker_factors(prefix + "weight", d, v)
+        # weight grad = onehot(idx)^T b  [V, D]; projected: P_out onehot^T b P_in^T, where
+        # onehot(idx) P_out^T is a gather of P_out's columns.
+        rows = p_out.T[idx]  # [N, T, k_out]
+        cols = b @ p_in.T  # [N, T, k_in]
+        return [(rows.transpose(1, 2) @ cols).reshape(idx.shape[0], -1)]
+
+
+def _affine_grads(module, b: torch.Tensor, normalized: torch.Tensor, reduce_dims: tuple) -> dict:
+    # an empty dims tuple would make torch.sum reduce everything: skip the sum instead
+    def reduce(t):
+        return t.sum(reduce_dims) if reduce_dims else t
+
+    out = {}
+    if module.weight is not None:
+        out["weight"] = reduce(b * normalized)
+    if module.bias is not None:
+        out["bias"] = reduce(b)
+    return out
+
+
+def _sum_calls(per_call: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    total = dict(per_call[0])
+    for grads in per_call[1:]:
+        for name, g in grads.items():
+            total[name] = total[name] + g
+    return total
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(LayerRule):
+    """LayerNorm: weight gradient sum_t b_t * xhat_t, bias gradient sum_t b_t (per example)."""
+
+    def grads(self, module, calls):
+        per_call = []
+        for call in calls:
+            x, b = call.args[0], call.grad_output
+            dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, keepdim=True, unbiased=False)
+            normalized = (x - mean) * torch.rsqrt(var + module.eps)
+            reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
+            per_call.append(_affine_grads(module, b, normalized, reduce_dims))
+        return _sum_calls(per_call)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(LayerRule):
+    """GroupNorm: per-channel weight gradient sum over positions of b * xhat."""
+
+    def grads(self, module, calls):
+        per_call = []
+        for call in calls:
+            x, b = call.args[0], call.grad_output
+            n, channels = x.shape[:2]
+            grouped = x.reshape(n, module.num_groups, -1)
+            mean = grouped.mean(-1, keepdim=True)
+            var = grouped.var(-1, keepdim=True, unbiased=False)
+            normalized = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(n, channels, -1)
+            per_call.append(_affine_grads(module, b.reshape(n, channels, -1), normalized, (2,)))
+        return _sum_calls(per_call)
+
+
+class FunctionalRule(LayerRule):
+    """Any other module with parameters: ``vmap`` of the module's own VJP, one example at a time.
+
+    Exact for modules whose examples do not interact; costs one extra forward of that module.
+    """
+
+    def grads(self, module, calls):
+        own = dict(module.named_parameters(recurse=False))
+        state = {
+            **{k: v.detach() for k, v in module.named_parameters()},
+            **dict(module.named_buffers()),
+        }
+        per_call = []
+        for call in calls:
+            tensor_positions = [i for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+
+            def example_grad(weights, b_i, *tensors_i, call=call, positions=tensor_positions):
+                args = list(call.args)
+                for pos, t in zip(positions, tensors_i):
+                    args[pos] = t.unsqueeze(0)
+
+                def forward(w):
+                    return functional_call(module, {**state, **w}, tuple(args))
+
+                _, pullback = vjp(forward, weights)
+                return pullback(b_i.unsqueeze(0))[0]
+
+            weights = {k: p.detach() for k, p in own.items()}
+            tensors = [call.args[i] for i in tensor_positions]
+            in_dims = (None, 0, *([0] * len(tensors)))
+            per_call.append(vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors))
+        return _sum_calls(per_call)
+
+
+FUNCTIONAL_RULE = FunctionalRule()
