@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - Triton ships with torch on Linux only
 Backend = Literal["torch", "triton"]
 BACKEND_ENV = "INFLUX_KERNELS"
 INTERPRET_ENV = "TRITON_INTERPRET"
-# Dtypes the Triton launchers read directly; float64 falls back to the reference (see select_backend).
+# Dtypes the Triton launchers read; float64 falls back to the reference (see select_backend).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # CUDA limits grid axes 1 and 2 to 65535 programs; axis 0 allows 2**31 - 1.
 MAX_GRID_Y = 65535
@@ -45,7 +45,7 @@ class KernelInputError(ValueError):
 
 
 class KernelBackendError(RuntimeError):
-    """The requested backend cannot run here (no Triton, or Triton on CPU without the interpreter)."""
+    """The forced backend cannot run here (no Triton, or Triton on CPU without the interpreter)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def select_backend(kernel: str, *tensors: torch.Tensor) -> Backend:
         return "torch"
     if forced == "triton":
         _require_triton(kernel, on_cuda)
-        # float64 has no fp32-accumulating Triton path: use the reference rather than lose precision.
+        # float64 has no Triton path (fp32 accumulation would lose precision): use the reference.
         return "triton" if dtype_ok else "torch"
     if HAS_TRITON and on_cuda and dtype_ok:
         return "triton"
@@ -147,7 +147,7 @@ def cdiv(n: int, block: int) -> int:
 def check_grid(kernel: str, grid: Sequence[int], what: Sequence[str]) -> None:
     """Reject launches whose grid exceeds CUDA limits, naming the sizes that caused it."""
     limits = (MAX_GRID_X, MAX_GRID_Y, MAX_GRID_Y)
-    for axis, (programs, limit, label) in enumerate(zip(grid, limits, what)):
+    for axis, (programs, limit, label) in enumerate(zip(grid, limits, what, strict=False)):
         if programs > limit:
             raise KernelInputError(
                 f"{kernel}: input too large for one launch: grid axis {axis} needs {programs} "
@@ -206,7 +206,7 @@ def check_pair(kernel: str, a: torch.Tensor, b: torch.Tensor, a_name: str, b_nam
 def check_same_kind(kernel: str, tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
     """All tensors must share one dtype and one device."""
     first, first_name = tensors[0], names[0]
-    for x, name in zip(tensors[1:], names[1:]):
+    for x, name in zip(tensors[1:], names[1:], strict=True):
         if x.dtype != first.dtype:
             raise KernelInputError(
                 f"{kernel}: `{name}` has dtype {x.dtype} but `{first_name}` has {first.dtype}; "
@@ -229,9 +229,8 @@ def check_last_dim(kernel: str, name: str, x: torch.Tensor, expected: int, why: 
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Output dtype of the reductions: fp16/bf16 accumulate (and return) fp32; others keep theirs."""
+    """Output dtype of the reductions: fp32 for fp16/bf16 inputs, the input dtype otherwise."""
     return torch.promote_types(dtype, torch.float32)
-
 
 
 def next_power_of_2(n: int) -> int:
@@ -251,6 +250,6 @@ def check_triton_dtype(kernel: str, x: torch.Tensor) -> None:
     """The Triton launchers read fp32/fp16/bf16 only."""
     if x.dtype not in TRITON_DTYPES:
         raise KernelInputError(
-            f"{kernel}: the Triton launcher reads float32/float16/bfloat16, got {x.dtype}; call the "
-            f"public function (it runs the reference for float64) or cast the inputs."
+            f"{kernel}: the Triton launcher reads float32/float16/bfloat16, got {x.dtype}; "
+            f"call the public function (it runs the reference for float64) or cast the inputs."
         )

@@ -3,8 +3,8 @@
 For sample i with input activations ``a_i`` [T, d_in] and output gradients ``b_i`` [T, d_out], the
 weight gradient is ``G_i = b_i^T a_i`` [d_out, d_in] and
 
-    ||G_i||_F^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)        (ghost / Gram form, O(T^2 (d_in+d_out)))
-                = sum_{o,j} (sum_t b_ito a_itj)^2              (direct form,       O(T d_in d_out))
+    ||G_i||_F^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)    ghost (Gram) form, O(T^2 (d_in + d_out))
+                = sum_{o,j} (sum_t b_ito a_itj)^2          direct form, O(T d_in d_out)
 
 The caller picks the cheaper form per layer. Both forms accept ``[N, d]`` inputs as T = 1.
 
@@ -58,7 +58,7 @@ def ghost_sqnorm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def direct_sqnorm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Frobenius norms ``||b_i^T a_i||^2`` by materializing G_i (cheap for small d_in*d_out).
+    """Squared Frobenius norms ``||b_i^T a_i||^2`` by forming G_i (cheap for small d_in * d_out).
 
     Same arguments and result as :func:`ghost_sqnorm`.
     """

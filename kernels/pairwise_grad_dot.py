@@ -22,6 +22,8 @@ from ._dispatch import (
     check_last_dim,
     check_pair,
     check_same_kind,
+    check_triton_dtype,
+    dot_block,
     lazy_kernel,
     select_backend,
     tl,
@@ -41,7 +43,7 @@ def pairwise_grad_dot(
 
     Args:
         a, b: activations ``[N, T, d_in]`` and output grads ``[N, T, d_out]`` (2-D means T = 1).
-        a2, b2: the second batch ``[M, T2, d_in]``, ``[M, T2, d_out]``; both default to ``a``, ``b``.
+        a2, b2: the second batch ``[M, T2, d_in]``, ``[M, T2, d_out]``; default ``a``, ``b``.
 
     Returns:
         ``[N, M]`` (fp32 for half inputs, else the input dtype).
@@ -64,7 +66,8 @@ def _validated(
     check_pair(kernel, a, b, "a", "b")
     if (a2 is None) != (b2 is None):
         raise KernelInputError(
-            f"{kernel}: pass both `a2` and `b2` (the second batch) or neither (pairs within `a`, `b`)."
+            f"{kernel}: pass both `a2` and `b2` (the second batch) or neither "
+            f"(pairs within `a`, `b`)."
         )
     if a2 is None:
         return a, b, a, b
@@ -108,3 +111,133 @@ def pairwise_grad_dot_reference(
             block = (gram_a * gram_b).sum(dim=(2, 3))  # [r, c]
             out[i0 : i0 + row_block, j0 : j0 + col_block] = block
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------------
+
+# One program owns a [BLOCK_I, BLOCK_J] tile of the output and walks every (t, s) pair; the Gram
+# tiles across samples are built from [BLOCK_*, BLOCK_D] operand tiles. Not yet tuned on a GPU.
+PAIRWISE_BLOCK_I = 64
+PAIRWISE_BLOCK_J = 64
+PAIRWISE_BLOCK_D = 32
+
+
+@lazy_kernel
+def _pairwise_grad_dot_kernel(
+    a_ptr,
+    b_ptr,
+    a2_ptr,
+    b2_ptr,
+    out_ptr,
+    n_rows,
+    n_cols,
+    seq_len,
+    seq_len2,
+    d_in,
+    d_out,
+    stride_an,
+    stride_at,
+    stride_ad,
+    stride_bn,
+    stride_bt,
+    stride_bd,
+    stride_a2n,
+    stride_a2t,
+    stride_a2d,
+    stride_b2n,
+    stride_b2t,
+    stride_b2d,
+    stride_oi,
+    stride_oj,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (ib, jb): out[i, j] = sum_{t,s} (a_it . a2_js)(b_it . b2_js) for a tile of (i, j)."""
+    rows = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)  # [BI]
+    cols = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)  # [BJ]
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for t in range(0, seq_len):
+        for s in range(0, seq_len2):
+            # gram_a[i, j] = a_it . a2_js
+            gram_a = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for d0 in range(0, d_in, BLOCK_D):
+                d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                d_mask = d_offsets < d_in
+                a_tile = tl.load(
+                    a_ptr
+                    + rows[:, None] * stride_an
+                    + t * stride_at
+                    + d_offsets[None, :] * stride_ad,
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BI, BD]
+                a2_tile = tl.load(
+                    a2_ptr
+                    + cols[:, None] * stride_a2n
+                    + s * stride_a2t
+                    + d_offsets[None, :] * stride_a2d,
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BJ, BD]
+                gram_a += tl.dot(a_tile, tl.trans(a2_tile), input_precision="ieee")
+            # gram_b[i, j] = b_it . b2_js
+            gram_b = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for d0 in range(0, d_out, BLOCK_D):
+                d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                d_mask = d_offsets < d_out
+                b_tile = tl.load(
+                    b_ptr
+                    + rows[:, None] * stride_bn
+                    + t * stride_bt
+                    + d_offsets[None, :] * stride_bd,
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BI, BD]
+                b2_tile = tl.load(
+                    b2_ptr
+                    + cols[:, None] * stride_b2n
+                    + s * stride_b2t
+                    + d_offsets[None, :] * stride_b2d,
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # [BJ, BD]
+                gram_b += tl.dot(b_tile, tl.trans(b2_tile), input_precision="ieee")
+            acc += gram_a * gram_b
+    out_offsets = rows[:, None] * stride_oi + cols[None, :] * stride_oj
+    tl.store(out_ptr + out_offsets, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def pairwise_grad_dot_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the pairwise kernel: grid (N tiles, M tiles); cost O(N M T T2 (d_in + d_out))."""
+    a, b, a2, b2 = _validated(a, b, a2, b2, "pairwise_grad_dot_triton")
+    check_triton_dtype("pairwise_grad_dot_triton", a)
+    n_rows, seq_len = a.shape[:2]
+    n_cols, seq_len2 = a2.shape[:2]
+    acc_dtype = accumulation_dtype(a.dtype)
+    if n_rows == 0 or n_cols == 0 or seq_len == 0 or seq_len2 == 0:
+        return torch.zeros(n_rows, n_cols, dtype=acc_dtype, device=a.device)
+    block_i = dot_block(n_rows, PAIRWISE_BLOCK_I)
+    block_j = dot_block(n_cols, PAIRWISE_BLOCK_J)
+    block_d = dot_block(max(a.shape[2], b.shape[2]), PAIRWISE_BLOCK_D)
+    grid = (cdiv(n_rows, block_i), cdiv(n_cols, block_j))
+    check_grid(
+        "pairwise_grad_dot", grid, (f"N = {n_rows} / {block_i}", f"M = {n_cols} / {block_j}")
+    )
+    # [N, M] fp32: every entry is written by exactly one program
+    out = torch.empty(n_rows, n_cols, dtype=torch.float32, device=a.device)
+    _pairwise_grad_dot_kernel[grid](
+        a, b, a2, b2, out, n_rows, n_cols, seq_len, seq_len2, a.shape[2], b.shape[2],
+        *a.stride(), *b.stride(), *a2.stride(), *b2.stride(), *out.stride(),
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out.to(acc_dtype)

@@ -26,6 +26,8 @@ from ._dispatch import (
     check_grid,
     check_same_kind,
     check_tensor,
+    check_triton_dtype,
+    dot_block,
     lazy_kernel,
     select_backend,
     tl,
@@ -37,7 +39,7 @@ DEFAULT_BLOCK_N = 16384
 
 
 class TopK(NamedTuple):
-    """Top-k scores per query: values ``[Q, k]`` (sorted, most extreme first), indices int64 ``[Q, k]``."""
+    """Top-k scores per query: values ``[Q, k]``, most extreme first; int64 indices ``[Q, k]``."""
 
     largest_values: torch.Tensor
     largest_indices: torch.Tensor
@@ -83,9 +85,7 @@ def score_topk_reference(
     block_n: int | None = None,
 ) -> TopK:
     """Same as :func:`score_topk` with each tile computed by a torch matmul."""
-    block_q, block_n, k = _validated(
-        query, train, k, out, block_q, block_n, "score_topk_reference"
-    )
+    block_q, block_n, k = _validated(query, train, k, out, block_q, block_n, "score_topk_reference")
     return _streaming_topk(query, train, k, out, block_q, block_n, score_tile_reference)
 
 
@@ -174,7 +174,7 @@ def _streaming_topk(
             if out is not None:
                 out[q0:q1, n0:n1].copy_(scores)
             running = _merge(running, scores, n0, k)
-        for field, value in zip(result, running):
+        for field, value in zip(result, running, strict=True):
             field[q0:q1] = value
     return result
 
@@ -193,7 +193,9 @@ def _merge(running: TopK, scores: torch.Tensor, offset: int, k: int) -> TopK:
     """Merge the tile ``scores`` [q, n] (columns ``offset``...) into the running top-k lists."""
     columns = torch.arange(offset, offset + scores.shape[1], device=scores.device)
     tile_indices = columns.expand(scores.shape[0], -1)  # [q, n]
-    largest = _select(running.largest_values, running.largest_indices, scores, tile_indices, k, True)
+    largest = _select(
+        running.largest_values, running.largest_indices, scores, tile_indices, k, True
+    )
     smallest = _select(
         running.smallest_values, running.smallest_indices, scores, tile_indices, k, False
     )
@@ -213,3 +215,97 @@ def _select(
     keep = min(k, candidates.shape[1])
     top_values, positions = torch.topk(candidates, keep, dim=1, largest=largest, sorted=True)
     return top_values, torch.gather(candidate_indices, 1, positions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: one tile of S
+# --------------------------------------------------------------------------------------------------
+
+# Classic [BLOCK_Q, BLOCK_N] output tiles reduced over K in BLOCK_K steps. Not yet tuned on a GPU.
+TILE_BLOCK_Q = 64
+TILE_BLOCK_N = 64
+TILE_BLOCK_K = 32
+
+
+@lazy_kernel
+def _score_tile_kernel(
+    query_ptr,
+    train_ptr,
+    out_ptr,
+    n_queries,
+    n_train,
+    depth,
+    stride_qq,
+    stride_qk,
+    stride_tn,
+    stride_tk,
+    stride_oq,
+    stride_on,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (qb, nb): out[q, n] = query[q] . train[n] for one [BLOCK_Q, BLOCK_N] tile."""
+    q_offsets = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)  # [BQ]
+    n_offsets = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+    q_mask = q_offsets < n_queries
+    n_mask = n_offsets < n_train
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        k_offsets = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = k_offsets < depth
+        query_tile = tl.load(
+            query_ptr + q_offsets[:, None] * stride_qq + k_offsets[None, :] * stride_qk,
+            mask=q_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )  # [BQ, BK]
+        train_tile = tl.load(
+            train_ptr + k_offsets[:, None] * stride_tk + n_offsets[None, :] * stride_tn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )  # [BK, BN]
+        acc += tl.dot(query_tile, train_tile, input_precision="ieee")
+    out_offsets = q_offsets[:, None] * stride_oq + n_offsets[None, :] * stride_on
+    tl.store(out_ptr + out_offsets, acc, mask=q_mask[:, None] & n_mask[None, :])
+
+
+def score_tile_triton(query_block: torch.Tensor, train_block: torch.Tensor) -> torch.Tensor:
+    """One tile of S, ``[q, K] x [n, K] -> [q, n]`` fp32 accumulated, in the accumulation dtype."""
+    check_triton_dtype("score_topk_triton", query_block)
+    n_queries, depth = query_block.shape
+    n_train = train_block.shape[0]
+    acc_dtype = accumulation_dtype(query_block.dtype)
+    if n_queries == 0 or n_train == 0 or depth == 0:
+        return torch.zeros(n_queries, n_train, dtype=acc_dtype, device=query_block.device)
+    block_q = dot_block(n_queries, TILE_BLOCK_Q)
+    block_n = dot_block(n_train, TILE_BLOCK_N)
+    block_k = dot_block(depth, TILE_BLOCK_K)
+    grid = (cdiv(n_queries, block_q), cdiv(n_train, block_n))
+    check_grid(
+        "score_topk",
+        grid,
+        (f"block_q = {n_queries} / {block_q}", f"block_n = {n_train} / {block_n}"),
+    )
+    # [q, n] fp32: every entry is written by exactly one program
+    scores = torch.empty(n_queries, n_train, dtype=torch.float32, device=query_block.device)
+    _score_tile_kernel[grid](
+        query_block, train_block, scores, n_queries, n_train, depth,
+        *query_block.stride(), *train_block.stride(), *scores.stride(),
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return scores.to(acc_dtype)
+
+
+def score_topk_triton(
+    query: torch.Tensor,
+    train: torch.Tensor,
+    k: int,
+    *,
+    out: torch.Tensor | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+) -> TopK:
+    """Same as :func:`score_topk` with each tile computed by the Triton tile kernel."""
+    block_q, block_n, k = _validated(query, train, k, out, block_q, block_n, "score_topk_triton")
+    check_triton_dtype("score_topk_triton", query)
+    return _streaming_topk(query, train, k, out, block_q, block_n, score_tile_triton)
