@@ -1,0 +1,665 @@
+"""Gradient steps neither commute nor invert: exact commutators, Lie brackets, order shifts.
+
+An SGD step on a batch ``z`` is the map ``T_z(theta) = theta - lr * g_z(theta)``, where ``g_z`` is
+the gradient of the *mean* per-example loss over ``z``. Two steps commute when
+``T_1(T_2(theta)) == T_2(T_1(theta))``. Expanding to second order in ``lr``::
+
+    T_1(T_2(theta)) = theta - lr g_2 - lr g_1(theta - lr g_2)
+                    = theta - lr (g_1 + g_2) + lr^2 H_1 g_2 + O(lr^3)
+
+so the commutator is ``C = T_1 T_2 - T_2 T_1 = lr^2 (H_1 g_2 - H_2 g_1) + O(lr^3)``. The bracket
+``H_1 g_2 - H_2 g_1`` is computed with Hessian-vector products (forward-over-reverse), never
+forming a Hessian. For linear regression (loss ``(theta.x - y)^2 / 2``) the steps are affine maps
+and the second-order formula is exact.
+
+Every function here is pure: it works on a flat copy of the parameters (see
+:class:`influx.curvature.ParamSpace`) through ``torch.func``, so the model is left untouched.
+Vectors are flat over the trainable parameters in ``model.named_parameters()`` order
+(P entries); ``B`` is a batch size, ``N`` a dataset size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from influx import curvature
+from influx.data import as_tensors, iter_batches
+from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.grads.functional import LossFn
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+FlatObjective = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "AscentResult",
+    "CommutatorResult",
+    "LabelSummary",
+    "OrderShiftResult",
+    "PairwiseResult",
+    "ascent_residual",
+    "bracket",
+    "order_shift",
+    "pairwise",
+    "step",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommutatorResult:
+    """A commutator of two steps, or their bracket.
+
+    ``vector`` [P] is ``T_1(T_2(theta)) - T_2(T_1(theta))`` (``kind="step"``) or
+    ``H_1 g_2 - H_2 g_1`` (``kind="bracket"``, ``lr`` is None); ``norm`` its Euclidean norm;
+    ``grad_norms`` the norms of ``g_1`` and ``g_2`` at theta, for scale.
+    """
+
+    vector: torch.Tensor
+    norm: float
+    kind: str
+    lr: float | None
+    grad_norms: tuple[float, float]
+
+    def __repr__(self) -> str:
+        lr = "" if self.lr is None else f", lr={self.lr:g}"
+        return (
+            f"CommutatorResult(kind={self.kind!r}{lr}, norm={self.norm:.4e}, "
+            f"P={self.vector.numel()}, "
+            f"grad_norms=({self.grad_norms[0]:.3e}, {self.grad_norms[1]:.3e}))"
+        )
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """Summary of the off-diagonal commutator norms over one group of pairs (i < j)."""
+
+    mean: float
+    median: float
+    count: int
+
+    def __repr__(self) -> str:
+        return f"LabelSummary(mean={self.mean:.4e}, median={self.median:.4e}, count={self.count})"
+
+
+@dataclass(frozen=True)
+class PairwiseResult:
+    """Commutator norms of every pair in a batch.
+
+    ``norms`` [B, B] is symmetric with a zero diagonal (the vectors are antisymmetric);
+    ``grad_norms`` [B] are the per-sample gradient norms, so ``norms / outer(grad_norms)`` is
+    a scale-free version; ``same_label`` / ``different_label`` summarize pairs i < j whose
+    targets are equal / differ.
+    """
+
+    norms: torch.Tensor
+    grad_norms: torch.Tensor
+    targets: torch.Tensor
+    kind: str
+    lr: float | None
+    same_label: LabelSummary
+    different_label: LabelSummary
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """[B, B] commutator norms divided by ``||g_i|| ||g_j||`` (0 where a gradient is 0)."""
+        scale = torch.outer(self.grad_norms, self.grad_norms)
+        return torch.where(scale > 0, self.norms / scale.clamp_min(1e-300), torch.zeros_like(scale))
+
+    def __repr__(self) -> str:
+        lr = "" if self.lr is None else f", lr={self.lr:g}"
+        return (
+            f"PairwiseResult(kind={self.kind!r}{lr}, B={self.norms.shape[0]}, "
+            f"same_label={self.same_label}, different_label={self.different_label})"
+        )
+
+
+@dataclass(frozen=True)
+class OrderShiftResult:
+    """Distance between SGD runs that differ only in the order of their batches.
+
+    ``measured`` [R] is ``||theta_r - theta_ref||`` for each of the R permuted runs;
+    ``predicted`` [R] the second-order prediction ``lr^2 ||sum of brackets||`` made at the
+    starting point; ``displacement`` is ``||theta_ref - theta_0||`` (how far training moved).
+    ``orders`` holds, per run, the batch sequence over all epochs.
+    """
+
+    measured: torch.Tensor
+    predicted: torch.Tensor
+    displacement: float
+    lr: float
+    epochs: int
+    batch_size: int
+    orders: list[list[int]] = field(repr=False)
+
+    @property
+    def relative_error(self) -> torch.Tensor:
+        """[R] ``|predicted - measured| / measured``."""
+        return (self.predicted - self.measured).abs() / self.measured.clamp_min(1e-300)
+
+    def __repr__(self) -> str:
+        return (
+            f"OrderShiftResult(lr={self.lr:g}, epochs={self.epochs}, batch_size={self.batch_size}, "
+            f"runs={self.measured.numel()}, measured_mean={self.measured.mean().item():.4e}, "
+            f"predicted_mean={self.predicted.mean().item():.4e}, "
+            f"displacement={self.displacement:.4e})"
+        )
+
+
+@dataclass(frozen=True)
+class AscentResult:
+    """How far gradient ascent after gradient descent lands from the start.
+
+    ``residual`` holds ``||theta_end - theta_0||``: a 0-d tensor (``mode="dataset"``), [K] per
+    batch (``"batch"``) or [N] per point (``"point"``); ``displacement`` the matching
+    ``||theta_descent - theta_0||`` after descent alone. ``trajectory`` [ascent_epochs] (dataset
+    mode only) is the residual after each ascent epoch; ``vector`` [P] the dataset-mode residual.
+    """
+
+    residual: torch.Tensor
+    displacement: torch.Tensor
+    mode: str
+    order: str
+    lr: float
+    epochs: int
+    ascent_epochs: int
+    trajectory: torch.Tensor | None = None
+    vector: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def relative(self) -> torch.Tensor:
+        """``residual / displacement``: 0 would mean ascent undid descent exactly."""
+        return self.residual / self.displacement.clamp_min(1e-300)
+
+    def __repr__(self) -> str:
+        res = self.residual
+        summary = (
+            f"{res.item():.4e}"
+            if res.dim() == 0
+            else f"mean {res.mean().item():.4e} over {res.numel()}"
+        )
+        return (
+            f"AscentResult(mode={self.mode!r}, order={self.order!r}, lr={self.lr:g}, "
+            f"epochs={self.epochs}, "
+            f"ascent_epochs={self.ascent_epochs}, residual={summary})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_lr(lr) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise InfluxValueError(f"lr must be a positive finite number; got {lr!r}")
+    return float(lr)
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InfluxValueError(f"{name} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def _check_choice(value, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise InfluxValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def _check_no_training_batchnorm(model: nn.Module) -> None:
+    """BatchNorm in train mode mixes examples and updates running stats in place (mutating the
+    model even under functional_call), so steps would not be the maps this module studies."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModelError(
+                f"`model` contains {type(module).__name__} ({name or 'root'}) in train mode: "
+                "its batch statistics couple the examples and its running stats would be updated; "
+                "call influx.models.convert_batchnorm(model) (GroupNorm) or model.eval() first"
+            )
+
+
+def _as_batch(z, name: str) -> Pair:
+    """``(input, target)`` of one example (scalar target: a batch dim is added) or a batch."""
+    if not isinstance(z, (tuple, list)) or len(z) not in (2, 3):
+        raise InfluxValueError(
+            f"{name} must be a pair (input, target) of one example or (inputs, targets) of a "
+            "batch; "
+            f"got {type(z).__name__}"
+            + (f" of length {len(z)}" if isinstance(z, (tuple, list)) else "")
+        )
+    inputs, targets = torch.as_tensor(z[0]), torch.as_tensor(z[1])
+    if targets.dim() == 0:
+        # One example: a scalar target marks it; add the batch dimension to both.
+        return inputs.unsqueeze(0), targets.unsqueeze(0)
+    if inputs.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise InfluxValueError(
+            f"{name}: inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} disagree on "
+            "the batch size; a single example needs a scalar target (for vector targets pass a "
+            "batch of one: (x[None], y[None]))"
+        )
+    if targets.shape[0] == 0:
+        raise InfluxValueError(f"{name} is an empty batch; pass at least one example")
+    return inputs, targets
+
+
+# --------------------------------------------------------------------------------------------
+# Functional building blocks on flat parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _descent_step(objective: FlatObjective, theta: torch.Tensor, lr: float) -> torch.Tensor:
+    """``T_z(theta) = theta - lr g_z(theta)``; ascent is the same with ``-lr``."""
+    return theta - lr * grad(objective)(theta)
+
+
+def _bracket_vector(obj_1: FlatObjective, obj_2: FlatObjective, theta: torch.Tensor):
+    """``(H_1 g_2 - H_2 g_1, g_1, g_2)`` at theta, by forward-over-reverse HVPs."""
+    g_1, g_2 = grad(obj_1)(theta), grad(obj_2)(theta)
+    h1_g2 = jvp(grad(obj_1), (theta,), (g_2,))[1]
+    h2_g1 = jvp(grad(obj_2), (theta,), (g_1,))[1]
+    return h1_g2 - h2_g1, g_1, g_2
+
+
+def _example_objective(model: nn.Module, loss_fn: LossFn, params):
+    """``f(theta [P], x, y) -> loss of the single example (x, y)``; vmappable over examples."""
+
+    def loss_of_example(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        objective, _ = curvature.batch_objective(
+            model, loss_fn, (x.unsqueeze(0), y.unsqueeze(0)), params=params
+        )
+        return objective(theta)
+
+    return loss_of_example
+
+
+def _per_sample_grads(
+    model: nn.Module, loss_fn: LossFn, inputs, targets, space, params
+) -> torch.Tensor:
+    """[B, P] per-sample gradients: the fast engine when the package has one, else the reference."""
+    from influx import grads
+
+    engine = getattr(grads, "per_sample_grads", None) or grads.reference.per_sample_grads
+    result = engine(model, loss_fn, inputs, targets, params=params)
+    if isinstance(result, torch.Tensor):
+        return result.reshape(inputs.shape[0], -1)
+    return space.flatten({name: result[name] for name in space.names})
+
+
+def _pair_indices(batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper-triangle pairs (i < j): two index vectors of length B (B - 1) / 2."""
+    upper = torch.triu_indices(batch_size, batch_size, offset=1, device=device)
+    return upper[0], upper[1]
+
+
+def _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, first, second, chunk_size):
+    """[M] norms of ``H_i g_j - H_j g_i`` over pairs (first[m], second[m]), vmapped in chunks."""
+
+    def example_hvp(x, y, v):
+        return jvp(lambda t: grad(example_loss)(t, x, y), (theta,), (v,))[1]
+
+    batched_hvp = vmap(example_hvp)
+    norms = []
+    for start in range(0, first.numel(), chunk_size):
+        i, j = first[start : start + chunk_size], second[start : start + chunk_size]
+        # One vmapped call evaluates H_i g_j and H_j g_i for the whole chunk: [2C, P].
+        hv = batched_hvp(
+            torch.cat([inputs[i], inputs[j]]),
+            torch.cat([targets[i], targets[j]]),
+            torch.cat([per_grads[j], per_grads[i]]),
+        )
+        h_i_g_j, h_j_g_i = hv.split(i.numel())
+        norms.append((h_i_g_j - h_j_g_i).norm(dim=1))
+    return torch.cat(norms) if norms else theta.new_zeros(0)
+
+
+def _pair_step_norms(
+    example_loss, theta, inputs, targets, per_grads, first, second, lr, chunk_size
+):
+    """[M] norms of the exact commutators ``T_i T_j - T_j T_i`` over pairs, vmapped in chunks.
+
+    With ``T_j theta = theta - lr g_j`` known from the per-sample gradients,
+    ``T_i T_j - T_j T_i = lr [(g_i(theta) - g_i(theta - lr g_j))
+    - (g_j(theta) - g_j(theta - lr g_i))]``.
+    """
+    shifted_grad = vmap(grad(example_loss))
+    norms = []
+    for start in range(0, first.numel(), chunk_size):
+        i, j = first[start : start + chunk_size], second[start : start + chunk_size]
+        # g_i at theta - lr g_j and g_j at theta - lr g_i, in one call: [2C, P].
+        moved = shifted_grad(
+            torch.cat([theta - lr * per_grads[j], theta - lr * per_grads[i]]),
+            torch.cat([inputs[i], inputs[j]]),
+            torch.cat([targets[i], targets[j]]),
+        )
+        g_i_moved, g_j_moved = moved.split(i.numel())
+        vectors = lr * ((per_grads[i] - g_i_moved) - (per_grads[j] - g_j_moved))
+        norms.append(vectors.norm(dim=1))
+    return torch.cat(norms) if norms else theta.new_zeros(0)
+
+
+def _label_summaries(norms: torch.Tensor, targets: torch.Tensor, first, second):
+    flat_targets = targets.reshape(targets.shape[0], -1)
+    same = (flat_targets[first] == flat_targets[second]).all(dim=1)
+    pair_norms = norms[first, second]
+
+    def summary(mask: torch.Tensor) -> LabelSummary:
+        values = pair_norms[mask]
+        if values.numel() == 0:
+            return LabelSummary(math.nan, math.nan, 0)
+        return LabelSummary(values.mean().item(), values.median().item(), int(values.numel()))
+
+    return summary(same), summary(~same)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: two steps
+# --------------------------------------------------------------------------------------------
+
+
+def step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    z1,
+    z2,
+    *,
+    lr: float,
+    params: Iterable[str] | None = None,
+) -> CommutatorResult:
+    """Exact commutator ``T_1(T_2(theta)) - T_2(T_1(theta))`` of two SGD steps at the current theta.
+
+    ``z1``, ``z2``: ``(input, target)`` of one example (scalar target; a batch dimension is added)
+    or ``(inputs [B, ...], targets [B, ...])`` of a batch; each step descends the mean loss of its
+    batch with learning rate ``lr``. ``loss_fn(outputs, targets)`` returns per-example losses [B].
+    Returns a :class:`CommutatorResult` whose ``vector`` is [P]; about ``lr^2 * bracket(...)``.
+    """
+    lr = _check_lr(lr)
+    _check_no_training_batchnorm(model)
+    obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
+    obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
+    theta = space.current(model)
+    one_after_two = _descent_step(obj_1, _descent_step(obj_2, theta, lr), lr)
+    two_after_one = _descent_step(obj_2, _descent_step(obj_1, theta, lr), lr)
+    vector = one_after_two - two_after_one
+    grad_norms = (grad(obj_1)(theta).norm().item(), grad(obj_2)(theta).norm().item())
+    return CommutatorResult(vector, vector.norm().item(), "step", lr, grad_norms)
+
+
+def bracket(
+    model: nn.Module,
+    loss_fn: LossFn,
+    z1,
+    z2,
+    *,
+    params: Iterable[str] | None = None,
+) -> CommutatorResult:
+    """Second-order term of the step commutator: ``H_1 g_2 - H_2 g_1`` [P] at the current theta.
+
+    ``step(..., lr=eta) = eta^2 * bracket(...) + O(eta^3)``; exact for quadratic losses. Uses two
+    Hessian-vector products (forward-over-reverse); no Hessian is formed. Arguments as in
+    :func:`step`.
+    """
+    _check_no_training_batchnorm(model)
+    obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
+    obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
+    vector, g_1, g_2 = _bracket_vector(obj_1, obj_2, space.current(model))
+    return CommutatorResult(
+        vector, vector.norm().item(), "bracket", None, (g_1.norm().item(), g_2.norm().item())
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: every pair of a batch
+# --------------------------------------------------------------------------------------------
+
+
+def pairwise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch,
+    *,
+    lr: float | None = None,
+    chunk_size: int = 32,
+    params: Iterable[str] | None = None,
+) -> PairwiseResult:
+    """[B, B] commutator norms of the single-example steps of every pair in ``batch``.
+
+    ``lr=None``: bracket norms ``||H_i g_j - H_j g_i||``; ``lr`` given: exact step commutator norms
+    ``||T_i T_j - T_j T_i||``. Per-sample gradients [B, P] come from the gradient engine; the
+    B (B - 1) / 2 pairs are vmapped ``chunk_size`` at a time (memory ~ 2 chunk_size x P), each
+    needing two HVPs (or two gradients). Same-label / different-label pairs are summarized.
+    """
+    lr = None if lr is None else _check_lr(lr)
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    _check_no_training_batchnorm(model)
+    inputs, targets = _as_batch(batch, "batch")
+    space = curvature.ParamSpace.of(model, params)
+    theta = space.current(model)
+    per_grads = _per_sample_grads(model, loss_fn, inputs, targets, space, params).to(theta.dtype)
+    example_loss = _example_objective(model, loss_fn, params)
+    first, second = _pair_indices(inputs.shape[0], theta.device)
+    if lr is None:
+        pair_norms = _pair_bracket_norms(
+            example_loss, theta, inputs, targets, per_grads, first, second, chunk_size
+        )
+    else:
+        pair_norms = _pair_step_norms(
+            example_loss, theta, inputs, targets, per_grads, first, second, lr, chunk_size
+        )
+    norms = theta.new_zeros(inputs.shape[0], inputs.shape[0])
+    norms[first, second] = pair_norms
+    norms[second, first] = pair_norms
+    same, different = _label_summaries(norms, targets, first, second)
+    kind = "bracket" if lr is None else "step"
+    return PairwiseResult(norms, per_grads.norm(dim=1), targets, kind, lr, same, different)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: whole runs
+# --------------------------------------------------------------------------------------------
+
+
+def _batches_of(data, batch_size: int | None) -> list[Pair]:
+    inputs, targets, _ = as_tensors(data)
+    if inputs.shape[0] == 0:
+        raise InfluxValueError("data is empty; pass at least one example")
+    size = inputs.shape[0] if batch_size is None else _check_positive_int(batch_size, "batch_size")
+    return [(x, y) for x, y, _ in iter_batches((inputs, targets), size)]
+
+
+def _run_sgd(
+    objectives: Sequence[FlatObjective], sequence: Iterable[int], theta, lr: float
+) -> torch.Tensor:
+    for index in sequence:
+        theta = _descent_step(objectives[index], theta, lr)
+    return theta
+
+
+def _predicted_order_shift(objectives, gradients, theta, sequence, reference, lr) -> torch.Tensor:
+    """Second-order prediction of ``theta(sequence) - theta(reference)`` [P] at the start theta.
+
+    A run applying steps ``s_1, s_2, ...`` ends at ``theta - lr sum_k g_k + lr^2 sum_{k<l} H_l g_k
+    + O(lr^3)``. Grouping by batch: ``sum_b H_b (sum_a c_ab g_a)`` with ``c_ab`` the number of
+    times batch a precedes batch b, so K HVPs suffice whatever the sequence length.
+    """
+    counts = _precedence_counts(sequence, len(objectives)) - _precedence_counts(
+        reference, len(objectives)
+    )
+    # preceding[b] = sum_a c_ab g_a: [K, P]
+    preceding = counts.T.to(gradients.dtype) @ gradients
+    total = torch.zeros_like(theta)
+    for b, objective in enumerate(objectives):
+        if preceding[b].abs().max() > 0:
+            total = total + jvp(grad(objective), (theta,), (preceding[b],))[1]
+    return lr**2 * total
+
+
+def _precedence_counts(sequence: Sequence[int], num_batches: int) -> torch.Tensor:
+    """[K, K] ``c[a, b]`` = number of position pairs p < q with batch a at p and b at q."""
+    counts = torch.zeros(num_batches, num_batches, dtype=torch.float64)
+    seen = torch.zeros(num_batches, dtype=torch.float64)
+    for b in sequence:
+        counts[:, b] += seen
+        seen[b] += 1
+    return counts
+
+
+def order_shift(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data,
+    *,
+    lr: float,
+    epochs: int,
+    perms: int,
+    batch_size: int,
+    seed: int = 0,
+    params: Iterable[str] | None = None,
+) -> OrderShiftResult:
+    """How far SGD lands when only the order of the batches changes, measured and predicted.
+
+    ``data`` is cut into K fixed batches of ``batch_size`` in its given order. The reference run
+    visits them in order for ``epochs`` epochs; each of ``perms`` runs visits the same batches in
+    a fresh random order every epoch (seeded). Both start at the model's parameters, which stay
+    untouched. The prediction sums brackets at the start point (see :func:`bracket`): it is the
+    ``lr^2`` term and degrades as ``lr * steps * curvature`` grows.
+    """
+    lr = _check_lr(lr)
+    epochs = _check_positive_int(epochs, "epochs")
+    perms = _check_positive_int(perms, "perms")
+    _check_no_training_batchnorm(model)
+    batches = _batches_of(data, batch_size)
+    objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
+    theta = curvature.ParamSpace.of(model, params).current(model)
+    gradients = torch.stack([grad(objective)(theta) for objective in objectives])  # [K, P]
+    reference = list(range(len(batches))) * epochs
+    reference_end = _run_sgd(objectives, reference, theta, lr)
+    generator = torch.Generator().manual_seed(seed)
+    measured, predicted, orders = [], [], []
+    for _ in range(perms):
+        sequence = [
+            i
+            for _ in range(epochs)
+            for i in torch.randperm(len(batches), generator=generator).tolist()
+        ]
+        end = _run_sgd(objectives, sequence, theta, lr)
+        measured.append((end - reference_end).norm())
+        predicted.append(
+            _predicted_order_shift(objectives, gradients, theta, sequence, reference, lr).norm()
+        )
+        orders.append(sequence)
+    displacement = (reference_end - theta).norm().item()
+    return OrderShiftResult(
+        torch.stack(measured), torch.stack(predicted), displacement, lr, epochs, batch_size, orders
+    )
+
+
+def _descent_then_ascent(objectives, theta, lr, epochs, ascent_epochs, order):
+    """Descent then ascent over ``objectives``.
+
+    Returns (end [P], after_descent [P], residual after each ascent epoch [ascent_epochs]).
+    """
+    descent_sequence = list(range(len(objectives)))
+    ascent_sequence = descent_sequence if order == "same" else descent_sequence[::-1]
+    after_descent = _run_sgd(objectives, descent_sequence * epochs, theta, lr)
+    current, trajectory = after_descent, []
+    for _ in range(ascent_epochs):
+        current = _run_sgd(objectives, ascent_sequence, current, -lr)
+        trajectory.append((current - theta).norm())
+    return current, after_descent, torch.stack(trajectory)
+
+
+def _per_point_residuals(
+    model, loss_fn, inputs, targets, theta, lr, epochs, ascent_epochs, params, chunk_size
+):
+    """[N] residuals and [N] descent displacements: one GD-then-GA run per point, vmapped."""
+    example_loss = _example_objective(model, loss_fn, params)
+    example_grad = grad(example_loss)
+
+    def one_point(x, y):
+        current = theta
+        for _ in range(epochs):
+            current = current - lr * example_grad(current, x, y)
+        after_descent = current
+        for _ in range(ascent_epochs):
+            current = current + lr * example_grad(current, x, y)
+        return (current - theta).norm(), (after_descent - theta).norm()
+
+    return vmap(one_point, chunk_size=chunk_size)(inputs, targets)
+
+
+def ascent_residual(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data,
+    *,
+    lr: float,
+    epochs: int = 1,
+    batch_size: int | None = None,
+    order: str = "same",
+    mode: str = "dataset",
+    ascent_epochs: int | None = None,
+    chunk_size: int | None = 64,
+    params: Iterable[str] | None = None,
+) -> AscentResult:
+    """Gradient descent on ``data``, then ascent on the same examples: ``||theta_end - theta_0||``.
+
+    Descent runs ``epochs`` epochs of steps ``theta - lr g_b`` over the batches of ``data``
+    (``batch_size=None``: the whole dataset is one batch); ascent runs ``ascent_epochs`` (default
+    ``epochs``) epochs of ``theta + lr g_b`` over the same batches, in the same order
+    (``order="same"``) or reversed (``"reversed"``, the order an exact inverse would need).
+
+    ``mode``: ``"dataset"`` one run over all batches (residual 0-d, plus the per-ascent-epoch
+    ``trajectory``); ``"batch"`` one independent run per batch ([K]); ``"point"`` one independent
+    run per example ([N], vmapped ``chunk_size`` points at a time; ``batch_size`` and ``order``
+    play no role). For linear regression and one point, ``theta_end - theta_0 =
+    -lr^2 (theta_0.x - y) ||x||^2 x``: ascent never undoes descent unless the residual is 0.
+    """
+    lr = _check_lr(lr)
+    epochs = _check_positive_int(epochs, "epochs")
+    ascent_epochs = (
+        epochs if ascent_epochs is None else _check_positive_int(ascent_epochs, "ascent_epochs")
+    )
+    order = _check_choice(order, "order", ("same", "reversed"))
+    mode = _check_choice(mode, "mode", ("dataset", "batch", "point"))
+    _check_no_training_batchnorm(model)
+    theta = curvature.ParamSpace.of(model, params).current(model)
+    common = dict(mode=mode, order=order, lr=lr, epochs=epochs, ascent_epochs=ascent_epochs)
+    if mode == "point":
+        inputs, targets, _ = as_tensors(data)
+        if inputs.shape[0] == 0:
+            raise InfluxValueError("data is empty; pass at least one example")
+        residual, displacement = _per_point_residuals(
+            model, loss_fn, inputs, targets, theta, lr, epochs, ascent_epochs, params, chunk_size
+        )
+        return AscentResult(residual, displacement, **common)
+    batches = _batches_of(data, batch_size)
+    objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
+    if mode == "batch":
+        runs = [
+            _descent_then_ascent([obj], theta, lr, epochs, ascent_epochs, order)
+            for obj in objectives
+        ]
+        residual = torch.stack([(end - theta).norm() for end, _, _ in runs])
+        displacement = torch.stack([(mid - theta).norm() for _, mid, _ in runs])
+        return AscentResult(residual, displacement, **common)
+    end, after_descent, trajectory = _descent_then_ascent(
+        objectives, theta, lr, epochs, ascent_epochs, order
+    )
+    return AscentResult(
+        (end - theta).norm(),
+        (after_descent - theta).norm(),
+        trajectory=trajectory,
+        vector=end - theta,
+        **common,
+    )

@@ -1,0 +1,336 @@
+"""Commutators of SGD steps: closed forms, the second-order expansion, pairwise matrices, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from utils import assert_close
+
+from influx import commutator
+from influx.errors import InfluxValueError, UnsupportedModelError
+
+DTYPE = torch.float64
+CLOSED_FORM_RTOL = 1e-12
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(theta.x - y)^2 / 2 per example, for a model with one output."""
+    return 0.5 * (outputs.squeeze(-1) - targets) ** 2
+
+
+def small_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DTYPE)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.GroupNorm(1, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).to(DTYPE)
+
+
+def linear_regression(dim: int = 4) -> nn.Module:
+    model = nn.Linear(dim, 1, bias=False).to(DTYPE)
+    nn.init.normal_(model.weight)
+    return model
+
+
+def classification_batch(size: int = 6, shape=(5,)):
+    return torch.randn(size, *shape, dtype=DTYPE), torch.randint(0, 3, (size,))
+
+
+def theta_of(model: nn.Module) -> torch.Tensor:
+    return model.weight.detach().reshape(-1).clone()
+
+
+def affine_commutator(theta, x1, y1, x2, y2, lr):
+    """T_1(T_2 theta) - T_2(T_1 theta) with T_i theta = (I - lr x_i x_i^T) theta + lr y_i x_i."""
+
+    def step(t, x, y):
+        return t - lr * x * (t @ x) + lr * y * x
+
+    return step(step(theta, x2, y2), x1, y1) - step(step(theta, x1, y1), x2, y2)
+
+
+# ------------------------------------------------------------------ second-order expansion
+
+
+def test_bracket_is_the_lr_squared_term_with_error_linear_in_lr():
+    model = small_mlp()
+    x, y = classification_batch(2)
+    z1, z2 = (x[0], y[0]), (x[1], y[1])
+    second_order = commutator.bracket(model, cross_entropy, z1, z2).vector
+    errors = {}
+    for lr in (1e-2, 1e-3):
+        exact = commutator.step(model, cross_entropy, z1, z2, lr=lr).vector
+        errors[lr] = (exact / lr**2 - second_order).norm().item()
+    # O(lr^3) remainder: dividing lr by 10 divides the error of exact / lr^2 by about 10.
+    ratio = errors[1e-2] / errors[1e-3]
+    assert 8.0 < ratio < 12.5, f"error ratio {ratio:.3f} (errors {errors})"
+    assert errors[1e-3] < 1e-2 * second_order.norm().item()
+
+
+def test_bracket_for_batches_matches_step():
+    model = small_cnn()
+    x, y = classification_batch(6, shape=(1, 6, 6))
+    z1, z2 = (x[:3], y[:3]), (x[3:], y[3:])
+    second_order = commutator.bracket(model, cross_entropy, z1, z2).vector
+    exact = commutator.step(model, cross_entropy, z1, z2, lr=1e-4).vector
+    assert_close(exact / 1e-8, second_order, rtol=1e-3, name="batch commutator / lr^2")
+
+
+# ------------------------------------------------------------------ linear regression closed forms
+
+
+def test_linear_regression_commutator_matches_affine_closed_form():
+    model = linear_regression()
+    x, y = torch.randn(2, 4, dtype=DTYPE), torch.randn(2, dtype=DTYPE)
+    theta, lr = theta_of(model), 0.3
+    result = commutator.step(model, half_squared_error, (x[0], y[0]), (x[1], y[1]), lr=lr)
+    assert_close(
+        result.vector,
+        affine_commutator(theta, x[0], y[0], x[1], y[1], lr),
+        rtol=CLOSED_FORM_RTOL,
+        name="step vs affine maps",
+    )
+    # lr^2 (x1.x2) [(theta.x2 - y2) x1 - (theta.x1 - y1) x2]; the bracket is exact (quadratic loss).
+    residual = x @ theta - y
+    formula = lr**2 * (x[0] @ x[1]) * (residual[1] * x[0] - residual[0] * x[1])
+    assert_close(result.vector, formula, rtol=CLOSED_FORM_RTOL, name="step vs formula")
+    bracket = commutator.bracket(model, half_squared_error, (x[0], y[0]), (x[1], y[1]))
+    assert_close(lr**2 * bracket.vector, formula, rtol=CLOSED_FORM_RTOL, name="bracket vs formula")
+
+
+def test_one_point_descent_then_ascent_matches_closed_form():
+    model = linear_regression()
+    x, y = torch.randn(1, 4, dtype=DTYPE), torch.randn(1, dtype=DTYPE)
+    theta, lr = theta_of(model), 0.2
+    result = commutator.ascent_residual(model, half_squared_error, (x, y), lr=lr)
+    expected = -(lr**2) * (theta @ x[0] - y[0]) * (x[0] @ x[0]) * x[0]
+    assert_close(result.vector, expected, rtol=CLOSED_FORM_RTOL, name="theta_2 - theta_0")
+    assert result.residual.item() > 0
+
+
+def test_per_point_mode_matches_closed_form_for_every_point():
+    model = linear_regression()
+    x, y = torch.randn(5, 4, dtype=DTYPE), torch.randn(5, dtype=DTYPE)
+    theta, lr = theta_of(model), 0.1
+    result = commutator.ascent_residual(
+        model, half_squared_error, (x, y), lr=lr, mode="point", chunk_size=2
+    )
+    expected = lr**2 * (x @ theta - y).abs() * (x * x).sum(1) * x.norm(dim=1)
+    assert_close(result.residual, expected, rtol=CLOSED_FORM_RTOL, name="per-point residuals")
+    batch_mode = commutator.ascent_residual(
+        model, half_squared_error, (x, y), lr=lr, mode="batch", batch_size=1
+    )
+    assert_close(
+        batch_mode.residual, expected, rtol=CLOSED_FORM_RTOL, name="batch mode, batches of one"
+    )
+    assert_close(
+        result.displacement, lr * (x @ theta - y).abs() * x.norm(dim=1), name="descent displacement"
+    )
+
+
+def test_orthogonal_inputs_commute_exactly():
+    model = linear_regression()
+    x1 = torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=DTYPE)
+    x2 = torch.tensor([0.0, 0.0, -3.0, 0.5], dtype=DTYPE)
+    y1, y2 = torch.tensor(0.7, dtype=DTYPE), torch.tensor(-1.1, dtype=DTYPE)
+    result = commutator.step(model, half_squared_error, (x1, y1), (x2, y2), lr=0.4)
+    assert result.norm == 0.0
+    # Proportional examples (x2, y2) = c (x1, y1) commute too (up to rounding).
+    scaled = commutator.step(model, half_squared_error, (x1, y1), (2.5 * x1, 2.5 * y1), lr=0.4)
+    assert scaled.norm < 1e-14
+
+
+# ------------------------------------------------------------------ structure
+
+
+@pytest.mark.parametrize("function", ["step", "bracket"])
+def test_commutator_is_antisymmetric_and_zero_on_the_diagonal(function):
+    model = small_mlp()
+    x, y = classification_batch(2)
+    z1, z2 = (x[0], y[0]), (x[1], y[1])
+    kwargs = {"lr": 0.05} if function == "step" else {}
+    forward = getattr(commutator, function)(model, cross_entropy, z1, z2, **kwargs)
+    backward = getattr(commutator, function)(model, cross_entropy, z2, z1, **kwargs)
+    assert_close(backward.vector, -forward.vector, name="C(z2, z1) = -C(z1, z2)")
+    assert getattr(commutator, function)(model, cross_entropy, z1, z1, **kwargs).norm == 0.0
+    assert forward.kind == function and "norm=" in repr(forward)
+
+
+@pytest.mark.parametrize("lr", [None, 0.05], ids=["bracket", "step"])
+@pytest.mark.parametrize(
+    "make_model, shape", [(small_mlp, (5,)), (small_cnn, (1, 6, 6))], ids=["mlp", "cnn"]
+)
+def test_pairwise_matrix_equals_per_pair_calls(make_model, shape, lr):
+    model = make_model()
+    x, y = classification_batch(4, shape=shape)
+    # chunk_size 4 over the 6 pairs leaves a ragged last chunk.
+    result = commutator.pairwise(model, cross_entropy, (x, y), lr=lr, chunk_size=4)
+    expected = torch.zeros(4, 4, dtype=DTYPE)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            pair = (x[i], y[i]), (x[j], y[j])
+            call = (
+                commutator.bracket(model, cross_entropy, *pair)
+                if lr is None
+                else commutator.step(model, cross_entropy, *pair, lr=lr)
+            )
+            expected[i, j] = expected[j, i] = call.norm
+    assert_close(result.norms, expected, rtol=1e-9, name="pairwise vs per-pair")
+
+
+def test_pairwise_label_summaries():
+    model = small_mlp()
+    x = torch.randn(6, 5, dtype=DTYPE)
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    result = commutator.pairwise(model, cross_entropy, (x, y))
+    same = [result.norms[i, j] for i in range(6) for j in range(i + 1, 6) if y[i] == y[j]]
+    different = [result.norms[i, j] for i in range(6) for j in range(i + 1, 6) if y[i] != y[j]]
+    assert result.same_label.count == len(same) == 4
+    assert result.different_label.count == len(different) == 11
+    assert result.same_label.mean == pytest.approx(torch.stack(same).mean().item(), rel=1e-12)
+    assert result.different_label.median == pytest.approx(
+        torch.stack(different).median().item(), rel=1e-12
+    )
+    assert_close(
+        result.normalized.diagonal(), torch.zeros(6, dtype=DTYPE), name="normalized diagonal"
+    )
+
+
+def test_order_shift_with_two_batches_is_the_step_commutator():
+    model = small_mlp()
+    x, y = classification_batch(4)
+    lr = 1e-3
+    result = commutator.order_shift(
+        model, cross_entropy, (x, y), lr=lr, epochs=1, perms=6, batch_size=2
+    )
+    swap = commutator.step(model, cross_entropy, (x[:2], y[:2]), (x[2:], y[2:]), lr=lr).norm
+    second_order = (
+        lr**2 * commutator.bracket(model, cross_entropy, (x[:2], y[:2]), (x[2:], y[2:])).norm
+    )
+    for order, measured, predicted in zip(
+        result.orders, result.measured, result.predicted, strict=True
+    ):
+        swapped = order == [1, 0]
+        assert measured.item() == pytest.approx(swap if swapped else 0.0, rel=1e-9, abs=1e-18)
+        assert predicted.item() == pytest.approx(
+            second_order if swapped else 0.0, rel=1e-9, abs=1e-18
+        )
+    assert {tuple(o) for o in result.orders} == {(0, 1), (1, 0)}
+
+
+def test_order_shift_prediction_is_accurate_at_small_lr():
+    model = small_mlp()
+    x, y = classification_batch(8)
+    result = commutator.order_shift(
+        model, cross_entropy, (x, y), lr=1e-3, epochs=2, perms=3, batch_size=2
+    )
+    # A random order may repeat the reference order (shift exactly 0); judge the others.
+    moved = result.measured > 0
+    assert moved.sum() >= 2
+    assert result.relative_error[moved].max() < 0.05, repr(result)
+
+
+def test_reversed_ascent_tracks_each_epoch():
+    model = small_mlp()
+    x, y = classification_batch(6)
+    result = commutator.ascent_residual(
+        model,
+        cross_entropy,
+        (x, y),
+        lr=0.1,
+        epochs=2,
+        ascent_epochs=3,
+        batch_size=2,
+        order="reversed",
+    )
+    assert result.trajectory.shape == (3,)
+    assert result.trajectory[-1].item() == result.residual.item()
+    # Reversed ascent undoes descent to second order; after exactly `epochs` ascent epochs it is
+    # far closer to the start than descent went.
+    assert result.trajectory[1] < 0.2 * result.displacement
+
+
+def test_parameters_and_buffers_are_untouched():
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = classification_batch(4, shape=(1, 6, 6))
+    commutator.step(model, cross_entropy, (x[:2], y[:2]), (x[2:], y[2:]), lr=0.1)
+    commutator.bracket(model, cross_entropy, (x[0], y[0]), (x[1], y[1]))
+    commutator.pairwise(model, cross_entropy, (x, y), lr=0.1)
+    commutator.order_shift(model, cross_entropy, (x, y), lr=0.1, epochs=1, perms=1, batch_size=2)
+    commutator.ascent_residual(model, cross_entropy, (x, y), lr=0.1, mode="point")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_errors_say_what_is_wrong():
+    model = small_mlp()
+    x, y = classification_batch(4)
+    z = (x[0], y[0])
+    with pytest.raises(InfluxValueError, match="lr must be a positive finite number"):
+        commutator.step(model, cross_entropy, z, z, lr=0.0)
+    with pytest.raises(InfluxValueError, match="z2 must be a pair"):
+        commutator.step(model, cross_entropy, z, x, lr=0.1)
+    with pytest.raises(InfluxValueError, match="disagree on the batch size"):
+        commutator.bracket(model, cross_entropy, (x, y[:2]), z)
+    with pytest.raises(InfluxValueError, match="empty batch"):
+        commutator.bracket(model, cross_entropy, (x[:0], y[:0]), z)
+    with pytest.raises(InfluxValueError, match="per-example losses"):
+        commutator.bracket(model, lambda o, t: F.cross_entropy(o, t), z, z)
+    with pytest.raises(InfluxValueError, match="chunk_size must be an integer >= 1"):
+        commutator.pairwise(model, cross_entropy, (x, y), chunk_size=0)
+    with pytest.raises(InfluxValueError, match="order must be one of"):
+        commutator.ascent_residual(model, cross_entropy, (x, y), lr=0.1, order="backwards")
+    with pytest.raises(InfluxValueError, match="mode must be one of"):
+        commutator.ascent_residual(model, cross_entropy, (x, y), lr=0.1, mode="points")
+    with pytest.raises(InfluxValueError, match="epochs must be an integer >= 1"):
+        commutator.order_shift(
+            model, cross_entropy, (x, y), lr=0.1, epochs=0, perms=1, batch_size=2
+        )
+    with pytest.raises(InfluxValueError, match="data is empty"):
+        commutator.ascent_residual(model, cross_entropy, (x[:0], y[:0]), lr=0.1)
+    with pytest.raises(InfluxValueError, match="batch_size must be an integer >= 1"):
+        commutator.order_shift(
+            model, cross_entropy, (x, y), lr=0.1, epochs=1, perms=1, batch_size=0
+        )
+
+
+def test_training_batchnorm_is_rejected_with_the_fix():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).to(DTYPE)
+    x, y = classification_batch(4)
+    with pytest.raises(
+        UnsupportedModelError, match=r"BatchNorm1d \(1\) in train mode.*convert_batchnorm"
+    ):
+        commutator.pairwise(model, cross_entropy, (x, y))
+    model.eval()
+    assert commutator.pairwise(model, cross_entropy, (x, y)).norms.shape == (4, 4)
+
+
+# ------------------------------------------------------------------ scientific checks
+
+
+@pytest.mark.slow
+def test_linear_model_commutes_at_convergence_on_realizable_data():
+    """O3, small: on noiseless linear regression every residual -> 0, so every commutator -> 0."""
+    torch.manual_seed(1)
+    model = linear_regression(6)
+    x = torch.randn(32, 6, dtype=DTYPE)
+    y = x @ torch.randn(6, dtype=DTYPE)
+    start = commutator.pairwise(model, half_squared_error, (x, y)).norms.mean().item()
+    optimum = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.reshape(1, 6)
+    with torch.no_grad():
+        model.weight.copy_(optimum)
+    end = commutator.pairwise(model, half_squared_error, (x, y)).norms.mean().item()
+    assert end < 1e-10 * start
