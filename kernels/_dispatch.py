@@ -253,3 +253,14 @@ def check_triton_dtype(kernel: str, x: torch.Tensor) -> None:
             f"{kernel}: the Triton launcher reads float32/float16/bfloat16, got {x.dtype}; "
             f"call the public function (it runs the reference for float64) or cast the inputs."
         )
+
+
+def empty_output(
+    *shape: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uninitialized buffer (fp32 unless told) for a kernel to fill; every entry gets written.
+
+    Launchers allocate through this one function so that tests can swap in a NaN-filled buffer
+    (``monkeypatch.setattr(module, "empty_output", ...)``) and catch entries a kernel never writes.
+    """
+    return torch.empty(*shape, dtype=dtype, device=device)

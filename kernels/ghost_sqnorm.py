@@ -26,6 +26,7 @@ from ._dispatch import (
     check_pair,
     check_triton_dtype,
     dot_block,
+    empty_output,
     lazy_kernel,
     select_backend,
     tl,
@@ -219,7 +220,7 @@ def ghost_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     grid = (n_samples, n_t_blocks)
     check_grid("ghost_sqnorm", grid, (f"N = {n_samples}", f"T = {seq_len} / BLOCK_T {block_t}"))
     # [N, T blocks]: every entry is written by exactly one program
-    partial = torch.empty(n_samples, n_t_blocks, dtype=torch.float32, device=a.device)
+    partial = empty_output(n_samples, n_t_blocks, device=a.device)
     _ghost_sqnorm_kernel[grid](
         a, b, partial, seq_len, a.shape[2], b.shape[2], *a.stride(), *b.stride(), n_t_blocks,
         BLOCK_T=block_t, BLOCK_D=block_d,
@@ -305,7 +306,7 @@ def direct_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (f"N = {n_samples}", f"d_out x d_in = {d_out} x {d_in} in {block_o} x {block_i} tiles"),
     )
     # [N, tiles of G]: every entry is written by exactly one program
-    partial = torch.empty(n_samples, n_tiles, dtype=torch.float32, device=a.device)
+    partial = empty_output(n_samples, n_tiles, device=a.device)
     _direct_sqnorm_kernel[grid](
         a, b, partial, seq_len, d_in, d_out, *a.stride(), *b.stride(), n_in_tiles, n_tiles,
         BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i,

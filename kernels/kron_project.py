@@ -24,6 +24,7 @@ from ._dispatch import (
     check_tensor,
     check_triton_dtype,
     dot_block,
+    empty_output,
     lazy_kernel,
     select_backend,
     tl,
@@ -199,7 +200,7 @@ def kron_project_triton(
         (f"N = {n_samples}", f"k_out = {k_out} / {block_ko}", f"k_in = {k_in} / {block_ki}"),
     )
     # [N, k_out, k_in] fp32: every entry is written by exactly one program
-    out = torch.empty(n_samples, k_out, k_in, dtype=torch.float32, device=a.device)
+    out = empty_output(n_samples, k_out, k_in, device=a.device)
     _kron_project_kernel[grid](
         a, b, p_in, p_out, out, seq_len, a.shape[2], b.shape[2], k_in, k_out,
         *a.stride(), *b.stride(), *p_in.stride(), *p_out.stride(), *out.stride(),

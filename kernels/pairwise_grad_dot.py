@@ -24,6 +24,7 @@ from ._dispatch import (
     check_same_kind,
     check_triton_dtype,
     dot_block,
+    empty_output,
     lazy_kernel,
     select_backend,
     tl,
@@ -96,7 +97,7 @@ def pairwise_grad_dot_reference(
     n_rows, seq_len = a.shape[:2]
     n_cols, seq_len2 = a2.shape[:2]
     acc_dtype = accumulation_dtype(a.dtype)
-    out = torch.empty(n_rows, n_cols, dtype=acc_dtype, device=a.device)
+    out = empty_output(n_rows, n_cols, dtype=acc_dtype, device=a.device)
     pair_elements = max(1, seq_len * seq_len2)
     col_block = max(1, min(n_cols, max_elements // pair_elements))
     row_block = max(1, max_elements // (pair_elements * col_block))
@@ -234,7 +235,7 @@ def pairwise_grad_dot_triton(
         "pairwise_grad_dot", grid, (f"N = {n_rows} / {block_i}", f"M = {n_cols} / {block_j}")
     )
     # [N, M] fp32: every entry is written by exactly one program
-    out = torch.empty(n_rows, n_cols, dtype=torch.float32, device=a.device)
+    out = empty_output(n_rows, n_cols, device=a.device)
     _pairwise_grad_dot_kernel[grid](
         a, b, a2, b2, out, n_rows, n_cols, seq_len, seq_len2, a.shape[2], b.shape[2],
         *a.stride(), *b.stride(), *a2.stride(), *b2.stride(), *out.stride(),

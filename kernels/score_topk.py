@@ -28,6 +28,7 @@ from ._dispatch import (
     check_tensor,
     check_triton_dtype,
     dot_block,
+    empty_output,
     lazy_kernel,
     select_backend,
     tl,
@@ -181,7 +182,7 @@ def _streaming_topk(
 
 def _empty_topk(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> TopK:
     def values() -> torch.Tensor:
-        return torch.empty(rows, k, dtype=dtype, device=device)
+        return empty_output(rows, k, dtype=dtype, device=device)
 
     def indices() -> torch.Tensor:
         return torch.empty(rows, k, dtype=torch.int64, device=device)
@@ -287,7 +288,7 @@ def score_tile_triton(query_block: torch.Tensor, train_block: torch.Tensor) -> t
         (f"block_q = {n_queries} / {block_q}", f"block_n = {n_train} / {block_n}"),
     )
     # [q, n] fp32: every entry is written by exactly one program
-    scores = torch.empty(n_queries, n_train, dtype=torch.float32, device=query_block.device)
+    scores = empty_output(n_queries, n_train, device=query_block.device)
     _score_tile_kernel[grid](
         query_block, train_block, scores, n_queries, n_train, depth,
         *query_block.stride(), *train_block.stride(), *scores.stride(),
