@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from kernel_helpers import HAS_CUDA, kernel_module
 
 if not HAS_CUDA:

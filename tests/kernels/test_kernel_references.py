@@ -7,8 +7,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from utils import RTOL, assert_close
-
 from influx.kernels import (
     direct_sqnorm_reference,
     ghost_sqnorm_reference,
@@ -16,6 +14,7 @@ from influx.kernels import (
     pairwise_grad_dot_reference,
     score_topk_reference,
 )
+from utils import RTOL, assert_close
 
 F64 = torch.float64
 # A few hundred ulps of reordering in float64 (see tests/utils.py).

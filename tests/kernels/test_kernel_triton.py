@@ -1,7 +1,7 @@
 """Each Triton launcher against its reference on fresh random inputs (interpreter on CPU).
 
-Both sides accumulate in fp32 from the same (possibly half-precision) inputs, so they are compared at
-the fp32 tolerance; a separate test bounds the half-precision error against float64 truth. Output
+Both sides accumulate in fp32 from the same (possibly half-precision) inputs, so they are compared
+at the fp32 tolerance; a separate test bounds the half-precision error against float64 truth. Output
 buffers start as NaN (fixture ``poisoned_outputs``) so entries that no program writes fail.
 """
 
@@ -11,9 +11,6 @@ import kernel_helpers as brute
 import numpy as np
 import pytest
 import torch
-from kernel_helpers import TRITON_DTYPES, random
-from utils import RTOL, assert_close
-
 from influx.kernels import (
     direct_sqnorm_reference,
     ghost_sqnorm_reference,
@@ -25,6 +22,8 @@ from influx.kernels.ghost_sqnorm import direct_sqnorm_triton, ghost_sqnorm_trito
 from influx.kernels.kron_project import kron_project_triton
 from influx.kernels.pairwise_grad_dot import pairwise_grad_dot_triton
 from influx.kernels.score_topk import score_topk_triton
+from kernel_helpers import TRITON_DTYPES, random
+from utils import RTOL, assert_close
 
 pytestmark = pytest.mark.usefixtures("triton_ready", "poisoned_outputs")
 
