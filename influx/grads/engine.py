@@ -197,7 +197,7 @@ def per_sample_projected(
     selected = select_parameters(model, params)
     if kind == "dense":
         grads = per_sample_grads(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size)
-        flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+        flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
         return dense_project(flat, dim, seed=seed)
     layers = _plan(model, selected)
     if _tied(layers):

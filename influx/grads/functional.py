@@ -117,4 +117,4 @@ def naive_per_sample_grads(
 
 def flatten_per_sample(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Concatenate a name -> [N, *shape] mapping into one [N, P] matrix, in mapping order."""
-    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
