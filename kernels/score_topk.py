@@ -211,8 +211,12 @@ def _select(
     k: int,
     largest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    candidates = torch.cat([values, scores], dim=1)  # [q, k' + n]
-    candidate_indices = torch.cat([indices, tile_indices], dim=1)  # [q, k' + n]
+    if values.shape[1] == 0:
+        # First tile of a query block: nothing to merge with.
+        candidates, candidate_indices = scores, tile_indices
+    else:
+        candidates = torch.cat([values, scores], dim=1)  # [q, k' + n]
+        candidate_indices = torch.cat([indices, tile_indices], dim=1)  # [q, k' + n]
     keep = min(k, candidates.shape[1])
     top_values, positions = torch.topk(candidates, keep, dim=1, largest=largest, sorted=True)
     return top_values, torch.gather(candidate_indices, 1, positions)
