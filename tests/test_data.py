@@ -1,0 +1,214 @@
+"""Datasets: digits split and label flips, CIFAR-10 python format, synthetic data, batching."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from utils import assert_close
+
+from influx import data
+from influx.errors import InfluxValueError
+
+# ------------------------------------------------------------------------------------------------
+# digits
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return data.load("digits")
+
+
+def test_digits_split_sizes_shapes_and_range(digits_train):
+    test = data.load("digits", split="test")
+    assert len(digits_train) == 1600 and len(test) == 197
+    inputs, target, index = digits_train[5]
+    assert inputs.shape == (1, 8, 8) and inputs.dtype == torch.float32
+    assert index == 5 and target == digits_train.targets[5]
+    assert digits_train.input_shape == (1, 8, 8) and digits_train.num_classes == 10
+    assert 0.0 <= digits_train.inputs.min() and digits_train.inputs.max() == 1.0
+    # Stratified: every class keeps its ~10% share in the test split.
+    assert torch.bincount(test.targets, minlength=10).min() >= 17
+
+
+def test_digits_split_is_deterministic_and_disjoint(digits_train):
+    again = data.load("digits")
+    assert torch.equal(again.inputs, digits_train.inputs)
+    test = data.load("digits", split="test")
+    train_rows = {tuple(row.tolist()) for row in digits_train.inputs.flatten(1)}
+    test_rows = [tuple(row.tolist()) for row in test.inputs.flatten(1)]
+    # A few of the 1,797 images are exact duplicates of others; nearly all test rows are new.
+    assert sum(row in train_rows for row in test_rows) <= 3
+
+
+def test_flip_fraction_flips_seeded_labels_to_other_classes():
+    flipped = data.load("digits", flip_fraction=0.1, seed=3)
+    assert flipped.flipped.numel() == 160
+    assert torch.equal(flipped.flipped, flipped.flipped.sort().values)
+    changed = (flipped.targets != flipped.clean_targets).nonzero().squeeze(1)
+    assert torch.equal(changed, flipped.flipped), "each flipped label moves to a different class"
+    again = data.load("digits", flip_fraction=0.1, seed=3)
+    other = data.load("digits", flip_fraction=0.1, seed=4)
+    assert torch.equal(again.targets, flipped.targets)
+    assert not torch.equal(other.flipped, flipped.flipped)
+    assert data.load("digits").flipped.numel() == 0
+
+
+def test_flip_errors():
+    with pytest.raises(InfluxValueError, match="flip_fraction applies to the train split only"):
+        data.load("digits", split="test", flip_fraction=0.1)
+    with pytest.raises(InfluxValueError, match=r"flip_fraction must be in \[0, 1\]"):
+        data.load("digits", flip_fraction=1.5)
+
+
+def test_load_rejects_unknown_names_and_splits():
+    with pytest.raises(InfluxValueError, match="unknown dataset 'mnist'; expected one of digits"):
+        data.load("mnist")
+    with pytest.raises(InfluxValueError, match="split must be 'train' or 'test'; got 'val'"):
+        data.load("digits", split="val")
+    with pytest.raises(InfluxValueError, match="max_examples must be >= 1"):
+        data.load("digits", max_examples=0)
+
+
+def test_max_examples_keeps_the_first(digits_train):
+    small = data.load("digits", max_examples=10)
+    assert len(small) == 10
+    assert torch.equal(small[9][0], digits_train[9][0])
+    with pytest.raises(IndexError):
+        small[10]
+
+
+# ------------------------------------------------------------------------------------------------
+# cifar10, from tiny files in the exact python pickle format
+# ------------------------------------------------------------------------------------------------
+
+IMAGES_PER_BATCH = 3
+
+
+def write_tiny_cifar10(root, images_per_batch: int = IMAGES_PER_BATCH):
+    """Write cifar-10-batches-py under ``root`` as the official files do (bytes keys, uint8 rows).
+
+    Returns the uint8 images [N, 3072] and labels [N] of the train batches, in file order.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images, train_labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(images_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=images_per_batch).tolist()
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": images,
+            b"filenames": [f"img_{k}.png".encode() for k in range(images_per_batch)],
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+        if name != "test_batch":
+            train_images.append(images)
+            train_labels.extend(labels)
+    meta = {b"label_names": [n.encode() for n in "airplane automobile bird cat deer dog "
+                             "frog horse ship truck".split()], b"num_vis": 3072}  # fmt: skip
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump(meta, handle, protocol=2)
+    return np.concatenate(train_images), np.array(train_labels)
+
+
+def test_cifar10_reads_the_python_format(tmp_path):
+    images, labels = write_tiny_cifar10(tmp_path)
+    train = data.load("cifar10", root=tmp_path)
+    test = data.load("cifar10", root=tmp_path, split="test")
+    assert len(train) == 5 * IMAGES_PER_BATCH and len(test) == IMAGES_PER_BATCH
+    assert train.images.dtype == torch.uint8, "kept as uint8, converted per item"
+    assert torch.equal(train.targets, torch.as_tensor(labels))
+    assert train.classes[0] == "airplane" and train.classes[9] == "truck"
+    assert train.input_shape == (3, 32, 32) and train.num_classes == 10
+
+    position = 7
+    inputs, target, index = train[position]
+    assert inputs.shape == (3, 32, 32) and inputs.dtype == torch.float32
+    assert index == position and target == labels[position]
+    # Row layout: 1,024 red, then green, then blue values; pixel (c, h, w) is at c*1024 + h*32 + w.
+    raw = torch.as_tensor(images[position], dtype=torch.float32).view(3, 32, 32) / 255.0
+    mean = torch.tensor(data.CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(3, 1, 1)
+    assert_close(inputs, (raw - mean) / std, name="normalized CIFAR image")
+    green_pixel = (images[position][1024 + 2 * 32 + 5] / 255.0 - 0.4822) / 0.2435
+    assert_close(inputs[1, 2, 5], torch.tensor(green_pixel, dtype=torch.float32), name="pixel")
+
+
+def test_cifar10_root_can_be_the_folder_itself_or_the_env_var(tmp_path, monkeypatch):
+    write_tiny_cifar10(tmp_path)
+    assert len(data.load("cifar10", root=tmp_path / "cifar-10-batches-py")) == 15
+    monkeypatch.setenv("INFLUX_DATA_DIR", str(tmp_path))
+    assert len(data.load("cifar10", split="test")) == 3
+
+
+def test_cifar10_missing_folder_says_where_and_how(tmp_path):
+    expected = tmp_path / "nowhere" / "cifar-10-batches-py"
+    with pytest.raises(InfluxValueError, match="CIFAR-10 not found") as info:
+        data.load("cifar10", root=tmp_path / "nowhere")
+    message = str(info.value)
+    assert str(expected.resolve()) in message
+    assert "python version" in message and "--data-dir" in message and "INFLUX_DATA_DIR" in message
+
+
+def test_cifar10_missing_batch_file_is_named(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(InfluxValueError, match="missing data_batch_3"):
+        data.load("cifar10", root=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic
+# ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_seeded_balanced_and_shaped():
+    train = data.load("synthetic", size=60, seed=1)
+    assert len(train) == 60 and train.input_shape == (3, 32, 32) and train.num_classes == 10
+    assert torch.bincount(train.targets).tolist() == [6] * 10
+    assert torch.equal(train[17][0], data.load("synthetic", size=60, seed=1)[17][0])
+    assert not torch.equal(train[17][0], data.load("synthetic", size=60, seed=2)[17][0])
+    small = data.load("synthetic", size=8, num_classes=2, input_shape=(1, 4, 4), split="test")
+    assert small[0][0].shape == (1, 4, 4)
+
+
+def test_synthetic_classes_are_learnable():
+    train = data.load("synthetic", size=200, num_classes=4, seed=0)
+    test = data.load("synthetic", size=100, num_classes=4, seed=0, split="test")
+    train_inputs, train_targets, _ = data.as_tensors(train)
+    test_inputs, test_targets, _ = data.as_tensors(test)
+    class_means = torch.stack([train_inputs[train_targets == k].mean(0) for k in range(4)])
+    distances = torch.cdist(test_inputs.flatten(1), class_means.flatten(1))
+    accuracy = (distances.argmin(1) == test_targets).float().mean()
+    assert accuracy > 0.9, "the planted prototypes separate the classes"
+    assert not torch.equal(train[0][0], test[0][0]), "the splits draw different noise"
+
+
+def test_synthetic_rejects_bad_shapes():
+    with pytest.raises(InfluxValueError, match=r"input_shape must be \(channels, height, width\)"):
+        data.load("synthetic", size=4, input_shape=(3072,))
+
+
+# ------------------------------------------------------------------------------------------------
+# ordered batches
+# ------------------------------------------------------------------------------------------------
+
+
+def test_iter_ordered_batches_follows_the_order_for_tuples_and_datasets(digits_train):
+    order = torch.tensor([5, 2, 9, 0, 7])
+    inputs, targets = torch.randn(10, 3), torch.arange(10) * 10
+    batches = list(data.iter_ordered_batches((inputs, targets), order, batch_size=2))
+    assert [b[2].tolist() for b in batches] == [[5, 2], [9, 0], [7]]
+    assert torch.equal(batches[0][1], torch.tensor([50, 20]))
+    from_dataset = list(data.iter_ordered_batches(digits_train, order, batch_size=3))
+    assert torch.equal(torch.cat([b[2] for b in from_dataset]), order)
+    assert torch.equal(from_dataset[0][0][0], digits_train[5][0])
+    with pytest.raises(InfluxValueError, match="batch_size must be >= 1"):
+        next(data.iter_ordered_batches(digits_train, order, batch_size=0))
