@@ -1,0 +1,86 @@
+"""Every error the engine raises on purpose names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grad_models import cross_entropy
+from torch import nn
+
+from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected
+
+
+def small():
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def batch(n=5):
+    return torch.randn(n, 4), torch.randint(0, 2, (n,))
+
+
+def test_batchnorm_in_train_mode_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    with pytest.raises(UnsupportedModelError, match=r"BatchNorm1d \(1\).*convert_batchnorm"):
+        per_sample_grads(model, cross_entropy, *batch())
+    model.eval()  # running statistics: examples no longer interact
+    per_sample_grads(model, cross_entropy, *batch())
+
+
+def test_reduced_loss_is_refused():
+    def mean_loss(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets)
+
+    with pytest.raises(InfluxValueError, match=r"per-example losses of shape \[5\].*reduction='none'"):
+        per_sample_norms(small(), mean_loss, *batch())
+
+
+def test_inputs_and_targets_must_agree():
+    x, _ = batch(5)
+    with pytest.raises(InfluxValueError, match="disagree on the batch size: 5 vs 4"):
+        per_sample_grads(small(), cross_entropy, x, torch.zeros(4, dtype=torch.long))
+
+
+def test_unknown_parameter_name():
+    with pytest.raises(InfluxValueError, match=r"no parameter named '0.wieght'.*'0.weight'"):
+        per_sample_grads(small(), cross_entropy, *batch(), params=["0.wieght"])
+
+
+def test_bad_projection_arguments():
+    with pytest.raises(InfluxValueError, match="kind must be 'kronecker' or 'dense'"):
+        per_sample_projected(small(), cross_entropy, *batch(), dim=8, kind="sparse")
+    with pytest.raises(InfluxValueError, match="dim must be >= 1"):
+        per_sample_projected(small(), cross_entropy, *batch(), dim=0)
+
+
+def test_bad_chunk_size():
+    with pytest.raises(InfluxValueError, match="chunk_size must be a positive integer"):
+        per_sample_grads(small(), cross_entropy, *batch(), chunk_size=0)
+
+
+def test_module_with_tuple_output_is_explained():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale, x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.pair(x)[0])
+
+    with pytest.raises(UnsupportedModelError, match="returns tuple.*single tensor output"):
+        per_sample_grads(Net(), cross_entropy, *batch())
+
+
+def test_embedding_scale_grad_by_freq_is_refused():
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq"):
+        per_sample_grads(model, cross_entropy, torch.randint(0, 5, (3, 2)), torch.randint(0, 2, (3,)))
