@@ -8,6 +8,8 @@ batches that carry the dataset indices, so every score can be aligned to its exa
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import pickle
 from collections.abc import Iterator
@@ -246,20 +248,62 @@ def _check_split(split: str) -> None:
         raise InfluxValueError(f"split must be 'train' or 'test'; got {split!r}")
 
 
-def _digits(split: str, split_seed: int) -> TensorClassificationDataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digit images [1797, 64] (integers 0..16) and labels [1797], read-only.
 
-    bunch = load_digits()
-    positions = torch.arange(len(bunch.target)).numpy()
-    # Stratified so that both splits keep the class balance of the 1,797 images.
-    train_positions, test_positions = train_test_split(
-        positions, test_size=DIGITS_TEST_SIZE, stratify=bunch.target, random_state=split_seed
+    Read straight from the CSV that ships inside scikit-learn: importing scikit-learn itself takes
+    seconds, several times longer than everything else ``influx-score`` does on digits.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    csv = Path(locations[0]) / "datasets" / "data" / "digits.csv.gz" if locations else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float64)
+        images, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        # The file moved in this scikit-learn version: take the public (slower) route.
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, labels = bunch.data, bunch.target.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def stratified_split(
+    labels: np.ndarray, test_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of positions [N] into sorted (train, test) that keeps each class's share.
+
+    Class ``k`` with ``n_k`` examples gets ``n_k * test_size / N`` test examples, rounded by the
+    largest-remainder rule so that the test split has exactly ``test_size`` examples.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = counts * test_size / labels.shape[0]
+    per_class = np.floor(quotas).astype(np.int64)
+    # Stable sort: ties in the remainder go to the lower class.
+    by_remainder = np.argsort(-(quotas - per_class), kind="stable")
+    per_class[by_remainder[: test_size - per_class.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    test = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(labels == k))[:count]
+            for k, count in zip(classes, per_class, strict=True)
+        ]
     )
-    chosen = sorted(train_positions if split == "train" else test_positions)
+    train = np.setdiff1d(np.arange(labels.shape[0]), test)
+    return train, np.sort(test)
+
+
+def _digits(split: str, split_seed: int) -> TensorClassificationDataset:
+    images, labels = _digits_arrays()
+    train_positions, test_positions = stratified_split(labels, DIGITS_TEST_SIZE, split_seed)
+    chosen = train_positions if split == "train" else test_positions
     # Pixel intensities are integers 0..16.
-    inputs = torch.as_tensor(bunch.data[chosen] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    targets = torch.as_tensor(bunch.target[chosen], dtype=torch.long)
+    inputs = torch.as_tensor(images[chosen] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    targets = torch.as_tensor(labels[chosen], dtype=torch.long)
     return TensorClassificationDataset("digits", inputs, targets, 10, split)
 
 

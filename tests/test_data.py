@@ -212,3 +212,14 @@ def test_iter_ordered_batches_follows_the_order_for_tuples_and_datasets(digits_t
     assert torch.equal(from_dataset[0][0][0], digits_train[5][0])
     with pytest.raises(InfluxValueError, match="batch_size must be >= 1"):
         next(data.iter_ordered_batches(digits_train, order, batch_size=0))
+
+
+def test_stratified_split_is_exact_disjoint_and_seeded():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    train, test = data.stratified_split(labels, test_size=11, seed=0)
+    assert test.shape == (11,) and train.shape == (89,)
+    assert np.intersect1d(train, test).size == 0
+    # Quotas 5.5, 3.3, 2.2: floors 5, 3, 2 and the one left over goes to the largest remainder.
+    assert np.bincount(labels[test]).tolist() == [6, 3, 2]
+    assert np.array_equal(data.stratified_split(labels, 11, seed=0)[1], test)
+    assert not np.array_equal(data.stratified_split(labels, 11, seed=1)[1], test)
