@@ -55,7 +55,7 @@ class KernelBackendError(RuntimeError):
 
 def interpret_mode() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get(INTERPRET_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+    return os.environ.get(INTERPRET_ENV, "0").strip().lower() in ("1", "true", "on")
 
 
 def forced_backend() -> Backend | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from influx.kernels import (
@@ -239,3 +242,15 @@ def test_ghost_launcher_rejects_a_sequence_beyond_the_grid(monkeypatch):
     a = torch.empty(1, 65536 * 64, 0)
     with pytest.raises(KernelInputError, match=r"ghost_sqnorm: input too large.*65536 programs"):
         ghost_module.ghost_sqnorm_triton(a, a)
+
+
+def test_kernels_package_imports_nothing_from_influx():
+    # kernels/ sits below everything in the dependency order (DESIGN.md section 1).
+    package_dir = Path(_dispatch.__file__).parent
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(package_dir.glob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.match(r"\s*(from|import)\s+influx\b", line)
+    ]
+    assert offenders == [], f"influx imported from kernels/: {offenders}"
