@@ -33,6 +33,18 @@ if HAS_TRITON:
     from influx.kernels.score_topk import score_topk_triton
 
 SUITE = "kernels"
+# Columns of the markdown table written by benchmarks/run.py (the JSON rows carry every field).
+COLUMNS = [
+    "kernel", "impl", "backend", "dtype", "shape", "median_s", "gbps", "tflops", "peak_mem_mb",
+    "max_rel_err", "matches_reference",
+]  # fmt: skip
+NOTES = (
+    "backend: triton (CUDA only), reference (the pure-torch `<name>_reference`), composition "
+    "(the plain torch it replaces, e.g. materialize G then take norms). gbps: minimum bytes "
+    "(inputs read once, outputs written once) over the median time. tflops: FLOPs of the "
+    "algorithm of that row over the median time. max_rel_err: max abs error over "
+    "max |reference|, checked before timing."
+)
 # Relative error (norm-wise, against the reference) above which a row is flagged as mismatching.
 MATCH_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -317,7 +329,8 @@ def measure(case: Case, device: str, warmup: int, repeats: int) -> list[dict[str
                 "backend": impl.backend,
                 "device": device,
                 "dtype": str(case.dtype).removeprefix("torch."),
-                "shape": dict(case.shape),
+                "shape": " ".join(f"{key}={value}" for key, value in case.shape.items()),
+                "dims": dict(case.shape),
                 "median_s": seconds,
                 "repeats": repeats,
                 "gbps": case.min_bytes / seconds / 1e9,
@@ -344,6 +357,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     use_triton = HAS_TRITON and device == "cuda"
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     warmup, repeats = (1, 3) if quick else (3, 10)
+    repeats = getattr(args, "repeats", None) or repeats
     cases: list[Case] = []
     for dtype in dtypes:
         for shape in layer_shapes(quick, device):
