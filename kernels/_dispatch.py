@@ -264,3 +264,13 @@ def empty_output(
     (``monkeypatch.setattr(module, "empty_output", ...)``) and catch entries a kernel never writes.
     """
     return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for operands read in ``dtype``.
+
+    fp32 operands: "ieee" (exact fp32 products; TF32 would cost ~1e-3 relative error on norms).
+    fp16/bf16 operands: Triton's default "tf32", which only affects fp32 operands, so these keep
+    the tensor-core path with fp32 accumulation.
+    """
+    return "ieee" if dtype == torch.float32 else "tf32"

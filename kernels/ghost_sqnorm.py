@@ -26,6 +26,7 @@ from ._dispatch import (
     check_pair,
     check_triton_dtype,
     dot_block,
+    dot_precision,
     empty_output,
     lazy_kernel,
     select_backend,
@@ -152,6 +153,7 @@ def _ghost_sqnorm_kernel(
     n_t_blocks,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (i, tb): sum over s-blocks sb >= tb of sum((A_t A_s^T) * (B_t B_s^T)) for sample i.
 
@@ -183,7 +185,7 @@ def _ghost_sqnorm_kernel(
                 mask=s_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )  # [BS, BD]
-            gram_a += tl.dot(a_t, tl.trans(a_s), input_precision="ieee")
+            gram_a += tl.dot(a_t, tl.trans(a_s), input_precision=DOT_PRECISION)
         # gram_b[t, s] = b_t . b_s over d_out
         gram_b = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
         for d0 in range(0, d_out, BLOCK_D):
@@ -199,7 +201,7 @@ def _ghost_sqnorm_kernel(
                 mask=s_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )  # [BS, BD]
-            gram_b += tl.dot(b_t, tl.trans(b_s), input_precision="ieee")
+            gram_b += tl.dot(b_t, tl.trans(b_s), input_precision=DOT_PRECISION)
         # Off-diagonal tiles stand for their mirror image too.
         weight = 2.0 - (s_block == t_block).to(tl.float32)
         acc += weight * gram_a * gram_b
@@ -223,7 +225,7 @@ def ghost_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     partial = empty_output(n_samples, n_t_blocks, device=a.device)
     _ghost_sqnorm_kernel[grid](
         a, b, partial, seq_len, a.shape[2], b.shape[2], *a.stride(), *b.stride(), n_t_blocks,
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_T=block_t, BLOCK_D=block_d, DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return partial.sum(dim=1).to(acc_dtype)
 
@@ -257,6 +259,7 @@ def _direct_sqnorm_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (i, tile): one [BLOCK_O, BLOCK_I] tile of G_i = b_i^T a_i, then its squared sum."""
     sample = tl.program_id(0).to(tl.int64)
@@ -281,7 +284,7 @@ def _direct_sqnorm_kernel(
             mask=t_mask[:, None] & i_mask[None, :],
             other=0.0,
         )  # [BT, BI]
-        grad_tile += tl.dot(tl.trans(b_tile), a_tile, input_precision="ieee")
+        grad_tile += tl.dot(tl.trans(b_tile), a_tile, input_precision=DOT_PRECISION)
     tl.store(partial_ptr + sample * n_tiles + tile, tl.sum(grad_tile * grad_tile))
 
 
@@ -309,6 +312,6 @@ def direct_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     partial = empty_output(n_samples, n_tiles, device=a.device)
     _direct_sqnorm_kernel[grid](
         a, b, partial, seq_len, d_in, d_out, *a.stride(), *b.stride(), n_in_tiles, n_tiles,
-        BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i,
+        BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return partial.sum(dim=1).to(acc_dtype)

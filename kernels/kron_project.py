@@ -24,6 +24,7 @@ from ._dispatch import (
     check_tensor,
     check_triton_dtype,
     dot_block,
+    dot_precision,
     empty_output,
     lazy_kernel,
     select_backend,
@@ -123,6 +124,7 @@ def _kron_project_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_KO: tl.constexpr,
     BLOCK_KI: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (i, ko, ki): out[i, ko, ki] = sum over T chunks of (b_i P_out^T)^T (a_i P_in^T).
 
@@ -154,7 +156,7 @@ def _kron_project_kernel(
                 mask=d_mask[:, None] & ki_mask[None, :],
                 other=0.0,
             )  # [BD, BKI]
-            a_proj += tl.dot(a_tile, p_in_tile, input_precision="ieee")
+            a_proj += tl.dot(a_tile, p_in_tile, input_precision=DOT_PRECISION)
         # b_proj = b_i[t-chunk] @ P_out[ko-tile]^T
         b_proj = tl.zeros((BLOCK_T, BLOCK_KO), dtype=tl.float32)
         for d0 in range(0, d_out, BLOCK_D):
@@ -170,7 +172,8 @@ def _kron_project_kernel(
                 mask=d_mask[:, None] & ko_mask[None, :],
                 other=0.0,
             )  # [BD, BKO]
-            b_proj += tl.dot(b_tile, p_out_tile, input_precision="ieee")
+            b_proj += tl.dot(b_tile, p_out_tile, input_precision=DOT_PRECISION)
+        # fp32 intermediates: exact fp32 products whatever the input dtype
         acc += tl.dot(tl.trans(b_proj), a_proj, input_precision="ieee")
     out_offsets = ko_offsets[:, None] * stride_oo + ki_offsets[None, :] * stride_oi
     tl.store(
@@ -205,5 +208,6 @@ def kron_project_triton(
         a, b, p_in, p_out, out, seq_len, a.shape[2], b.shape[2], k_in, k_out,
         *a.stride(), *b.stride(), *p_in.stride(), *p_out.stride(), *out.stride(),
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_KO=block_ko, BLOCK_KI=block_ki,
+        DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return out.to(acc_dtype)

@@ -24,6 +24,7 @@ from ._dispatch import (
     check_same_kind,
     check_triton_dtype,
     dot_block,
+    dot_precision,
     empty_output,
     lazy_kernel,
     select_backend,
@@ -155,6 +156,7 @@ def _pairwise_grad_dot_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (ib, jb): out[i, j] = sum_{t,s} (a_it . a2_js)(b_it . b2_js) for a tile of (i, j)."""
     rows = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)  # [BI]
@@ -185,7 +187,7 @@ def _pairwise_grad_dot_kernel(
                     mask=col_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 )  # [BJ, BD]
-                gram_a += tl.dot(a_tile, tl.trans(a2_tile), input_precision="ieee")
+                gram_a += tl.dot(a_tile, tl.trans(a2_tile), input_precision=DOT_PRECISION)
             # gram_b[i, j] = b_it . b2_js
             gram_b = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
             for d0 in range(0, d_out, BLOCK_D):
@@ -207,7 +209,7 @@ def _pairwise_grad_dot_kernel(
                     mask=col_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 )  # [BJ, BD]
-                gram_b += tl.dot(b_tile, tl.trans(b2_tile), input_precision="ieee")
+                gram_b += tl.dot(b_tile, tl.trans(b2_tile), input_precision=DOT_PRECISION)
             acc += gram_a * gram_b
     out_offsets = rows[:, None] * stride_oi + cols[None, :] * stride_oj
     tl.store(out_ptr + out_offsets, acc, mask=row_mask[:, None] & col_mask[None, :])
@@ -239,6 +241,6 @@ def pairwise_grad_dot_triton(
     _pairwise_grad_dot_kernel[grid](
         a, b, a2, b2, out, n_rows, n_cols, seq_len, seq_len2, a.shape[2], b.shape[2],
         *a.stride(), *b.stride(), *a2.stride(), *b2.stride(), *out.stride(),
-        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d,
+        BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return out.to(acc_dtype)

@@ -28,6 +28,7 @@ from ._dispatch import (
     check_tensor,
     check_triton_dtype,
     dot_block,
+    dot_precision,
     empty_output,
     lazy_kernel,
     select_backend,
@@ -249,6 +250,7 @@ def _score_tile_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (qb, nb): out[q, n] = query[q] . train[n] for one [BLOCK_Q, BLOCK_N] tile."""
     q_offsets = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)  # [BQ]
@@ -269,7 +271,7 @@ def _score_tile_kernel(
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )  # [BK, BN]
-        acc += tl.dot(query_tile, train_tile, input_precision="ieee")
+        acc += tl.dot(query_tile, train_tile, input_precision=DOT_PRECISION)
     out_offsets = q_offsets[:, None] * stride_oq + n_offsets[None, :] * stride_on
     tl.store(out_ptr + out_offsets, acc, mask=q_mask[:, None] & n_mask[None, :])
 
@@ -297,6 +299,7 @@ def score_tile_triton(query_block: torch.Tensor, train_block: torch.Tensor) -> t
         query_block, train_block, scores, n_queries, n_train, depth,
         *query_block.stride(), *train_block.stride(), *scores.stride(),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=dot_precision(query_block.dtype),
     )  # fmt: skip
     return scores.to(acc_dtype)
 
