@@ -135,13 +135,73 @@ def _checkpoint_steps(
     return wanted
 
 
+class _SGD:
+    """SGD with optional momentum and L2 weight decay, the update of ``torch.optim.SGD``.
+
+    The trainer carries its own two optimizers because constructing any ``torch.optim`` optimizer
+    imports ``torch._dynamo``, which takes longer than training the demo model itself.
+    """
+
+    def __init__(self, parameters: list[nn.Parameter], momentum: float, weight_decay: float):
+        self.parameters = parameters
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for position, parameter in enumerate(self.parameters):
+            if parameter.grad is None:
+                continue
+            grad = parameter.grad
+            if self.weight_decay:
+                grad = grad.add(parameter, alpha=self.weight_decay)
+            if self.momentum:
+                buffer = self.buffers.get(position)
+                if buffer is None:
+                    buffer = self.buffers[position] = grad.clone()
+                else:
+                    buffer.mul_(self.momentum).add_(grad)
+                grad = buffer
+            parameter.add_(grad, alpha=-lr)
+
+
+class _Adam:
+    """Adam (betas 0.9, 0.999, eps 1e-8) with L2 weight decay: ``torch.optim.Adam``'s update."""
+
+    def __init__(self, parameters: list[nn.Parameter], weight_decay: float):
+        self.parameters = parameters
+        self.weight_decay = weight_decay
+        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
+        self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps: dict[int, int] = {}
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for position, parameter in enumerate(self.parameters):
+            if parameter.grad is None:
+                continue
+            grad = parameter.grad
+            if self.weight_decay:
+                grad = grad.add(parameter, alpha=self.weight_decay)
+            if position not in self.moments:
+                self.moments[position] = (torch.zeros_like(parameter), torch.zeros_like(parameter))
+            mean, second = self.moments[position]
+            t = self.steps[position] = self.steps.get(position, 0) + 1
+            mean.lerp_(grad, 1 - self.beta1)
+            second.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            # Bias corrections in the same order of operations as torch.optim.Adam.
+            denom = (second.sqrt() / math.sqrt(1 - self.beta2**t)).add_(self.eps)
+            parameter.addcdiv_(mean, denom, value=-lr / (1 - self.beta1**t))
+
+
 def _make_optimizer(
-    name: str, parameters, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
+    name: str, parameters: list[nn.Parameter], momentum: float, weight_decay: float
+) -> _SGD | _Adam:
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+        return _Adam(parameters, weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return _SGD(parameters, momentum, weight_decay)
     raise InfluxValueError(f"optimizer must be one of {_OPTIMIZERS}; got {name!r}")
 
 
@@ -245,7 +305,8 @@ def train(
     checkpoint_steps = _checkpoint_steps(checkpoints, total, steps_per_epoch)
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
-    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = _make_optimizer(optimizer, trainable, momentum, weight_decay)
     config = dict(
         loss=loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss)),
         optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -277,7 +338,7 @@ def _run(
     model: nn.Module,
     data,
     loss_fn: LossFn,
-    opt: torch.optim.Optimizer,
+    opt: _SGD | _Adam,
     total: int,
     batch_size: int,
     seed: int,
@@ -316,12 +377,10 @@ def _run(
             visited = []
             for inputs, targets, indices in iter_ordered_batches(data, order, batch_size):
                 step_lr = _lr_at(step, total, lr, lr_schedule)
-                for group in opt.param_groups:
-                    group["lr"] = step_lr
-                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
                 batch_loss = loss_fn(model(inputs.to(device)), targets.to(device)).mean()
                 batch_loss.backward()
-                opt.step()
+                opt.step(step_lr)
                 losses[step], lrs[step] = batch_loss.detach().cpu(), step_lr
                 visited.append(indices)
                 step += 1
@@ -333,6 +392,7 @@ def _run(
             epoch += 1
     finally:
         bar.close()
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     return dict(
         epoch_seeds=epoch_seeds,
