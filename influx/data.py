@@ -4,6 +4,10 @@ Every data argument in influx (``train``, ``query``, ``forget``, ...) accepts ei
 ``(inputs, targets)`` of tensors or a torch ``Dataset`` yielding ``(input, target)`` or
 ``(input, target, index)``. :func:`as_tensors` and :func:`iter_batches` turn any of them into
 batches that carry the dataset indices, so every score can be aligned to its example.
+
+:func:`load` returns influx's datasets (``digits``, embedded; ``cifar10``, from a local folder;
+``synthetic``, generated), each yielding ``(input, target, index)`` and carrying ``targets``,
+``num_classes`` and ``input_shape``.
 """
 
 from __future__ import annotations
