@@ -11,7 +11,9 @@ import torch
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, name=""):
+def assert_close(
+    actual, expected, *, rtol: float | None = None, atol: float | None = None, name=""
+):
     """Compare two tensors; report max-abs and max-relative error; NaN/Inf anywhere fails.
 
     The relative error is measured against the largest magnitude of ``expected`` (a norm-wise
@@ -20,7 +22,9 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected)
     if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        raise AssertionError(
+            f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
     if not torch.isfinite(actual).all():
         raise AssertionError(f"{name}: actual has NaN/Inf")
     if not torch.isfinite(expected).all():

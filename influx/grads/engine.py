@@ -109,7 +109,8 @@ def per_sample_grads(
     selected = select_parameters(model, params)
     layers = _plan(model, selected)
     parts = [
-        _grads_of_chunk(model, loss_fn, x, y, layers, selected) for x, y in _chunks(inputs, targets, chunk_size)
+        _grads_of_chunk(model, loss_fn, x, y, layers, selected)
+        for x, y in _chunks(inputs, targets, chunk_size)
     ]
     if not parts:
         return _empty_grads(selected)
@@ -157,7 +158,8 @@ def per_sample_norms(
     selected = select_parameters(model, params)
     layers = _plan(model, selected)
     parts = [
-        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected) for x, y in _chunks(inputs, targets, chunk_size)
+        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected)
+        for x, y in _chunks(inputs, targets, chunk_size)
     ]
     dtype = next(iter(selected.values())).dtype
     sqnorms = {
@@ -196,7 +198,9 @@ def per_sample_projected(
         raise InfluxValueError(f"dim must be >= 1; got {dim}")
     selected = select_parameters(model, params)
     if kind == "dense":
-        grads = per_sample_grads(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size)
+        grads = per_sample_grads(
+            model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size
+        )
         flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
         return dense_project(flat, dim, seed=seed)
     layers = _plan(model, selected)
@@ -206,19 +210,27 @@ def per_sample_projected(
             "needs one owner per weight: use kind='dense' or select the parameters with params="
         )
     reference = next(iter(selected.values()))
-    projector = Projector(budget=max(1, dim // len(layers)), seed=seed, dtype=reference.dtype, device=reference.device)
+    projector = Projector(
+        budget=max(1, dim // len(layers)), seed=seed, dtype=reference.dtype, device=reference.device
+    )
     parts = []
     for x, y in _chunks(inputs, targets, chunk_size):
         calls = _capture_chunk(model, loss_fn, x, y, layers)
-        blocks = [_project_layer(layer, calls[layer.name], projector, x.shape[0]) for layer in layers]
+        blocks = [
+            _project_layer(layer, calls[layer.name], projector, x.shape[0]) for layer in layers
+        ]
         parts.append(torch.cat(blocks, dim=1))
     return torch.cat(parts) if parts else reference.new_zeros(0, 0)
 
 
 def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.Tensor:
-    everything_selected = set(layer.params) == {local for local, _ in layer.module.named_parameters(recurse=False)}
+    everything_selected = set(layer.params) == {
+        local for local, _ in layer.module.named_parameters(recurse=False)
+    }
     if calls and everything_selected:
-        return torch.cat(layer.rule.project(layer.module, calls, projector, layer.name + "."), dim=1)
+        return torch.cat(
+            layer.rule.project(layer.module, calls, projector, layer.name + "."), dim=1
+        )
     # a partial selection (e.g. weight without bias) or an unused layer: dense per parameter
     blocks = []
     grads = layer.rule.grads(layer.module, calls) if calls else {}
@@ -257,7 +269,8 @@ def capture_matmul_layers(
     """Capture (a, b) for every Linear/Conv layer owning a selected weight, from one backward."""
     selected = select_parameters(model, params)
     layers = [
-        layer for layer in _plan(model, selected)
+        layer
+        for layer in _plan(model, selected)
         if isinstance(layer.rule, MatmulRule) and "weight" in layer.params
     ]
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers)

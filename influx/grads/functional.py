@@ -18,7 +18,9 @@ from influx.errors import InfluxValueError
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def select_parameters(model: nn.Module, params: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+def select_parameters(
+    model: nn.Module, params: Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
     """Map parameter names to parameters: the named ones, or all that require grad.
 
     Raises InfluxValueError for a name the model does not have, listing the closest valid names.
@@ -37,7 +39,9 @@ def select_parameters(model: nn.Module, params: Iterable[str] | None = None) -> 
             )
         selected[name] = named[name]
     if not selected:
-        raise InfluxValueError("no parameters selected: pass parameter names or unfreeze some parameters")
+        raise InfluxValueError(
+            "no parameters selected: pass parameter names or unfreeze some parameters"
+        )
     return selected
 
 
@@ -75,7 +79,8 @@ def per_sample_grads(
     check_batch(inputs, targets)
     selected = select_parameters(model, params)
     frozen = {
-        name: t.detach() for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
+        name: t.detach()
+        for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
         if name not in selected
     }
 
@@ -110,7 +115,9 @@ def naive_per_sample_grads(
         for name, g in zip(names, example_grads):
             rows[name].append(torch.zeros_like(selected[name]) if g is None else g)
     return {
-        name: torch.stack(rows[name]) if rows[name] else selected[name].new_zeros((0, *selected[name].shape))
+        name: torch.stack(rows[name])
+        if rows[name]
+        else selected[name].new_zeros((0, *selected[name].shape))
         for name in names
     }
 

@@ -7,6 +7,7 @@ a run in float32 and one in float64, or on CPU and GPU, use the same projection.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -15,9 +16,16 @@ import torch
 from influx.errors import InfluxValueError
 
 
+@functools.lru_cache(maxsize=512)
 def gaussian_matrix(rows: int, cols: int, *, seed: int, name: str, dtype, device) -> torch.Tensor:
-    """[rows, cols] with N(0, 1/rows) entries, a pure function of (seed, name, shape)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    """[rows, cols] with N(0, 1/rows) entries, a pure function of (seed, name, shape).
+
+    Cached: repeated calls (chunks, batches of a dataset) reuse the same matrix; callers must not
+    modify it in place.
+    """
+    generator = torch.Generator().manual_seed(
+        (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    )
     matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float64) / rows**0.5
     return matrix.to(dtype=dtype, device=device)
 
@@ -41,14 +49,20 @@ class Projector:
         self.budget, self.seed, self.dtype, self.device = budget, seed, dtype, device
 
     def matrix(self, name: str, rows: int, cols: int) -> torch.Tensor:
-        return gaussian_matrix(rows, cols, seed=self.seed, name=name, dtype=self.dtype, device=self.device)
+        return gaussian_matrix(
+            rows, cols, seed=self.seed, name=name, dtype=self.dtype, device=self.device
+        )
 
-    def kronecker_factors(self, name: str, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def kronecker_factors(
+        self, name: str, d_in: int, d_out: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in [k_in, d_in], P_out [k_out, d_out]) with k_in * k_out <= budget."""
         k_in, k_out = kronecker_sizes(self.budget, d_in, d_out)
         return self.matrix(name + ":in", k_in, d_in), self.matrix(name + ":out", k_out, d_out)
 
-    def dense_block(self, name: str, grads: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    def dense_block(
+        self, name: str, grads: torch.Tensor, budget: int | None = None
+    ) -> torch.Tensor:
         """[N, D] -> [N, min(D, budget)] (default budget: the whole per-block budget)."""
         budget = self.budget if budget is None else budget
         width = grads.shape[1]
@@ -57,7 +71,9 @@ class Projector:
         return grads @ self.matrix(name, budget, width).T
 
 
-def dense_project(flat_grads: torch.Tensor, dim: int, *, seed: int, chunk: int = 1 << 16) -> torch.Tensor:
+def dense_project(
+    flat_grads: torch.Tensor, dim: int, *, seed: int, chunk: int = 1 << 16
+) -> torch.Tensor:
     """Project [N, P] per-sample gradients to [N, dim] with one seeded Gaussian matrix [dim, P].
 
     The matrix is drawn column block by column block, so memory stays O(dim * chunk).
@@ -67,7 +83,12 @@ def dense_project(flat_grads: torch.Tensor, dim: int, *, seed: int, chunk: int =
     for start in range(0, width, chunk):
         stop = min(width, start + chunk)
         block = gaussian_matrix(
-            dim, stop - start, seed=seed, name=f"dense:{start}", dtype=flat_grads.dtype, device=flat_grads.device
+            dim,
+            stop - start,
+            seed=seed,
+            name=f"dense:{start}",
+            dtype=flat_grads.dtype,
+            device=flat_grads.device,
         )
         out += flat_grads[:, start:stop] @ block.T
     return out

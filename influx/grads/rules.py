@@ -59,7 +59,10 @@ class LayerRule:
         """Projected per-sample gradients, one [N, k] block per projection unit of the module."""
         grads = self.grads(module, calls)
         share = max(1, projector.budget // len(grads))
-        return [projector.dense_block(f"{prefix}{name}", g.flatten(1), share) for name, g in grads.items()]
+        return [
+            projector.dense_block(f"{prefix}{name}", g.flatten(1), share)
+            for name, g in grads.items()
+        ]
 
 
 def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -88,7 +91,11 @@ class MatmulRule(LayerRule):
         out = {}
         if module.weight is not None:
             # [N, G, d_out, d_in] -> the weight's own layout, groups stacked along d_out
-            out["weight"] = torch.einsum("ngto,ngti->ngoi", b, a).reshape(n, *self.weight_shape(module))
+            groups, tokens, d_in = a.shape[1:]
+            a_flat = a.reshape(n * groups, tokens, d_in)
+            b_flat = b.reshape(n * groups, tokens, b.shape[-1])
+            weight = torch.bmm(b_flat.transpose(1, 2), a_flat)  # [N*G, d_out, d_in]
+            out["weight"] = weight.reshape(n, *self.weight_shape(module))
         if getattr(module, "bias", None) is not None:
             out["bias"] = b.sum(2).reshape(n, -1)
         return out
@@ -184,7 +191,9 @@ class EmbeddingRule(LayerRule):
 
     def _tokens(self, module, calls):
         idx = torch.cat([c.args[0].reshape(c.args[0].shape[0], -1) for c in calls], 1)  # [N, T]
-        b = torch.cat([c.grad_output.reshape(idx.shape[0], -1, module.embedding_dim) for c in calls], 1)
+        b = torch.cat(
+            [c.grad_output.reshape(idx.shape[0], -1, module.embedding_dim) for c in calls], 1
+        )
         if module.padding_idx is not None:
             b = b * (idx != module.padding_idx).unsqueeze(-1)
         return idx, b  # [N, T], [N, T, D]
@@ -310,7 +319,9 @@ class FunctionalRule(LayerRule):
             weights = {k: p.detach() for k, p in own.items()}
             tensors = [call.args[i] for i in tensor_positions]
             in_dims = (None, 0, *([0] * len(tensors)))
-            per_call.append(vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors))
+            per_call.append(
+                vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)
+            )
         return _sum_calls(per_call)
 
 

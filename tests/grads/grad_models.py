@@ -62,8 +62,16 @@ class TiedLM(nn.Module):
 
 def conv_net(padding="same", padding_mode="zeros", groups=1, stride=1, dilation=1):
     return nn.Sequential(
-        nn.Conv2d(4, 6, 3, stride=stride, padding=padding if stride == 1 else 1, dilation=dilation,
-                  groups=groups, padding_mode=padding_mode),
+        nn.Conv2d(
+            4,
+            6,
+            3,
+            stride=stride,
+            padding=padding if stride == 1 else 1,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+        ),
         nn.GroupNorm(3, 6),
         nn.ReLU(inplace=True),  # in-place after a captured layer must not corrupt its gradient
         nn.AdaptiveAvgPool2d(2),

@@ -28,9 +28,13 @@ def check_all(model, loss_fn, x, y, *, rtol, chunk_size=None):
         assert_close(got[name], expected[name], rtol=rtol, name=name)
     by_layer = per_sample_norms(model, loss_fn, x, y, by_layer=True, chunk_size=chunk_size)
     for name in expected:
-        assert_close(by_layer[name], expected[name].flatten(1).norm(dim=1), rtol=rtol, name=f"norm {name}")
+        assert_close(
+            by_layer[name], expected[name].flatten(1).norm(dim=1), rtol=rtol, name=f"norm {name}"
+        )
     total = per_sample_norms(model, loss_fn, x, y, chunk_size=chunk_size)
-    assert_close(total, reference.flatten_per_sample(expected).norm(dim=1), rtol=rtol, name="total norm")
+    assert_close(
+        total, reference.flatten_per_sample(expected).norm(dim=1), rtol=rtol, name="total norm"
+    )
 
 
 def test_mixed_model_float64():
@@ -119,11 +123,15 @@ def test_parameter_selection_and_frozen_parameters():
     assert "head.weight" not in got and "conv2d.weight" in got
     chosen = per_sample_grads(model, cross_entropy, x, y, params=["head.weight", "conv1d.bias"])
     assert list(chosen) == ["head.weight", "conv1d.bias"]
-    expected = reference.per_sample_grads(model, cross_entropy, x, y, params=["head.weight", "conv1d.bias"])
+    expected = reference.per_sample_grads(
+        model, cross_entropy, x, y, params=["head.weight", "conv1d.bias"]
+    )
     for name in chosen:
         assert_close(chosen[name], expected[name], name=name)
     assert not model.head.weight.requires_grad  # restored after the call
-    assert model.head.weight.grad is None and model.conv2d.weight.grad is None  # nothing accumulated
+    assert (
+        model.head.weight.grad is None and model.conv2d.weight.grad is None
+    )  # nothing accumulated
 
 
 def test_unused_parameter_has_zero_gradient():
@@ -169,7 +177,10 @@ def test_tiny_batches(n):
 def test_conv_and_linear_random_shapes(n, c_in, c_out, kernel, size, stride, bias):
     torch.manual_seed(n * 1000 + c_in * 100 + c_out)
     model = nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, bias=bias), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, bias=bias),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(2),
     ).double()
     x = torch.randn(max(n, 1), c_in, size, size, dtype=torch.float64)
     model(x)  # materialize the lazy layer
@@ -179,7 +190,10 @@ def test_conv_and_linear_random_shapes(n, c_in, c_out, kernel, size, stride, bia
     expected = reference.naive_per_sample_grads(model, cross_entropy, x, y)
     for name in expected:
         assert_close(got[name], expected[name], name=name)
-    assert_close(per_sample_norms(model, cross_entropy, x, y), reference.flatten_per_sample(expected).norm(dim=1))
+    assert_close(
+        per_sample_norms(model, cross_entropy, x, y),
+        reference.flatten_per_sample(expected).norm(dim=1),
+    )
 
 
 # --- projections -------------------------------------------------------------------------------
@@ -203,7 +217,9 @@ def kronecker_reference(model, x, y, dim, seed):
             local = [k for k, _ in module.named_parameters(recurse=False)]
             share = max(1, projector.budget // len(local))
             for k in local:
-                blocks.append(projector.dense_block(prefix + k, grads[prefix + k].flatten(1), share))
+                blocks.append(
+                    projector.dense_block(prefix + k, grads[prefix + k].flatten(1), share)
+                )
     return torch.cat(blocks, 1)
 
 
@@ -220,7 +236,9 @@ def test_kronecker_projection_equals_projecting_the_materialized_gradient():
 def test_dense_projection_is_jl_of_the_flat_gradient():
     model = Mixed().double()
     x, y = mixed_batch(5)
-    flat = reference.flatten_per_sample(reference.naive_per_sample_grads(model, cross_entropy, x, y))
+    flat = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, x, y)
+    )
     got = per_sample_projected(model, cross_entropy, x, y, dim=32, seed=1, kind="dense")
     assert_close(got, dense_project(flat, 32, seed=1))
 

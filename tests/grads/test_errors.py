@@ -31,7 +31,9 @@ def test_reduced_loss_is_refused():
     def mean_loss(outputs, targets):
         return nn.functional.cross_entropy(outputs, targets)
 
-    with pytest.raises(InfluxValueError, match=r"per-example losses of shape \[5\].*reduction='none'"):
+    with pytest.raises(
+        InfluxValueError, match=r"per-example losses of shape \[5\].*reduction='none'"
+    ):
         per_sample_norms(small(), mean_loss, *batch())
 
 
@@ -81,6 +83,10 @@ def test_module_with_tuple_output_is_explained():
 
 
 def test_embedding_scale_grad_by_freq_is_refused():
-    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2))
+    model = nn.Sequential(
+        nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)
+    )
     with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq"):
-        per_sample_grads(model, cross_entropy, torch.randint(0, 5, (3, 2)), torch.randint(0, 2, (3,)))
+        per_sample_grads(
+            model, cross_entropy, torch.randint(0, 5, (3, 2)), torch.randint(0, 2, (3,))
+        )

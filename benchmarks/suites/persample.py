@@ -1,0 +1,205 @@
+"""Per-sample gradient suite: influx vs the floor and the peers on the same batches.
+
+Rows: for each model (MLP, CNN, CIFAR ResNet-18 with GroupNorm) and batch size, each method runs
+in a fresh subprocess (so its peak memory is its own): the floor (plain forward + backward of the
+summed loss), the naive per-example loop, torch.func vmap, Opacus hooks, BackPACK BatchGrad
+(where it supports the model), and influx full / norms / Kronecker-projected (4,096 dims).
+Before timing, each method's per-sample gradient norms on the first 4 examples are compared with
+torch.func in the same dtype (``rel_err``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import current_rss_bytes, peak_rss_bytes, time_call
+from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected, reference
+
+MODELS = ("mlp", "cnn", "resnet18")
+BATCH_SIZES = (32, 64)
+METHODS = (
+    "floor",
+    "naive_loop",
+    "torch_func_vmap",
+    "opacus",
+    "backpack",
+    "influx_full",
+    "influx_norms",
+    "influx_projected",
+)
+PROJECTED_DIM = 4096
+COLUMNS = ["model", "batch", "method", "median_s", "x_floor", "peak_mem_mb", "rel_err", "note"]
+NOTES = (
+    "x_floor: median time over the floor's (plain forward+backward of the summed loss) in the same run. "
+    "peak_mem_mb: peak resident (CPU) or allocated (CUDA) memory above the state after building the model "
+    "and batch. rel_err: max relative error of per-sample gradient norms against torch.func on 4 examples."
+)
+
+
+def loss_fn(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def build(model_name: str, batch: int, device: str):
+    from influx import models
+
+    torch.manual_seed(0)
+    model = {
+        "mlp": lambda: models.mlp(in_features=3 * 32 * 32, hidden=(512, 256)),
+        "cnn": lambda: models.cnn(in_channels=3, width=32),
+        "resnet18": lambda: models.resnet18(norm="group"),
+    }[model_name]().to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return model, x, y
+
+
+def _norms(grads: dict) -> torch.Tensor:
+    return torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+
+
+def make_method(name: str, model, x, y):
+    """Return (fn() running the method on (x, y), norms_of(n) giving per-sample norms of x[:n])."""
+    if name == "floor":
+
+        def floor():
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).sum().backward()
+
+        return floor, None
+    if name == "naive_loop":
+        return (
+            lambda: reference.naive_per_sample_grads(model, loss_fn, x, y),
+            lambda n: _norms(reference.naive_per_sample_grads(model, loss_fn, x[:n], y[:n])),
+        )
+    if name == "torch_func_vmap":
+        return (
+            lambda: reference.per_sample_grads(model, loss_fn, x, y),
+            lambda n: _norms(reference.per_sample_grads(model, loss_fn, x[:n], y[:n])),
+        )
+    if name == "opacus":
+        from opacus import GradSampleModule
+
+        wrapped = GradSampleModule(model, loss_reduction="sum")
+
+        def opacus_grads(xb, yb):
+            for p in model.parameters():
+                p.grad_sample, p.grad = None, None
+            loss_fn(wrapped(xb), yb).sum().backward()
+            return {n: p.grad_sample for n, p in model.named_parameters()}
+
+        return (lambda: opacus_grads(x, y)), (lambda n: _norms(opacus_grads(x[:n], y[:n])))
+    if name == "backpack":
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+
+        extended = extend(model)
+        criterion = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+        def backpack_grads(xb, yb):
+            extended.zero_grad(set_to_none=True)
+            with backpack(BatchGrad()):
+                criterion(extended(xb), yb).backward()
+            return {n: p.grad_batch for n, p in model.named_parameters()}
+
+        return (lambda: backpack_grads(x, y)), (lambda n: _norms(backpack_grads(x[:n], y[:n])))
+    if name == "influx_full":
+        return (
+            lambda: per_sample_grads(model, loss_fn, x, y),
+            lambda n: _norms(per_sample_grads(model, loss_fn, x[:n], y[:n])),
+        )
+    if name == "influx_norms":
+        return (
+            lambda: per_sample_norms(model, loss_fn, x, y),
+            lambda n: per_sample_norms(model, loss_fn, x[:n], y[:n]),
+        )
+    if name == "influx_projected":
+        # norms of a random projection are not the true norms: its check is the engine's test suite
+        return (lambda: per_sample_projected(model, loss_fn, x, y, dim=PROJECTED_DIM)), None
+    raise ValueError(f"unknown method {name}")
+
+
+def run_one(args) -> int:
+    """Child process: one (model, batch, method) row, printed as JSON on the last line."""
+    model_name, batch, method = args.one.split(":")
+    device = args.device
+    model, x, y = build(model_name, int(batch), device)
+    row = {"model": model_name, "batch": int(batch), "method": method}
+    try:
+        # the reference runs before a peer wraps or extends the model with its own hooks
+        expected = _norms(reference.per_sample_grads(model, loss_fn, x[:4], y[:4]))
+        fn, norms_of = make_method(method, model, x, y)
+        if norms_of is not None:
+            row["rel_err"] = ((norms_of(4) - expected).abs().max() / expected.abs().max()).item()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = current_rss_bytes()
+        slow = method == "naive_loop" or (
+            model_name == "resnet18" and method in ("torch_func_vmap",)
+        )
+        repeats = args.repeats or (1 if slow or args.quick else 5)
+        row.update(time_call(fn, device=device, repeats=repeats, warmup=0 if slow else 1))
+        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
+        row["peak_mem_mb"] = max(0, peak - base) / 2**20
+    except Exception as error:  # a peer that does not support the model is a row, not a crash
+        row["note"] = f"unsupported: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    print(json.dumps(row))
+    return 0
+
+
+def run(args) -> list[dict]:
+    models = args.models or (("mlp", "cnn") if args.quick else MODELS)
+    batches = args.batch_sizes or ((32,) if args.quick else BATCH_SIZES)
+    root = Path(__file__).resolve().parents[2]
+    rows = []
+    for model_name in models:
+        for batch in batches:
+            for method in METHODS:
+                command = [
+                    sys.executable,
+                    str(root / "benchmarks" / "run.py"),
+                    "--suite",
+                    "persample",
+                    "--device",
+                    args.device,
+                    "--one",
+                    f"{model_name}:{batch}:{method}",
+                ]
+                if args.quick:
+                    command.append("--quick")
+                if args.repeats:
+                    command += ["--repeats", str(args.repeats)]
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env=os.environ.copy()
+                )
+                lines = done.stdout.strip().splitlines()
+                try:
+                    row = json.loads(lines[-1])
+                except (IndexError, json.JSONDecodeError):
+                    row = {
+                        "model": model_name,
+                        "batch": batch,
+                        "method": method,
+                        "note": f"failed: {done.stderr.strip().splitlines()[-1:]}",
+                    }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    floors = {(r["model"], r["batch"]): r.get("median_s") for r in rows if r["method"] == "floor"}
+    for row in rows:
+        floor = floors.get((row["model"], row["batch"]))
+        if floor and row.get("median_s"):
+            row["x_floor"] = row["median_s"] / floor
