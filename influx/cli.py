@@ -72,9 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=None, help="output folder (default: runs/<dataset>-<model>)"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="default: per dataset")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    per_dataset = lambda key: ", ".join(f"{k} {v[key]:g}" for k, v in TRAIN_DEFAULTS.items())
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"default per dataset: {per_dataset('epochs')}"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"Adam learning rate ({per_dataset('lr')})"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"train batch ({per_dataset('batch_size')})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and shuffling")
     parser.add_argument("--width", type=int, default=None, help="cnn/resnet width")
     parser.add_argument(
@@ -90,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads for torch (default: 1 for mlp, torch's default otherwise)",
     )
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bars"
+    )
     return parser
 
 
@@ -117,6 +126,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, width: int | None = None):
     """The model ``name`` (one of MODELS) for inputs of ``input_shape`` (C, H, W)."""
     width_kw = {} if width is None else {"width": width}
+    if name == "mlp" and width is not None:
+        raise InfluxValueError(
+            f"--width applies to the cnn and resnet models; got --width {width} with mlp"
+        )
     if name == "mlp":
         return models.mlp(in_features=math.prod(input_shape), num_classes=num_classes)
     if name == "cnn":

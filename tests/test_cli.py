@@ -129,9 +129,24 @@ def test_missing_cifar10_is_a_clean_error(tmp_path, capsys):
 def test_invalid_option_values_are_clean_errors(tmp_path, capsys):
     assert cli.main([*ARGS, "--chunk-size", "0", "--out", str(tmp_path)]) == 2
     assert "--chunk-size must be >= 1; got 0" in capsys.readouterr().err
+    assert cli.main([*ARGS, "--width", "8", "--out", str(tmp_path)]) == 2
+    assert "--width applies to the cnn and resnet models" in capsys.readouterr().err
 
 
 def test_build_model_covers_every_choice():
     for name in cli.MODELS:
         model = cli.build_model(name, (1, 8, 8), 10, width=4 if name != "mlp" else None)
         assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_scores_a_cifar10_folder(tmp_path):
+    from test_data import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    status = cli.main(["--dataset", "cifar10", "--model", "cnn", "--width", "4", "--epochs", "1",
+                       "--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-progress"])  # fmt: skip
+    assert status == 0
+    scores = read_scores(out / "scores.csv")
+    assert len(scores["index"]) == 15 and np.isfinite(scores["grad_norm"]).all()
+    assert json.loads((out / "summary.json").read_text())["sizes"]["input_shape"] == [3, 32, 32]
