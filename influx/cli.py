@@ -45,6 +45,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"epochs": 5, "lr": 1e-3, "batch_size": 128},
 }
 SCORE_COLUMNS = ("index", "target", "loss", "grad_norm", "margin")
+# Examples per forward/backward while scoring: bounds memory for ResNet-18 on 32x32 inputs.
+SCORE_BATCH_SIZE = 256
 SCORE_DTYPE = np.dtype(
     [("index", "<i8"), ("target", "<i8"), ("loss", "<f8"), ("grad_norm", "<f8"), ("margin", "<f8")]
 )
@@ -357,7 +359,7 @@ def run(config: dict[str, Any], say=lambda message: None) -> dict[str, Any]:
         positions = torch.arange(
             chunk * state.chunk_size, min((chunk + 1) * state.chunk_size, len(train_set))
         )
-        state.save_chunk(chunk, score_chunk(model, train_set, positions, 256, device))
+        state.save_chunk(chunk, score_chunk(model, train_set, positions, SCORE_BATCH_SIZE, device))
         bar.update(1)
     bar.close()
     score_seconds = time.perf_counter() - score_start
