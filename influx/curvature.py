@@ -12,6 +12,7 @@ the batch unless ``reduction="sum"``; vectors are flat over the selected paramet
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -55,7 +56,9 @@ class ParamSpace:
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """[..., P] to name -> [..., *shape] (views)."""
         if vector.shape[-1] != self.size:
-            raise InfluxValueError(f"vector has {vector.shape[-1]} entries; the parameters have {self.size}")
+            raise InfluxValueError(
+                f"vector has {vector.shape[-1]} entries; the parameters have {self.size}"
+            )
         lead = vector.shape[:-1]
         pieces = torch.split(vector, self.numels, dim=-1)
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, pieces, self.shapes)}
@@ -104,7 +107,9 @@ def gradient(model, loss_fn, batch, *, params=None, reduction="mean", theta=None
     return grad(objective)(theta)
 
 
-def hvp(model, loss_fn, batch, vectors, *, params=None, reduction="mean", theta=None) -> torch.Tensor:
+def hvp(
+    model, loss_fn, batch, vectors, *, params=None, reduction="mean", theta=None
+) -> torch.Tensor:
     """Hessian-vector products H v of the batch objective; ``vectors`` is [P] or [K, P].
 
     Forward-over-reverse: ``jvp(grad(f), theta, v)``; a block of K vectors is vmapped.
@@ -118,7 +123,9 @@ def hvp(model, loss_fn, batch, vectors, *, params=None, reduction="mean", theta=
     return single(vectors) if vectors.dim() == 1 else vmap(single)(vectors)
 
 
-def ggn_vp(model, loss_fn, batch, vectors, *, params=None, reduction="mean", theta=None) -> torch.Tensor:
+def ggn_vp(
+    model, loss_fn, batch, vectors, *, params=None, reduction="mean", theta=None
+) -> torch.Tensor:
     """Generalized Gauss-Newton products G v = J^T H_out J v; ``vectors`` is [P] or [K, P].
 
     J is the Jacobian of the model outputs w.r.t. the parameters and H_out the Hessian of the
@@ -150,7 +157,9 @@ def ggn_vp(model, loss_fn, batch, vectors, *, params=None, reduction="mean", the
     return single(vectors) if vectors.dim() == 1 else vmap(single)(vectors)
 
 
-def dense_hessian(model, loss_fn, batch, *, params=None, reduction="mean", theta=None, kind="hessian"):
+def dense_hessian(
+    model, loss_fn, batch, *, params=None, reduction="mean", theta=None, kind="hessian"
+):
     """The full P x P Hessian (``kind="hessian"``) or GGN (``kind="ggn"``): small models only."""
     space = ParamSpace.of(model, params)
     theta = space.current(model) if theta is None else theta
@@ -164,3 +173,319 @@ def dense_hessian(model, loss_fn, batch, *, params=None, reduction="mean", theta
     ]
     matrix = torch.cat(columns)
     return 0.5 * (matrix + matrix.T)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spectrum, damping and the checks that go with it
+# --------------------------------------------------------------------------------------------------
+
+
+class CurvatureWarning(UserWarning):
+    """Base category of the warnings about a curvature matrix (filter them all at once)."""
+
+
+class NonPositiveDefiniteWarning(CurvatureWarning):
+    """The damped curvature has non-positive eigenvalues: its inverse flips signs there."""
+
+
+class IllConditionedWarning(CurvatureWarning):
+    """The damped curvature is so ill-conditioned that solves with it lose most of their digits."""
+
+
+# Relative damping used by every estimator when ``damping="auto"``: a tenth of the mean eigenvalue
+# (tr(H) / P) of the curvature, the heuristic of EK-FAC implementations (George et al. 2018,
+# Kronfluence). It is scale-free: multiplying the loss by c multiplies H and the damping by c, so
+# scores only rescale. The mean eigenvalue is dominated by the top of the spectrum while influence
+# is dominated by the bottom; a tenth of it keeps the inverse bounded by 10 P / tr(H).
+DEFAULT_RELATIVE_DAMPING = 0.1
+# Condition number above which a warning is raised: float64 solves keep about 16 - log10(cond)
+# digits, float32 about 7 - log10(cond); beyond 1e7 a float32 solve has no digit left.
+ILL_CONDITIONED_ABOVE = 1e7
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """What an estimator knows of the spectrum of a P x P curvature matrix.
+
+    ``mean`` is tr(H) / P; ``minimum`` / ``maximum`` are the extreme eigenvalues (exact or
+    estimated by power iteration); ``negative`` counts eigenvalues < 0 (None if unknown).
+    """
+
+    mean: float
+    maximum: float
+    minimum: float | None = None
+    negative: int | None = None
+    size: int | None = None
+
+    def __repr__(self) -> str:
+        parts = [f"mean={self.mean:.3e}", f"max={self.maximum:.3e}"]
+        if self.minimum is not None:
+            parts.append(f"min={self.minimum:.3e}")
+        if self.negative is not None:
+            parts.append(f"negative={self.negative}/{self.size}")
+        return f"Spectrum({', '.join(parts)})"
+
+    @classmethod
+    def of_eigenvalues(cls, eigenvalues: torch.Tensor) -> Spectrum:
+        ev = eigenvalues.detach().to(torch.float64)
+        return cls(
+            mean=float(ev.mean()),
+            maximum=float(ev.max()),
+            minimum=float(ev.min()),
+            negative=int((ev < 0).sum()),
+            size=int(ev.numel()),
+        )
+
+
+def resolve_damping(
+    damping: float | str, spectrum: Spectrum, *, relative: float = DEFAULT_RELATIVE_DAMPING
+) -> float:
+    """The damping to add to the curvature: a number as given, or ``"auto"``.
+
+    ``"auto"`` is ``relative * tr(H) / P`` (see :data:`DEFAULT_RELATIVE_DAMPING`). A mean
+    eigenvalue <= 0 leaves nothing to scale from, so ``|max eigenvalue| * relative`` is used.
+    """
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {damping!r}")
+        scale = spectrum.mean if spectrum.mean > 0 else abs(spectrum.maximum)
+        return float(relative * scale)
+    value = float(damping)
+    if not value >= 0:
+        raise InfluxValueError(f"damping must be >= 0 (or 'auto'); got {damping!r}")
+    return value
+
+
+def check_damped_spectrum(spectrum: Spectrum, damping: float, *, what: str = "curvature") -> None:
+    """Warn when ``H + damping I`` is not positive definite or is badly conditioned."""
+    if spectrum.minimum is None:
+        return
+    low, high = spectrum.minimum + damping, spectrum.maximum + damping
+    if low <= 0:
+        count = (
+            f"{spectrum.negative} of {spectrum.size} eigenvalues are negative; "
+            if spectrum.negative
+            else ""
+        )
+        warnings.warn(
+            f"the damped {what} is not positive definite: {count}smallest eigenvalue {spectrum.minimum:.3e} "
+            f"+ damping {damping:.3e} = {low:.3e} <= 0, so its inverse flips the sign of scores along "
+            f"those directions; pass damping > {-spectrum.minimum:.3e} or curvature='ggn' "
+            "(positive semi-definite for convex losses)",
+            NonPositiveDefiniteWarning,
+            stacklevel=3,
+        )
+        return
+    condition = high / low
+    if condition > ILL_CONDITIONED_ABOVE:
+        warnings.warn(
+            f"the damped {what} is ill-conditioned: condition number {condition:.2e} > "
+            f"{ILL_CONDITIONED_ABOVE:.0e} (eigenvalues {low:.3e} .. {high:.3e}); increase damping "
+            f"(e.g. damping={high / 1e6:.3e} gives 1e6)",
+            IllConditionedWarning,
+            stacklevel=3,
+        )
+
+
+def power_iteration(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    *,
+    iterations: int = 50,
+    shift: float = 0.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """Largest-magnitude eigenvalue of ``matvec - shift I`` (then + shift) by power iteration.
+
+    With ``shift = lambda_max`` it returns the smallest eigenvalue of a symmetric operator.
+    Rayleigh quotients converge quadratically in the eigenvector error, so 50 steps are plenty
+    for damping and step-size choices (which need the order of magnitude, not the digits).
+    """
+    v = torch.randn(size, generator=generator, dtype=dtype)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = matvec(v) - shift * v
+        value = float(v @ w)
+        norm = w.norm()
+        if norm == 0:
+            break
+        v = w / norm
+    return value + shift
+
+
+def hutchinson_trace(
+    matvec_block: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    *,
+    samples: int = 32,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    """Unbiased estimate of tr(H) with Rademacher probes; ``matvec_block`` maps [K, P] -> [K, P]."""
+    probes = torch.randint(0, 2, (samples, size), generator=generator).to(dtype) * 2 - 1
+    return float((probes * matvec_block(probes)).sum() / samples)
+
+
+def lanczos(
+    matvec_block: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    *,
+    iterations: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs (values [m], vectors [P, m]) of ``m <= iterations`` Lanczos steps on a symmetric
+    operator (``matvec_block`` maps [K, P] -> [K, P]), with full reorthogonalization.
+
+    The extreme Ritz values converge first (after a few tens of steps), far faster than power
+    iteration, so this also serves to estimate lambda_min and lambda_max.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    iterations = min(iterations, size)
+    basis = torch.zeros(iterations, size, dtype=dtype)
+    alphas: list[float] = []
+    betas: list[float] = []
+    v = torch.randn(size, generator=generator, dtype=dtype)
+    v /= v.norm()
+    for j in range(iterations):
+        basis[j] = v
+        w = matvec_block(v.unsqueeze(0))[0].to(dtype)
+        alpha = float(w @ v)
+        # Full reorthogonalization (twice is enough): Lanczos vectors lose orthogonality fast.
+        for _ in range(2):
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(w.norm())
+        alphas.append(alpha)
+        if j + 1 == iterations or beta < 1e-12 * max(1.0, abs(alpha)):
+            break
+        betas.append(beta)
+        v = w / beta
+    m = len(alphas)
+    basis = basis[:m]
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=dtype))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=dtype)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    return values, basis.T @ vectors
+
+
+def estimate_spectrum(
+    matvec_block: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    *,
+    iterations: int = 30,
+    trace_samples: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> Spectrum:
+    """Mean eigenvalue (Hutchinson, one block of probes) and extreme eigenvalues (Lanczos)."""
+    values, _ = lanczos(matvec_block, size, iterations=iterations, seed=seed, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    mean = (
+        hutchinson_trace(
+            matvec_block, size, samples=trace_samples, generator=generator, dtype=dtype
+        )
+        / size
+    )
+    return Spectrum(mean=mean, maximum=float(values.max()), minimum=float(values.min()), size=size)
+
+
+# --------------------------------------------------------------------------------------------------
+# K-FAC and EK-FAC factors from captured layer inputs a and output gradients b
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KroneckerFactors:
+    """K-FAC factors of one matmul layer: F ~ A (x) S with a layer gradient laid out [d_out, d_in(+1)].
+
+    ``activation`` A = (1/N) sum_n sum_t a_nt a_nt^T  [d_in(+1), d_in(+1)];
+    ``gradient`` S = (1/N) sum_n sum_t b_nt b_nt^T  [d_out, d_out].
+    After :meth:`eigendecompose`: ``activation_basis`` / ``gradient_basis`` are the eigenvectors and
+    ``eigenvalues`` [d_out, d_in(+1)] the Kronecker products lambda_S[i] lambda_A[j]; EK-FAC replaces
+    them with the corrected eigenvalues (1/N) sum_n ((Q_S^T G_n Q_A)_ij)^2.
+    """
+
+    weight_name: str
+    bias_name: str | None
+    activation: torch.Tensor
+    gradient: torch.Tensor
+    count: int = 0
+    activation_basis: torch.Tensor | None = None
+    gradient_basis: torch.Tensor | None = None
+    eigenvalues: torch.Tensor | None = None
+
+    def eigendecompose(self) -> None:
+        a_vals, self.activation_basis = torch.linalg.eigh(self.activation)
+        s_vals, self.gradient_basis = torch.linalg.eigh(self.gradient)
+        # Round-off can make tiny eigenvalues of a PSD factor negative; they are 0.
+        self.eigenvalues = torch.outer(s_vals.clamp_min(0), a_vals.clamp_min(0))
+
+    def rotate(self, layer_grads: torch.Tensor) -> torch.Tensor:
+        """[M, d_out, d_in(+1)] -> the same in the Kronecker eigenbasis: Q_S^T G Q_A."""
+        return self.gradient_basis.T @ layer_grads @ self.activation_basis
+
+    def unrotate(self, rotated: torch.Tensor) -> torch.Tensor:
+        return self.gradient_basis @ rotated @ self.activation_basis.T
+
+
+def accumulate_kronecker_factors(
+    factors: dict[str, KroneckerFactors],
+    captures: Mapping[str, object],
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> None:
+    """Add one batch's sum_n sum_t a a^T and b b^T to ``factors`` (created on first use).
+
+    ``captures`` maps module names to objects with ``.a`` [N, T, d_in(+1)], ``.b`` [N, T, d_out],
+    ``.weight_name`` and ``.bias_name`` (see ``influx.grads.capture_matmul_layers``). Call
+    :func:`finalize_kronecker_factors` after the last batch to divide by N.
+    """
+    for name, cap in captures.items():
+        a = cap.a.to(dtype).reshape(-1, cap.a.shape[-1])
+        b = cap.b.to(dtype).reshape(-1, cap.b.shape[-1])
+        if name not in factors:
+            factors[name] = KroneckerFactors(
+                cap.weight_name,
+                cap.bias_name,
+                torch.zeros(a.shape[1], a.shape[1], dtype=dtype),
+                torch.zeros(b.shape[1], b.shape[1], dtype=dtype),
+            )
+        factors[name].activation += a.T @ a
+        factors[name].gradient += b.T @ b
+        factors[name].count += cap.a.shape[0]
+
+
+def finalize_kronecker_factors(factors: Mapping[str, KroneckerFactors]) -> None:
+    """Divide the accumulated sums by the number of examples and eigendecompose each factor."""
+    for f in factors.values():
+        if f.count == 0:
+            raise InfluxValueError(f"no examples were accumulated for layer {f.weight_name}")
+        f.activation /= f.count
+        f.gradient /= f.count
+        f.eigendecompose()
+
+
+def accumulate_ekfac_eigenvalues(
+    factors: Mapping[str, KroneckerFactors],
+    captures: Mapping[str, object],
+    sums: dict[str, torch.Tensor],
+) -> None:
+    """Add sum_n (Q_S^T G_n Q_A)^2 of one batch, with G_n = b_n^T a_n [d_out, d_in(+1)]."""
+    for name, cap in captures.items():
+        f = factors[name]
+        a = cap.a.to(f.activation.dtype)
+        b = cap.b.to(f.activation.dtype)
+        # Rotate first, then contract over T: (b Q_S)^T (a Q_A) = Q_S^T G_n Q_A, [N, d_out, d_in].
+        rotated = (b @ f.gradient_basis).transpose(1, 2) @ (a @ f.activation_basis)
+        sums[name] = sums.get(name, 0) + rotated.square().sum(0)
+
+
+def finalize_ekfac_eigenvalues(
+    factors: Mapping[str, KroneckerFactors], sums: Mapping[str, torch.Tensor]
+) -> None:
+    for name, f in factors.items():
+        f.eigenvalues = sums[name] / f.count

@@ -1,0 +1,157 @@
+"""What every estimator provides: per-example features and a preconditioner on them.
+
+All estimators in this package score a (query, train) pair the same way::
+
+    score(q, z) = sign * <precondition(f(q)), f(z)>          f: [M, K] features of M examples
+
+with f the per-example loss gradients (flat over P parameters, possibly several checkpoints or a
+projection to K dims) and ``precondition`` a symmetric linear map: (H + damping I)^-1 for the
+influence estimators (sign -1, Koh & Liang's I_up,loss), sum_t eta_t for TracIn and the identity
+for gradient similarity (sign +1). Self-influence is ``<f(z), precondition(f(z))>`` without the
+sign: s(z) = grad L(z)^T H^-1 grad L(z) for influence, sum_t eta_t ||grad l(w_t, z)||^2 for TracIn.
+
+The K feature coordinates are split into named blocks (one per parameter and checkpoint); the
+per-layer score of a layer is the inner product restricted to its blocks, so the per-layer scores
+of a pair sum to its score exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from influx.curvature import ParamSpace
+from influx.errors import InfluxValueError
+from influx.grads.functional import LossFn
+
+
+@dataclass(frozen=True)
+class Block:
+    """Feature coordinates [start, stop) that belong to ``layer`` (a module name)."""
+
+    layer: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How the K feature coordinates split into layers; ``layered`` is False for mixed features
+    (a dense random projection or an eigenbasis), which have no per-layer split."""
+
+    size: int
+    blocks: tuple[Block, ...]
+    layered: bool = True
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.layer for b in self.blocks))
+
+    @classmethod
+    def of_space(cls, space: ParamSpace, *, repeats: int = 1) -> FeatureLayout:
+        """Blocks of a flat parameter vector, repeated ``repeats`` times (one per checkpoint)."""
+        blocks, start = [], 0
+        for _ in range(repeats):
+            for name, numel in zip(space.names, space.numels, strict=True):
+                blocks.append(Block(layer_of(name), start, start + numel))
+                start += numel
+        return cls(start, tuple(blocks))
+
+    @classmethod
+    def unlayered(cls, size: int) -> FeatureLayout:
+        return cls(size, (Block("all", 0, size),), layered=False)
+
+
+def layer_of(parameter_name: str) -> str:
+    """The module that owns a parameter: ``"net.0.weight" -> "net.0"``."""
+    return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else parameter_name
+
+
+class Estimator(abc.ABC):
+    """A fitted estimator: features of a batch and the preconditioner applied to them."""
+
+    #: -1 for influence (I_up,loss), +1 for TracIn and gradient similarity.
+    sign: float = -1.0
+    layout: FeatureLayout
+    #: numbers a user wants to see after fitting: damping, spectrum, iterations, timings.
+    diagnostics: dict
+
+    @abc.abstractmethod
+    def features(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example features [B, K] of one batch."""
+
+    @abc.abstractmethod
+    def precondition(self, features: torch.Tensor) -> torch.Tensor:
+        """The symmetric preconditioner applied to rows: [M, K] -> [M, K]."""
+
+
+def per_example_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    space: ParamSpace,
+) -> torch.Tensor:
+    """Flat per-example loss gradients [B, P] in the order of ``space``.
+
+    Uses the hook engine ``influx.grads.per_sample_grads`` when present, else the torch.func
+    reference (same signature and results).
+    """
+    import influx.grads as grads_pkg
+
+    engine: Callable = getattr(grads_pkg, "per_sample_grads", None)
+    if engine is None:
+        from influx.grads.functional import per_sample_grads as engine
+    grads = engine(model, loss_fn, inputs, targets, params=list(space.names))
+    return space.flatten({name: grads[name] for name in space.names})
+
+
+def build_options(options_type: type, method: str, options: dict):
+    """Construct a frozen options dataclass, naming the valid keys when one is unknown."""
+    valid = {f.name for f in fields(options_type)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise InfluxValueError(
+            f"method {method!r} takes no option(s) {unknown}; its options are {sorted(valid)}"
+        )
+    return options_type(**options)
+
+
+def option(default, help: str):  # noqa: A002 - mirrors argparse
+    """A dataclass field that carries help text (shown by ``influx.influence.describe``)."""
+    return field(default=default, metadata={"help": help})
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise InfluxValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise InfluxValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def check_damping(value) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {value!r}")
+    elif not value >= 0:
+        raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {value!r}")
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of ``model`` for exact computations on a float32 model."""
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64)
+
+
+def cast_inputs(inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return inputs.to(dtype) if inputs.is_floating_point() else inputs

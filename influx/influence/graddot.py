@@ -1,0 +1,47 @@
+"""``method="grad_dot"`` / ``"grad_cos"``: gradient similarity at the final parameters.
+
+    grad_dot(z, z') = grad l(z) . grad l(z')          grad_cos = the same on unit-norm gradients
+
+No curvature (H = I) and sign +1: a positive score means a step on z lowers the loss of z'.
+Self-influence is ||grad l(z)||^2 (grad_dot) or 1 (grad_cos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from influx.curvature import ParamSpace
+from influx.grads.functional import LossFn
+from influx.influence.base import Estimator, FeatureLayout, option, per_example_gradients
+
+
+@dataclass(frozen=True)
+class GradDotOptions:
+    params: tuple[str, ...] | None = option(
+        None, "parameter names to differentiate (default: all trainable)"
+    )
+
+
+class GradDotEstimator(Estimator):
+    sign = 1.0
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, options: GradDotOptions, *, normalize: bool
+    ):
+        self.model, self.loss_fn, self.normalize = model, loss_fn, normalize
+        self.space = ParamSpace.of(model, options.params)
+        self.layout = FeatureLayout.of_space(self.space)
+        self.diagnostics = {"normalize": normalize}
+
+    def features(self, inputs, targets):
+        g = per_example_gradients(self.model, self.loss_fn, inputs, targets, self.space)
+        if self.normalize:
+            # A zero gradient has no direction; its cosine with anything is taken as 0.
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        return g
+
+    def precondition(self, features):
+        return features

@@ -1,0 +1,279 @@
+"""Matrix-free estimators: ``cg``, ``lissa`` and ``arnoldi``, built on Hessian/GGN-vector products.
+
+All three approximate (H + damping I)^-1 with H the Hessian (or GGN) of the *mean* training loss,
+(1/N) sum_i l(z_i), and score I_up,loss(z, z_test) = - grad l(z_test)^T (H + damping I)^-1 grad l(z).
+
+* ``cg``: conjugate gradients on all Q right-hand sides at once (one vmapped HVP per iteration).
+  Exact in at most P iterations when H + damping I is positive definite.
+* ``lissa``: the Neumann series v <- g + (I - (H + damping I) / scale) v (Agarwal et al. 2017), with
+  scale above the largest eigenvalue (estimated by power iteration) so the series converges.
+* ``arnoldi``: Lanczos (Arnoldi on a symmetric operator) builds the top-``rank`` eigenpairs of H;
+  the inverse is taken in that subspace only (Schioppa et al. 2022).
+
+``damping="auto"`` is 0.1 * tr(H) / P with tr(H) from Hutchinson probes; the extreme eigenvalues
+come from a short Lanczos run and feed the warnings of :func:`influx.curvature.check_damped_spectrum`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from influx.curvature import (
+    NonPositiveDefiniteWarning,
+    ParamSpace,
+    Spectrum,
+    check_damped_spectrum,
+    estimate_spectrum,
+    ggn_vp,
+    hvp,
+    lanczos,
+    resolve_damping,
+)
+from influx.grads.functional import LossFn
+from influx.influence.base import (
+    Estimator,
+    FeatureLayout,
+    cast_inputs,
+    check_choice,
+    check_damping,
+    check_positive,
+    option,
+    per_example_gradients,
+)
+
+
+class TrainCurvature:
+    """The operator V [K, P] -> (H V^T)^T with H the curvature of the mean loss over the train set."""
+
+    def __init__(self, model, loss_fn, inputs, targets, *, kind: str, batch_size: int, params):
+        self.model, self.loss_fn, self.kind = model, loss_fn, kind
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.params = batch_size, params
+        self.space = ParamSpace.of(model, params)
+        self.theta = self.space.current(model)
+        self.products = 0
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        product = hvp if self.kind == "hessian" else ggn_vp
+        total = self.inputs.shape[0]
+        out = torch.zeros_like(vectors)
+        vectors = vectors.to(self.theta.dtype)
+        for start in range(0, total, self.batch_size):
+            batch = (
+                self.inputs[start : start + self.batch_size],
+                self.targets[start : start + self.batch_size],
+            )
+            part = product(
+                self.model, self.loss_fn, batch, vectors, params=self.params, theta=self.theta
+            )
+            out += part.to(out.dtype) * (batch[0].shape[0] / total)
+        self.products += vectors.shape[0]
+        return out
+
+
+@dataclass(frozen=True)
+class IterativeOptions:
+    curvature: str = option("hessian", "'hessian' or 'ggn'")
+    damping: float | str = option(
+        "auto", "number >= 0, or 'auto' = 0.1 * tr(H) / P (Hutchinson estimate)"
+    )
+    batch_size: int = option(2048, "train examples per curvature-product batch")
+    max_iterations: int = option(200, "cg / lissa iteration cap")
+    tolerance: float = option(
+        1e-6, "relative residual at which cg stops; lissa stops on relative change"
+    )
+    rank: int = option(100, "arnoldi: eigenpairs kept")
+    lanczos_iterations: int | None = option(None, "arnoldi: Lanczos steps (default 2 * rank)")
+    spectrum_iterations: int = option(30, "Lanczos steps for the extreme eigenvalues")
+    trace_samples: int = option(32, "Hutchinson probes for tr(H) (sets the 'auto' damping)")
+    query_block: int = option(256, "right-hand sides solved at once")
+    seed: int = option(0, "seed of the random probes")
+    params: tuple[str, ...] | None = option(
+        None, "parameter names to differentiate (default: all trainable)"
+    )
+
+    def __post_init__(self):
+        check_choice("curvature", self.curvature, ("hessian", "ggn"))
+        check_damping(self.damping)
+        for name in (
+            "batch_size",
+            "max_iterations",
+            "rank",
+            "spectrum_iterations",
+            "trace_samples",
+            "query_block",
+        ):
+            check_positive(name, getattr(self, name))
+        check_positive("tolerance", self.tolerance)
+
+
+def conjugate_gradients(
+    operator, rhs: torch.Tensor, *, damping: float, max_iterations: int, tolerance: float
+):
+    """Solve (A + damping I) X^T = RHS^T for every row of ``rhs`` [M, P]; returns (X, iterations, residual).
+
+    Each row runs its own CG (its own step sizes); rows that converged are frozen. A row whose
+    curvature p^T A p is <= 0 met a non-positive direction: it stops there with a warning.
+    """
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = (r * r).sum(1)
+    norms = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    active = torch.ones(rhs.shape[0], dtype=torch.bool)
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):  # noqa: B007 - returned after the loop
+        ap = operator(p) + damping * p
+        curvature = (p * ap).sum(1)
+        bad = active & (curvature <= 0)
+        if bad.any():
+            warnings.warn(
+                f"cg met a direction of non-positive curvature for {int(bad.sum())} right-hand side(s): "
+                "the damped curvature is not positive definite; increase damping or use curvature='ggn'",
+                NonPositiveDefiniteWarning,
+                stacklevel=4,
+            )
+            active &= ~bad
+        alpha = torch.where(active, rs / curvature.where(active, torch.ones_like(curvature)), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        rs_new = (r * r).sum(1)
+        active &= rs_new.sqrt() / norms > tolerance
+        if not active.any():
+            break
+        beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), 0.0)
+        p = r + beta[:, None] * p
+        rs = rs_new
+    return x, iterations, float((r.norm(dim=1) / norms).max())
+
+
+def lissa(
+    operator,
+    rhs: torch.Tensor,
+    *,
+    damping: float,
+    scale: float,
+    max_iterations: int,
+    tolerance: float,
+):
+    """(A + damping I)^-1 rhs by the Neumann series; ``scale`` > lambda_max(A) + damping."""
+    estimate = rhs.clone()
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):  # noqa: B007 - returned after the loop
+        update = rhs + estimate - (operator(estimate) + damping * estimate) / scale
+        change = (update - estimate).norm() / update.norm().clamp_min(torch.finfo(rhs.dtype).tiny)
+        estimate = update
+        if change < tolerance:
+            break
+    return estimate / scale, iterations
+
+
+class IterativeEstimator(Estimator):
+    sign = -1.0
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inputs,
+        targets,
+        options: IterativeOptions,
+        *,
+        method: str,
+    ):
+        self.model, self.loss_fn, self.options, self.method = model, loss_fn, options, method
+        dtype = next(model.parameters()).dtype
+        self.operator = TrainCurvature(
+            model,
+            loss_fn,
+            cast_inputs(inputs, dtype),
+            targets,
+            kind=options.curvature,
+            batch_size=options.batch_size,
+            params=options.params,
+        )
+        self.space = self.operator.space
+        self.layout = FeatureLayout.of_space(self.space)
+        self.spectrum = estimate_spectrum(
+            self.operator,
+            self.space.size,
+            iterations=options.spectrum_iterations,
+            trace_samples=options.trace_samples,
+            seed=options.seed,
+            dtype=dtype,
+        )
+        self.damping = resolve_damping(options.damping, self.spectrum)
+        self.diagnostics = {
+            "spectrum": self.spectrum,
+            "damping": self.damping,
+            "curvature": options.curvature,
+        }
+        if method == "arnoldi":
+            self._fit_arnoldi(dtype)
+        else:
+            check_damped_spectrum(
+                self.spectrum, self.damping, what=f"{options.curvature} (estimated)"
+            )
+
+    def _fit_arnoldi(self, dtype) -> None:
+        opts = self.options
+        steps = opts.lanczos_iterations or 2 * opts.rank
+        values, vectors = lanczos(
+            self.operator, self.space.size, iterations=steps, seed=opts.seed, dtype=dtype
+        )
+        # Keep the top-rank eigenvalues (the directions Lanczos resolves first and best).
+        keep = torch.argsort(values, descending=True)[: opts.rank]
+        self.eigenvalues, self.eigenvectors = values[keep], vectors[:, keep]
+        kept = Spectrum.of_eigenvalues(self.eigenvalues)
+        check_damped_spectrum(
+            kept, self.damping, what=f"{opts.curvature} (top-{opts.rank} subspace)"
+        )
+        self.diagnostics.update(rank=int(keep.numel()), lanczos_iterations=steps)
+
+    def features(self, inputs, targets):
+        return per_example_gradients(self.model, self.loss_fn, inputs, targets, self.space)
+
+    def precondition(self, features):
+        opts = self.options
+        out = []
+        for block in features.split(opts.query_block):
+            if self.method == "cg":
+                solved, iterations, residual = conjugate_gradients(
+                    self.operator,
+                    block,
+                    damping=self.damping,
+                    max_iterations=opts.max_iterations,
+                    tolerance=opts.tolerance,
+                )
+                self.diagnostics.update(iterations=iterations, residual=residual)
+            elif self.method == "lissa":
+                # Scale 10% above the largest damped eigenvalue: the series converges for
+                # eigenvalues in (0, 2 * scale), and the margin covers the power-iteration error.
+                scale = 1.1 * (self.spectrum.maximum + self.damping)
+                solved, iterations = lissa(
+                    self.operator,
+                    block,
+                    damping=self.damping,
+                    scale=scale,
+                    max_iterations=opts.max_iterations,
+                    tolerance=opts.tolerance,
+                )
+                self.diagnostics.update(iterations=iterations, scale=scale)
+            else:
+                coefficients = block.to(self.eigenvectors.dtype) @ self.eigenvectors
+                solved = (coefficients / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
+            out.append(solved.to(features.dtype))
+        return torch.cat(out) if out else features.clone()
+
+
+def lissa_iterations_needed(spectrum: Spectrum, damping: float, tolerance: float) -> int:
+    """Neumann terms for a relative error ``tolerance`` on the slowest (smallest) eigen-direction."""
+    if spectrum.minimum is None or spectrum.minimum + damping <= 0:
+        return -1
+    rate = 1 - (spectrum.minimum + damping) / (1.1 * (spectrum.maximum + damping))
+    return math.ceil(math.log(tolerance) / math.log(rate)) if 0 < rate < 1 else 1

@@ -1,0 +1,105 @@
+"""``method="tracin"``: TracIn-CP (Pruthi et al. 2020) over saved checkpoints.
+
+    TracIn(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')
+
+Features are the per-checkpoint gradients scaled by sqrt(eta_t) and concatenated ([B, T*P]), so a
+plain inner product gives the sum; sign +1 (a positive score: training on z lowered the loss of z').
+Self-influence is sum_t eta_t ||grad l(w_t, z)||^2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from influx.curvature import ParamSpace
+from influx.errors import InfluxValueError
+from influx.grads.functional import LossFn
+from influx.influence.base import Estimator, FeatureLayout, option, per_example_gradients
+
+
+@dataclass(frozen=True)
+class TracInOptions:
+    checkpoints: Sequence = option(
+        None, "state dicts or models w_t (or a training record with .checkpoints)"
+    )
+    learning_rates: Sequence[float] | float | None = option(
+        None, "eta_t per checkpoint, or one number for all (default: the record's, else 1)"
+    )
+    params: tuple[str, ...] | None = option(
+        None, "parameter names to differentiate (default: all trainable)"
+    )
+
+    def __post_init__(self):
+        if self.checkpoints is None:
+            raise InfluxValueError(
+                "method='tracin' needs checkpoints=[state_dict, ...] (the parameters w_t saved during "
+                "training) and learning_rates=[eta_t, ...]; influx.train.train records both"
+            )
+
+
+def resolve_checkpoints(checkpoints, learning_rates) -> tuple[list, list[float]]:
+    """Accept a list of state dicts / models, or a record with ``.checkpoints`` (+ ``.learning_rates``)."""
+    if hasattr(checkpoints, "checkpoints"):
+        record = checkpoints
+        checkpoints = list(record.checkpoints)
+        if learning_rates is None:
+            learning_rates = getattr(record, "learning_rates", None)
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise InfluxValueError("checkpoints is empty: pass at least one state dict")
+    if learning_rates is None:
+        learning_rates = [1.0] * len(checkpoints)
+    elif isinstance(learning_rates, (int, float)):
+        learning_rates = [float(learning_rates)] * len(checkpoints)
+    learning_rates = [float(x) for x in learning_rates]
+    if len(learning_rates) != len(checkpoints):
+        raise InfluxValueError(
+            f"got {len(checkpoints)} checkpoints but {len(learning_rates)} learning rates: pass one "
+            "eta_t per checkpoint (or a single number)"
+        )
+    if any(not (lr > 0) for lr in learning_rates):
+        raise InfluxValueError(f"learning rates must be > 0; got {learning_rates}")
+    return checkpoints, learning_rates
+
+
+def model_at(model: nn.Module, checkpoint) -> nn.Module:
+    """A copy of ``model`` holding the checkpoint's parameters."""
+    if isinstance(checkpoint, nn.Module):
+        return checkpoint
+    if not isinstance(checkpoint, Mapping):
+        raise InfluxValueError(
+            f"a checkpoint must be a state dict or an nn.Module; got {type(checkpoint).__name__}"
+        )
+    at = copy.deepcopy(model)
+    at.load_state_dict(checkpoint)
+    return at
+
+
+class TracInEstimator(Estimator):
+    sign = 1.0
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, options: TracInOptions):
+        checkpoints, self.learning_rates = resolve_checkpoints(
+            options.checkpoints, options.learning_rates
+        )
+        self.models = [model_at(model, c) for c in checkpoints]
+        self.loss_fn = loss_fn
+        self.space = ParamSpace.of(model, options.params)
+        self.layout = FeatureLayout.of_space(self.space, repeats=len(self.models))
+        self.diagnostics = {"checkpoints": len(self.models), "learning_rates": self.learning_rates}
+
+    def features(self, inputs, targets):
+        parts = [
+            math.sqrt(lr) * per_example_gradients(m, self.loss_fn, inputs, targets, self.space)
+            for m, lr in zip(self.models, self.learning_rates, strict=True)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def precondition(self, features):
+        return features

@@ -1,0 +1,263 @@
+"""Float64 correctness of every estimator against brute force and closed forms."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+from utils import assert_close
+
+from influx import influence
+from influx.curvature import IllConditionedWarning, NonPositiveDefiniteWarning
+from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.grads.functional import naive_per_sample_grads
+
+# A damping that makes the tiny MLP's Hessian positive definite, shared by the comparisons.
+PD_DAMPING = 0.5
+
+
+def flat_grads(model, loss_fn, data):
+    grads = naive_per_sample_grads(model, loss_fn, *data)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def brute_force_hessian(model, loss_fn, data):
+    params = dict(model.named_parameters())
+    names = list(params)
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    sizes = [p.numel() for p in params.values()]
+
+    def objective(theta):
+        pieces = dict(
+            zip(names, (t.reshape(params[n].shape) for n, t in zip(names, theta.split(sizes))))
+        )
+        out = torch.func.functional_call(model, pieces, (data[0],))
+        return loss_fn(out, data[1]).mean()
+
+    return torch.autograd.functional.hessian(objective, flat)
+
+
+def test_exact_equals_brute_force_solve(tiny_mlp):
+    model, loss_fn, train, query = tiny_mlp
+    fitted = influence.fit(model, loss_fn, train, method="exact", damping=PD_DAMPING)
+    hessian = brute_force_hessian(model, loss_fn, train)
+    g_train, g_query = flat_grads(model, loss_fn, train), flat_grads(model, loss_fn, query)
+    solved = torch.linalg.solve(
+        hessian + PD_DAMPING * torch.eye(hessian.shape[0], dtype=hessian.dtype), g_train.T
+    )
+    expected = -g_query @ solved
+    assert_close(fitted.scores(query).values, expected, rtol=1e-9, name="exact vs solve")
+
+
+def test_linear_regression_closed_form():
+    torch.manual_seed(1)
+    x, theta = torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    y = x @ theta + 0.3 * torch.randn(50, 1, dtype=torch.float64)
+    model = nn.Linear(4, 1, bias=False).double()
+    loss_fn = lambda out, t: 0.5 * (out - t).squeeze(1) ** 2
+    fitted = influence.fit(model, loss_fn, (x, y), method="exact", damping=0.0)
+    w = model.weight.detach().T
+    residual = x @ w - y  # [N, 1]
+    grads = residual * x  # [N, 4]
+    hessian = x.T @ x / x.shape[0]
+    expected = -grads[:5] @ torch.linalg.solve(hessian, grads.T)
+    assert_close(
+        fitted.scores((x[:5], y[:5])).values, expected, rtol=1e-10, name="linear regression"
+    )
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_logistic_regression_closed_form(curvature):
+    torch.manual_seed(2)
+    x = torch.randn(80, 3, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(80, dtype=torch.float64) > 0).double()
+    model = nn.Linear(3, 1, bias=False).double()
+    loss_fn = lambda out, t: F.binary_cross_entropy_with_logits(out.squeeze(1), t, reduction="none")
+    fitted = influence.fit(model, loss_fn, (x, y), method="exact", damping=0.0, curvature=curvature)
+    p = torch.sigmoid(x @ model.weight.detach().T).squeeze(1)
+    grads = (p - y)[:, None] * x
+    # For logistic regression the Hessian and the GGN coincide: (1/N) sum p (1 - p) x x^T.
+    hessian = (x * (p * (1 - p))[:, None]).T @ x / x.shape[0]
+    expected = -grads[:6] @ torch.linalg.solve(hessian, grads.T)
+    assert_close(
+        fitted.scores((x[:6], y[:6])).values, expected, rtol=1e-9, name=f"logistic {curvature}"
+    )
+
+
+def _spearman(a, b):
+    return spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic
+
+
+@pytest.mark.parametrize(("method", "floor"), [("cg", 0.99), ("lissa", 0.95), ("arnoldi", 0.95)])
+def test_iterative_methods_agree_with_exact(tiny_mlp, method, floor):
+    model, loss_fn, train, query = tiny_mlp
+    exact = (
+        influence.fit(model, loss_fn, train, method="exact", damping=PD_DAMPING)
+        .scores(query)
+        .values
+    )
+    options = {"max_iterations": 300, "tolerance": 1e-8} if method != "arnoldi" else {"rank": 40}
+    approx = (
+        influence.fit(model, loss_fn, train, method=method, damping=PD_DAMPING, **options)
+        .scores(query)
+        .values
+    )
+    assert _spearman(approx, exact) >= floor
+
+
+def test_ekfac_fits_the_empirical_fisher_at_least_as_well_as_kfac(tiny_mlp):
+    """EK-FAC's eigenvalues are the best diagonal in K-FAC's eigenbasis (Frobenius norm)."""
+    model, loss_fn, train, _ = tiny_mlp
+    fits = {
+        m: influence.fit(model, loss_fn, train, method=m, fisher="empirical")
+        for m in ("kfac", "ekfac")
+    }
+    grads = fits["kfac"].estimator.features(*train)  # [N, K] in the K-FAC layout
+    errors = {}
+    for method, fitted in fits.items():
+        errors[method] = 0.0
+        for block in fitted.estimator.layout.blocks:
+            f = fitted.estimator.factors[block.layer]
+            g = grads[:, block.start : block.stop]
+            fisher = g.T @ g / g.shape[0]
+            basis = torch.kron(f.gradient_basis, f.activation_basis)
+            approx = basis @ torch.diag(f.eigenvalues.flatten()) @ basis.T
+            errors[method] += float((approx - fisher).square().sum())
+    assert errors["ekfac"] <= errors["kfac"] * (1 + 1e-9)
+
+
+METHOD_OPTIONS = {
+    "exact": {"damping": PD_DAMPING},
+    "cg": {"damping": PD_DAMPING},
+    "lissa": {"damping": PD_DAMPING},
+    "arnoldi": {"damping": PD_DAMPING, "rank": 20},
+    "kfac": {},
+    "ekfac": {},
+    "trak": {"dim": 32},
+    "tracin": {"learning_rates": [0.1, 0.2]},
+    "grad_dot": {},
+    "grad_cos": {},
+}
+
+
+def _fit(method, tiny_mlp):
+    model, loss_fn, train, _ = tiny_mlp
+    options = dict(METHOD_OPTIONS[method])
+    if method == "tracin":
+        options["checkpoints"] = [model.state_dict(), model.state_dict()]
+    return influence.fit(model, loss_fn, train, method=method, **options)
+
+
+@pytest.mark.parametrize("method", influence.METHODS)
+def test_self_influence_is_the_diagonal(tiny_mlp, method):
+    _, _, train, _ = tiny_mlp
+    fitted = _fit(method, tiny_mlp)
+    diagonal = torch.diagonal(fitted.scores(train).values)
+    # Influence methods: s(z) = -I_up,loss(z, z); tracin / grad_dot / grad_cos: s(z) = score(z, z).
+    assert_close(fitted.self_influence(), fitted.sign * diagonal, rtol=1e-6, name=method)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "kfac", "ekfac", "tracin", "grad_dot"])
+def test_per_layer_scores_sum_to_total(tiny_mlp, method):
+    _, _, _, query = tiny_mlp
+    scores = _fit(method, tiny_mlp).scores(query, per_layer=True)
+    assert set(scores.per_layer) == {"0", "2"}
+    assert_close(sum(scores.per_layer.values()), scores.values, rtol=1e-10, name=method)
+
+
+def test_tracin_is_the_learning_rate_weighted_sum(tiny_mlp):
+    model, loss_fn, train, query = tiny_mlp
+    other = {k: v + 0.1 for k, v in model.state_dict().items()}
+    fitted = influence.fit(
+        model,
+        loss_fn,
+        train,
+        method="tracin",
+        checkpoints=[model.state_dict(), other],
+        learning_rates=[0.1, 0.3],
+    )
+    shifted = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    shifted.load_state_dict(other)
+    expected = 0.1 * flat_grads(model, loss_fn, query) @ flat_grads(model, loss_fn, train).T
+    expected += 0.3 * flat_grads(shifted, loss_fn, query) @ flat_grads(shifted, loss_fn, train).T
+    assert_close(fitted.scores(query).values, expected, rtol=1e-10, name="tracin")
+
+
+def test_top_k_and_store_match_dense(tiny_mlp, tmp_path):
+    _, _, _, query = tiny_mlp
+    fitted = _fit("ekfac", tiny_mlp)
+    dense = fitted.scores(query).values
+    fitted.batch_size = 7  # ragged train blocks exercise the running top-k merge
+    top = fitted.scores(query, dense=False, top_k=5, store=tmp_path / "scores.npy")
+    assert torch.equal(top.top_k.largest_indices, dense.topk(5, dim=1).indices)
+    assert torch.equal(top.top_k.smallest_indices, dense.topk(5, dim=1, largest=False).indices)
+    assert_close(top.values.to(torch.float64), dense, rtol=1e-6, name="stored")
+    assert (tmp_path / "scores.json").exists()
+
+
+def test_nonpositive_definite_and_ill_conditioned_warnings(tiny_mlp):
+    model, loss_fn, train, _ = tiny_mlp
+    with pytest.warns(NonPositiveDefiniteWarning, match="not positive definite"):
+        influence.fit(model, loss_fn, train, method="exact", damping=0.0)
+    x = torch.randn(30, 3, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1] * (1 + 1e-6)], dim=1)  # nearly collinear column: tiny eigenvalue
+    linear = nn.Linear(4, 1, bias=False).double()
+    loss_fn = lambda out, t: 0.5 * (out - t).squeeze(1) ** 2
+    with pytest.warns(IllConditionedWarning, match="ill-conditioned"):
+        influence.fit(
+            linear,
+            loss_fn,
+            (x, torch.randn(30, 1, dtype=torch.float64)),
+            method="exact",
+            damping=1e-9,
+        )
+
+
+def test_auto_damping_is_a_tenth_of_the_mean_eigenvalue(tiny_mlp):
+    model, loss_fn, train, _ = tiny_mlp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = influence.fit(model, loss_fn, train, method="exact", curvature="ggn")
+    assert fitted.diagnostics["damping"] == pytest.approx(
+        0.1 * fitted.estimator.eigenvalues.mean().item()
+    )
+
+
+def test_errors(tiny_mlp):
+    model, loss_fn, train, query = tiny_mlp
+    with pytest.raises(InfluxValueError, match="unknown method"):
+        influence.fit(model, loss_fn, train, method="newton")
+    with pytest.raises(InfluxValueError, match="takes no option"):
+        influence.fit(model, loss_fn, train, method="exact", rank=3)
+    with pytest.raises(InfluxValueError, match="damping must be"):
+        influence.fit(model, loss_fn, train, method="cg", damping=-1.0)
+    with pytest.raises(InfluxValueError, match="curvature must be"):
+        influence.fit(model, loss_fn, train, method="exact", curvature="fisher")
+    with pytest.raises(InfluxValueError, match="needs checkpoints"):
+        influence.fit(model, loss_fn, train, method="tracin")
+    with pytest.raises(InfluxValueError, match="2 checkpoints but 3 learning rates"):
+        influence.fit(
+            model,
+            loss_fn,
+            train,
+            method="tracin",
+            checkpoints=[model.state_dict()] * 2,
+            learning_rates=[1.0, 1.0, 1.0],
+        )
+    with pytest.raises(InfluxValueError, match="no per-layer split"):
+        influence.fit(model, loss_fn, train, method="trak", dim=8).scores(query, per_layer=True)
+    with pytest.raises(InfluxValueError, match="top_k must be"):
+        influence.fit(model, loss_fn, train, method="grad_dot").scores(query, top_k=0)
+    with pytest.raises(InfluxValueError, match="fisher='sampled'"):
+        influence.fit(model, loss_fn, (train[0], train[0][:, :3]), method="kfac", fisher="sampled")
+    conv = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)).double()
+    with pytest.raises(UnsupportedModelError, match="nn.Linear layers only"):
+        influence.fit(conv, loss_fn, train, method="ekfac")
+    with pytest.raises(InfluxValueError, match="loss_fn must return per-example"):
+        influence.fit(model, lambda o, t: F.cross_entropy(o, t), train, method="grad_dot").scores(
+            query
+        )
