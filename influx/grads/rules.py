@@ -13,6 +13,7 @@ Linear and convolution layers share the *matmul form*: ``a`` [N, G, T, d_in] and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,38 +86,55 @@ class MatmulRule(LayerRule):
         forms = [self.matmul_form(module, call) for call in calls]
         return _cat_tokens([a for a, _ in forms]), _cat_tokens([b for _, b in forms])
 
-    def grads(self, module, calls):
-        a, b = self._forms(module, calls)
-        n = a.shape[0]
-        out = {}
-        if module.weight is not None:
-            # [N, G, d_out, d_in] -> the weight's own layout, groups stacked along d_out
-            groups, tokens, d_in = a.shape[1:]
-            a_flat = a.reshape(n * groups, tokens, d_in)
-            b_flat = b.reshape(n * groups, tokens, b.shape[-1])
-            weight = torch.bmm(b_flat.transpose(1, 2), a_flat)  # [N*G, d_out, d_in]
-            out["weight"] = weight.reshape(n, *self.weight_shape(module))
-        if getattr(module, "bias", None) is not None:
-            out["bias"] = b.sum(2).reshape(n, -1)
-        return out
+    def _dims(self, module, calls) -> tuple[int, int, int]:
+        """(T summed over calls, d_in, d_out) of one group, from shapes alone."""
+        raise NotImplementedError
 
-    def sqnorms(self, module, calls):
+    def _ghost_is_cheaper(self, module, calls) -> bool:
+        # Ghost norm costs ~T^2 (d_in + d_out) per example, the direct form T d_in d_out:
+        # take the cheaper one for this layer (mixed ghost clipping).
+        tokens, d_in, d_out = self._dims(module, calls)
+        return tokens * (d_in + d_out) < d_in * d_out
+
+    def weight_grads(self, module, calls) -> torch.Tensor:
+        """[N, *weight.shape]."""
         a, b = self._forms(module, calls)
         n, groups, tokens, d_in = a.shape
-        d_out = b.shape[-1]
-        out = {}
-        if module.weight is not None:
-            a_flat = a.reshape(n * groups, tokens, d_in)
-            b_flat = b.reshape(n * groups, tokens, d_out)
-            # Ghost norm costs ~T^2 (d_in + d_out) per example, the direct form T d_in d_out:
-            # take the cheaper one for this layer (mixed ghost clipping).
-            if tokens * (d_in + d_out) < d_in * d_out:
-                per_group = ghost_sqnorm(a_flat, b_flat)
-            else:
-                per_group = direct_sqnorm(a_flat, b_flat)
-            out["weight"] = per_group.reshape(n, groups).sum(1)
+        a_flat = a.reshape(n * groups, tokens, d_in)
+        b_flat = b.reshape(n * groups, tokens, b.shape[-1])
+        weight = torch.bmm(b_flat.transpose(1, 2), a_flat)  # [N*G, d_out, d_in]
+        return weight.reshape(n, *self.weight_shape(module))
+
+    def bias_grads(self, module, calls) -> torch.Tensor:
+        """[N, d_out * G]: the output gradient summed over tokens."""
+        _, b = self._forms(module, calls)
+        return b.sum(2).reshape(b.shape[0], -1)
+
+    def grads(self, module, calls):
+        out = {"weight": self.weight_grads(module, calls)}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = b.sum(2).square().sum((1, 2))
+            out["bias"] = self.bias_grads(module, calls)
+        return out
+
+    def weight_sqnorms_direct(self, module, calls) -> torch.Tensor:
+        a, b = self._forms(module, calls)
+        n, groups, tokens, d_in = a.shape
+        flat_a = a.reshape(n * groups, tokens, d_in)
+        flat_b = b.reshape(n * groups, tokens, b.shape[-1])
+        return direct_sqnorm(flat_a, flat_b).reshape(n, groups).sum(1)
+
+    def sqnorms(self, module, calls):
+        if self._ghost_is_cheaper(module, calls):
+            a, b = self._forms(module, calls)
+            n, groups, tokens, d_in = a.shape
+            flat_a = a.reshape(n * groups, tokens, d_in)
+            flat_b = b.reshape(n * groups, tokens, b.shape[-1])
+            weight = ghost_sqnorm(flat_a, flat_b).reshape(n, groups).sum(1)
+        else:
+            weight = self.weight_sqnorms_direct(module, calls)
+        out = {"weight": weight}
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = self.bias_grads(module, calls).square().sum(1)
         return out
 
     def project(self, module, calls, projector, prefix):
@@ -144,6 +162,10 @@ class LinearRule(MatmulRule):
         # any number of leading dims after the batch: they are tokens
         return a.reshape(n, 1, -1, a.shape[-1]), b.reshape(n, 1, -1, b.shape[-1])
 
+    def _dims(self, module, calls):
+        tokens = sum(c.grad_output[0].numel() // module.out_features for c in calls)
+        return tokens, module.in_features, module.out_features
+
 
 def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
     """F.pad-style padding (last dim first) for a conv module, including padding='same'."""
@@ -158,11 +180,22 @@ def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
     return [p for p in reversed(module.padding) for _ in range(2)]
 
 
+@dataclass
+class _ConvCall:
+    """A conv call as a Conv2d on explicitly padded input (Conv1d gets height 1)."""
+
+    x: torch.Tensor  # [N, C_in, H, W], padded
+    b: torch.Tensor  # [N, C_out, H_out, W_out]
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    stride: tuple[int, int]
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(MatmulRule):
     """Conv1d/Conv2d with any stride, padding (incl. 'same' and non-zero modes), dilation, groups."""
 
-    def matmul_form(self, module, call):
+    def _as_conv2d(self, module, call) -> _ConvCall:
         x, b = call.args[0], call.grad_output
         spatial = x.dim() - 2
         if spatial not in (1, 2) or x.dim() != b.dim():
@@ -171,18 +204,56 @@ class ConvRule(MatmulRule):
             )
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         if spatial == 1:
-            # Conv1d as a Conv2d of height 1
             x, b = x.unsqueeze(2), b.unsqueeze(2)
             kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
         pads = _explicit_padding(module, spatial) + ([0, 0] if spatial == 1 else [])
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         if any(pads):
             x = F.pad(x, pads, mode=mode)
-        n, groups = x.shape[0], module.groups
-        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C_in*k, L]
+        return _ConvCall(x, b, kernel, dilation, stride)
+
+    def matmul_form(self, module, call):
+        conv = self._as_conv2d(module, call)
+        n, groups = conv.x.shape[0], module.groups
+        patches = F.unfold(conv.x, conv.kernel, dilation=conv.dilation, stride=conv.stride)
+        # [N, C_in*k, L] -> [N, G, L, C_in/G*k]; unfold puts channels slowest, so groups are blocks
         a = patches.reshape(n, groups, patches.shape[1] // groups, -1).transpose(2, 3)
-        b = b.reshape(n, groups, b.shape[1] // groups, -1).transpose(2, 3)  # [N, G, L, C_out/G]
+        b = conv.b.reshape(n, groups, conv.b.shape[1] // groups, -1).transpose(2, 3)
         return a, b
+
+    def _dims(self, module, calls):
+        tokens = sum(c.grad_output[0, 0].numel() for c in calls)
+        d_in = module.weight[0].numel()  # C_in/G * kernel
+        return tokens, d_in, module.out_channels // module.groups
+
+    def bias_grads(self, module, calls):
+        return sum(c.grad_output.flatten(2).sum(2) for c in calls)
+
+    def weight_grads(self, module, calls):
+        if module.groups != 1:
+            return super().weight_grads(module, calls)
+        # Without im2col: G_i[o, c, k] = sum_p b_i[o, p] x_i[c, stride p + dilation k] is a
+        # convolution of x (channels as the batch, examples as groups) with b as the kernel,
+        # with stride and dilation swapped. Same FLOPs as the batch weight gradient, no unfold.
+        total = None
+        for call in calls:
+            conv = self._as_conv2d(module, call)
+            n, c_in = conv.x.shape[:2]
+            c_out = conv.b.shape[1]
+            kernels = conv.b.reshape(n * c_out, 1, *conv.b.shape[2:])
+            out = F.conv2d(
+                conv.x.transpose(0, 1), kernels, stride=conv.dilation, dilation=conv.stride, groups=n
+            )  # [C_in, N*C_out, >=kh, >=kw]
+            out = out[:, :, : conv.kernel[0], : conv.kernel[1]]
+            grads = out.reshape(c_in, n, c_out, *conv.kernel).permute(1, 2, 0, 3, 4)
+            grads = grads.reshape(n, *module.weight.shape)
+            total = grads if total is None else total + grads
+        return total
+
+    def weight_sqnorms_direct(self, module, calls):
+        if module.groups != 1:
+            return super().weight_sqnorms_direct(module, calls)
+        return self.weight_grads(module, calls).flatten(1).square().sum(1)
 
 
 @register_rule(nn.Embedding)
