@@ -10,6 +10,7 @@ from influx.grads.engine import (
     MatmulCapture,
     capture_matmul_layers,
     per_sample_grads,
+    per_sample_gram,
     per_sample_norms,
     per_sample_projected,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "MatmulCapture",
     "capture_matmul_layers",
     "flatten_per_sample",
+    "per_sample_gram",
     "per_sample_grads",
     "per_sample_norms",
     "per_sample_projected",

@@ -17,6 +17,7 @@ from influx.grads.capture import LayerCall, capture
 from influx.grads.functional import LossFn, check_batch, select_parameters
 from influx.grads.projection import Projector, dense_project
 from influx.grads.rules import LayerRule, MatmulRule, rule_for
+from influx.kernels import pairwise_grad_dot
 
 
 @dataclass
@@ -242,6 +243,70 @@ def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.
     return torch.cat(blocks, dim=1)
 
 
+def per_sample_gram(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    other: tuple[torch.Tensor, torch.Tensor] | None = None,
+    params: Iterable[str] | None = None,
+) -> torch.Tensor:
+    """Inner products of per-sample gradients, ``[N, M]`` with entry ``<g_i, g'_j>``.
+
+    ``other`` is a second batch ``(inputs, targets)`` (default: the first, giving the N x N Gram
+    matrix). Linear/Conv layers with short token axes use ``sum_ts (a_t.a'_s)(b_t.b'_s)`` without
+    forming gradients; other layers are materialized one layer at a time.
+    """
+    selected = select_parameters(model, params)
+    layers = _plan(model, selected)
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+    calls2 = calls if other is None else _capture_chunk(model, loss_fn, *other, layers)
+    n, m = inputs.shape[0], (inputs if other is None else other[0]).shape[0]
+    gram = next(iter(selected.values())).new_zeros(n, m)
+    tied = _tied(layers)
+    # materialized per-parameter gradients; tied parameters sum their uses before the product
+    left: dict[str, torch.Tensor] = {}
+    right: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        first, second = calls[layer.name], calls2[layer.name]
+        if not first or not second:
+            continue  # a layer unused by either batch contributes zero
+        if _pairwise_without_grads(layer, first, tied):
+            a, b = _with_bias_column(layer, first)
+            a2, b2 = (a, b) if other is None else _with_bias_column(layer, second)
+            gram += pairwise_grad_dot(a, b, a2, b2)
+            continue
+        g1 = layer.rule.grads(layer.module, first)
+        g2 = g1 if other is None else layer.rule.grads(layer.module, second)
+        for local, full in layer.params.items():
+            _accumulate(left, full, g1[local].flatten(1))
+            _accumulate(right, full, g2[local].flatten(1))
+    for name in left:
+        gram += left[name] @ right[name].T
+    return gram
+
+
+def _pairwise_without_grads(layer: _Layer, calls, tied: set[str]) -> bool:
+    module, rule = layer.module, layer.rule
+    return (
+        isinstance(rule, MatmulRule)
+        and getattr(module, "groups", 1) == 1
+        and set(layer.params) == {k for k, _ in module.named_parameters(recurse=False)}
+        and not tied & set(layer.params.values())
+        and rule._ghost_is_cheaper(module, calls)
+    )
+
+
+def _with_bias_column(layer: _Layer, calls) -> tuple[torch.Tensor, torch.Tensor]:
+    # a bias is the weight of a constant-1 input: one more column of a covers it
+    a, b = layer.rule._forms(layer.module, calls)
+    a, b = a[:, 0], b[:, 0]
+    if getattr(layer.module, "bias", None) is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    return a, b
+
+
 @dataclass
 class MatmulCapture:
     """Captured matmul form of one Linear/Conv layer, for curvature factors (K-FAC).
@@ -278,15 +343,12 @@ def capture_matmul_layers(
     for layer in layers:
         if not calls[layer.name]:
             continue
-        a, b = layer.rule._forms(layer.module, calls[layer.name])
-        if a.shape[1] != 1:
+        if getattr(layer.module, "groups", 1) != 1:
             raise UnsupportedModelError(
-                f"layer {layer.name} is a grouped convolution (groups={a.shape[1]}): its weight has "
-                "no single Kronecker factorization; exclude it with params="
+                f"layer {layer.name} is a grouped convolution (groups={layer.module.groups}): its "
+                "weight has no single Kronecker factorization; exclude it with params="
             )
-        a, b = a[:, 0], b[:, 0]
+        a, b = _with_bias_column(layer, calls[layer.name])
         bias_name = layer.params.get("bias")
-        if getattr(layer.module, "bias", None) is not None:
-            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         captured[layer.name] = MatmulCapture(layer.module, a, b, layer.params["weight"], bias_name)
     return captured

@@ -242,7 +242,11 @@ class ConvRule(MatmulRule):
             c_out = conv.b.shape[1]
             kernels = conv.b.reshape(n * c_out, 1, *conv.b.shape[2:])
             out = F.conv2d(
-                conv.x.transpose(0, 1), kernels, stride=conv.dilation, dilation=conv.stride, groups=n
+                conv.x.transpose(0, 1),
+                kernels,
+                stride=conv.dilation,
+                dilation=conv.stride,
+                groups=n,
             )  # [C_in, N*C_out, >=kh, >=kw]
             out = out[:, :, : conv.kernel[0], : conv.kernel[1]]
             grads = out.reshape(c_in, n, c_out, *conv.kernel).permute(1, 2, 0, 3, 4)

@@ -265,3 +265,49 @@ def test_projection_float32_matches_float64():
     got = per_sample_projected(model, cross_entropy, x, y, dim=40, seed=0)
     expected = per_sample_projected(twin, cross_entropy, x.double(), y, dim=40, seed=0)
     assert_close(got, expected, rtol=1e-5)
+
+
+# --- Gram matrices and captured matmul forms ------------------------------------------------------
+
+
+def test_gram_matrix_equals_products_of_materialized_gradients():
+    from influx.grads import per_sample_gram
+
+    model = Mixed().double()
+    x, y = mixed_batch(5)
+    x2, y2 = mixed_batch(3)
+    flat = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, x, y)
+    )
+    flat2 = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, x2, y2)
+    )
+    assert_close(per_sample_gram(model, cross_entropy, x, y), flat @ flat.T)
+    assert_close(per_sample_gram(model, cross_entropy, x, y, other=(x2, y2)), flat @ flat2.T)
+
+
+def test_gram_matrix_of_a_tied_model():
+    from influx.grads import per_sample_gram
+
+    model = TiedLM().double()
+    tokens, targets = torch.randint(0, 9, (4, 3)), torch.randint(0, 9, (4,))
+    flat = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, tokens, targets)
+    )
+    assert_close(per_sample_gram(model, cross_entropy, tokens, targets), flat @ flat.T)
+
+
+def test_captured_matmul_forms_reproduce_weight_and_bias_gradients():
+    from influx.grads import capture_matmul_layers
+
+    model = conv_net().double()
+    x, y = torch.randn(4, 4, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    expected = reference.naive_per_sample_grads(model, cross_entropy, x, y)
+    captured = capture_matmul_layers(model, cross_entropy, x, y)
+    assert set(captured) == {"0", "5"}
+    for layer in captured.values():
+        grad = layer.b.transpose(1, 2) @ layer.a  # [N, d_out, d_in + 1]
+        assert_close(
+            grad[:, :, :-1], expected[layer.weight_name].flatten(2), name=layer.weight_name
+        )
+        assert_close(grad[:, :, -1], expected[layer.bias_name], name=layer.bias_name)
