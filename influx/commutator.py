@@ -388,10 +388,12 @@ def step(
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
     theta = space.current(model)
-    one_after_two = _descent_step(obj_1, _descent_step(obj_2, theta, lr), lr)
-    two_after_one = _descent_step(obj_2, _descent_step(obj_1, theta, lr), lr)
+    # g_1, g_2 at theta serve both the first steps and the reported norms: 4 gradients in all.
+    g_1, g_2 = grad(obj_1)(theta), grad(obj_2)(theta)
+    one_after_two = _descent_step(obj_1, theta - lr * g_2, lr)
+    two_after_one = _descent_step(obj_2, theta - lr * g_1, lr)
     vector = one_after_two - two_after_one
-    grad_norms = (grad(obj_1)(theta).norm().item(), grad(obj_2)(theta).norm().item())
+    grad_norms = (g_1.norm().item(), g_2.norm().item())
     return CommutatorResult(vector, vector.norm().item(), "step", lr, grad_norms)
 
 
