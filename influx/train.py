@@ -135,73 +135,13 @@ def _checkpoint_steps(
     return wanted
 
 
-class _SGD:
-    """SGD with optional momentum and L2 weight decay, the update of ``torch.optim.SGD``.
-
-    The trainer carries its own two optimizers because constructing any ``torch.optim`` optimizer
-    imports ``torch._dynamo``, which takes longer than training the demo model itself.
-    """
-
-    def __init__(self, parameters: list[nn.Parameter], momentum: float, weight_decay: float):
-        self.parameters = parameters
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        for position, parameter in enumerate(self.parameters):
-            if parameter.grad is None:
-                continue
-            grad = parameter.grad
-            if self.weight_decay:
-                grad = grad.add(parameter, alpha=self.weight_decay)
-            if self.momentum:
-                buffer = self.buffers.get(position)
-                if buffer is None:
-                    buffer = self.buffers[position] = grad.clone()
-                else:
-                    buffer.mul_(self.momentum).add_(grad)
-                grad = buffer
-            parameter.add_(grad, alpha=-lr)
-
-
-class _Adam:
-    """Adam (betas 0.9, 0.999, eps 1e-8) with L2 weight decay: ``torch.optim.Adam``'s update."""
-
-    def __init__(self, parameters: list[nn.Parameter], weight_decay: float):
-        self.parameters = parameters
-        self.weight_decay = weight_decay
-        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
-        self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.steps: dict[int, int] = {}
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        for position, parameter in enumerate(self.parameters):
-            if parameter.grad is None:
-                continue
-            grad = parameter.grad
-            if self.weight_decay:
-                grad = grad.add(parameter, alpha=self.weight_decay)
-            if position not in self.moments:
-                self.moments[position] = (torch.zeros_like(parameter), torch.zeros_like(parameter))
-            mean, second = self.moments[position]
-            t = self.steps[position] = self.steps.get(position, 0) + 1
-            mean.lerp_(grad, 1 - self.beta1)
-            second.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            # Bias corrections in the same order of operations as torch.optim.Adam.
-            denom = (second.sqrt() / math.sqrt(1 - self.beta2**t)).add_(self.eps)
-            parameter.addcdiv_(mean, denom, value=-lr / (1 - self.beta1**t))
-
-
 def _make_optimizer(
-    name: str, parameters: list[nn.Parameter], momentum: float, weight_decay: float
-) -> _SGD | _Adam:
+    name: str, parameters: list[nn.Parameter], lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     if name == "adam":
-        return _Adam(parameters, weight_decay)
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return _SGD(parameters, momentum, weight_decay)
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise InfluxValueError(f"optimizer must be one of {_OPTIMIZERS}; got {name!r}")
 
 
@@ -306,7 +246,7 @@ def train(
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, trainable, momentum, weight_decay)
+    opt = _make_optimizer(optimizer, trainable, lr, momentum, weight_decay)
     config = dict(
         loss=loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss)),
         optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -338,7 +278,7 @@ def _run(
     model: nn.Module,
     data,
     loss_fn: LossFn,
-    opt: _SGD | _Adam,
+    opt: torch.optim.Optimizer,
     total: int,
     batch_size: int,
     seed: int,
@@ -380,7 +320,9 @@ def _run(
                 model.zero_grad(set_to_none=True)
                 batch_loss = loss_fn(model(inputs.to(device)), targets.to(device)).mean()
                 batch_loss.backward()
-                opt.step(step_lr)
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                opt.step()
                 losses[step], lrs[step] = batch_loss.detach().cpu(), step_lr
                 visited.append(indices)
                 step += 1

@@ -54,7 +54,7 @@ def test_training_fits_and_reports_final_metrics():
     ],
     ids=["adam", "adam-decay", "sgd-momentum-decay", "sgd"],
 )
-def test_updates_match_torch_optim(optimizer, kwargs):
+def test_recorded_order_replays_the_run_with_torch_optim(optimizer, kwargs):
     data = blobs(24)
     ours, reference = small_model(), small_model()
     result = train(ours, data, optimizer=optimizer, lr=0.05, steps=6, batch_size=8,
