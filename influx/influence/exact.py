@@ -45,7 +45,9 @@ class ExactOptions:
     curvature: str = option(
         "hessian", "'hessian' (may be indefinite) or 'ggn' (PSD for convex losses)"
     )
-    damping: float | str = option("auto", "number >= 0, or 'auto' = 0.1 * tr(H) / P")
+    damping: float | str = option(
+        "auto", "number >= 0, or 'auto' = max(0, -lambda_min) + 0.1 * tr(H) / P"
+    )
     batch_size: int = option(512, "train examples per Hessian accumulation batch")
     params: tuple[str, ...] | None = option(
         None, "parameter names to differentiate (default: all trainable)"

@@ -10,7 +10,7 @@ All three approximate (H + damping I)^-1 with H the Hessian (or GGN) of the *mea
 * ``arnoldi``: Lanczos (Arnoldi on a symmetric operator) builds the top-``rank`` eigenpairs of H;
   the inverse is taken in that subspace only (Schioppa et al. 2022).
 
-``damping="auto"`` is 0.1 * tr(H) / P with tr(H) from Hutchinson probes; the extreme eigenvalues
+``damping="auto"`` is max(0, -lambda_min) + 0.1 * tr(H) / P with tr(H) from Hutchinson probes; the extreme eigenvalues
 come from a short Lanczos run and feed the warnings of :func:`influx.curvature.check_damped_spectrum`.
 """
 
@@ -80,7 +80,7 @@ class TrainCurvature:
 class IterativeOptions:
     curvature: str = option("hessian", "'hessian' or 'ggn'")
     damping: float | str = option(
-        "auto", "number >= 0, or 'auto' = 0.1 * tr(H) / P (Hutchinson estimate)"
+        "auto", "number >= 0, or 'auto' = max(0, -lambda_min) + 0.1 * tr(H) / P (estimated)"
     )
     batch_size: int = option(2048, "train examples per curvature-product batch")
     max_iterations: int = option(200, "cg / lissa iteration cap")
@@ -92,6 +92,10 @@ class IterativeOptions:
     spectrum_iterations: int = option(30, "Lanczos steps for the extreme eigenvalues")
     trace_samples: int = option(32, "Hutchinson probes for tr(H) (sets the 'auto' damping)")
     query_block: int = option(256, "right-hand sides solved at once")
+    preconditioner: str | None = option(
+        None,
+        "cg: None, 'kfac' or 'ekfac' (preconditioned CG with the factored curvature + damping)",
+    )
     seed: int = option(0, "seed of the random probes")
     params: tuple[str, ...] | None = option(
         None, "parameter names to differentiate (default: all trainable)"
@@ -110,10 +114,17 @@ class IterativeOptions:
         ):
             check_positive(name, getattr(self, name))
         check_positive("tolerance", self.tolerance)
+        check_choice("preconditioner", self.preconditioner, (None, "kfac", "ekfac"))
 
 
 def conjugate_gradients(
-    operator, rhs: torch.Tensor, *, damping: float, max_iterations: int, tolerance: float
+    operator,
+    rhs: torch.Tensor,
+    *,
+    damping: float,
+    max_iterations: int,
+    tolerance: float,
+    preconditioner=None,
 ):
     """Solve (A + damping I) X^T = RHS^T for every row of ``rhs`` [M, P]; returns (X, iterations, residual).
 
@@ -122,8 +133,11 @@ def conjugate_gradients(
     """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
-    p = r.clone()
-    rs = (r * r).sum(1)
+    # Preconditioned CG: z = M^-1 r; without a preconditioner z = r and this is plain CG.
+    apply = preconditioner if preconditioner is not None else (lambda v: v)
+    z = apply(r)
+    p = z.clone()
+    rs = (r * z).sum(1)
     norms = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
     active = torch.ones(rhs.shape[0], dtype=torch.bool)
     iterations = 0
@@ -142,12 +156,13 @@ def conjugate_gradients(
         alpha = torch.where(active, rs / curvature.where(active, torch.ones_like(curvature)), 0.0)
         x += alpha[:, None] * p
         r -= alpha[:, None] * ap
-        rs_new = (r * r).sum(1)
-        active &= rs_new.sqrt() / norms > tolerance
+        active &= r.norm(dim=1) / norms > tolerance
         if not active.any():
             break
+        z = apply(r)
+        rs_new = (r * z).sum(1)
         beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), 0.0)
-        p = r + beta[:, None] * p
+        p = z + beta[:, None] * p
         rs = rs_new
     return x, iterations, float((r.norm(dim=1) / norms).max())
 
@@ -171,6 +186,53 @@ def lissa(
         if change < tolerance:
             break
     return estimate / scale, iterations
+
+
+class FactoredPreconditioner:
+    """(K-FAC or EK-FAC + damping I)^-1 on flat vectors in a :class:`ParamSpace` layout.
+
+    K-FAC factors a layer gradient as [d_out, d_in + 1] (bias as the last column); flat vectors
+    hold the weight [d_out, d_in] and the bias [d_out] as separate parameters, so each block is
+    gathered, preconditioned and scattered back. Parameters outside linear layers pass unchanged.
+    """
+
+    def __init__(
+        self, model, loss_fn, inputs, targets, space: ParamSpace, damping: float, kind: str
+    ):
+        from influx.influence.kfac import KFACEstimator, KFACOptions
+
+        self.kfac = KFACEstimator(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            KFACOptions(damping=damping),
+            eigen_corrected=kind == "ekfac",
+        )
+        offsets, start = {}, 0
+        for name, numel in zip(space.names, space.numels, strict=True):
+            offsets[name] = (start, start + numel)
+            start += numel
+        self.offsets = offsets
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        out = vectors.clone()
+        m = vectors.shape[0]
+        for name, factors in self.kfac.factors.items():
+            d_out, d_in = self.kfac.shapes[name]
+            w0, w1 = self.offsets[factors.weight_name]
+            parts = [vectors[:, w0:w1].reshape(m, d_out, -1)]
+            if factors.bias_name is not None:
+                b0, b1 = self.offsets[factors.bias_name]
+                parts.append(vectors[:, b0:b1].reshape(m, d_out, 1))
+            grads = torch.cat(parts, dim=2).to(factors.activation.dtype)
+            rotated = factors.rotate(grads) / (factors.eigenvalues + self.kfac.dampings[name])
+            solved = factors.unrotate(rotated).to(vectors.dtype)
+            weight_columns = d_in - 1 if factors.bias_name is not None else d_in
+            out[:, w0:w1] = solved[:, :, :weight_columns].reshape(m, -1)
+            if factors.bias_name is not None:
+                out[:, b0:b1] = solved[:, :, -1]
+        return out
 
 
 class IterativeEstimator(Estimator):
@@ -213,6 +275,11 @@ class IterativeEstimator(Estimator):
             "damping": self.damping,
             "curvature": options.curvature,
         }
+        self.kfac_preconditioner = None
+        if method == "cg" and options.preconditioner is not None:
+            self.kfac_preconditioner = FactoredPreconditioner(
+                model, loss_fn, inputs, targets, self.space, self.damping, options.preconditioner
+            )
         if method == "arnoldi":
             self._fit_arnoldi(dtype)
         else:
@@ -249,6 +316,7 @@ class IterativeEstimator(Estimator):
                     damping=self.damping,
                     max_iterations=opts.max_iterations,
                     tolerance=opts.tolerance,
+                    preconditioner=self.kfac_preconditioner,
                 )
                 self.diagnostics.update(iterations=iterations, residual=residual)
             elif self.method == "lissa":

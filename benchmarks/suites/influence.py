@@ -1,0 +1,322 @@
+"""Influence estimators on the digits-MLP reference task, influx and peers side by side.
+
+Task (``influx.influence.tasks.digits_mlp``): digits, 10% flipped labels, 1,600 train / 50 test
+queries, a 64-64-10 tanh MLP (4,810 parameters), full-batch Adam, checkpoints at 100/200/300.
+
+For every method, rows report: time of pairwise scores 50 x 1,600 including the fit (one run,
+same machine), Spearman pooled and per query and top-10 overlap vs the exact-Hessian and the
+exact-GGN influence, self-influence mislabel AUC, sign agreement / Pearson with warm-start
+retraining on 60 (query, train) pairs, and the LDS with a 95% bootstrap interval. Peers
+(Kronfluence EK-FAC / K-FAC, TRAK, Captum TracInCP) run in the same process on the same data;
+their scores are converted to influx's sign (I_up,loss: negative = helpful).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from argparse import Namespace
+
+import torch
+
+from influx import influence
+from influx.influence import evaluate
+from influx.influence.tasks import InfluenceTask, digits_mlp
+
+COLUMNS = [
+    "method",
+    "impl",
+    "seconds",
+    "vs_hessian_pooled",
+    "vs_hessian_per_query",
+    "vs_hessian_top10",
+    "vs_ggn_pooled",
+    "vs_ggn_per_query",
+    "vs_ggn_top10",
+    "mislabel_auc",
+    "retrain_sign",
+    "retrain_pearson",
+    "lds",
+    "lds_ci",
+]
+NOTES = (
+    "Scores follow influx's sign (I_up,loss; TracIn-like scores are negated for comparisons). "
+    "`seconds` = fit + pairwise 50 x 1,600 scores, one run. Retraining: 12 train points x 5 "
+    "queries, leave-one-out by warm-start full-batch Adam. LDS: models trained on random halves."
+)
+
+# Influence methods and their options on this task; sign +1 methods are TracIn-like.
+INFLUX_METHODS = {
+    "exact-hessian": ("exact", {"curvature": "hessian"}),
+    "exact-ggn": ("exact", {"curvature": "ggn"}),
+    "cg": ("cg", {"curvature": "hessian", "max_iterations": 100, "tolerance": 1e-4}),
+    "cg-ggn": ("cg", {"curvature": "ggn", "max_iterations": 100, "tolerance": 1e-4}),
+    "lissa": ("lissa", {"curvature": "ggn", "max_iterations": 200, "tolerance": 1e-5}),
+    "arnoldi": ("arnoldi", {"curvature": "ggn", "rank": 100}),
+    "kfac": ("kfac", {}),
+    "ekfac": ("ekfac", {}),
+    "trak": ("trak", {"dim": 2048}),
+    "trak-kron": ("trak", {"dim": 2048, "projection": "kronecker"}),
+    "tracin": ("tracin", {}),
+    "grad_dot": ("grad_dot", {}),
+    "grad_cos": ("grad_cos", {}),
+}
+
+
+def _fit_and_score(task: InfluenceTask, name: str):
+    method, options = INFLUX_METHODS[name]
+    options = dict(options)
+    if method == "tracin":
+        options.update(checkpoints=task.checkpoints, learning_rates=task.learning_rates)
+    if method == "trak":
+        options.update(checkpoints=task.checkpoints)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = influence.fit(task.model, task.loss_fn, task.train, method=method, **options)
+        scores = fitted.scores(task.query).values.double()
+    seconds = time.perf_counter() - start
+    self_scores = fitted.self_influence().double()
+    sign = fitted.sign
+    # Compare everything in the I_up,loss convention: negate TracIn-like scores.
+    return (
+        scores * -sign,
+        self_scores,
+        seconds,
+        [str(w.message)[:160] for w in caught],
+        fitted.diagnostics,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.inputs, self.targets = data
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+    def __getitem__(self, i):
+        return self.inputs[i], self.targets[i]
+
+
+def _kronfluence(task: InfluenceTask, strategy: str):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    class ClassificationTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, targets = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, targets = batch
+            return torch.nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
+
+    import copy
+
+    model = prepare_model(copy.deepcopy(task.model), ClassificationTask())
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        analyzer = Analyzer(
+            "digits", model, ClassificationTask(), cpu=True, output_dir=out, disable_tqdm=True
+        )
+        analyzer.fit_all_factors(
+            strategy,
+            _Pairs(task.train),
+            per_device_batch_size=1600,
+            factor_args=FactorArguments(strategy=strategy),
+        )
+        analyzer.compute_pairwise_scores(
+            "pair",
+            strategy,
+            _Pairs(task.query),
+            _Pairs(task.train),
+            per_device_query_batch_size=50,
+            per_device_train_batch_size=1600,
+        )
+        scores = analyzer.load_pairwise_scores("pair")["all_modules"].double()
+        seconds = time.perf_counter() - start
+        analyzer.compute_self_scores(
+            "self", strategy, _Pairs(task.train), per_device_train_batch_size=1600
+        )
+        self_scores = analyzer.load_self_scores("self")["all_modules"].double()
+    # Kronfluence reports g_q^T H^-1 g_z (positive = helpful) for a summed loss: negate to I_up,loss.
+    return -scores, self_scores, seconds
+
+
+def _trak(task: InfluenceTask):
+    import copy
+
+    from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
+
+    model = copy.deepcopy(task.model)
+    count = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        projector = BasicProjector(
+            grad_dim=count,
+            proj_dim=2048,
+            seed=0,
+            proj_type=ProjectionType.rademacher,
+            device="cpu",
+            dtype=torch.float32,
+        )
+        traker = TRAKer(
+            model=model,
+            task="image_classification",
+            train_set_size=1600,
+            save_dir=out,
+            device="cpu",
+            projector=projector,
+            proj_dim=2048,
+            use_half_precision=False,
+            logging_level=40,
+        )
+        for model_id, state in enumerate(task.checkpoints):
+            traker.load_checkpoint(state, model_id=model_id)
+            traker.featurize(batch=(task.train[0], task.train[1]), num_samples=1600)
+        traker.finalize_features()
+        for model_id, state in enumerate(task.checkpoints):
+            traker.start_scoring_checkpoint("q", state, model_id=model_id, num_targets=50)
+            traker.score(batch=(task.query[0], task.query[1]), num_samples=50)
+        scores = torch.as_tensor(traker.finalize_scores("q")).T.double()  # [Q, N]
+        seconds = time.perf_counter() - start
+    return -scores, None, seconds
+
+
+def _captum_tracin(task: InfluenceTask):
+    import copy
+
+    from captum.influence import TracInCP
+
+    model = copy.deepcopy(task.model)
+    with tempfile.TemporaryDirectory() as out:
+        paths = []
+        for t, (state, lr) in enumerate(zip(task.checkpoints, task.learning_rates, strict=True)):
+            path = f"{out}/ckpt{t}.pt"
+            torch.save({"state": state, "lr": lr}, path)
+            paths.append(path)
+
+        def load(m, path):
+            saved = torch.load(path)
+            m.load_state_dict(saved["state"])
+            return saved["lr"]
+
+        start = time.perf_counter()
+        tracin = TracInCP(
+            model,
+            _Pairs(task.train),
+            paths,
+            checkpoints_load_func=load,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+            batch_size=1600,
+        )
+        scores = tracin.influence((task.query[0], task.query[1])).double()
+        seconds = time.perf_counter() - start
+        self_scores = tracin.self_influence(
+            torch.utils.data.DataLoader(_Pairs(task.train), batch_size=1600)
+        )
+    return -scores, self_scores.double(), seconds
+
+
+PEERS = {
+    ("ekfac", "kronfluence"): lambda task: _kronfluence(task, "ekfac"),
+    ("kfac", "kronfluence"): lambda task: _kronfluence(task, "kfac"),
+    ("trak", "traker"): _trak,
+    ("tracin", "captum"): _captum_tracin,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+
+
+def _retrain_pairs(reference: torch.Tensor, queries: int = 5, points: int = 12) -> torch.Tensor:
+    """(query, train) pairs: the train points with the largest |influence| on the first queries."""
+    strength = reference[:queries].abs().sum(0)
+    top = strength.topk(points).indices
+    return torch.stack(torch.meshgrid(torch.arange(queries), top, indexing="ij"), -1).reshape(-1, 2)
+
+
+def run(args: Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    quick = getattr(args, "quick", False)
+    task = digits_mlp()
+    names = (
+        list(INFLUX_METHODS)
+        if not quick
+        else ["exact-hessian", "exact-ggn", "cg", "ekfac", "tracin", "grad_dot"]
+    )
+    results = {}
+    for name in names:
+        scores, self_scores, seconds, caught, diagnostics = _fit_and_score(task, name)
+        results[(name, "influx")] = (scores, self_scores, seconds, caught)
+    for key, peer in PEERS.items():
+        if quick:
+            break
+        try:
+            results[key] = (*peer(task), [])
+        except Exception as error:  # a peer that fails is reported, not fatal
+            results[key] = (None, None, float("nan"), [f"{type(error).__name__}: {error}"[:200]])
+    hessian, ggn = results[("exact-hessian", "influx")][0], results[("exact-ggn", "influx")][0]
+    retrain = evaluate.retrain_ground_truth(
+        task.model,
+        task.loss_fn,
+        task.train,
+        task.query,
+        _retrain_pairs(hessian),
+        steps=100 if quick else 300,
+    )
+    subsets = evaluate.train_subset_models(
+        task.model,
+        task.loss_fn,
+        task.train,
+        task.query,
+        num_subsets=20 if quick else 100,
+        fraction=0.5,
+        steps=task.steps,
+        lr=task.lr,
+        init=task.initial_state,
+    )
+    losses = task.loss_fn(task.model(task.train[0]), task.train[1]).detach()
+    rows = [
+        {
+            "method": "train loss",
+            "impl": "baseline",
+            "mislabel_auc": evaluate.mislabel_auc(losses, task.flipped).auc,
+        }
+    ]
+    for (name, impl), (scores, self_scores, seconds, caught) in results.items():
+        row = {"method": name, "impl": impl, "seconds": seconds}
+        if scores is not None:
+            for label, reference in (("hessian", hessian), ("ggn", ggn)):
+                agree = evaluate.agreement(scores, reference)
+                row[f"vs_{label}_pooled"] = agree.spearman_pooled
+                row[f"vs_{label}_per_query"] = agree.spearman_per_query
+                row[f"vs_{label}_top10"] = agree.top_k_overlap
+            truth = retrain.compare(scores, sign=-1.0)
+            row["retrain_sign"], row["retrain_pearson"] = truth["sign_agreement"], truth["pearson"]
+            score_lds = evaluate.lds(scores, subsets, sign=-1.0)
+            row["lds"], row["lds_ci"] = (
+                score_lds.mean,
+                f"[{score_lds.interval[0]:.3f}, {score_lds.interval[1]:.3f}]",
+            )
+        if self_scores is not None:
+            row["mislabel_auc"] = evaluate.mislabel_auc(self_scores, task.flipped).auc
+        if caught:
+            row["notes"] = "; ".join(dict.fromkeys(caught))
+        rows.append(row)
+    return rows

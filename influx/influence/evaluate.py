@@ -1,0 +1,340 @@
+"""Evaluations of influence scores: LDS, mislabel detection, retraining ground truth, agreement.
+
+* :func:`lds` — linear datamodeling score (Park et al. 2023): train m models on random subsets
+  S_j (fraction alpha), predict each query's loss under S_j by the additive group influence
+  ``-sign * sum_{i in S_j} score(q, i)`` (higher = larger predicted loss), and report the Spearman
+  correlation with the measured losses across subsets, averaged over queries, with a bootstrap
+  interval over queries.
+* :func:`mislabel_auc` — rank train points by self-influence; AUC of finding the flipped labels and
+  the fraction of them found among the top k.
+* :func:`retrain_ground_truth` — upweight a train point by eps in the mean loss, warm-start retrain
+  and measure the change of each query loss; I_up,loss predicts ``eps * I_up,loss``.
+* :func:`agreement` — Spearman (pooled and per query) and top-k overlap between two score matrices.
+
+The subset and retrain models are trained together as one vmapped ensemble (``torch.func``) with
+full-batch Adam on per-model example weights, so m models cost about one batched run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from influx.errors import InfluxValueError
+from influx.grads.functional import LossFn
+
+# --------------------------------------------------------------------------------------------------
+# A weighted ensemble trainer: K models, one objective each, sum_i w_ki l(model_k, z_i)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_weighted_ensemble(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    steps: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    chunk: int = 32,
+) -> dict[str, torch.Tensor]:
+    """Train K copies of ``model`` by full-batch Adam on objectives ``sum_i weights[k, i] l_i``.
+
+    ``weights`` [K, N]; ``init`` the starting state dict (default: the model's parameters).
+    Returns the final parameters stacked: name -> [K, *shape]. Models are vmapped ``chunk`` at a time.
+    """
+    start = {
+        n: (init[n] if init is not None else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def objective(params, w):
+        losses = loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
+        return (losses * w).sum()
+
+    step_grad = vmap(grad(objective))
+    results: dict[str, list[torch.Tensor]] = {n: [] for n in start}
+    for block in weights.split(chunk):
+        k = block.shape[0]
+        params = {n: p.unsqueeze(0).repeat(k, *([1] * p.dim())) for n, p in start.items()}
+        m = {n: torch.zeros_like(p) for n, p in params.items()}
+        v = {n: torch.zeros_like(p) for n, p in params.items()}
+        for t in range(1, steps + 1):
+            grads = step_grad(params, block)
+            for n in params:
+                m[n].mul_(betas[0]).add_(grads[n], alpha=1 - betas[0])
+                v[n].mul_(betas[1]).addcmul_(grads[n], grads[n], value=1 - betas[1])
+                m_hat = m[n] / (1 - betas[0] ** t)
+                v_hat = v[n] / (1 - betas[1] ** t)
+                params[n] = params[n] - lr * m_hat / (v_hat.sqrt() + eps)
+        for n in params:
+            results[n].append(params[n])
+    return {n: torch.cat(parts) for n, parts in results.items()}
+
+
+def ensemble_losses(
+    model: nn.Module, loss_fn: LossFn, stacked: Mapping[str, torch.Tensor], data
+) -> torch.Tensor:
+    """Per-example losses of every ensemble member on ``data``: [K, M]."""
+    inputs, targets = data[0], data[1]
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def losses(params):
+        return loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
+
+    with torch.no_grad():
+        return vmap(losses)(dict(stacked))
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement between score matrices
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Spearman pooled over all pairs and averaged per query, and mean top-k overlap (by |score|
+    of the reference's most positive and most negative entries)."""
+
+    spearman_pooled: float
+    spearman_per_query: float
+    top_k_overlap: float
+    k: int
+
+    def __repr__(self) -> str:
+        return (
+            f"Agreement(pooled={self.spearman_pooled:.3f}, per_query={self.spearman_per_query:.3f}, "
+            f"top{self.k}={self.top_k_overlap:.2f})"
+        )
+
+
+def agreement(scores: torch.Tensor, reference: torch.Tensor, *, k: int = 10) -> Agreement:
+    """Compare ``scores`` [Q, N] with ``reference`` [Q, N] (same sign convention)."""
+    if scores.shape != reference.shape:
+        raise InfluxValueError(
+            f"score shapes differ: {tuple(scores.shape)} vs {tuple(reference.shape)}"
+        )
+    a, b = scores.detach().double().numpy(), reference.detach().double().numpy()
+    pooled = spearmanr(a.ravel(), b.ravel()).statistic
+    per_query = np.nanmean([spearmanr(a[i], b[i]).statistic for i in range(a.shape[0])])
+    overlaps = []
+    for i in range(a.shape[0]):
+        ours = set(np.argsort(-np.abs(a[i]))[:k])
+        theirs = set(np.argsort(-np.abs(b[i]))[:k])
+        overlaps.append(len(ours & theirs) / k)
+    return Agreement(float(pooled), float(per_query), float(np.mean(overlaps)), k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear datamodeling score
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """Mean over queries of the Spearman correlation across subsets, with a bootstrap interval."""
+
+    mean: float
+    interval: tuple[float, float]
+    per_query: np.ndarray = field(repr=False)
+    num_subsets: int = 0
+    fraction: float = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"LDSResult(mean={self.mean:.3f}, 95% CI=[{self.interval[0]:.3f}, {self.interval[1]:.3f}], "
+            f"m={self.num_subsets}, alpha={self.fraction})"
+        )
+
+
+@dataclass(frozen=True)
+class SubsetModels:
+    """Measured query losses [m, Q] of models trained on subsets given by ``masks`` [m, N]."""
+
+    masks: torch.Tensor
+    query_losses: torch.Tensor
+
+
+def train_subset_models(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train,
+    query,
+    *,
+    num_subsets: int = 100,
+    fraction: float = 0.5,
+    steps: int = 300,
+    lr: float = 1e-2,
+    init: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> SubsetModels:
+    """Train ``num_subsets`` models on random subsets (full-batch Adam, shared ``init``)."""
+    if num_subsets < 2:
+        raise InfluxValueError(
+            f"num_subsets must be >= 2 for a rank correlation; got {num_subsets}"
+        )
+    if not 0 < fraction < 1:
+        raise InfluxValueError(f"fraction must be in (0, 1); got {fraction}")
+    inputs, targets = train[0], train[1]
+    n = inputs.shape[0]
+    size = round(fraction * n)
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_subsets, n, dtype=inputs.dtype)
+    for j in range(num_subsets):
+        masks[j, torch.randperm(n, generator=generator)[:size]] = 1.0
+    stacked = train_weighted_ensemble(
+        model, loss_fn, inputs, targets, masks / size, init=init, steps=steps, lr=lr
+    )
+    return SubsetModels(masks, ensemble_losses(model, loss_fn, stacked, query))
+
+
+def lds(
+    scores,
+    subsets: SubsetModels,
+    *,
+    sign: float | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> LDSResult:
+    """LDS of ``scores`` ([Q, N] tensor, or :class:`Scores`) against models trained on subsets.
+
+    Build ``subsets`` once with :func:`train_subset_models` (defaults m = 100, alpha = 0.5) and
+    score every method against them. Predicted loss of query q under subset S:
+    ``-sign * sum_{i in S} scores[q, i]`` (sign -1 for I_up,loss, where a negative score marks a
+    helpful point whose presence lowers the loss; +1 for tracin / grad_dot / grad_cos).
+    """
+    if hasattr(scores, "values") and hasattr(scores, "method"):
+        if sign is None:
+            sign = 1.0 if scores.method in ("tracin", "grad_dot", "grad_cos") else -1.0
+        scores = scores.values
+    sign = -1.0 if sign is None else sign
+    predicted = -sign * (subsets.masks.to(scores.dtype) @ scores.T)  # [m, Q]
+    measured = subsets.query_losses.to(predicted.dtype)
+    per_query = np.array(
+        [
+            spearmanr(predicted[:, q].numpy(), measured[:, q].numpy()).statistic
+            for q in range(scores.shape[0])
+        ]
+    )
+    per_query = np.nan_to_num(per_query)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, per_query.size, size=(bootstrap, per_query.size))
+    means = per_query[draws].mean(axis=1)
+    interval = (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+    return LDSResult(
+        float(per_query.mean()),
+        interval,
+        per_query,
+        subsets.masks.shape[0],
+        float(subsets.masks[0].mean()),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Mislabel detection by self-influence
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MislabelResult:
+    """AUC of separating flipped from clean labels by a score (higher = more suspicious) and the
+    fraction of flipped labels found among the top ``k`` for each k in ``checked``."""
+
+    auc: float
+    checked: np.ndarray = field(repr=False)
+    found: np.ndarray = field(repr=False)
+
+    def found_at(self, fraction_checked: float) -> float:
+        k = int(round(fraction_checked * self.checked[-1]))
+        return float(self.found[max(0, min(k, self.found.size) - 1)])
+
+    def __repr__(self) -> str:
+        return (
+            f"MislabelResult(auc={self.auc:.4f}, found@10%={self.found_at(0.1):.2f}, "
+            f"found@20%={self.found_at(0.2):.2f})"
+        )
+
+
+def mislabel_auc(scores: torch.Tensor, flipped: torch.Tensor) -> MislabelResult:
+    """Rank train points by ``scores`` [N] (e.g. self-influence); ``flipped`` the flipped indices."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = torch.as_tensor(scores).detach().double().numpy()
+    labels = np.zeros(scores.size, dtype=bool)
+    labels[torch.as_tensor(flipped).numpy()] = True
+    if labels.all() or not labels.any():
+        raise InfluxValueError("flipped must hold some but not all train indices")
+    order = np.argsort(-scores, kind="stable")
+    found = np.cumsum(labels[order]) / labels.sum()
+    return MislabelResult(
+        float(roc_auc_score(labels, scores)), np.arange(1, scores.size + 1), found
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground truth by warm-start retraining
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """Measured query-loss changes [P] of (query, train) ``pairs`` [P, 2] after upweighting the
+    train point by ``epsilon`` in the mean loss, relative to retraining without upweighting."""
+
+    pairs: torch.Tensor
+    measured: torch.Tensor
+    epsilon: float
+
+    def compare(self, scores: torch.Tensor, *, sign: float = -1.0) -> dict[str, float]:
+        """Sign agreement and Pearson of ``epsilon * I_up,loss`` predictions with the measurement.
+
+        For sign +1 scores (TracIn-like, positive = helpful) the prediction is ``-epsilon * score``.
+        """
+        predicted = (-sign) * -self.epsilon * scores[self.pairs[:, 0], self.pairs[:, 1]]
+        predicted, measured = predicted.double().numpy(), self.measured.double().numpy()
+        return {
+            "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(measured))),
+            "pearson": float(pearsonr(predicted, measured).statistic),
+        }
+
+
+def retrain_ground_truth(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train,
+    query,
+    pairs: torch.Tensor,
+    *,
+    epsilon: float | None = None,
+    steps: int = 300,
+    lr: float = 1e-3,
+) -> RetrainResult:
+    """Upweight each distinct train point of ``pairs`` [P, 2] (query index, train index) and retrain.
+
+    Every run starts from the model's parameters (warm start) and runs ``steps`` full-batch Adam
+    steps on ``(1/N) sum_i l_i + epsilon * l_z``; a run with epsilon = 0 is the baseline, so drift
+    from an imperfectly converged model cancels. Default epsilon: -1/N (leave z out).
+    """
+    inputs, targets = train[0], train[1]
+    n = inputs.shape[0]
+    epsilon = -1.0 / n if epsilon is None else float(epsilon)
+    pairs = torch.as_tensor(pairs, dtype=torch.long)
+    points = torch.unique(pairs[:, 1])
+    weights = torch.full((points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype)
+    weights[torch.arange(1, points.numel() + 1), points] += epsilon
+    stacked = train_weighted_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
+    losses = ensemble_losses(model, loss_fn, stacked, query)  # [1 + points, Q]
+    row = {int(p): j + 1 for j, p in enumerate(points)}
+    measured = torch.stack([losses[row[int(z)], int(q)] - losses[0, int(q)] for q, z in pairs])
+    return RetrainResult(pairs, measured, epsilon)
