@@ -15,6 +15,7 @@ This package imports nothing from ``influx``: the errors below are its own (``Va
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -112,12 +113,14 @@ def _require_triton(kernel: str, on_cuda: bool) -> None:
 
 
 class LazyKernel:
-    """A Triton kernel compiled on first launch, for the interpreter mode in effect at that time.
+    """A Triton kernel (or device function) compiled on first use, for the interpreter mode then.
 
     ``triton.jit`` decides at decoration time whether to build an interpreted or a compiled
     function. Decorating lazily lets ``TRITON_INTERPRET`` be set after ``influx.kernels`` was
     imported (e.g. by a test conftest collected after another module imported the package).
-    Launch exactly like a jitted kernel: ``kernel[grid](*args, BLOCK=...)``.
+    Launch exactly like a jitted kernel: ``kernel[grid](*args, BLOCK=...)``. Device functions
+    (``_tiles``) are lazy too: a kernel is jitted with the helpers it names jitted for the same
+    mode, since an interpreted kernel cannot call a compiled helper or the reverse.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -126,16 +129,41 @@ class LazyKernel:
         self.__doc__ = fn.__doc__
         self._jitted: dict[bool, Any] = {}
 
-    def __getitem__(self, grid: Any) -> Any:
+    def jitted(self) -> Any:
+        """The ``triton.jit`` function for the interpreter mode in effect now."""
         mode = interpret_mode()
         jitted = self._jitted.get(mode)
         if jitted is None:
-            jitted = self._jitted[mode] = triton.jit(self.fn)
-        return jitted[grid]
+            jitted = self._jitted[mode] = triton.jit(_with_jitted_helpers(self.fn))
+        return jitted
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.jitted()[grid]
+
+
+def _with_jitted_helpers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` seeing, in place of each lazy function it names, that function jitted for this mode.
+
+    The copy shares ``fn``'s code (so its source, which Triton parses, is the same) and reads a
+    snapshot of its module globals with the helpers swapped in.
+    """
+    helpers = {
+        name: value.jitted()
+        for name in fn.__code__.co_names
+        if isinstance(value := fn.__globals__.get(name), LazyKernel)
+    }
+    if not helpers:
+        return fn
+    bound = types.FunctionType(
+        fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    for attribute in ("__kwdefaults__", "__annotations__", "__module__", "__qualname__", "__doc__"):
+        setattr(bound, attribute, getattr(fn, attribute))
+    return bound
 
 
 def lazy_kernel(fn: Callable[..., Any]) -> LazyKernel:
-    """Decorator: mark ``fn`` as a Triton kernel compiled lazily (see :class:`LazyKernel`)."""
+    """Decorator: mark ``fn`` as a Triton kernel or device function compiled lazily."""
     return LazyKernel(fn)
 
 
@@ -154,6 +182,20 @@ def check_grid(kernel: str, grid: Sequence[int], what: Sequence[str]) -> None:
                 f"programs ({label}) but CUDA allows {limit}; split the input into chunks or set "
                 f"{BACKEND_ENV}=torch."
             )
+
+
+def tile_grid(kernel: str, *axes: tuple[str, int, int]) -> tuple[int, ...]:
+    """Launch grid with ``ceil(extent / block)`` programs per axis, checked by :func:`check_grid`.
+
+    Each axis is ``(name, extent, block)``; an oversize axis is reported as
+    ``name = extent / block`` (``name = extent`` for block 1).
+    """
+    grid = tuple(cdiv(extent, block) for _, extent, block in axes)
+    labels = [
+        f"{name} = {extent}" + (f" / {block}" if block != 1 else "") for name, extent, block in axes
+    ]
+    check_grid(kernel, grid, labels)
+    return grid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +230,26 @@ def as_sequence(kernel: str, name: str, x: Any, feature: str) -> torch.Tensor:
         raise KernelInputError(
             f"{kernel}: `{name}` must be [N, T, {feature}] (or [N, {feature}] for T = 1), "
             f"got shape {_shape(x)}; flatten extra dimensions into T (e.g. x.flatten(1, -2))."
+        )
+    return x
+
+
+def as_layer_pair(
+    kernel: str, a: Any, b: Any, a_name: str = "a", b_name: str = "b"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``a`` and output grads ``b`` of one layer as ``[N, T, d_in]``, ``[N, T, d_out]``."""
+    a = as_sequence(kernel, a_name, a, "d_in")
+    b = as_sequence(kernel, b_name, b, "d_out")
+    check_pair(kernel, a, b, a_name, b_name)
+    return a, b
+
+
+def check_matrix(kernel: str, name: str, x: Any, dims: str, fix: str) -> torch.Tensor:
+    """``x`` must be a floating-point matrix; ``dims`` names its axes (e.g. "[Q, K]")."""
+    x = check_tensor(kernel, name, x)
+    if x.dim() != 2:
+        raise KernelInputError(
+            f"{kernel}: `{name}` must be a matrix {dims}, got shape {list(x.shape)}; {fix}."
         )
     return x
 
@@ -244,6 +306,12 @@ def dot_block(n: int, largest: int) -> int:
     ``tl.dot`` needs every operand dimension >= 16; smaller extents are masked within the block.
     """
     return max(16, min(largest, next_power_of_2(n)))
+
+
+def launch_dtype(kernel: str, x: torch.Tensor) -> torch.dtype:
+    """Check that a Triton launcher can read ``x``; return the dtype of its result."""
+    check_triton_dtype(kernel, x)
+    return accumulation_dtype(x.dtype)
 
 
 def check_triton_dtype(kernel: str, x: torch.Tensor) -> None:

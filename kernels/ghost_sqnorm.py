@@ -20,18 +20,18 @@ import torch
 
 from ._dispatch import (
     accumulation_dtype,
-    as_sequence,
+    as_layer_pair,
     cdiv,
-    check_grid,
-    check_pair,
-    check_triton_dtype,
     dot_block,
     dot_precision,
     empty_output,
+    launch_dtype,
     lazy_kernel,
     select_backend,
+    tile_grid,
     tl,
 )
+from ._tiles import block_range, gram_tile
 
 # Elements of the largest intermediate the references build at once (Gram tiles, or G_i batches):
 # 2**24 elements = 64 MiB in fp32, so memory stays bounded for any N and T.
@@ -71,10 +71,7 @@ def direct_sqnorm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _validated(a: torch.Tensor, b: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = as_sequence(kernel, "a", a, "d_in")
-    b = as_sequence(kernel, "b", b, "d_out")
-    check_pair(kernel, a, b, "a", "b")
-    return a, b
+    return as_layer_pair(kernel, a, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,46 +159,24 @@ def _ghost_sqnorm_kernel(
     """
     sample = tl.program_id(0).to(tl.int64)
     t_block = tl.program_id(1)
-    t_offsets = (t_block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BT]
-    t_mask = t_offsets < seq_len
+    t_offsets, t_mask = block_range(t_block * BLOCK_T, seq_len, BLOCK_T)  # [BT]
     a_sample = a_ptr + sample * stride_an
     b_sample = b_ptr + sample * stride_bn
+    # [BT] pointers to the rows a_t, b_t
+    a_t = a_sample + t_offsets * stride_at
+    b_t = b_sample + t_offsets * stride_bt
     acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for s_block in range(t_block, n_t_blocks):
-        s_offsets = (s_block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BS]
-        s_mask = s_offsets < seq_len
-        # gram_a[t, s] = a_t . a_s over d_in, in chunks of BLOCK_D
-        gram_a = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for d0 in range(0, d_in, BLOCK_D):
-            d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = d_offsets < d_in
-            a_t = tl.load(
-                a_sample + t_offsets[:, None] * stride_at + d_offsets[None, :] * stride_ad,
-                mask=t_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BT, BD]
-            a_s = tl.load(
-                a_sample + s_offsets[:, None] * stride_at + d_offsets[None, :] * stride_ad,
-                mask=s_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BS, BD]
-            gram_a += tl.dot(a_t, tl.trans(a_s), input_precision=DOT_PRECISION)
-        # gram_b[t, s] = b_t . b_s over d_out
-        gram_b = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for d0 in range(0, d_out, BLOCK_D):
-            d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = d_offsets < d_out
-            b_t = tl.load(
-                b_sample + t_offsets[:, None] * stride_bt + d_offsets[None, :] * stride_bd,
-                mask=t_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BT, BD]
-            b_s = tl.load(
-                b_sample + s_offsets[:, None] * stride_bt + d_offsets[None, :] * stride_bd,
-                mask=s_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BS, BD]
-            gram_b += tl.dot(b_t, tl.trans(b_s), input_precision=DOT_PRECISION)
+        s_offsets, s_mask = block_range(s_block * BLOCK_T, seq_len, BLOCK_T)  # [BS]
+        a_s = a_sample + s_offsets * stride_at
+        b_s = b_sample + s_offsets * stride_bt
+        # gram_a[t, s] = a_t . a_s over d_in, gram_b[t, s] = b_t . b_s over d_out: [BT, BS]
+        gram_a = gram_tile(
+            a_t, t_mask, stride_ad, a_s, s_mask, stride_ad, d_in, BLOCK_D, DOT_PRECISION
+        )
+        gram_b = gram_tile(
+            b_t, t_mask, stride_bd, b_s, s_mask, stride_bd, d_out, BLOCK_D, DOT_PRECISION
+        )
         # Off-diagonal tiles stand for their mirror image too.
         weight = 2.0 - (s_block == t_block).to(tl.float32)
         acc += weight * gram_a * gram_b
@@ -211,16 +186,14 @@ def _ghost_sqnorm_kernel(
 def ghost_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Launch the Gram-form kernel: grid (N, T blocks), then a torch sum over the T blocks."""
     a, b = _validated(a, b, "ghost_sqnorm_triton")
-    check_triton_dtype("ghost_sqnorm_triton", a)
+    acc_dtype = launch_dtype("ghost_sqnorm_triton", a)
     n_samples, seq_len = a.shape[:2]
-    acc_dtype = accumulation_dtype(a.dtype)
     if n_samples == 0 or seq_len == 0:
         return torch.zeros(n_samples, dtype=acc_dtype, device=a.device)
     block_t = dot_block(seq_len, GHOST_BLOCK_T)
     block_d = dot_block(max(a.shape[2], b.shape[2]), GHOST_BLOCK_D)
-    n_t_blocks = cdiv(seq_len, block_t)
-    grid = (n_samples, n_t_blocks)
-    check_grid("ghost_sqnorm", grid, (f"N = {n_samples}", f"T = {seq_len} / BLOCK_T {block_t}"))
+    grid = tile_grid("ghost_sqnorm", ("N", n_samples, 1), ("T", seq_len, block_t))
+    n_t_blocks = grid[1]
     # [N, T blocks]: every entry is written by exactly one program
     partial = empty_output(n_samples, n_t_blocks, device=a.device)
     _ghost_sqnorm_kernel[grid](
@@ -264,37 +237,23 @@ def _direct_sqnorm_kernel(
     """Program (i, tile): one [BLOCK_O, BLOCK_I] tile of G_i = b_i^T a_i, then its squared sum."""
     sample = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    o_offsets = ((tile // n_in_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)  # [BO]
-    i_offsets = ((tile % n_in_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)  # [BI]
-    o_mask = o_offsets < d_out
-    i_mask = i_offsets < d_in
-    a_sample = a_ptr + sample * stride_an
-    b_sample = b_ptr + sample * stride_bn
-    grad_tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    for t0 in range(0, seq_len, BLOCK_T):
-        t_offsets = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        t_mask = t_offsets < seq_len
-        b_tile = tl.load(
-            b_sample + t_offsets[:, None] * stride_bt + o_offsets[None, :] * stride_bd,
-            mask=t_mask[:, None] & o_mask[None, :],
-            other=0.0,
-        )  # [BT, BO]
-        a_tile = tl.load(
-            a_sample + t_offsets[:, None] * stride_at + i_offsets[None, :] * stride_ad,
-            mask=t_mask[:, None] & i_mask[None, :],
-            other=0.0,
-        )  # [BT, BI]
-        grad_tile += tl.dot(tl.trans(b_tile), a_tile, input_precision=DOT_PRECISION)
+    o_offsets, o_mask = block_range((tile // n_in_tiles) * BLOCK_O, d_out, BLOCK_O)  # [BO]
+    i_offsets, i_mask = block_range((tile % n_in_tiles) * BLOCK_I, d_in, BLOCK_I)  # [BI]
+    # G[o, i] = sum_t b[t, o] a[t, i]: "rows" are the feature columns o of b and i of a, read along T
+    b_cols = b_ptr + sample * stride_bn + o_offsets * stride_bd
+    a_cols = a_ptr + sample * stride_an + i_offsets * stride_ad
+    grad_tile = gram_tile(
+        b_cols, o_mask, stride_bt, a_cols, i_mask, stride_at, seq_len, BLOCK_T, DOT_PRECISION
+    )  # [BO, BI]
     tl.store(partial_ptr + sample * n_tiles + tile, tl.sum(grad_tile * grad_tile))
 
 
 def direct_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Launch the direct-form kernel: grid (N, tiles of G), then a torch sum over tiles."""
     a, b = _validated(a, b, "direct_sqnorm_triton")
-    check_triton_dtype("direct_sqnorm_triton", a)
+    acc_dtype = launch_dtype("direct_sqnorm_triton", a)
     n_samples, seq_len = a.shape[:2]
     d_in, d_out = a.shape[2], b.shape[2]
-    acc_dtype = accumulation_dtype(a.dtype)
     if n_samples == 0 or seq_len == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(n_samples, dtype=acc_dtype, device=a.device)
     block_o = dot_block(d_out, DIRECT_BLOCK_O)
@@ -302,12 +261,8 @@ def direct_sqnorm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     block_t = dot_block(seq_len, DIRECT_BLOCK_T)
     n_in_tiles = cdiv(d_in, block_i)
     n_tiles = cdiv(d_out, block_o) * n_in_tiles
-    grid = (n_samples, n_tiles)
-    check_grid(
-        "direct_sqnorm",
-        grid,
-        (f"N = {n_samples}", f"d_out x d_in = {d_out} x {d_in} in {block_o} x {block_i} tiles"),
-    )
+    tiles = f"tiles of G, d_out x d_in = {d_out} x {d_in} in {block_o} x {block_i}"
+    grid = tile_grid("direct_sqnorm", ("N", n_samples, 1), (tiles, n_tiles, 1))
     # [N, tiles of G]: every entry is written by exactly one program
     partial = empty_output(n_samples, n_tiles, device=a.device)
     _direct_sqnorm_kernel[grid](

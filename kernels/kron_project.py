@@ -13,23 +13,21 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import (
-    KernelInputError,
     accumulation_dtype,
-    as_sequence,
-    cdiv,
-    check_grid,
+    as_layer_pair,
     check_last_dim,
-    check_pair,
+    check_matrix,
     check_same_kind,
-    check_tensor,
-    check_triton_dtype,
     dot_block,
     dot_precision,
     empty_output,
+    launch_dtype,
     lazy_kernel,
     select_backend,
+    tile_grid,
     tl,
 )
+from ._tiles import block_range, gram_tile, store_tile
 
 
 def kron_project(
@@ -55,16 +53,9 @@ def kron_project(
 def _validated(
     a: torch.Tensor, b: torch.Tensor, p_in: torch.Tensor, p_out: torch.Tensor, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = as_sequence(kernel, "a", a, "d_in")
-    b = as_sequence(kernel, "b", b, "d_out")
-    check_pair(kernel, a, b, "a", "b")
+    a, b = as_layer_pair(kernel, a, b)
     for name, proj, feature in (("p_in", p_in, "d_in"), ("p_out", p_out, "d_out")):
-        check_tensor(kernel, name, proj)
-        if proj.dim() != 2:
-            raise KernelInputError(
-                f"{kernel}: `{name}` must be a matrix [k, {feature}], got shape "
-                f"{list(proj.shape)}; pass one projection per side."
-            )
+        check_matrix(kernel, name, proj, f"[k, {feature}]", "pass one projection per side")
     check_last_dim(kernel, "p_in", p_in, a.shape[2], "d_in of `a`")
     check_last_dim(kernel, "p_out", p_out, b.shape[2], "d_out of `b`")
     check_same_kind(kernel, (a, p_in, p_out), ("a", "p_in", "p_out"))
@@ -131,54 +122,29 @@ def _kron_project_kernel(
     The projected chunks [BLOCK_T, BLOCK_K*] stay in registers; nothing but the output is written.
     """
     sample = tl.program_id(0).to(tl.int64)
-    ko_offsets = (tl.program_id(1) * BLOCK_KO + tl.arange(0, BLOCK_KO)).to(tl.int64)  # [BKO]
-    ki_offsets = (tl.program_id(2) * BLOCK_KI + tl.arange(0, BLOCK_KI)).to(tl.int64)  # [BKI]
-    ko_mask = ko_offsets < k_out
-    ki_mask = ki_offsets < k_in
+    ko_offsets, ko_mask = block_range(tl.program_id(1) * BLOCK_KO, k_out, BLOCK_KO)  # [BKO]
+    ki_offsets, ki_mask = block_range(tl.program_id(2) * BLOCK_KI, k_in, BLOCK_KI)  # [BKI]
     a_sample = a_ptr + sample * stride_an
     b_sample = b_ptr + sample * stride_bn
+    # [BKI] / [BKO] pointers to the rows of P_in / P_out this program projects onto
+    p_in_rows = p_in_ptr + ki_offsets * stride_pik
+    p_out_rows = p_out_ptr + ko_offsets * stride_pok
     acc = tl.zeros((BLOCK_KO, BLOCK_KI), dtype=tl.float32)
     for t0 in range(0, seq_len, BLOCK_T):
-        t_offsets = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        t_mask = t_offsets < seq_len
-        # a_proj = a_i[t-chunk] @ P_in[ki-tile]^T
-        a_proj = tl.zeros((BLOCK_T, BLOCK_KI), dtype=tl.float32)
-        for d0 in range(0, d_in, BLOCK_D):
-            d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = d_offsets < d_in
-            a_tile = tl.load(
-                a_sample + t_offsets[:, None] * stride_at + d_offsets[None, :] * stride_ad,
-                mask=t_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BT, BD]
-            p_in_tile = tl.load(
-                p_in_ptr + d_offsets[:, None] * stride_pid + ki_offsets[None, :] * stride_pik,
-                mask=d_mask[:, None] & ki_mask[None, :],
-                other=0.0,
-            )  # [BD, BKI]
-            a_proj += tl.dot(a_tile, p_in_tile, input_precision=DOT_PRECISION)
-        # b_proj = b_i[t-chunk] @ P_out[ko-tile]^T
-        b_proj = tl.zeros((BLOCK_T, BLOCK_KO), dtype=tl.float32)
-        for d0 in range(0, d_out, BLOCK_D):
-            d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = d_offsets < d_out
-            b_tile = tl.load(
-                b_sample + t_offsets[:, None] * stride_bt + d_offsets[None, :] * stride_bd,
-                mask=t_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # [BT, BD]
-            p_out_tile = tl.load(
-                p_out_ptr + d_offsets[:, None] * stride_pod + ko_offsets[None, :] * stride_pok,
-                mask=d_mask[:, None] & ko_mask[None, :],
-                other=0.0,
-            )  # [BD, BKO]
-            b_proj += tl.dot(b_tile, p_out_tile, input_precision=DOT_PRECISION)
+        t_offsets, t_mask = block_range(t0, seq_len, BLOCK_T)  # [BT]
+        a_t = a_sample + t_offsets * stride_at
+        b_t = b_sample + t_offsets * stride_bt
+        # a_proj = a_i[t-chunk] @ P_in[ki-tile]^T [BT, BKI]; b_proj likewise with P_out [BT, BKO]
+        a_proj = gram_tile(
+            a_t, t_mask, stride_ad, p_in_rows, ki_mask, stride_pid, d_in, BLOCK_D, DOT_PRECISION
+        )
+        b_proj = gram_tile(
+            b_t, t_mask, stride_bd, p_out_rows, ko_mask, stride_pod, d_out, BLOCK_D, DOT_PRECISION
+        )
         # fp32 intermediates: exact fp32 products whatever the input dtype
         acc += tl.dot(tl.trans(b_proj), a_proj, input_precision="ieee")
-    out_offsets = ko_offsets[:, None] * stride_oo + ki_offsets[None, :] * stride_oi
-    tl.store(
-        out_ptr + sample * stride_on + out_offsets, acc, mask=ko_mask[:, None] & ki_mask[None, :]
-    )
+    out_rows = out_ptr + sample * stride_on + ko_offsets * stride_oo
+    store_tile(out_rows, ko_mask, ki_offsets, ki_mask, stride_oi, acc)
 
 
 def kron_project_triton(
@@ -186,21 +152,17 @@ def kron_project_triton(
 ) -> torch.Tensor:
     """Launch the fused projection: grid (N, k_out tiles, k_in tiles)."""
     a, b, p_in, p_out = _validated(a, b, p_in, p_out, "kron_project_triton")
-    check_triton_dtype("kron_project_triton", a)
+    acc_dtype = launch_dtype("kron_project_triton", a)
     n_samples, seq_len = a.shape[:2]
     k_in, k_out = p_in.shape[0], p_out.shape[0]
-    acc_dtype = accumulation_dtype(a.dtype)
     if n_samples == 0 or k_in == 0 or k_out == 0 or seq_len == 0:
         return torch.zeros(n_samples, k_out, k_in, dtype=acc_dtype, device=a.device)
     block_ko = dot_block(k_out, KRON_BLOCK_KO)
     block_ki = dot_block(k_in, KRON_BLOCK_KI)
     block_t = dot_block(seq_len, KRON_BLOCK_T)
     block_d = dot_block(max(a.shape[2], b.shape[2]), KRON_BLOCK_D)
-    grid = (n_samples, cdiv(k_out, block_ko), cdiv(k_in, block_ki))
-    check_grid(
-        "kron_project",
-        grid,
-        (f"N = {n_samples}", f"k_out = {k_out} / {block_ko}", f"k_in = {k_in} / {block_ki}"),
+    grid = tile_grid(
+        "kron_project", ("N", n_samples, 1), ("k_out", k_out, block_ko), ("k_in", k_in, block_ki)
     )
     # [N, k_out, k_in] fp32: every entry is written by exactly one program
     out = empty_output(n_samples, k_out, k_in, device=a.device)

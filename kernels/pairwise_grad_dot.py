@@ -16,20 +16,19 @@ import torch
 from ._dispatch import (
     KernelInputError,
     accumulation_dtype,
-    as_sequence,
-    cdiv,
-    check_grid,
+    as_layer_pair,
     check_last_dim,
-    check_pair,
     check_same_kind,
-    check_triton_dtype,
     dot_block,
     dot_precision,
     empty_output,
+    launch_dtype,
     lazy_kernel,
     select_backend,
+    tile_grid,
     tl,
 )
+from ._tiles import block_range, gram_tile, store_tile
 
 # Elements of the largest Gram block [rows, cols, T, T2] the reference builds at once (64 MiB fp32).
 DEFAULT_MAX_ELEMENTS = 2**24
@@ -63,9 +62,7 @@ def _validated(
     b2: torch.Tensor | None,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = as_sequence(kernel, "a", a, "d_in")
-    b = as_sequence(kernel, "b", b, "d_out")
-    check_pair(kernel, a, b, "a", "b")
+    a, b = as_layer_pair(kernel, a, b)
     if (a2 is None) != (b2 is None):
         raise KernelInputError(
             f"{kernel}: pass both `a2` and `b2` (the second batch) or neither "
@@ -73,9 +70,7 @@ def _validated(
         )
     if a2 is None:
         return a, b, a, b
-    a2 = as_sequence(kernel, "a2", a2, "d_in")
-    b2 = as_sequence(kernel, "b2", b2, "d_out")
-    check_pair(kernel, a2, b2, "a2", "b2")
+    a2, b2 = as_layer_pair(kernel, a2, b2, "a2", "b2")
     check_last_dim(kernel, "a2", a2, a.shape[2], "d_in of `a`")
     check_last_dim(kernel, "b2", b2, b.shape[2], "d_out of `b`")
     check_same_kind(kernel, (a, a2), ("a", "a2"))
@@ -159,60 +154,26 @@ def _pairwise_grad_dot_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (ib, jb): out[i, j] = sum_{t,s} (a_it . a2_js)(b_it . b2_js) for a tile of (i, j)."""
-    rows = (tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)  # [BI]
-    cols = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)  # [BJ]
-    row_mask = rows < n_rows
-    col_mask = cols < n_cols
+    rows, row_mask = block_range(tl.program_id(0) * BLOCK_I, n_rows, BLOCK_I)  # [BI]
+    cols, col_mask = block_range(tl.program_id(1) * BLOCK_J, n_cols, BLOCK_J)  # [BJ]
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for t in range(0, seq_len):
+        # [BI] pointers to a_it, b_it for the tile's samples i
+        a_t = a_ptr + rows * stride_an + t * stride_at
+        b_t = b_ptr + rows * stride_bn + t * stride_bt
         for s in range(0, seq_len2):
-            # gram_a[i, j] = a_it . a2_js
-            gram_a = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-            for d0 in range(0, d_in, BLOCK_D):
-                d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-                d_mask = d_offsets < d_in
-                a_tile = tl.load(
-                    a_ptr
-                    + rows[:, None] * stride_an
-                    + t * stride_at
-                    + d_offsets[None, :] * stride_ad,
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )  # [BI, BD]
-                a2_tile = tl.load(
-                    a2_ptr
-                    + cols[:, None] * stride_a2n
-                    + s * stride_a2t
-                    + d_offsets[None, :] * stride_a2d,
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )  # [BJ, BD]
-                gram_a += tl.dot(a_tile, tl.trans(a2_tile), input_precision=DOT_PRECISION)
-            # gram_b[i, j] = b_it . b2_js
-            gram_b = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-            for d0 in range(0, d_out, BLOCK_D):
-                d_offsets = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-                d_mask = d_offsets < d_out
-                b_tile = tl.load(
-                    b_ptr
-                    + rows[:, None] * stride_bn
-                    + t * stride_bt
-                    + d_offsets[None, :] * stride_bd,
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )  # [BI, BD]
-                b2_tile = tl.load(
-                    b2_ptr
-                    + cols[:, None] * stride_b2n
-                    + s * stride_b2t
-                    + d_offsets[None, :] * stride_b2d,
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )  # [BJ, BD]
-                gram_b += tl.dot(b_tile, tl.trans(b2_tile), input_precision=DOT_PRECISION)
+            # [BJ] pointers to a2_js, b2_js for the tile's samples j
+            a2_s = a2_ptr + cols * stride_a2n + s * stride_a2t
+            b2_s = b2_ptr + cols * stride_b2n + s * stride_b2t
+            # gram_a[i, j] = a_it . a2_js, gram_b[i, j] = b_it . b2_js: [BI, BJ]
+            gram_a = gram_tile(
+                a_t, row_mask, stride_ad, a2_s, col_mask, stride_a2d, d_in, BLOCK_D, DOT_PRECISION
+            )
+            gram_b = gram_tile(
+                b_t, row_mask, stride_bd, b2_s, col_mask, stride_b2d, d_out, BLOCK_D, DOT_PRECISION
+            )
             acc += gram_a * gram_b
-    out_offsets = rows[:, None] * stride_oi + cols[None, :] * stride_oj
-    tl.store(out_ptr + out_offsets, acc, mask=row_mask[:, None] & col_mask[None, :])
+    store_tile(out_ptr + rows * stride_oi, row_mask, cols, col_mask, stride_oj, acc)
 
 
 def pairwise_grad_dot_triton(
@@ -223,19 +184,15 @@ def pairwise_grad_dot_triton(
 ) -> torch.Tensor:
     """Launch the pairwise kernel: grid (N tiles, M tiles); cost O(N M T T2 (d_in + d_out))."""
     a, b, a2, b2 = _validated(a, b, a2, b2, "pairwise_grad_dot_triton")
-    check_triton_dtype("pairwise_grad_dot_triton", a)
+    acc_dtype = launch_dtype("pairwise_grad_dot_triton", a)
     n_rows, seq_len = a.shape[:2]
     n_cols, seq_len2 = a2.shape[:2]
-    acc_dtype = accumulation_dtype(a.dtype)
     if n_rows == 0 or n_cols == 0 or seq_len == 0 or seq_len2 == 0:
         return torch.zeros(n_rows, n_cols, dtype=acc_dtype, device=a.device)
     block_i = dot_block(n_rows, PAIRWISE_BLOCK_I)
     block_j = dot_block(n_cols, PAIRWISE_BLOCK_J)
     block_d = dot_block(max(a.shape[2], b.shape[2]), PAIRWISE_BLOCK_D)
-    grid = (cdiv(n_rows, block_i), cdiv(n_cols, block_j))
-    check_grid(
-        "pairwise_grad_dot", grid, (f"N = {n_rows} / {block_i}", f"M = {n_cols} / {block_j}")
-    )
+    grid = tile_grid("pairwise_grad_dot", ("N", n_rows, block_i), ("M", n_cols, block_j))
     # [N, M] fp32: every entry is written by exactly one program
     out = empty_output(n_rows, n_cols, device=a.device)
     _pairwise_grad_dot_kernel[grid](

@@ -22,18 +22,19 @@ import torch
 from ._dispatch import (
     KernelInputError,
     accumulation_dtype,
-    cdiv,
-    check_grid,
+    check_matrix,
     check_same_kind,
-    check_tensor,
     check_triton_dtype,
     dot_block,
     dot_precision,
     empty_output,
+    launch_dtype,
     lazy_kernel,
     select_backend,
+    tile_grid,
     tl,
 )
+from ._tiles import block_range, gram_tile, store_tile
 
 # Tile of S merged at a time: 1024 x 16384 fp32 = 64 MiB, large enough that topk merges amortize.
 DEFAULT_BLOCK_Q = 1024
@@ -101,13 +102,8 @@ def _validated(
     kernel: str,
 ) -> tuple[int, int, int]:
     """Check shapes; return (block_q, block_n, k clamped to N)."""
-    for name, x, feature in (("query", query, "Q"), ("train", train, "N")):
-        check_tensor(kernel, name, x)
-        if x.dim() != 2:
-            raise KernelInputError(
-                f"{kernel}: `{name}` must be a matrix [{feature}, K], got shape {list(x.shape)}; "
-                f"flatten features with x.flatten(1)."
-            )
+    for name, x, rows in (("query", query, "Q"), ("train", train, "N")):
+        check_matrix(kernel, name, x, f"[{rows}, K]", "flatten features with x.flatten(1)")
     if query.shape[1] != train.shape[1]:
         raise KernelInputError(
             f"{kernel}: `query` [Q, K] = {list(query.shape)} and `train` [N, K] = "
@@ -253,46 +249,28 @@ def _score_tile_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (qb, nb): out[q, n] = query[q] . train[n] for one [BLOCK_Q, BLOCK_N] tile."""
-    q_offsets = (tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)  # [BQ]
-    n_offsets = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
-    q_mask = q_offsets < n_queries
-    n_mask = n_offsets < n_train
-    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, depth, BLOCK_K):
-        k_offsets = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_mask = k_offsets < depth
-        query_tile = tl.load(
-            query_ptr + q_offsets[:, None] * stride_qq + k_offsets[None, :] * stride_qk,
-            mask=q_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # [BQ, BK]
-        train_tile = tl.load(
-            train_ptr + k_offsets[:, None] * stride_tk + n_offsets[None, :] * stride_tn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # [BK, BN]
-        acc += tl.dot(query_tile, train_tile, input_precision=DOT_PRECISION)
-    out_offsets = q_offsets[:, None] * stride_oq + n_offsets[None, :] * stride_on
-    tl.store(out_ptr + out_offsets, acc, mask=q_mask[:, None] & n_mask[None, :])
+    q_offsets, q_mask = block_range(tl.program_id(0) * BLOCK_Q, n_queries, BLOCK_Q)  # [BQ]
+    n_offsets, n_mask = block_range(tl.program_id(1) * BLOCK_N, n_train, BLOCK_N)  # [BN]
+    # [BQ] / [BN] pointers to the query and training rows of this tile
+    query_rows = query_ptr + q_offsets * stride_qq
+    train_rows = train_ptr + n_offsets * stride_tn
+    acc = gram_tile(
+        query_rows, q_mask, stride_qk, train_rows, n_mask, stride_tk, depth, BLOCK_K, DOT_PRECISION
+    )  # [BQ, BN]
+    store_tile(out_ptr + q_offsets * stride_oq, q_mask, n_offsets, n_mask, stride_on, acc)
 
 
 def score_tile_triton(query_block: torch.Tensor, train_block: torch.Tensor) -> torch.Tensor:
     """One tile of S, ``[q, K] x [n, K] -> [q, n]`` fp32 accumulated, in the accumulation dtype."""
-    check_triton_dtype("score_topk_triton", query_block)
+    acc_dtype = launch_dtype("score_topk_triton", query_block)
     n_queries, depth = query_block.shape
     n_train = train_block.shape[0]
-    acc_dtype = accumulation_dtype(query_block.dtype)
     if n_queries == 0 or n_train == 0 or depth == 0:
         return torch.zeros(n_queries, n_train, dtype=acc_dtype, device=query_block.device)
     block_q = dot_block(n_queries, TILE_BLOCK_Q)
     block_n = dot_block(n_train, TILE_BLOCK_N)
     block_k = dot_block(depth, TILE_BLOCK_K)
-    grid = (cdiv(n_queries, block_q), cdiv(n_train, block_n))
-    check_grid(
-        "score_topk",
-        grid,
-        (f"block_q = {n_queries} / {block_q}", f"block_n = {n_train} / {block_n}"),
-    )
+    grid = tile_grid("score_topk", ("block_q", n_queries, block_q), ("block_n", n_train, block_n))
     # [q, n] fp32: every entry is written by exactly one program
     scores = empty_output(n_queries, n_train, device=query_block.device)
     _score_tile_kernel[grid](

@@ -10,8 +10,6 @@ sha) and output files are added by ``benchmarks/run.py``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +23,8 @@ from influx.kernels import (
     score_topk_reference,
 )
 from influx.kernels._dispatch import HAS_TRITON
+
+from benchmarks.common import time_call
 
 if HAS_TRITON:
     from influx.kernels.ghost_sqnorm import direct_sqnorm_triton, ghost_sqnorm_triton
@@ -278,27 +278,8 @@ def topk_case(shape: dict[str, int], dtype: torch.dtype, device: str, use_triton
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing
+# Checking and timing
 # --------------------------------------------------------------------------------------------------
-
-
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` after ``warmup`` calls (which also absorb Triton compilation)."""
-    for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def relative_error(actual: Any, expected: Any) -> float:
@@ -319,7 +300,8 @@ def measure(case: Case, device: str, warmup: int, repeats: int) -> list[dict[str
         error = relative_error(impl.fn(), reference)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = median_seconds(impl.fn, device, warmup, repeats)
+        # warmup calls also absorb Triton compilation
+        seconds = time_call(impl.fn, device=device, repeats=repeats, warmup=warmup)["median_s"]
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
         rows.append(
             {

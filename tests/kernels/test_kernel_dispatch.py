@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,6 +140,36 @@ def test_lazy_kernel_compiles_for_the_mode_in_effect(monkeypatch):
     assert isinstance(kernel._jitted[True], InterpretedFunction)
 
 
+def test_lazy_kernel_jits_its_helpers_for_the_same_mode(monkeypatch):
+    if not _dispatch.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for interpret, expected in (("1", InterpretedFunction), ("0", JITFunction)):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        kernel = _dispatch.LazyKernel(ghost_module._ghost_sqnorm_kernel.fn)
+        scope = kernel.jitted().fn.__globals__
+        assert isinstance(scope["gram_tile"], expected), interpret
+        # gram_tile's own helpers follow the same mode
+        assert isinstance(scope["gram_tile"].fn.__globals__["load_tile"], expected), interpret
+
+
+def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
+    # A fresh process: Triton cannot compile where it was imported in interpreter mode.
+    if not _dispatch.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    script = Path(__file__).with_name("compile_for_cuda.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    if result.returncode == 77:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # Input errors
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +268,14 @@ def test_oversize_launch_is_rejected_with_the_numbers():
         KernelInputError, match=r"grid axis 1 needs 70000 programs \(T = .*\) but CUDA allows 65535"
     ):
         _dispatch.check_grid("ghost_sqnorm", (1, 70000), ("N = 1", "T = 4480000 / BLOCK_T 64"))
+
+
+def test_tile_grid_counts_blocks_and_names_the_oversize_axis():
+    assert _dispatch.tile_grid("kron_project", ("N", 3, 1), ("k_out", 65, 64)) == (3, 2)
+    with pytest.raises(
+        KernelInputError, match=r"grid axis 1 needs 70000 programs \(T = 4480000 / 64\)"
+    ):
+        _dispatch.tile_grid("ghost_sqnorm", ("N", 1, 1), ("T", 70000 * 64, 64))
 
 
 def test_ghost_launcher_rejects_a_sequence_beyond_the_grid(monkeypatch):
