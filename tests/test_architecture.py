@@ -1,0 +1,90 @@
+"""The dependency arrows of DESIGN.md §1 point one way; only the CLI prints or exits."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "influx"
+
+# module (or subpackage) -> influx modules it must never import
+FORBIDDEN = {
+    "grads": {"curvature", "influence", "commutator", "train", "cli", "models"},
+    "curvature": {"influence", "commutator", "cli"},
+    "influence": {"commutator", "cli"},
+    "commutator": {"influence", "cli"},
+    "data": {"grads", "curvature", "influence", "commutator", "models", "train", "cli"},
+    "models": {"grads", "curvature", "influence", "commutator", "data", "train", "cli"},
+    "train": {"grads", "curvature", "influence", "commutator", "cli"},
+}
+
+
+def influx_imports(path: Path) -> set[str]:
+    """First component after ``influx.`` of every import in a file (``from influx import x`` -> x)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            if parts[0] == "influx":
+                found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+            if parts[0] in ("benchmarks", "examples", "tests"):
+                found.add(parts[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "influx" and len(parts) > 1:
+                    found.add(parts[1])
+                if parts[0] in ("benchmarks", "examples", "tests"):
+                    found.add(parts[0])
+    return found
+
+
+def files_of(name: str) -> list[Path]:
+    package = PACKAGE / name
+    return sorted(package.rglob("*.py")) if package.is_dir() else [PACKAGE / f"{name}.py"]
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_dependency_arrows(module):
+    for path in files_of(module):
+        if not path.exists():
+            pytest.skip(f"{path.name} not present")
+        bad = influx_imports(path) & FORBIDDEN[module]
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} against the layering"
+
+
+def test_library_never_imports_benchmarks_examples_or_tests():
+    for path in PACKAGE.rglob("*.py"):
+        bad = influx_imports(path) & {"benchmarks", "examples", "tests"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_kernels_know_nothing_of_influx():
+    for path in (ROOT / "kernels").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.append(node.module)
+            assert not any(n.split(".")[0] == "influx" for n in names), (
+                f"{path.name} imports influx"
+            )
+
+
+def test_only_the_cli_prints_or_exits():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("print", "exit"), (
+                    f"{path.relative_to(ROOT)} calls {node.func.id}()"
+                )
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                is_sys_exit = isinstance(node.func.value, ast.Name) and node.func.value.id == "sys"
+                assert not (is_sys_exit and node.func.attr == "exit"), (
+                    f"{path.relative_to(ROOT)} calls sys.exit"
+                )
