@@ -301,7 +301,9 @@ class RetrainResult:
 
         For sign +1 scores (TracIn-like, positive = helpful) the prediction is ``-epsilon * score``.
         """
-        predicted = (-sign) * -self.epsilon * scores[self.pairs[:, 0], self.pairs[:, 1]]
+        # Upweighting by epsilon changes the loss by epsilon * I_up,loss (sign -1 scores), or by
+        # -epsilon * score for sign +1 scores (positive = helpful).
+        predicted = -sign * self.epsilon * scores[self.pairs[:, 0], self.pairs[:, 1]]
         predicted, measured = predicted.double().numpy(), self.measured.double().numpy()
         return {
             "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(measured))),

@@ -53,8 +53,13 @@ def digits_mlp(
     lr: float = 1e-2,
     flip_fraction: float = 0.1,
     checkpoint_steps: tuple[int, ...] = (100, 200, 300),
+    hidden: int = 64,
+    num_train: int | None = None,
 ) -> InfluenceTask:
-    """Build and train the digits-MLP reference task (about a second on a CPU core)."""
+    """Build and train the digits-MLP reference task (a few seconds on a CPU core).
+
+    ``hidden`` and ``num_train`` (the first examples of the training split) shrink it for tests.
+    """
     from influx import data, models, train
 
     train_set = data.load("digits", split="train", flip_fraction=flip_fraction, seed=seed)
@@ -63,8 +68,12 @@ def digits_mlp(
     test_inputs, test_targets, _ = data.as_tensors(test_set)
     # [N, 1, 8, 8] -> [N, 64]: the features of the MLP, kept flat so every tool sees plain rows.
     train_inputs, test_inputs = train_inputs.flatten(1), test_inputs.flatten(1)
+    flipped = train_set.flipped.clone()
+    if num_train is not None:
+        train_inputs, train_targets = train_inputs[:num_train], train_targets[:num_train]
+        flipped = flipped[flipped < num_train]
     torch.manual_seed(seed)
-    model = models.mlp(in_features=64, hidden=(64,), num_classes=10, activation="tanh")
+    model = models.mlp(in_features=64, hidden=(hidden,), num_classes=10, activation="tanh")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = train.train(
         model,
@@ -79,13 +88,13 @@ def digits_mlp(
         progress=False,
     )
     return InfluenceTask(
-        name="digits-MLP",
+        name="digits-MLP" if hidden == 64 and num_train is None else f"digits-MLP-{hidden}x{num_train}",
         model=model,
         loss_fn=train.cross_entropy_per_example,
         train=(train_inputs, train_targets),
         test=(test_inputs, test_targets),
         query=(test_inputs[:num_queries], test_targets[:num_queries]),
-        flipped=train_set.flipped.clone(),
+        flipped=flipped,
         checkpoints=[c.state_dict for c in result.checkpoints],
         learning_rates=[float(c.lr) for c in result.checkpoints],
         initial_state=initial,

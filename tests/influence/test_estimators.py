@@ -132,8 +132,8 @@ def test_ekfac_fits_the_empirical_fisher_at_least_as_well_as_kfac(tiny_mlp):
 
 METHOD_OPTIONS = {
     "exact": {"damping": PD_DAMPING},
-    "cg": {"damping": PD_DAMPING},
-    "lissa": {"damping": PD_DAMPING},
+    "cg": {"damping": PD_DAMPING, "max_iterations": 15},
+    "lissa": {"damping": PD_DAMPING, "max_iterations": 15},
     "arnoldi": {"damping": PD_DAMPING, "rank": 20},
     "kfac": {},
     "ekfac": {},
