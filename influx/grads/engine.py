@@ -90,7 +90,10 @@ def _grads_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict[s
                 _accumulate(out, layer.params[local], g)
     n = inputs.shape[0]
     # a selected parameter that did not take part in this forward has zero gradient
-    return {name: out.get(name, p.new_zeros((n, *p.shape))) for name, p in selected.items()}
+    return {
+        name: out[name] if name in out else p.new_zeros((n, *p.shape))
+        for name, p in selected.items()
+    }
 
 
 def per_sample_grads(
@@ -115,6 +118,8 @@ def per_sample_grads(
     ]
     if not parts:
         return _empty_grads(selected)
+    if len(parts) == 1:
+        return parts[0]  # one chunk: no copy
     return {name: torch.cat([part[name] for part in parts]) for name in selected}
 
 

@@ -180,6 +180,12 @@ def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
     return [p for p in reversed(module.padding) for _ in range(2)]
 
 
+# Below this many output positions per example, im2col + bmm beats the grouped-convolution form of
+# per-sample conv weight gradients (measured on CPU for CIFAR ResNet-18 layers: 16 positions
+# 0.97 s vs 1.20 s, 64 positions 0.59 s vs 0.48 s, at batch 32).
+CONV_TRICK_MIN_POSITIONS = 32
+
+
 @dataclass
 class _ConvCall:
     """A conv call as a Conv2d on explicitly padded input (Conv1d gets height 1)."""
@@ -230,7 +236,8 @@ class ConvRule(MatmulRule):
         return sum(c.grad_output.flatten(2).sum(2) for c in calls)
 
     def weight_grads(self, module, calls):
-        if module.groups != 1:
+        tokens, _, _ = self._dims(module, calls)
+        if module.groups != 1 or tokens < CONV_TRICK_MIN_POSITIONS:
             return super().weight_grads(module, calls)
         # Without im2col: G_i[o, c, k] = sum_p b_i[o, p] x_i[c, stride p + dilation k] is a
         # convolution of x (channels as the batch, examples as groups) with b as the kernel,
@@ -255,9 +262,35 @@ class ConvRule(MatmulRule):
         return total
 
     def weight_sqnorms_direct(self, module, calls):
-        if module.groups != 1:
+        tokens, _, _ = self._dims(module, calls)
+        if module.groups != 1 or tokens < CONV_TRICK_MIN_POSITIONS:
             return super().weight_sqnorms_direct(module, calls)
         return self.weight_grads(module, calls).flatten(1).square().sum(1)
+
+    def project(self, module, calls, projector, prefix):
+        if module.groups != 1:
+            return super().project(module, calls, projector, prefix)
+        d_in = module.weight[0].numel()
+        has_bias = module.bias is not None
+        p_in, p_out = projector.kronecker_factors(
+            prefix + "weight", d_in + has_bias, module.out_channels
+        )
+        filters = p_in[:, :d_in].reshape(-1, *module.weight.shape[1:])  # [k_in, C_in, *kernel]
+        block = 0
+        for call in calls:
+            conv = self._as_conv2d(module, call)
+            # a_i P_in^T over unfolded patches is itself a convolution with k_in filters: no im2col
+            a_proj = F.conv2d(
+                conv.x,
+                filters.reshape(filters.shape[0], -1, *conv.kernel),
+                stride=conv.stride,
+                dilation=conv.dilation,
+            ).flatten(2)  # [N, k_in, L]
+            if has_bias:
+                a_proj = a_proj + p_in[:, d_in, None]
+            b_proj = p_out @ conv.b.flatten(2)  # [N, k_out, L]
+            block = block + b_proj @ a_proj.transpose(1, 2)  # [N, k_out, k_in]
+        return [block.flatten(1)]
 
 
 @register_rule(nn.Embedding)

@@ -311,3 +311,19 @@ def test_captured_matmul_forms_reproduce_weight_and_bias_gradients():
             grad[:, :, :-1], expected[layer.weight_name].flatten(2), name=layer.weight_name
         )
         assert_close(grad[:, :, -1], expected[layer.bias_name], name=layer.bias_name)
+
+
+@pytest.mark.parametrize("length", [9, 40], ids=["im2col", "grouped-conv"])
+def test_conv1d_both_weight_gradient_paths(length):
+    # 40 output positions take the grouped-convolution form, 9 the im2col form
+    model = nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding=2, dilation=2, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    ).double()
+    x = torch.randn(4, 3, length, dtype=torch.float64)
+    model(x)
+    check_all(model, cross_entropy, x, torch.randint(0, 2, (4,)), rtol=1e-10)
+    projected = per_sample_projected(model, cross_entropy, x, torch.randint(0, 2, (4,)), dim=24)
+    assert projected.shape[0] == 4 and torch.isfinite(projected).all()
