@@ -88,7 +88,9 @@ def digits_mlp(
         progress=False,
     )
     return InfluenceTask(
-        name="digits-MLP" if hidden == 64 and num_train is None else f"digits-MLP-{hidden}x{num_train}",
+        name="digits-MLP"
+        if hidden == 64 and num_train is None
+        else f"digits-MLP-{hidden}x{num_train}",
         model=model,
         loss_fn=train.cross_entropy_per_example,
         train=(train_inputs, train_targets),

@@ -41,9 +41,10 @@ def brute_force_hessian(model, loss_fn, data):
     return torch.autograd.functional.hessian(objective, flat)
 
 
-def test_exact_equals_brute_force_solve(tiny_mlp):
+@pytest.mark.parametrize("solver", ["cholesky", "eigh"])
+def test_exact_equals_brute_force_solve(tiny_mlp, solver):
     model, loss_fn, train, query = tiny_mlp
-    fitted = influence.fit(model, loss_fn, train, method="exact", damping=PD_DAMPING)
+    fitted = influence.fit(model, loss_fn, train, method="exact", damping=PD_DAMPING, solver=solver)
     hessian = brute_force_hessian(model, loss_fn, train)
     g_train, g_query = flat_grads(model, loss_fn, train), flat_grads(model, loss_fn, query)
     solved = torch.linalg.solve(
@@ -202,6 +203,8 @@ def test_top_k_and_store_match_dense(tiny_mlp, tmp_path):
 def test_nonpositive_definite_and_ill_conditioned_warnings(tiny_mlp):
     model, loss_fn, train, _ = tiny_mlp
     with pytest.warns(NonPositiveDefiniteWarning, match="not positive definite"):
+        influence.fit(model, loss_fn, train, method="exact", damping=0.0, solver="eigh")
+    with pytest.warns(NonPositiveDefiniteWarning, match="falling back to solver='eigh'"):
         influence.fit(model, loss_fn, train, method="exact", damping=0.0)
     x = torch.randn(30, 3, dtype=torch.float64)
     x = torch.cat([x, x[:, :1] * (1 + 1e-6)], dim=1)  # nearly collinear column: tiny eigenvalue
@@ -217,14 +220,18 @@ def test_nonpositive_definite_and_ill_conditioned_warnings(tiny_mlp):
         )
 
 
-def test_auto_damping_is_a_tenth_of_the_mean_eigenvalue(tiny_mlp):
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_auto_damping_shifts_the_spectrum_then_adds_a_tenth_of_its_mean(tiny_mlp, curvature):
     model, loss_fn, train, _ = tiny_mlp
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fitted = influence.fit(model, loss_fn, train, method="exact", curvature="ggn")
-    assert fitted.diagnostics["damping"] == pytest.approx(
-        0.1 * fitted.estimator.eigenvalues.mean().item()
-    )
+        warnings.simplefilter("error", UserWarning)  # the default must not warn
+        fitted = influence.fit(
+            model, loss_fn, train, method="exact", curvature=curvature, solver="eigh"
+        )
+    eigenvalues = fitted.estimator.eigenvalues
+    expected = max(0.0, -eigenvalues.min().item()) + 0.1 * eigenvalues.mean().item()
+    assert fitted.diagnostics["damping"] == pytest.approx(expected)
+    assert (eigenvalues + fitted.diagnostics["damping"]).min() > 0
 
 
 def test_errors(tiny_mlp):
