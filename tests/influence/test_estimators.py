@@ -198,6 +198,11 @@ def test_top_k_and_store_match_dense(tiny_mlp, tmp_path):
     assert torch.equal(top.top_k.smallest_indices, dense.topk(5, dim=1, largest=False).indices)
     assert_close(top.values.to(torch.float64), dense, rtol=1e-6, name="stored")
     assert (tmp_path / "scores.json").exists()
+    # Top-k only: the fused score_topk kernel path, no [Q, N] matrix at all.
+    only = fitted.scores(query, dense=False, top_k=5)
+    assert only.values is None
+    assert torch.equal(only.top_k.largest_indices, dense.topk(5, dim=1).indices)
+    assert torch.equal(only.top_k.smallest_indices, dense.topk(5, dim=1, largest=False).indices)
 
 
 def test_nonpositive_definite_and_ill_conditioned_warnings(tiny_mlp):
