@@ -273,3 +273,15 @@ def test_errors(tiny_mlp):
         influence.fit(model, lambda o, t: F.cross_entropy(o, t), train, method="grad_dot").scores(
             query
         )
+
+
+def test_scores_carry_dataset_indices(tiny_mlp):
+    model, loss_fn, train, query = tiny_mlp
+    indices = torch.arange(100, 160)
+    fitted = influence.fit(model, loss_fn, (*train, indices), method="grad_dot", batch_size=16)
+    scores = fitted.scores((*query, torch.arange(8) + 7), top_k=3)
+    assert torch.equal(scores.train_indices, indices)
+    assert torch.equal(scores.query_indices, torch.arange(8) + 7)
+    assert torch.equal(scores.top_k.largest_indices, indices[scores.values.topk(3, dim=1).indices])
+    dataset = torch.utils.data.TensorDataset(*train)
+    assert_close(fitted.scores(query, dataset).values, scores.values, rtol=1e-12, name="dataset")
