@@ -102,6 +102,7 @@ def same_vs_different_label(model, inputs, targets, args) -> dict:
     for kind, matrix in (("raw", result.norms), ("normalized", result.normalized)):
         values = matrix[first, second].cpu()
         test = stats.mannwhitneyu(values[same], values[~same], alternative="less")
+        larger = stats.mannwhitneyu(values[same], values[~same], alternative="greater")
         summary[kind] = {
             "same_mean": values[same].mean().item(),
             "different_mean": values[~same].mean().item(),
@@ -109,6 +110,11 @@ def same_vs_different_label(model, inputs, targets, args) -> dict:
             "different_median": values[~same].median().item(),
             "ratio_of_medians": (values[same].median() / values[~same].median()).item(),
             "mannwhitney_p_same_smaller": float(test.pvalue),
+            "mannwhitney_p_same_larger": float(larger.pvalue),
+            # Common-language effect size P(a same-label norm < a different-label one); scipy's
+            # U counts the pairs where the same-label value is the larger (ties count half).
+            "prob_same_smaller": 1.0
+            - float(test.statistic) / (int(same.sum()) * int((~same).sum())),
             "values_same": values[same].tolist(),
             "values_different": values[~same].tolist(),
         }
@@ -229,7 +235,8 @@ def main() -> None:
             s = summary[kind]
             print(f"H2 {name} {kind}: median same {s['same_median']:.3e} vs different "
                   f"{s['different_median']:.3e} (ratio {s['ratio_of_medians']:.2f}, "
-                  f"p={s['mannwhitney_p_same_smaller']:.1e})")  # fmt: skip
+                  f"P(same < different) {s['prob_same_smaller']:.2f}, one-sided p same smaller "
+                  f"{s['mannwhitney_p_same_smaller']:.1e}, same larger {s['mannwhitney_p_same_larger']:.1e})")  # fmt: skip
     for row in h3:
         print(f"H3 lr {row['lr']:g}: measured {row['measured']} predicted {row['predicted']}")
     for name, record in o3.items():

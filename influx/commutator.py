@@ -302,50 +302,77 @@ def _pair_indices(batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return upper[0], upper[1]
 
 
-def _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, first, second, chunk_size):
-    """[M] norms of ``H_i g_j - H_j g_i`` over pairs (first[m], second[m]), vmapped in chunks."""
-
-    def example_hvp(x, y, v):
-        return jvp(lambda t: grad(example_loss)(t, x, y), (theta,), (v,))[1]
-
-    batched_hvp = vmap(example_hvp)
-    norms = []
-    for start in range(0, first.numel(), chunk_size):
-        i, j = first[start : start + chunk_size], second[start : start + chunk_size]
-        # One vmapped call evaluates H_i g_j and H_j g_i for the whole chunk: [2C, P].
-        hv = batched_hvp(
-            torch.cat([inputs[i], inputs[j]]),
-            torch.cat([targets[i], targets[j]]),
-            torch.cat([per_grads[j], per_grads[i]]),
-        )
-        h_i_g_j, h_j_g_i = hv.split(i.numel())
-        norms.append((h_i_g_j - h_j_g_i).norm(dim=1))
-    return torch.cat(norms) if norms else theta.new_zeros(0)
+def _tile_side(chunk_size: int) -> int:
+    """Side of the square tiles of pairs: about ``chunk_size`` products per vmapped call."""
+    return max(1, math.isqrt(chunk_size))
 
 
-def _pair_step_norms(
-    example_loss, theta, inputs, targets, per_grads, first, second, lr, chunk_size
-):
-    """[M] norms of the exact commutators ``T_i T_j - T_j T_i`` over pairs, vmapped in chunks.
+def _tiled_pair_norms(cross, combine, size: int, chunk_size: int, like: torch.Tensor):
+    """[B, B] norms of ``combine(cross(I, J)[j, i], cross(J, I)[i, j], i, j)`` over all pairs.
+
+    ``cross(rows, cols)`` returns ``[len(cols), len(rows), P]``, the product of example ``i``
+    (in ``rows``) with the vector of example ``j`` (in ``cols``) at ``[j, i]``. The batch is cut
+    into blocks of ``_tile_side(chunk_size)``; each block pair (a <= b) takes one or two calls,
+    so every ordered pair is evaluated exactly once and memory stays ~ 2 chunk_size x P.
+    """
+    side = _tile_side(chunk_size)
+    blocks = [
+        torch.arange(s, min(s + side, size), device=like.device) for s in range(0, size, side)
+    ]
+    norms = like.new_zeros(size, size)
+    for a, rows in enumerate(blocks):
+        for cols in blocks[a:]:
+            # forward[j, i]: example i (rows) with vector j (cols); backward[i, j]: the reverse.
+            forward = cross(rows, cols)
+            backward = forward if cols is rows else cross(cols, rows)
+            vectors = combine(forward.transpose(0, 1), backward, rows, cols)  # [|rows|, |cols|, P]
+            norms[rows[:, None], cols[None, :]] = vectors.norm(dim=-1)
+    norms = torch.triu(norms, diagonal=1)
+    return norms + norms.T
+
+
+def _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, chunk_size):
+    """[B, B] norms of ``H_i g_j - H_j g_i``, by tiles of per-example HVPs.
+
+    For a tile, the per-sample gradients of the block's examples are differentiated forward
+    along each vector ``g_j`` of the other block (one vmapped jvp): the primal forward and
+    backward pass is shared by all the vectors of the tile.
+    """
+    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
+
+    def cross(rows, cols):
+        def block_grads(t):
+            return per_example_grad(t, inputs[rows], targets[rows])
+
+        return vmap(lambda v: jvp(block_grads, (theta,), (v,))[1])(per_grads[cols])
+
+    def combine(h_i_g_j, h_j_g_i, rows, cols):
+        return h_i_g_j - h_j_g_i
+
+    return _tiled_pair_norms(cross, combine, inputs.shape[0], chunk_size, theta)
+
+
+def _pair_step_norms(example_loss, theta, inputs, targets, per_grads, lr, chunk_size):
+    """[B, B] norms of the exact commutators ``T_i T_j - T_j T_i``, by tiles.
 
     With ``T_j theta = theta - lr g_j`` known from the per-sample gradients,
     ``T_i T_j - T_j T_i = lr [(g_i(theta) - g_i(theta - lr g_j))
-    - (g_j(theta) - g_j(theta - lr g_i))]``.
+    - (g_j(theta) - g_j(theta - lr g_i))]``; a tile evaluates the gradients of one block's
+    examples at the points ``theta - lr g_j`` of the other block's examples.
     """
-    shifted_grad = vmap(grad(example_loss))
-    norms = []
-    for start in range(0, first.numel(), chunk_size):
-        i, j = first[start : start + chunk_size], second[start : start + chunk_size]
-        # g_i at theta - lr g_j and g_j at theta - lr g_i, in one call: [2C, P].
-        moved = shifted_grad(
-            torch.cat([theta - lr * per_grads[j], theta - lr * per_grads[i]]),
-            torch.cat([inputs[i], inputs[j]]),
-            torch.cat([targets[i], targets[j]]),
+    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
+
+    def cross(rows, cols):
+        moved = theta - lr * per_grads[cols]
+        return vmap(per_example_grad, in_dims=(0, None, None))(moved, inputs[rows], targets[rows])
+
+    def combine(g_i_moved, g_j_moved, rows, cols):
+        # g_i_moved[i, j] = g_i(theta - lr g_j); g_j_moved[i, j] = g_j(theta - lr g_i).
+        return lr * (
+            (per_grads[rows][:, None] - g_i_moved) - (per_grads[cols][None, :] - g_j_moved)
         )
-        g_i_moved, g_j_moved = moved.split(i.numel())
-        vectors = lr * ((per_grads[i] - g_i_moved) - (per_grads[j] - g_j_moved))
-        norms.append(vectors.norm(dim=1))
-    return torch.cat(norms) if norms else theta.new_zeros(0)
+
+    return _tiled_pair_norms(cross, combine, inputs.shape[0], chunk_size, theta)
 
 
 def _label_summaries(norms: torch.Tensor, targets: torch.Tensor, first, second):
@@ -431,15 +458,18 @@ def pairwise(
     batch,
     *,
     lr: float | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = 256,
     params: Iterable[str] | None = None,
 ) -> PairwiseResult:
     """[B, B] commutator norms of the single-example steps of every pair in ``batch``.
 
     ``lr=None``: bracket norms ``||H_i g_j - H_j g_i||``; ``lr`` given: exact step commutator norms
-    ``||T_i T_j - T_j T_i||``. Per-sample gradients [B, P] come from the gradient engine; the
-    B (B - 1) / 2 pairs are vmapped ``chunk_size`` at a time (memory ~ 2 chunk_size x P), each
-    needing two HVPs (or two gradients). Same-label / different-label pairs are summarized.
+    ``||T_i T_j - T_j T_i||``. Per-sample gradients [B, P] come from the gradient engine. Each
+    pair needs ``H_i g_j`` and ``H_j g_i`` (or ``g_i(theta - lr g_j)`` and ``g_j(theta - lr g_i)``):
+    the B x B products are evaluated in square tiles of about ``chunk_size`` (side
+    ``isqrt(chunk_size)``), one vmapped call per tile that shares the forward and backward pass
+    at theta across the tile's vectors (memory ~ 2 chunk_size x P plus activations; lower it
+    for large models). Same-label / different-label pairs are summarized.
     """
     lr = None if lr is None else _check_lr(lr)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
@@ -451,16 +481,9 @@ def pairwise(
     example_loss = _example_objective(model, loss_fn, params)
     first, second = _pair_indices(inputs.shape[0], theta.device)
     if lr is None:
-        pair_norms = _pair_bracket_norms(
-            example_loss, theta, inputs, targets, per_grads, first, second, chunk_size
-        )
+        norms = _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, chunk_size)
     else:
-        pair_norms = _pair_step_norms(
-            example_loss, theta, inputs, targets, per_grads, first, second, lr, chunk_size
-        )
-    norms = theta.new_zeros(inputs.shape[0], inputs.shape[0])
-    norms[first, second] = pair_norms
-    norms[second, first] = pair_norms
+        norms = _pair_step_norms(example_loss, theta, inputs, targets, per_grads, lr, chunk_size)
     same, different = _label_summaries(norms, targets, first, second)
     kind = "bracket" if lr is None else "step"
     return PairwiseResult(norms, per_grads.norm(dim=1), targets, kind, lr, same, different)

@@ -170,12 +170,12 @@ def test_commutator_is_antisymmetric_and_zero_on_the_diagonal(function):
 )
 def test_pairwise_matrix_equals_per_pair_calls(make_model, shape, lr):
     model = make_model()
-    x, y = classification_batch(4, shape=shape)
-    # chunk_size 4 over the 6 pairs leaves a ragged last chunk.
+    x, y = classification_batch(5, shape=shape)
+    # chunk_size 4 gives tiles of 2 x 2 pairs: 5 examples leave a ragged last block.
     result = commutator.pairwise(model, cross_entropy, (x, y), lr=lr, chunk_size=4)
-    expected = torch.zeros(4, 4, dtype=DTYPE)
-    for i in range(4):
-        for j in range(i + 1, 4):
+    expected = torch.zeros(5, 5, dtype=DTYPE)
+    for i in range(5):
+        for j in range(i + 1, 5):
             pair = (x[i], y[i]), (x[j], y[j])
             call = (
                 commutator.bracket(model, cross_entropy, *pair)
