@@ -42,7 +42,8 @@ COLUMNS = [
 ]
 NOTES = (
     "Scores follow influx's sign (I_up,loss; TracIn-like scores are negated for comparisons). "
-    "`seconds` = fit + pairwise 50 x 1,600 scores, one run. Retraining: 12 train points x 5 "
+    "`seconds` = fit + pairwise 50 x 1,600 scores, one run. cg / lissa / arnoldi use the exact "
+    "solve's damping. Retraining: 12 train points x 5 "
     "queries, leave-one-out by warm-start full-batch Adam. LDS: models trained on random halves."
 )
 
@@ -80,9 +81,14 @@ INFLUX_METHODS = {
 NO_SELF_INFLUENCE = ("cg", "cg-ekfac", "cg-ggn-ekfac", "lissa")
 
 
-def _fit_and_score(task: InfluenceTask, name: str):
+def _fit_and_score(task: InfluenceTask, name: str, dampings: dict[str, float]):
     method, options = INFLUX_METHODS[name]
     options = dict(options)
+    if method in ("cg", "lissa", "arnoldi"):
+        # Like for like: the exact solve's damping (its 'auto' from the full spectrum). The
+        # matrix-free 'auto' estimates lambda_min by a short Lanczos run, which misses most of
+        # this Hessian's cluster of small negative eigenvalues.
+        options["damping"] = dampings[options["curvature"]]
     if method == "tracin":
         options.update(checkpoints=task.checkpoints, learning_rates=task.learning_rates)
     if method == "trak":
@@ -278,9 +284,11 @@ def run(args: Namespace) -> list[dict]:
         if not quick
         else ["exact-hessian", "exact-ggn", "cg", "ekfac", "tracin", "grad_dot"]
     )
-    results = {}
+    results, dampings = {}, {}
     for name in names:
-        scores, self_scores, seconds, caught, diagnostics = _fit_and_score(task, name)
+        scores, self_scores, seconds, caught, diagnostics = _fit_and_score(task, name, dampings)
+        if name in ("exact-hessian", "exact-ggn"):
+            dampings[diagnostics["curvature"]] = diagnostics["damping"]
         results[(name, "influx")] = (scores, self_scores, seconds, caught)
         print(f"influence: {name} {seconds:.1f}s {diagnostics.get('damping', '')}", flush=True)
     for key, peer in PEERS.items():
