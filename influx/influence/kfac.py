@@ -1,6 +1,8 @@
 """``method="kfac"`` / ``"ekfac"``: Kronecker-factored curvature per matmul layer.
 
-For a layer with per-example gradient G_n = b_n^T a_n ([d_out, d_in(+1)], a bias folded in as a
+For a Linear / Conv layer (inputs a and output gradients b captured by
+``influx.grads.capture_matmul_layers``; a Conv's a holds unfolded patches, T positions per example)
+with per-example gradient G_n = b_n^T a_n ([d_out, d_in(+1)], a bias folded in as a
 column of ones), the Fisher / GGN block of the mean loss is approximated by A (x) S with
 A = (1/N) sum_n a_n^T a_n and S = (1/N) sum_n b_n^T b_n (K-FAC, Martens & Grosse 2015). EK-FAC
 (George et al. 2018) keeps the Kronecker eigenbasis Q_S, Q_A but refits the eigenvalues to
@@ -31,7 +33,8 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
-from influx.grads.functional import LossFn, check_per_example_losses
+from influx.grads import MatmulCapture, capture_matmul_layers
+from influx.grads.functional import LossFn
 from influx.influence.base import (
     Block,
     Estimator,
@@ -60,63 +63,9 @@ class KFACOptions:
         check_positive("batch_size", self.batch_size)
 
 
-@dataclass
-class MatmulCapture:
-    """Inputs ``a`` [N, T, d_in(+1)] and summed-loss output gradients ``b`` [N, T, d_out] of a layer."""
-
-    module: nn.Module
-    a: torch.Tensor
-    b: torch.Tensor
-    weight_name: str
-    bias_name: str | None
-
-
-def capture_linear_layers(
-    model: nn.Module, loss_fn: LossFn, inputs, targets
-) -> dict[str, MatmulCapture]:
-    """(a, b) of every ``nn.Linear`` from one forward + backward (the grads engine's capture when it
-    provides ``capture_matmul_layers``; this hook version otherwise)."""
-    import influx.grads as grads_pkg
-
-    engine = getattr(grads_pkg, "capture_matmul_layers", None)
-    if engine is not None:
-        return engine(model, loss_fn, inputs, targets)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    saved: dict[str, list] = {}
-
-    def hook(name):
-        def save(module, args, output):
-            output.retain_grad()
-            saved[name] = [args[0].detach(), output]
-
-        return save
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        with torch.enable_grad():
-            losses = loss_fn(model(inputs), targets)
-            check_per_example_losses(losses, inputs.shape[0])
-            outputs = [saved[name][1] for name in linears if name in saved]
-            grads = torch.autograd.grad(losses.sum(), outputs)
-    finally:
-        for h in handles:
-            h.remove()
-    captures = {}
-    for (name, module), g in zip(
-        ((n, linears[n]) for n in linears if n in saved), grads, strict=True
-    ):
-        a = saved[name][0]
-        a = a.reshape(a.shape[0], -1, a.shape[-1])
-        if module.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        captures[name] = MatmulCapture(
-            module,
-            a,
-            g.detach().reshape(g.shape[0], -1, g.shape[-1]),
-            f"{name}.weight",
-            f"{name}.bias" if module.bias is not None else None,
-        )
-    return captures
+def capture_layers(model: nn.Module, loss_fn: LossFn, inputs, targets) -> dict[str, MatmulCapture]:
+    """(a, b) of every Linear / Conv layer from one forward + backward (the grads engine)."""
+    return capture_matmul_layers(model, loss_fn, inputs, targets)
 
 
 def _layer_gradients(captures: dict[str, MatmulCapture]) -> dict[str, torch.Tensor]:
@@ -155,7 +104,6 @@ class KFACEstimator(Estimator):
                 "fisher='sampled' draws class labels from softmax(outputs) and needs integer class "
                 f"targets [N]; got {targets.dtype} of shape {tuple(targets.shape)}: use fisher='empirical'"
             )
-        self._check_parameters(model)
         generator = torch.Generator().manual_seed(options.seed)
         batches = []
         for start in range(0, inputs.shape[0], options.batch_size):
@@ -168,13 +116,14 @@ class KFACEstimator(Estimator):
             batches.append((x, y))
         self.factors: dict[str, KroneckerFactors] = {}
         for x, y in batches:
-            accumulate_kronecker_factors(self.factors, capture_linear_layers(model, loss_fn, x, y))
+            accumulate_kronecker_factors(self.factors, capture_layers(model, loss_fn, x, y))
         finalize_kronecker_factors(self.factors)
+        self._check_parameters(model)
         if eigen_corrected:
             sums: dict[str, torch.Tensor] = {}
             for x, y in batches:
                 accumulate_ekfac_eigenvalues(
-                    self.factors, capture_linear_layers(model, loss_fn, x, y), sums
+                    self.factors, capture_layers(model, loss_fn, x, y), sums
                 )
             finalize_ekfac_eigenvalues(self.factors, sums)
         self.dampings = {}
@@ -191,13 +140,12 @@ class KFACEstimator(Estimator):
 
     def _check_parameters(self, model: nn.Module) -> None:
         covered = set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                covered |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+        for f in self.factors.values():
+            covered |= {f.weight_name} | ({f.bias_name} if f.bias_name else set())
         others = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
         if others:
             raise UnsupportedModelError(
-                f"K-FAC here covers nn.Linear layers only; trainable parameters {others[:5]} belong to "
+                f"K-FAC covers Linear/Conv layers only; trainable parameters {others[:5]} belong to "
                 "other layers: freeze them (requires_grad_(False)) or use method='cg' / 'trak'"
             )
 
@@ -212,7 +160,7 @@ class KFACEstimator(Estimator):
         return FeatureLayout(start, tuple(blocks)), shapes
 
     def features(self, inputs, targets):
-        grads = _layer_gradients(capture_linear_layers(self.model, self.loss_fn, inputs, targets))
+        grads = _layer_gradients(capture_layers(self.model, self.loss_fn, inputs, targets))
         return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in self.factors], dim=1)
 
     def precondition(self, features):

@@ -34,7 +34,7 @@ from influx.influence.base import (
     option,
     per_example_gradients,
 )
-from influx.influence.kfac import capture_linear_layers
+from influx.influence.kfac import capture_layers
 from influx.influence.tracin import model_at, resolve_checkpoints
 
 
@@ -79,7 +79,7 @@ class _DenseProjector:
 class _KroneckerProjector:
     def __init__(self, model, loss_fn, dim: int, seed: int, example):
         self.model, self.loss_fn = model, loss_fn
-        captures = capture_linear_layers(model, loss_fn, *example)
+        captures = capture_layers(model, loss_fn, *example)
         generator = torch.Generator().manual_seed(seed)
         share = max(1, dim // max(1, len(captures)))
         self.projections, blocks, start = {}, [], 0
@@ -96,7 +96,7 @@ class _KroneckerProjector:
         self.layout = FeatureLayout(start, tuple(blocks))
 
     def __call__(self, inputs, targets):
-        captures = capture_linear_layers(self.model, self.loss_fn, inputs, targets)
+        captures = capture_layers(self.model, self.loss_fn, inputs, targets)
         parts = []
         for name, (p_out, p_in) in self.projections.items():
             cap = captures[name]

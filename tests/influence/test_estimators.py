@@ -267,7 +267,7 @@ def test_errors(tiny_mlp):
     with pytest.raises(InfluxValueError, match="fisher='sampled'"):
         influence.fit(model, loss_fn, (train[0], train[0][:, :3]), method="kfac", fisher="sampled")
     conv = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)).double()
-    with pytest.raises(UnsupportedModelError, match="nn.Linear layers only"):
+    with pytest.raises(UnsupportedModelError, match="Linear/Conv layers only"):
         influence.fit(conv, loss_fn, train, method="ekfac")
     with pytest.raises(InfluxValueError, match="loss_fn must return per-example"):
         influence.fit(model, lambda o, t: F.cross_entropy(o, t), train, method="grad_dot").scores(
@@ -285,3 +285,18 @@ def test_scores_carry_dataset_indices(tiny_mlp):
     assert torch.equal(scores.top_k.largest_indices, indices[scores.values.topk(3, dim=1).indices])
     dataset = torch.utils.data.TensorDataset(*train)
     assert_close(fitted.scores(query, dataset).values, scores.values, rtol=1e-12, name="dataset")
+
+
+@pytest.mark.parametrize("method", ["ekfac", "trak"])
+def test_factored_methods_cover_convolutions(method):
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
+    x, y = torch.randn(24, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (24,))
+    options = {"projection": "kronecker", "dim": 16} if method == "trak" else {}
+    loss_fn = lambda o, t: F.cross_entropy(o, t, reduction="none")
+    fitted = influence.fit(model, loss_fn, (x, y), method=method, **options)
+    scores = fitted.scores((x, y), per_layer=True)
+    assert set(scores.per_layer) == {"0", "3"}
+    assert_close(fitted.self_influence(), -torch.diagonal(scores.values), rtol=1e-8, name=method)
