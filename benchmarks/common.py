@@ -104,6 +104,8 @@ def provenance(device: str) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        # other work on the machine skews CPU timings: record how busy it was
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "device": device,
         "device_name": device_name(device),
         "versions": versions(),
