@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from influx.curvature import ParamSpace, Spectrum, check_damped_spectrum, resolve_damping
+from influx.curvature import ParamSpace, Spectrum, check_damped_spectrum, lanczos, resolve_damping
+from influx.errors import InfluxValueError
 from influx.grads.functional import LossFn
 from influx.influence.base import (
     Block,
@@ -146,12 +147,28 @@ class TRAKEstimator(Estimator):
         self.inverses, dampings = [], []
         for t in range(len(self.projectors)):
             phi = train_features[:, self.offsets[t] : self.offsets[t + 1]].to(torch.float64)
-            values, vectors = torch.linalg.eigh(phi.T @ phi / phi.shape[0])
-            spectrum = Spectrum.of_eigenvalues(values)
+            fisher = phi.T @ phi / phi.shape[0]  # [K, K], positive semi-definite
+            # F is PSD (lambda_min >= 0), so tr(F) / K and a short Lanczos run for lambda_max
+            # give the damping and the conditioning check; a K x K eigendecomposition would cost
+            # ~20x the Cholesky inverse below.
+            ritz, _ = lanczos(lambda v, f=fisher: v @ f, fisher.shape[0], iterations=30, seed=t)
+            spectrum = Spectrum(
+                mean=float(torch.diagonal(fisher).mean()),
+                maximum=float(ritz.max()),
+                minimum=0.0,
+                size=fisher.shape[0],
+            )
             damping = resolve_damping(options.damping, spectrum)
             check_damped_spectrum(spectrum, damping, what=f"projected Fisher of checkpoint {t}")
+            if damping <= 0:
+                raise InfluxValueError(
+                    "trak needs damping > 0: the projected Fisher is singular when K >= N or "
+                    "gradients are degenerate; pass damping='auto' or a positive number"
+                )
+            eye = torch.eye(fisher.shape[0], dtype=fisher.dtype)
             # Average over checkpoints: fold 1/T into each block's inverse.
-            inverse = (vectors / (values + damping)) @ vectors.T / len(self.projectors)
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(fisher + damping * eye))
+            inverse = inverse / len(self.projectors)
             self.inverses.append(inverse.to(train_features.dtype))
             dampings.append(damping)
         self.diagnostics = {

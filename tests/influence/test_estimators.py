@@ -262,6 +262,8 @@ def test_errors(tiny_mlp):
         )
     with pytest.raises(InfluxValueError, match="no per-layer split"):
         influence.fit(model, loss_fn, train, method="trak", dim=8).scores(query, per_layer=True)
+    with pytest.raises(InfluxValueError, match="trak needs damping > 0"):
+        influence.fit(model, loss_fn, train, method="trak", dim=8, damping=0.0)
     with pytest.raises(InfluxValueError, match="top_k must be"):
         influence.fit(model, loss_fn, train, method="grad_dot").scores(query, top_k=0)
     with pytest.raises(InfluxValueError, match="fisher='sampled'"):
