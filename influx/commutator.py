@@ -30,7 +30,8 @@ from torch.func import grad, jvp, vmap
 
 from influx import curvature
 from influx.data import as_tensors, iter_batches
-from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.errors import InfluxValueError
+from influx.grads.capture import check_no_train_batchnorm
 from influx.grads.functional import LossFn
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -217,18 +218,6 @@ def _check_choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def _check_no_training_batchnorm(model: nn.Module) -> None:
-    """BatchNorm in train mode mixes examples and updates running stats in place (mutating the
-    model even under functional_call), so steps would not be the maps this module studies."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise UnsupportedModelError(
-                f"`model` contains {type(module).__name__} ({name or 'root'}) in train mode: "
-                "its batch statistics couple the examples and its running stats would be updated; "
-                "call influx.models.convert_batchnorm(model) (GroupNorm) or model.eval() first"
-            )
-
-
 def _as_batch(z, name: str) -> Pair:
     """``(input, target)`` of one example (scalar target: a batch dim is added) or a batch."""
     if not isinstance(z, (tuple, list)) or len(z) not in (2, 3):
@@ -411,7 +400,7 @@ def step(
     Returns a :class:`CommutatorResult` whose ``vector`` is [P]; about ``lr^2 * bracket(...)``.
     """
     lr = _check_lr(lr)
-    _check_no_training_batchnorm(model)
+    check_no_train_batchnorm(model)
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
     theta = space.current(model)
@@ -438,7 +427,7 @@ def bracket(
     Hessian-vector products (forward-over-reverse); no Hessian is formed. Arguments as in
     :func:`step`.
     """
-    _check_no_training_batchnorm(model)
+    check_no_train_batchnorm(model)
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
     vector, g_1, g_2 = _bracket_vector(obj_1, obj_2, space.current(model))
@@ -473,7 +462,7 @@ def pairwise(
     """
     lr = None if lr is None else _check_lr(lr)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    _check_no_training_batchnorm(model)
+    check_no_train_batchnorm(model)
     inputs, targets = _as_batch(batch, "batch")
     space = curvature.ParamSpace.of(model, params)
     theta = space.current(model)
@@ -562,7 +551,7 @@ def order_shift(
     lr = _check_lr(lr)
     epochs = _check_positive_int(epochs, "epochs")
     perms = _check_positive_int(perms, "perms")
-    _check_no_training_batchnorm(model)
+    check_no_train_batchnorm(model)
     batches = _batches_of(data, batch_size)
     objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
     theta = curvature.ParamSpace.of(model, params).current(model)
@@ -657,7 +646,7 @@ def ascent_residual(
     )
     order = _check_choice(order, "order", ("same", "reversed"))
     mode = _check_choice(mode, "mode", ("dataset", "batch", "point"))
-    _check_no_training_batchnorm(model)
+    check_no_train_batchnorm(model)
     theta = curvature.ParamSpace.of(model, params).current(model)
     common = dict(mode=mode, order=order, lr=lr, epochs=epochs, ascent_epochs=ascent_epochs)
     if mode == "point":
