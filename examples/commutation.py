@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -66,21 +65,9 @@ def load_data(args):
 
 
 def make_model(name: str, dataset, args) -> torch.nn.Module:
-    channels, classes = dataset.input_shape[0], dataset.num_classes
-    features = math.prod(dataset.input_shape)
-    factories = {
-        "linear": lambda: models.mlp(features, (), classes),
-        "mlp": lambda: models.mlp(features, (args.width,), classes),
-        "cnn": lambda: models.cnn(channels, classes, width=args.width),
-        "resnet8": lambda: models.resnet(
-            8, width=args.width, num_classes=classes, in_channels=channels
-        ),
-        "resnet18": lambda: models.resnet(
-            18, width=args.width, num_classes=classes, in_channels=channels
-        ),
-    }
     torch.manual_seed(args.seed)
-    return factories[name]().to(args.device, getattr(torch, args.dtype))
+    model = models.build(name, dataset.input_shape, dataset.num_classes, width=args.width)
+    return model.to(args.device, getattr(torch, args.dtype))
 
 
 def pretrained(name, dataset, inputs, targets, args) -> torch.nn.Module:

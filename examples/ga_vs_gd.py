@@ -58,19 +58,10 @@ def build(args: argparse.Namespace):
     dataset = data.load(args.dataset, root=args.data_dir, max_examples=args.examples)
     inputs, targets, _ = data.as_tensors(dataset)
     inputs, targets = inputs.to(args.device, dtype), targets.to(args.device)
-    channels, classes = dataset.input_shape[0], dataset.num_classes
-    factories = {
-        "mlp": lambda: models.mlp(math.prod(dataset.input_shape), (args.width,), classes),
-        "cnn": lambda: models.cnn(channels, classes, width=args.width),
-        "resnet8": lambda: models.resnet(
-            8, width=args.width, num_classes=classes, in_channels=channels
-        ),
-        "resnet18": lambda: models.resnet(
-            18, width=args.width, num_classes=classes, in_channels=channels
-        ),
-    }
+    classes = dataset.num_classes
     torch.manual_seed(args.seed)
-    model = factories[args.model]().to(args.device, dtype)
+    model = models.build(args.model, dataset.input_shape, classes, width=args.width)
+    model = model.to(args.device, dtype)
     # A briefly trained model gives points a spread of losses (at init they are all about log C).
     train.train(model, (inputs, targets), lr=args.pretrain_lr, epochs=args.pretrain_epochs, batch_size=64,
                 seed=args.seed, progress=False)  # fmt: skip

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -60,19 +59,10 @@ def build(args: argparse.Namespace):
     dataset = data.load(args.dataset, root=args.data_dir, max_examples=args.retain + args.forget)
     inputs, targets, _ = data.as_tensors(dataset)
     inputs, targets = inputs.to(args.device, dtype), targets.to(args.device)
-    channels, classes = dataset.input_shape[0], dataset.num_classes
-    factories = {
-        "mlp": lambda: models.mlp(math.prod(dataset.input_shape), (args.width,), classes),
-        "cnn": lambda: models.cnn(channels, classes, width=args.width),
-        "resnet8": lambda: models.resnet(
-            8, width=args.width, num_classes=classes, in_channels=channels
-        ),
-        "resnet18": lambda: models.resnet(
-            18, width=args.width, num_classes=classes, in_channels=channels
-        ),
-    }
+    classes = dataset.num_classes
     torch.manual_seed(args.seed)
-    model = factories[args.model]().to(args.device, dtype)
+    model = models.build(args.model, dataset.input_shape, classes, width=args.width)
+    model = model.to(args.device, dtype)
     retain = (inputs[: args.retain], targets[: args.retain])
     train.train(model, retain, lr=1e-2, epochs=5, batch_size=64, seed=args.seed, progress=False)
     return model.eval(), (inputs[args.retain :], targets[args.retain :])

@@ -127,19 +127,13 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, width: int | None = None):
     """The model ``name`` (one of MODELS) for inputs of ``input_shape`` (C, H, W)."""
-    width_kw = {} if width is None else {"width": width}
     if name == "mlp" and width is not None:
         raise InfluxValueError(
             f"--width applies to the cnn and resnet models; got --width {width} with mlp"
         )
-    if name == "mlp":
-        return models.mlp(in_features=math.prod(input_shape), num_classes=num_classes)
-    if name == "cnn":
-        return models.cnn(input_shape[0], num_classes, **width_kw)
-    if name in ("resnet8", "resnet18"):
-        depth = int(name.removeprefix("resnet"))
-        return models.resnet(depth, in_channels=input_shape[0], num_classes=num_classes, **width_kw)
-    raise InfluxValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if name not in MODELS:
+        raise InfluxValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return models.build(name, input_shape, num_classes, width=width)
 
 
 def fingerprint(config: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ returns logits ``[N, num_classes]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -251,3 +252,29 @@ def convert_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
         else:
             convert_batchnorm(child, num_groups)
     return model
+
+
+MODEL_NAMES = ("linear", "mlp", "cnn", "resnet8", "resnet18")
+
+
+def build(
+    name: str, input_shape: Sequence[int], num_classes: int, *, width: int | None = None
+) -> nn.Module:
+    """A model by name for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs.
+
+    ``linear`` is a single Linear layer on the flattened input (softmax regression); ``mlp`` has
+    one hidden layer of ``width`` (default 64); ``cnn`` and ``resnet8``/``resnet18`` take
+    ``width`` as their base channel count (defaults 16 and 64).
+    """
+    features = math.prod(input_shape)
+    if name == "linear":
+        return mlp(features, (), num_classes)
+    if name == "mlp":
+        return mlp(features, (width or 64,), num_classes)
+    width_kw = {} if width is None else {"width": width}
+    if name == "cnn":
+        return cnn(input_shape[0], num_classes, **width_kw)
+    if name in ("resnet8", "resnet18"):
+        depth = int(name.removeprefix("resnet"))
+        return resnet(depth, in_channels=input_shape[0], num_classes=num_classes, **width_kw)
+    raise InfluxValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

@@ -127,3 +127,14 @@ def test_convert_batchnorm_uses_gcd_groups_and_handles_bare_layer():
 def test_invalid_arguments_raise_clear_errors(factory, match):
     with pytest.raises(InfluxValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "cnn", "resnet8"])
+def test_build_by_name(name):
+    model = models.build(name, (3, 8, 8), 4, width=8)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_build_unknown_name():
+    with pytest.raises(InfluxValueError, match="unknown model 'vgg'.*linear, mlp, cnn"):
+        models.build("vgg", (3, 8, 8), 4)
