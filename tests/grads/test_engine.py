@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 from utils import assert_close
 
-from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected, reference
+from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected, reference, rules
 from influx.grads.projection import Projector, dense_project
 
 
@@ -41,6 +41,14 @@ def test_mixed_model_float64():
     model = Mixed().double()
     x, y = mixed_batch(7)
     check_all(model, cross_entropy, x, y, rtol=1e-10)
+
+
+@pytest.fixture(params=["grouped-conv", "im2col"])
+def weight_gradient_path(request, monkeypatch):
+    """Force one of the two per-sample conv weight gradient forms, whatever the layer size."""
+    threshold = 1 if request.param == "grouped-conv" else 10**9
+    monkeypatch.setattr(rules, "CONV_TRICK_MIN_POSITIONS", threshold)
+    return request.param
 
 
 @pytest.fixture
@@ -84,7 +92,7 @@ def test_matches_torch_func_reference():
     ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
 )
-def test_conv2d_variants(config):
+def test_conv2d_variants(config, weight_gradient_path):
     model = conv_net(**config).double()
     x = torch.randn(5, 4, 7, 6, dtype=torch.float64)
     check_all(model, cross_entropy, x, torch.randint(0, 3, (5,)), rtol=1e-10)
@@ -313,9 +321,8 @@ def test_captured_matmul_forms_reproduce_weight_and_bias_gradients():
         assert_close(grad[:, :, -1], expected[layer.bias_name], name=layer.bias_name)
 
 
-@pytest.mark.parametrize("length", [9, 40], ids=["im2col", "grouped-conv"])
-def test_conv1d_both_weight_gradient_paths(length):
-    # 40 output positions take the grouped-convolution form, 9 the im2col form
+def test_conv1d_both_weight_gradient_paths(weight_gradient_path):
+    length = 40
     model = nn.Sequential(
         nn.Conv1d(3, 4, 3, padding=2, dilation=2, padding_mode="circular"),
         nn.Tanh(),
