@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from influx.data import iter_batches, iter_ordered_batches, num_examples
@@ -343,3 +344,46 @@ def _run(
         lrs=lrs,
         checkpoints=saved,
     )
+
+
+def train_ensemble(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    steps: int,
+    lr: float,
+    chunk: int = 32,
+) -> dict[str, torch.Tensor]:
+    """Train K copies of ``model`` by full-batch Adam, copy k on ``sum_i weights[k, i] l_i``.
+
+    ``weights`` [K, N] (0/1 for subsets, any value for upweighting); ``init`` the starting
+    parameters (default: the model's). The copies are stacked and their losses ``vmap``-ed,
+    ``chunk`` copies at a time; Adam is elementwise, so one ``torch.optim.Adam`` over the stacked
+    parameters is K independent optimizers. Returns name -> [K, *shape].
+    """
+    start = {n: (init[n] if init is not None else p).detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def objective(params, w):
+        losses = loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
+        return (losses * w).sum()
+
+    batched_objective = vmap(objective)
+    results: dict[str, list[torch.Tensor]] = {n: [] for n in start}
+    for block in weights.split(chunk):
+        stacked = {
+            n: p.unsqueeze(0).repeat(block.shape[0], *([1] * p.dim())).requires_grad_()
+            for n, p in start.items()
+        }
+        optimizer = torch.optim.Adam(stacked.values(), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            batched_objective(stacked, block).sum().backward()
+            optimizer.step()
+        for n, p in stacked.items():
+            results[n].append(p.detach())
+    return {n: torch.cat(parts) for n, parts in results.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from utils import assert_close
 
 from influx import models
@@ -190,3 +191,26 @@ def test_invalid_settings_raise_clear_errors(kwargs, match):
     kwargs = {"batch_size": 10, "progress": False, **kwargs}
     with pytest.raises(InfluxValueError, match=match):
         train(small_model(), blobs(20), **kwargs)
+
+
+def test_ensemble_equals_independent_torch_optim_runs():
+    from influx.train import train_ensemble
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs = torch.randn(12, 4, dtype=torch.float64)
+    targets = torch.randint(0, 3, (12,))
+    weights = (torch.rand(3, 12) < 0.5).double()
+    stacked = train_ensemble(
+        model, cross_entropy_per_example, inputs, targets, weights, steps=5, lr=0.05, chunk=2
+    )
+    for k in range(3):
+        copy = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        copy.load_state_dict(model.state_dict())
+        optimizer = torch.optim.Adam(copy.parameters(), lr=0.05)
+        for _ in range(5):
+            optimizer.zero_grad()
+            (cross_entropy_per_example(copy(inputs), targets) * weights[k]).sum().backward()
+            optimizer.step()
+        for name, value in copy.named_parameters():
+            assert_close(stacked[name][k], value, name=f"member {k} {name}")

@@ -24,63 +24,15 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from influx.errors import InfluxValueError
 from influx.grads.functional import LossFn
+from influx.train import train_ensemble
 
 # --------------------------------------------------------------------------------------------------
 # A weighted ensemble trainer: K models, one objective each, sum_i w_ki l(model_k, z_i)
 # --------------------------------------------------------------------------------------------------
-
-
-def train_weighted_ensemble(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    init: Mapping[str, torch.Tensor] | None = None,
-    steps: int,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    chunk: int = 32,
-) -> dict[str, torch.Tensor]:
-    """Train K copies of ``model`` by full-batch Adam on objectives ``sum_i weights[k, i] l_i``.
-
-    ``weights`` [K, N]; ``init`` the starting state dict (default: the model's parameters).
-    Returns the final parameters stacked: name -> [K, *shape]. Models are vmapped ``chunk`` at a time.
-    """
-    start = {
-        n: (init[n] if init is not None else p).detach().clone()
-        for n, p in model.named_parameters()
-    }
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def objective(params, w):
-        losses = loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
-        return (losses * w).sum()
-
-    step_grad = vmap(grad(objective))
-    results: dict[str, list[torch.Tensor]] = {n: [] for n in start}
-    for block in weights.split(chunk):
-        k = block.shape[0]
-        params = {n: p.unsqueeze(0).repeat(k, *([1] * p.dim())) for n, p in start.items()}
-        m = {n: torch.zeros_like(p) for n, p in params.items()}
-        v = {n: torch.zeros_like(p) for n, p in params.items()}
-        for t in range(1, steps + 1):
-            grads = step_grad(params, block)
-            for n in params:
-                m[n].mul_(betas[0]).add_(grads[n], alpha=1 - betas[0])
-                v[n].mul_(betas[1]).addcmul_(grads[n], grads[n], value=1 - betas[1])
-                m_hat = m[n] / (1 - betas[0] ** t)
-                v_hat = v[n] / (1 - betas[1] ** t)
-                params[n] = params[n] - lr * m_hat / (v_hat.sqrt() + eps)
-        for n in params:
-            results[n].append(params[n])
-    return {n: torch.cat(parts) for n, parts in results.items()}
 
 
 def ensemble_losses(
@@ -193,7 +145,7 @@ def train_subset_models(
     masks = torch.zeros(num_subsets, n, dtype=inputs.dtype)
     for j in range(num_subsets):
         masks[j, torch.randperm(n, generator=generator)[:size]] = 1.0
-    stacked = train_weighted_ensemble(
+    stacked = train_ensemble(
         model, loss_fn, inputs, targets, masks / size, init=init, steps=steps, lr=lr
     )
     return SubsetModels(masks, ensemble_losses(model, loss_fn, stacked, query))
@@ -335,7 +287,7 @@ def retrain_ground_truth(
     points = torch.unique(pairs[:, 1])
     weights = torch.full((points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype)
     weights[torch.arange(1, points.numel() + 1), points] += epsilon
-    stacked = train_weighted_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
+    stacked = train_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
     losses = ensemble_losses(model, loss_fn, stacked, query)  # [1 + points, Q]
     row = {int(p): j + 1 for j, p in enumerate(points)}
     measured = torch.stack([losses[row[int(z)], int(q)] - losses[0, int(q)] for q, z in pairs])
