@@ -144,7 +144,7 @@ class TRAKEstimator(Estimator):
             ]
         )
         self.fitted_train_features = train_features
-        self.inverses, dampings = [], []
+        self.factors, dampings = [], []
         for t in range(len(self.projectors)):
             phi = train_features[:, self.offsets[t] : self.offsets[t + 1]].to(torch.float64)
             fisher = phi.T @ phi / phi.shape[0]  # [K, K], positive semi-definite
@@ -166,10 +166,9 @@ class TRAKEstimator(Estimator):
                     "gradients are degenerate; pass damping='auto' or a positive number"
                 )
             eye = torch.eye(fisher.shape[0], dtype=fisher.dtype)
-            # Average over checkpoints: fold 1/T into each block's inverse.
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(fisher + damping * eye))
-            inverse = inverse / len(self.projectors)
-            self.inverses.append(inverse.to(train_features.dtype))
+            # Keep the Cholesky factor and solve per query block: cheaper than forming the K x K
+            # inverse when there are fewer queries than K, and better conditioned.
+            self.factors.append(torch.linalg.cholesky(fisher + damping * eye))
             dampings.append(damping)
         self.diagnostics = {
             "dim": options.dim,
@@ -183,7 +182,9 @@ class TRAKEstimator(Estimator):
 
     def precondition(self, features):
         out = torch.empty_like(features)
-        for t, inverse in enumerate(self.inverses):
+        for t, factor in enumerate(self.factors):
             sl = slice(self.offsets[t], self.offsets[t + 1])
-            out[:, sl] = features[:, sl] @ inverse.to(features.dtype)
+            solved = torch.cholesky_solve(features[:, sl].T.to(factor.dtype), factor).T
+            # average over checkpoints
+            out[:, sl] = (solved / len(self.factors)).to(features.dtype)
         return out
