@@ -21,7 +21,12 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from influx.errors import InfluxValueError
-from influx.grads.functional import LossFn, check_per_example_losses, select_parameters
+from influx.grads.functional import (
+    LossFn,
+    check_per_example_losses,
+    fixed_state,
+    select_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,7 @@ def batch_objective(
         raise InfluxValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     space = ParamSpace.of(model, params)
     inputs, targets = batch
-    fixed = {
-        name: t.detach()
-        for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
-        if name not in space.names
-    }
+    fixed = fixed_state(model, space.names)
 
     def objective(theta: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, {**fixed, **space.unflatten(theta)}, (inputs,))
@@ -134,11 +135,7 @@ def ggn_vp(
     space = ParamSpace.of(model, params)
     inputs, targets = batch
     theta = space.current(model) if theta is None else theta
-    fixed = {
-        name: t.detach()
-        for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
-        if name not in space.names
-    }
+    fixed = fixed_state(model, space.names)
     scale = 1.0 / inputs.shape[0] if reduction == "mean" else 1.0
 
     def outputs_of(t: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,15 @@ def select_parameters(
     return selected
 
 
+def fixed_state(model: nn.Module, varied) -> dict[str, torch.Tensor]:
+    """Detached parameters and buffers of ``model`` except the names in ``varied``.
+
+    With the varied tensors added back, this is the full state ``functional_call`` needs.
+    """
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: t.detach() for name, t in state.items() if name not in varied}
+
+
 def check_per_example_losses(losses: torch.Tensor, batch_size: int) -> None:
     """loss_fn must return one loss per example, shape [N]; a reduced loss is a common mistake."""
     if losses.dim() != 1 or losses.shape[0] != batch_size:
@@ -78,11 +87,7 @@ def per_sample_grads(
     """Per-sample gradients with ``vmap(grad(functional_call))``: name -> [N, *param.shape]."""
     check_batch(inputs, targets)
     selected = select_parameters(model, params)
-    frozen = {
-        name: t.detach()
-        for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
-        if name not in selected
-    }
+    frozen = fixed_state(model, selected)
 
     def example_loss(weights: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         out = functional_call(model, {**frozen, **weights}, (x.unsqueeze(0),))
