@@ -86,6 +86,12 @@ class MatmulRule(LayerRule):
         forms = [self.matmul_form(module, call) for call in calls]
         return _cat_tokens([a for a, _ in forms]), _cat_tokens([b for _, b in forms])
 
+    def _flat_forms(self, module, calls) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """(N, G, a [N*G, T, d_in], b [N*G, T, d_out]): groups folded into the batch."""
+        a, b = self._forms(module, calls)
+        n, groups, tokens, d_in = a.shape
+        return n, groups, a.reshape(n * groups, tokens, d_in), b.reshape(n * groups, tokens, -1)
+
     def _dims(self, module, calls) -> tuple[int, int, int]:
         """(T summed over calls, d_in, d_out) of one group, from shapes alone."""
         raise NotImplementedError
@@ -98,10 +104,7 @@ class MatmulRule(LayerRule):
 
     def weight_grads(self, module, calls) -> torch.Tensor:
         """[N, *weight.shape]."""
-        a, b = self._forms(module, calls)
-        n, groups, tokens, d_in = a.shape
-        a_flat = a.reshape(n * groups, tokens, d_in)
-        b_flat = b.reshape(n * groups, tokens, b.shape[-1])
+        n, _, a_flat, b_flat = self._flat_forms(module, calls)
         weight = torch.bmm(b_flat.transpose(1, 2), a_flat)  # [N*G, d_out, d_in]
         return weight.reshape(n, *self.weight_shape(module))
 
@@ -117,19 +120,13 @@ class MatmulRule(LayerRule):
         return out
 
     def weight_sqnorms_direct(self, module, calls) -> torch.Tensor:
-        a, b = self._forms(module, calls)
-        n, groups, tokens, d_in = a.shape
-        flat_a = a.reshape(n * groups, tokens, d_in)
-        flat_b = b.reshape(n * groups, tokens, b.shape[-1])
-        return direct_sqnorm(flat_a, flat_b).reshape(n, groups).sum(1)
+        n, groups, a_flat, b_flat = self._flat_forms(module, calls)
+        return direct_sqnorm(a_flat, b_flat).reshape(n, groups).sum(1)
 
     def sqnorms(self, module, calls):
         if self._ghost_is_cheaper(module, calls):
-            a, b = self._forms(module, calls)
-            n, groups, tokens, d_in = a.shape
-            flat_a = a.reshape(n * groups, tokens, d_in)
-            flat_b = b.reshape(n * groups, tokens, b.shape[-1])
-            weight = ghost_sqnorm(flat_a, flat_b).reshape(n, groups).sum(1)
+            n, groups, a_flat, b_flat = self._flat_forms(module, calls)
+            weight = ghost_sqnorm(a_flat, b_flat).reshape(n, groups).sum(1)
         else:
             weight = self.weight_sqnorms_direct(module, calls)
         out = {"weight": weight}
