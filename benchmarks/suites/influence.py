@@ -43,8 +43,9 @@ COLUMNS = [
 NOTES = (
     "Scores follow influx's sign (I_up,loss; TracIn-like scores are negated for comparisons). "
     "`seconds` = fit + pairwise 50 x 1,600 scores, one run. cg / lissa / arnoldi use the exact "
-    "solve's damping. Retraining: 12 train points x 5 "
-    "queries, leave-one-out by warm-start full-batch Adam. LDS: models trained on random halves."
+    "solve's damping. Retraining: for each of 5 queries the 12 train points of largest "
+    "exact-Hessian |influence|, leave-one-out by warm-start full-batch Adam (300 steps) against an "
+    "unperturbed run. LDS: models trained on random halves."
 )
 
 # Influence methods and their options on this task; sign +1 methods are TracIn-like.
@@ -266,13 +267,6 @@ PEERS = {
 # --------------------------------------------------------------------------------------------------
 
 
-def _retrain_pairs(reference: torch.Tensor, queries: int = 5, points: int = 12) -> torch.Tensor:
-    """(query, train) pairs: the train points with the largest |influence| on the first queries."""
-    strength = reference[:queries].abs().sum(0)
-    top = strength.topk(points).indices
-    return torch.stack(torch.meshgrid(torch.arange(queries), top, indexing="ij"), -1).reshape(-1, 2)
-
-
 def run(args: Namespace) -> list[dict]:
     torch.manual_seed(0)
     # The reference timings (peers included) are for two CPU cores.
@@ -305,7 +299,7 @@ def run(args: Namespace) -> list[dict]:
         task.loss_fn,
         task.train,
         task.query,
-        _retrain_pairs(hessian),
+        evaluate.strongest_pairs(hessian, queries=5, per_query=12),
         steps=100 if quick else 300,
     )
     subsets = evaluate.train_subset_models(

@@ -20,7 +20,7 @@ __all__ = ["METHODS", "Influence", "Scores", "TopK", "describe", "fit", "lds", "
 
 def __getattr__(name: str):
     # The evaluation helpers pull in the trainer and scipy: import them on first use.
-    if name in ("lds", "mislabel_auc", "retrain_ground_truth"):
+    if name in ("lds", "mislabel_auc", "retrain_ground_truth", "strongest_pairs"):
         from influx.influence import evaluate
 
         return getattr(evaluate, name)

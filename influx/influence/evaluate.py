@@ -9,6 +9,7 @@
   the fraction of them found among the top k.
 * :func:`retrain_ground_truth` — upweight a train point by eps in the mean loss, warm-start retrain
   and measure the change of each query loss; I_up,loss predicts ``eps * I_up,loss``.
+  :func:`strongest_pairs` picks the (query, train) pairs to retrain for.
 * :func:`agreement` — Spearman (pooled and per query) and top-k overlap between two score matrices.
 
 The subset and retrain models are trained together as one vmapped ensemble (``torch.func``) with
@@ -261,6 +262,23 @@ class RetrainResult:
             "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(measured))),
             "pearson": float(pearsonr(predicted, measured).statistic),
         }
+
+
+def strongest_pairs(reference: torch.Tensor, *, queries: int = 5, per_query: int = 12) -> torch.Tensor:
+    """(query, train) pairs [queries * per_query, 2]: for each of the first ``queries`` rows of
+    ``reference`` [Q, N], the train points with the largest |influence| on that query.
+
+    Chosen per query on purpose: a train point that is strong for another query often has a
+    near-zero effect on this one, and the sign of a near-zero retraining effect is noise.
+    """
+    if reference.dim() != 2 or not 0 < queries <= reference.shape[0]:
+        raise ValueError(
+            f"reference must be [Q, N] with Q >= queries={queries}, got {tuple(reference.shape)}"
+        )
+    per_query = min(per_query, reference.shape[1])
+    top = reference[:queries].abs().topk(per_query, dim=1).indices  # [queries, per_query]
+    rows = torch.arange(queries).unsqueeze(1).expand_as(top)
+    return torch.stack([rows, top], -1).reshape(-1, 2)
 
 
 def retrain_ground_truth(

@@ -50,14 +50,14 @@ def test_self_influence_finds_flipped_labels_better_than_chance(small_task, exac
 
 def test_exact_influence_predicts_leave_one_out_retraining(small_task, exact_fit):
     scores = exact_fit.scores(small_task.query).values
-    top = scores[:2].abs().sum(0).topk(5).indices
-    pairs = torch.stack(torch.meshgrid(torch.arange(2), top, indexing="ij"), -1).reshape(-1, 2)
+    pairs = evaluate.strongest_pairs(scores, queries=4, per_query=8)
     truth = evaluate.retrain_ground_truth(
         small_task.model, small_task.loss_fn, small_task.train, small_task.query, pairs, steps=150
     )
     comparison = truth.compare(scores)
-    assert comparison["sign_agreement"] >= 0.7, comparison
-    assert comparison["pearson"] > 0.5, comparison
+    # Measured 0.875 / 0.96 on 32 pairs; random scores give ~0.5 / ~0.
+    assert comparison["sign_agreement"] >= 0.75, comparison
+    assert comparison["pearson"] > 0.8, comparison
 
 
 def test_lds_is_positive_for_exact_and_has_an_interval(small_task, exact_fit):
