@@ -68,6 +68,15 @@ INFLUX_METHODS = {
         {"curvature": "ggn", "preconditioner": "ekfac", "max_iterations": 30, "tolerance": 1e-4},
     ),
     "lissa": ("lissa", {"curvature": "hessian", "max_iterations": 200, "tolerance": 1e-5}),
+    "lissa-ekfac": (
+        "lissa",
+        {
+            "curvature": "hessian",
+            "preconditioner": "ekfac",
+            "max_iterations": 300,
+            "tolerance": 1e-6,
+        },
+    ),
     "arnoldi": ("arnoldi", {"curvature": "hessian", "rank": 100}),
     "kfac": ("kfac", {}),
     "ekfac": ("ekfac", {}),
@@ -79,7 +88,7 @@ INFLUX_METHODS = {
 }
 # Self-influence of every train point costs N / Q = 32 times the pairwise solve for the iterative
 # solvers: skipped here (their self-influence is the same solve, see the unit tests).
-NO_SELF_INFLUENCE = ("cg", "cg-ekfac", "cg-ggn-ekfac", "lissa")
+NO_SELF_INFLUENCE = ("cg", "cg-ekfac", "cg-ggn-ekfac", "lissa", "lissa-ekfac")
 
 
 def _fit_and_score(task: InfluenceTask, name: str, dampings: dict[str, float]):

@@ -264,7 +264,9 @@ class RetrainResult:
         }
 
 
-def strongest_pairs(reference: torch.Tensor, *, queries: int = 5, per_query: int = 12) -> torch.Tensor:
+def strongest_pairs(
+    reference: torch.Tensor, *, queries: int = 5, per_query: int = 12
+) -> torch.Tensor:
     """(query, train) pairs [queries * per_query, 2]: for each of the first ``queries`` rows of
     ``reference`` [Q, N], the train points with the largest |influence| on that query.
 

@@ -9,7 +9,10 @@ All three approximate (H + damping I)^-1 with H the Hessian (or GGN) of the *mea
   reaches the exact solve's ranking in ~25 iterations where plain CG needs well over 100.
 * ``lissa``: the Neumann series v <- g + (I - (H + damping I) / scale) v (Agarwal et al. 2017), with
   scale 10% above the largest eigenvalue (Lanczos estimate) so the series converges; it needs
-  about cond(H + damping I) iterations, so it suits well-damped problems.
+  about cond(H + damping I) iterations, so it suits well-damped problems. With a
+  ``preconditioner`` it runs the same series on M^-1 (H + damping I), which needs about
+  cond(M^-1 (H + damping I)) iterations instead (on digits-MLP, EK-FAC-preconditioned: 0.95
+  Spearman vs the exact solve after 300 iterations; plain: 0.54 after 200).
 * ``arnoldi``: Lanczos (Arnoldi on a symmetric operator) builds the top-``rank`` eigenpairs of H;
   the inverse is taken in that subspace only (Schioppa et al. 2022).
 
@@ -100,7 +103,7 @@ class IterativeOptions:
     query_block: int = option(256, "right-hand sides solved at once")
     preconditioner: str | None = option(
         None,
-        "cg: None, 'kfac' or 'ekfac' (preconditioned CG with the factored curvature + damping)",
+        "cg / lissa: None, 'kfac' or 'ekfac' (precondition with the factored curvature + damping)",
     )
     seed: int = option(0, "seed of the random probes")
     params: tuple[str, ...] | None = option(
@@ -181,14 +184,21 @@ def lissa(
     scale: float,
     max_iterations: int,
     tolerance: float,
+    preconditioner=None,
 ):
-    """(A + damping I)^-1 rhs by the Neumann series; ``scale`` > lambda_max(A) + damping."""
-    estimate = rhs.clone()
+    """(A + damping I)^-1 rhs by the Neumann series, written as the Richardson iteration
+    ``x <- x + M^-1 (rhs - (A + damping I) x) / scale`` (x_0 = 0; M = I is Agarwal et al.'s LiSSA).
+
+    It converges when every eigenvalue of M^-1 (A + damping I) lies in (0, 2 * scale), at the rate
+    1 - mu_min / scale per iteration. Returns (X, iterations).
+    """
+    apply = preconditioner if preconditioner is not None else (lambda v: v)
+    estimate = torch.zeros_like(rhs)
     iterations = 0
     for iterations in range(1, max_iterations + 1):  # noqa: B007 - returned after the loop
-        update = rhs + estimate - (operator(estimate) + damping * estimate) / scale
-        change = (update - estimate).norm() / update.norm().clamp_min(torch.finfo(rhs.dtype).tiny)
-        estimate = update
+        step = apply(rhs - operator(estimate) - damping * estimate) / scale
+        estimate = estimate + step
+        change = step.norm() / estimate.norm().clamp_min(torch.finfo(rhs.dtype).tiny)
         if not torch.isfinite(change):
             raise InfluxRuntimeError(
                 "lissa diverged (non-finite iterate): H + damping I is not positive definite or "
@@ -196,7 +206,20 @@ def lissa(
             )
         if change < tolerance:
             break
-    return estimate / scale, iterations
+    return estimate, iterations
+
+
+def largest_eigenvalue(matvec, size: int, *, iterations: int, seed: int, dtype) -> float:
+    """|mu_max| of a (possibly non-symmetric) operator on [K, P] rows, by power iteration on the
+    norm ratio ||M v|| / ||v||, which, unlike the Rayleigh quotient, needs no symmetry."""
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, size, generator=generator, dtype=dtype)
+    value = 0.0
+    for _ in range(iterations):
+        v = v / v.norm()
+        v = matvec(v)
+        value = float(v.norm())
+    return value
 
 
 class FactoredPreconditioner:
@@ -287,16 +310,33 @@ class IterativeEstimator(Estimator):
             "curvature": options.curvature,
         }
         self.kfac_preconditioner = None
-        if method == "cg" and options.preconditioner is not None:
+        if method in ("cg", "lissa") and options.preconditioner is not None:
             self.kfac_preconditioner = FactoredPreconditioner(
                 model, loss_fn, inputs, targets, self.space, self.damping, options.preconditioner
             )
+        if method == "lissa":
+            self.lissa_scale = self._lissa_scale(dtype)
         if method == "arnoldi":
             self._fit_arnoldi(dtype)
         else:
             check_damped_spectrum(
                 self.spectrum, self.damping, what=f"{options.curvature} (estimated)"
             )
+
+    def _lissa_scale(self, dtype) -> float:
+        """10% above the largest eigenvalue of M^-1 (H + damping I): the series converges for
+        eigenvalues in (0, 2 * scale), and the margin covers the estimate's error."""
+        if self.kfac_preconditioner is None:
+            return 1.1 * (self.spectrum.maximum + self.damping)
+        preconditioned = lambda v: self.kfac_preconditioner(self.operator(v) + self.damping * v)
+        top = largest_eigenvalue(
+            preconditioned,
+            self.space.size,
+            iterations=self.options.spectrum_iterations,
+            seed=self.options.seed,
+            dtype=dtype,
+        )
+        return 1.1 * top
 
     def _fit_arnoldi(self, dtype) -> None:
         opts = self.options
@@ -331,18 +371,16 @@ class IterativeEstimator(Estimator):
                 )
                 self.diagnostics.update(iterations=iterations, residual=residual)
             elif self.method == "lissa":
-                # Scale 10% above the largest damped eigenvalue: the series converges for
-                # eigenvalues in (0, 2 * scale), and the margin covers the power-iteration error.
-                scale = 1.1 * (self.spectrum.maximum + self.damping)
                 solved, iterations = lissa(
                     self.operator,
                     block,
                     damping=self.damping,
-                    scale=scale,
+                    scale=self.lissa_scale,
                     max_iterations=opts.max_iterations,
                     tolerance=opts.tolerance,
+                    preconditioner=self.kfac_preconditioner,
                 )
-                self.diagnostics.update(iterations=iterations, scale=scale)
+                self.diagnostics.update(iterations=iterations, scale=self.lissa_scale)
             else:
                 coefficients = block.to(self.eigenvectors.dtype) @ self.eigenvectors
                 solved = (coefficients / (self.eigenvalues + self.damping)) @ self.eigenvectors.T

@@ -93,15 +93,28 @@ def _spearman(a, b):
     return spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic
 
 
-@pytest.mark.parametrize(("method", "floor"), [("cg", 0.99), ("lissa", 0.95), ("arnoldi", 0.95)])
-def test_iterative_methods_agree_with_exact(tiny_mlp, method, floor):
+@pytest.mark.parametrize(
+    ("method", "floor", "preconditioner"),
+    [
+        ("cg", 0.99, None),
+        ("cg", 0.99, "ekfac"),
+        ("lissa", 0.95, None),
+        ("lissa", 0.95, "ekfac"),
+        ("arnoldi", 0.95, None),
+    ],
+)
+def test_iterative_methods_agree_with_exact(tiny_mlp, method, floor, preconditioner):
     model, loss_fn, train, query = tiny_mlp
     exact = (
         influence.fit(model, loss_fn, train, method="exact", damping=PD_DAMPING)
         .scores(query)
         .values
     )
-    options = {"max_iterations": 300, "tolerance": 1e-8} if method != "arnoldi" else {"rank": 40}
+    options = (
+        {"max_iterations": 300, "tolerance": 1e-8, "preconditioner": preconditioner}
+        if method != "arnoldi"
+        else {"rank": 40}
+    )
     approx = (
         influence.fit(model, loss_fn, train, method=method, damping=PD_DAMPING, **options)
         .scores(query)
