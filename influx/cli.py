@@ -237,11 +237,19 @@ def margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def score_batch(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Loss, per-sample gradient norm and margin of each example: each [B]."""
-    with torch.no_grad():
-        logits = model(inputs)
-        losses = cross_entropy_per_example(logits, targets)
-    grad_norms = per_sample_norms(model, cross_entropy_per_example, inputs, targets)
+    """Loss, per-sample gradient norm and margin of each example: each [B].
+
+    One forward pass: the loss function handed to the engine keeps the logits it is called with.
+    """
+    seen: list[torch.Tensor] = []
+
+    def loss_keeping_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append(logits.detach())
+        return cross_entropy_per_example(logits, targets)
+
+    grad_norms = per_sample_norms(model, loss_keeping_logits, inputs, targets)
+    logits = torch.cat(seen)
+    losses = cross_entropy_per_example(logits, targets)
     return {"loss": losses, "grad_norm": grad_norms, "margin": margins(logits, targets)}
 
 
