@@ -1,7 +1,7 @@
 """Run a benchmark suite side by side with the peers; write JSON + markdown to benchmarks/results.
 
 python benchmarks/run.py --suite persample [--device cpu|cuda] [--quick]
-python benchmarks/run.py --suite kernels | commutator | influence | all
+python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | all
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 from benchmarks.common import provenance, write_results  # noqa: E402
 
-SUITES = ("persample", "kernels", "commutator", "influence")
+SUITES = ("persample", "kernels", "commutator", "influence", "influence_scale")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
