@@ -447,17 +447,19 @@ def accumulate_kronecker_factors(
     :func:`finalize_kronecker_factors` after the last batch to divide by N.
     """
     for name, cap in captures.items():
-        a = cap.a.to(dtype).reshape(-1, cap.a.shape[-1])
-        b = cap.b.to(dtype).reshape(-1, cap.b.shape[-1])
+        # Each batch's products in the capture's dtype (no float64 copy of the unfolded inputs);
+        # the running sums over batches and the eigendecompositions in ``dtype``.
+        a = cap.a.reshape(-1, cap.a.shape[-1])
+        b = cap.b.reshape(-1, cap.b.shape[-1])
         if name not in factors:
             factors[name] = KroneckerFactors(
                 cap.weight_name,
                 cap.bias_name,
-                torch.zeros(a.shape[1], a.shape[1], dtype=dtype),
-                torch.zeros(b.shape[1], b.shape[1], dtype=dtype),
+                a.new_zeros(a.shape[1], a.shape[1], dtype=dtype),
+                b.new_zeros(b.shape[1], b.shape[1], dtype=dtype),
             )
-        factors[name].activation += a.T @ a
-        factors[name].gradient += b.T @ b
+        factors[name].activation += (a.T @ a).to(dtype)
+        factors[name].gradient += (b.T @ b).to(dtype)
         factors[name].count += cap.a.shape[0]
 
 
@@ -476,14 +478,22 @@ def accumulate_ekfac_eigenvalues(
     captures: Mapping[str, object],
     sums: dict[str, torch.Tensor],
 ) -> None:
-    """Add sum_n (Q_S^T G_n Q_A)^2 of one batch, with G_n = b_n^T a_n [d_out, d_in(+1)]."""
+    """Add sum_n (Q_S^T G_n Q_A)^2 of one batch, with G_n = b_n^T a_n [d_out, d_in(+1)].
+
+    Computed in the capture's dtype, summed in the factors' dtype.
+    """
     for name, cap in captures.items():
         f = factors[name]
-        a = cap.a.to(f.activation.dtype)
-        b = cap.b.to(f.activation.dtype)
-        # Rotate first, then contract over T: (b Q_S)^T (a Q_A) = Q_S^T G_n Q_A, [N, d_out, d_in].
-        rotated = (b @ f.gradient_basis).transpose(1, 2) @ (a @ f.activation_basis)
-        sums[name] = sums.get(name, 0) + rotated.square().sum(0)
+        a, b = cap.a, cap.b
+        q_a, q_s = f.activation_basis.to(a.dtype), f.gradient_basis.to(b.dtype)
+        tokens, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
+        if tokens * (d_in**2 + d_out**2) <= d_in * d_out * (d_in + d_out):
+            # Few tokens (Linear): rotate a and b, then contract over T.
+            rotated = (b @ q_s).transpose(1, 2) @ (a @ q_a)
+        else:
+            # Many tokens (Conv positions): contract to G_n first, then rotate the small matrix.
+            rotated = q_s.T @ (b.transpose(1, 2) @ a) @ q_a
+        sums[name] = sums.get(name, 0) + rotated.square().sum(0).to(f.activation.dtype)
 
 
 def finalize_ekfac_eigenvalues(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ from torch import nn
 from influx.data import as_tensors
 from influx.errors import InfluxValueError
 from influx.grads.functional import LossFn
-from influx.influence.base import Estimator, build_options
+from influx.influence.base import Estimator, options_with_batch_size
 from influx.influence.scores import Scores, stream_scores
 
+DEFAULT_SCORE_BATCH = 512
 METHODS = (
     "exact",
     "cg",
@@ -45,7 +47,10 @@ METHODS = (
 CACHE_BYTES = 1 << 30
 
 
-def _build(method: str, model, loss_fn, inputs, targets, options: dict) -> Estimator:
+def _build(
+    method: str, model, loss_fn, inputs, targets, options: dict, batch_size: int | None
+) -> Estimator:
+    build_options = partial(options_with_batch_size, batch_size=batch_size)
     if method == "exact":
         from influx.influence.exact import ExactEstimator, ExactOptions
 
@@ -203,25 +208,27 @@ def fit(
     train,
     *,
     method: str,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     **options,
 ) -> Influence:
     """Fit an influence estimator on ``train`` (a tuple (inputs, targets) or a Dataset).
 
     ``loss_fn(outputs, targets)`` returns per-example losses [N] (reduction='none'). ``method`` is
     one of exact, cg, lissa, arnoldi, kfac, ekfac, trak, tracin, grad_dot, grad_cos; ``options``
-    are that method's (see ``influx.influence.describe(method)``). ``batch_size`` sets the train
-    block size for features and scores.
+    are that method's (see ``influx.influence.describe(method)``). ``batch_size`` is the number
+    of examples per forward/backward everywhere: the fit (curvature, factors, features) and the
+    train blocks of scores. Default: each stage's own default (512 for scores).
     """
     if method not in METHODS:
         raise InfluxValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if batch_size < 1:
-        raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
     inputs, targets, _ = as_tensors(train)
     started = time.perf_counter()
-    estimator = _build(method, model, loss_fn, inputs, targets, dict(options))
+    estimator = _build(method, model, loss_fn, inputs, targets, options, batch_size)
     estimator.diagnostics["fit_seconds"] = time.perf_counter() - started
-    return Influence(method, estimator, train, batch_size=batch_size)
+    return Influence(method, estimator, train, batch_size=batch_size or DEFAULT_SCORE_BATCH)
 
 
 def describe(method: str) -> str:

@@ -121,6 +121,15 @@ def build_options(options_type: type, method: str, options: dict):
     return options_type(**options)
 
 
+def options_with_batch_size(
+    options_type: type, method: str, options: dict, *, batch_size: int | None
+):
+    """:func:`build_options` with ``fit``'s ``batch_size`` applied where the method has one."""
+    if batch_size is not None and "batch_size" in {f.name for f in fields(options_type)}:
+        options = {**options, "batch_size": batch_size}
+    return build_options(options_type, method, options)
+
+
 def option(default, help: str):  # noqa: A002 - mirrors argparse
     """A dataclass field that carries help text (shown by ``influx.influence.describe``)."""
     return field(default=default, metadata={"help": help})

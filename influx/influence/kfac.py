@@ -76,8 +76,10 @@ def _layer_gradients(captures: dict[str, MatmulCapture]) -> dict[str, torch.Tens
 def _sample_targets(model, inputs, targets, generator) -> torch.Tensor:
     with torch.no_grad():
         logits = model(inputs)
-    probabilities = torch.softmax(logits.to(torch.float64), dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(targets.dtype)
+    # Sampled on the CPU generator (reproducible on any device), then moved to the targets' device.
+    probabilities = torch.softmax(logits.to(device="cpu", dtype=torch.float64), dim=-1)
+    sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+    return sampled.to(device=targets.device, dtype=targets.dtype)
 
 
 class KFACEstimator(Estimator):
