@@ -12,7 +12,7 @@ Linear and convolution layers share the *matmul form*: ``a`` [N, G, T, d_in] and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,12 +177,6 @@ def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
     return [p for p in reversed(module.padding) for _ in range(2)]
 
 
-# Below this many output positions per example, im2col + bmm beats the grouped-convolution form of
-# per-sample conv weight gradients (CPU, batch 32, CIFAR ResNet-18 layers: 1024 positions 0.38 s
-# vs 0.56 s for im2col; 256 positions 0.33 s vs 0.27 s; 64 positions 0.53 s vs 0.31 s).
-CONV_TRICK_MIN_POSITIONS = 512
-
-
 @dataclass
 class _ConvCall:
     """A conv call as a Conv2d on explicitly padded input (Conv1d gets height 1)."""
@@ -207,6 +201,42 @@ def _patches(conv: _ConvCall) -> torch.Tensor:
     windows = windows[..., :: conv.dilation[0], :: conv.dilation[1]]  # [N, C, Ho, Wo, kh, kw]
     n, c, h_out, w_out = windows.shape[:4]
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, h_out * w_out, -1)
+
+
+def _offset_operands(
+    conv: _ConvCall, groups: int
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per-sample weight gradients one kernel offset at a time, without im2col.
+
+    Yields (i, j, b, window) with ``torch.bmm(b, window)`` = G[:, :, :, i, j] as
+    [N * G, C_out/G, C_in/G] (b [N * G, C_out/G, L], window [N * G, L, C_in/G]). For offset (i, j) the inputs that meet
+    output position (h, w) are x[s_h h + d_h i, s_w w + d_w j]: in the stride phase
+    x[r::s_h, c::s_w] with (r, c) = (d_h i mod s_h, d_w j mod s_w) they sit at (h + q_i, w + q_j),
+    q = (d i) div s. Flattened with a row width W_q >= W_out + max q_j, that is one contiguous
+    window of the flat phase starting at q_i W_q + q_j; the output gradient is zero-padded to the
+    same row width, so each offset is a single bmm over strided views (no copies).
+    """
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel, conv.dilation, conv.stride
+    n, c_in = conv.x.shape[:2]
+    c_out, h_out, w_out = conv.b.shape[1:]
+    rows = [divmod(dh * i, sh) for i in range(kh)]  # (q_i, phase r_i)
+    cols = [divmod(dw * j, sw) for j in range(kw)]
+    h_q = h_out + max(q for q, _ in rows)
+    w_q = w_out + max(q for q, _ in cols)
+    tail = max(q for q, _ in cols)  # the last window runs this far past the last row
+    length = h_out * w_q
+    b = F.pad(conv.b, (0, w_q - w_out)).reshape(n * groups, c_out // groups, length)
+    phases: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (q_i, r) in enumerate(rows):
+        for j, (q_j, c) in enumerate(cols):
+            if (r, c) not in phases:
+                phase = conv.x[:, :, r::sh, c::sw][:, :, :h_q, :w_q]
+                phase = F.pad(phase, (0, w_q - phase.shape[3], 0, h_q - phase.shape[2]))
+                flat = F.pad(phase.reshape(n, c_in, h_q * w_q), (0, tail))
+                phases[r, c] = flat.reshape(n * groups, c_in // groups, -1)
+            start = q_i * w_q + q_j
+            window = phases[r, c][:, :, start : start + length]
+            yield i, j, b, window.transpose(1, 2)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
@@ -247,37 +277,42 @@ class ConvRule(MatmulRule):
     def bias_grads(self, module, calls):
         return sum(c.grad_output.flatten(2).sum(2) for c in calls)
 
+    def _per_offset_is_faster(self, module) -> bool:
+        # One bmm per kernel offset has inner size C_in/G; below 16 channels those bmms are too
+        # thin and im2col + one bmm wins (CPU, batch 64, 32x32: 8 channels 0.035 s vs 0.026 s
+        # for im2col; 16 channels 0.039 vs 0.061; 64 channels 0.10 vs 0.28).
+        return module.in_channels // module.groups >= 16
+
     def weight_grads(self, module, calls):
-        tokens, _, _ = self._dims(module, calls)
-        if module.groups != 1 or tokens < CONV_TRICK_MIN_POSITIONS:
+        if not self._per_offset_is_faster(module):
             return super().weight_grads(module, calls)
-        # Without im2col: G_i[o, c, k] = sum_p b_i[o, p] x_i[c, stride p + dilation k] is a
-        # convolution of x (channels as the batch, examples as groups) with b as the kernel,
-        # with stride and dilation swapped. Same FLOPs as the batch weight gradient, no unfold.
-        total = None
-        for call in calls:
-            conv = self._as_conv2d(module, call)
-            n, c_in = conv.x.shape[:2]
-            c_out = conv.b.shape[1]
-            kernels = conv.b.reshape(n * c_out, 1, *conv.b.shape[2:])
-            out = F.conv2d(
-                conv.x.transpose(0, 1),
-                kernels,
-                stride=conv.dilation,
-                dilation=conv.stride,
-                groups=n,
-            )  # [C_in, N*C_out, >=kh, >=kw]
-            out = out[:, :, : conv.kernel[0], : conv.kernel[1]]
-            grads = out.reshape(c_in, n, c_out, *conv.kernel).permute(1, 2, 0, 3, 4)
-            grads = grads.reshape(n, *module.weight.shape)
-            total = grads if total is None else total + grads
-        return total
+        # Offsets outermost (each bmm writes a contiguous block), one transpose to the weight's
+        # layout at the end. Later calls (shared weights) accumulate in place.
+        n, groups = calls[0].grad_output.shape[0], module.groups
+        c_out, c_in = module.weight.shape[:2]
+        grads = None
+        for index, call in enumerate(calls):
+            conv = self._as_conv2d(module, call)  # a Conv1d as height 1: kernel (1, k)
+            if grads is None:
+                grads = conv.x.new_empty(*conv.kernel, n * groups, c_out // groups, c_in)
+            for i, j, b, window in _offset_operands(conv, groups):
+                if index == 0:
+                    torch.bmm(b, window, out=grads[i, j])
+                else:
+                    grads[i, j].baddbmm_(b, window)
+        return grads.permute(2, 3, 4, 0, 1).reshape(n, *module.weight.shape)
 
     def weight_sqnorms_direct(self, module, calls):
-        tokens, _, _ = self._dims(module, calls)
-        if module.groups != 1 or tokens < CONV_TRICK_MIN_POSITIONS:
+        if not self._per_offset_is_faster(module):
             return super().weight_sqnorms_direct(module, calls)
-        return self.weight_grads(module, calls).flatten(1).square().sum(1)
+        if len(calls) > 1:  # shared weights: the offsets of all calls add up before squaring
+            return self.weight_grads(module, calls).flatten(1).square().sum(1)
+        (call,) = calls
+        total = 0
+        for _, _, b, window in _offset_operands(self._as_conv2d(module, call), module.groups):
+            grad = torch.bmm(b, window)  # [N * G, C_out/G, C_in/G]
+            total = total + grad.reshape(call.grad_output.shape[0], -1).square().sum(1)
+        return total
 
     def project(self, module, calls, projector, prefix):
         if module.groups != 1:

@@ -37,17 +37,20 @@ def check_all(model, loss_fn, x, y, *, rtol, chunk_size=None):
     )
 
 
-def test_mixed_model_float64():
+def test_mixed_model_float64(norm_form):
     model = Mixed().double()
     x, y = mixed_batch(7)
     check_all(model, cross_entropy, x, y, rtol=1e-10)
 
 
-@pytest.fixture(params=["grouped-conv", "im2col"])
-def weight_gradient_path(request, monkeypatch):
-    """Force one of the two per-sample conv weight gradient forms, whatever the layer size."""
-    threshold = 1 if request.param == "grouped-conv" else 10**9
-    monkeypatch.setattr(rules, "CONV_TRICK_MIN_POSITIONS", threshold)
+@pytest.fixture(params=["ghost", "im2col", "per-offset"])
+def norm_form(request, monkeypatch):
+    """Force one form for every Linear/Conv layer whatever its size: ghost norms (Gram over
+    im2col patches), or direct norms and full gradients by im2col + bmm or by per-offset bmms."""
+    ghost = request.param == "ghost"
+    per_offset = request.param == "per-offset"
+    monkeypatch.setattr(rules.MatmulRule, "_ghost_is_cheaper", lambda self, m, c: ghost)
+    monkeypatch.setattr(rules.ConvRule, "_per_offset_is_faster", lambda self, m: per_offset)
     return request.param
 
 
@@ -92,7 +95,7 @@ def test_matches_torch_func_reference():
     ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
 )
-def test_conv2d_variants(config, weight_gradient_path):
+def test_conv2d_variants(config, norm_form):
     model = conv_net(**config).double()
     x = torch.randn(5, 4, 7, 6, dtype=torch.float64)
     check_all(model, cross_entropy, x, torch.randint(0, 3, (5,)), rtol=1e-10)
@@ -321,7 +324,25 @@ def test_captured_matmul_forms_reproduce_weight_and_bias_gradients():
         assert_close(grad[:, :, -1], expected[layer.bias_name], name=layer.bias_name)
 
 
-def test_conv1d_both_weight_gradient_paths(weight_gradient_path):
+class TwiceConv(nn.Module):
+    """One strided, dilated Conv2d applied twice (shared weights): its gradients add up."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, stride=(2, 1), padding=2, dilation=(1, 2))
+        self.head = nn.Linear(3 * 4 * 9, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_conv_called_twice(norm_form):
+    model = TwiceConv().double()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    check_all(model, cross_entropy, x, torch.randint(0, 2, (4,)), rtol=1e-10)
+
+
+def test_conv1d_both_norm_forms(norm_form):
     length = 40
     model = nn.Sequential(
         nn.Conv1d(3, 4, 3, padding=2, dilation=2, padding_mode="circular"),
