@@ -405,7 +405,10 @@ class KroneckerFactors:
     """K-FAC factors of one matmul layer: F ~ A (x) S with a layer gradient laid out [d_out, d_in(+1)].
 
     ``activation`` A = (1/N) sum_n sum_t a_nt a_nt^T  [d_in(+1), d_in(+1)];
-    ``gradient`` S = (1/N) sum_n sum_t b_nt b_nt^T  [d_out, d_out].
+    ``gradient`` S = (1/N) sum_n (1/T) sum_t b_nt b_nt^T  [d_out, d_out].
+    With T tokens (conv positions) per example, A (x) S = T E_t[a a^T] (x) E_t[b b^T], the
+    Fisher block sum_t E[a_t a_t^T (x) b_t b_t^T] when positions are uncorrelated (KFC, Grosse &
+    Martens 2016). Summing over positions in both factors would overstate it T-fold.
     After :meth:`eigendecompose`: ``activation_basis`` / ``gradient_basis`` are the eigenvectors and
     ``eigenvalues`` [d_out, d_in(+1)] the Kronecker products lambda_S[i] lambda_A[j]; EK-FAC replaces
     them with the corrected eigenvalues (1/N) sum_n ((Q_S^T G_n Q_A)_ij)^2.
@@ -459,7 +462,7 @@ def accumulate_kronecker_factors(
                 b.new_zeros(b.shape[1], b.shape[1], dtype=dtype),
             )
         factors[name].activation += (a.T @ a).to(dtype)
-        factors[name].gradient += (b.T @ b).to(dtype)
+        factors[name].gradient += (b.T @ b).to(dtype) / cap.b.shape[1]  # mean over tokens
         factors[name].count += cap.a.shape[0]
 
 

@@ -4,7 +4,9 @@ For a Linear / Conv layer (inputs a and output gradients b captured by
 ``influx.grads.capture_matmul_layers``; a Conv's a holds unfolded patches, T positions per example)
 with per-example gradient G_n = b_n^T a_n ([d_out, d_in(+1)], a bias folded in as a
 column of ones), the Fisher / GGN block of the mean loss is approximated by A (x) S with
-A = (1/N) sum_n a_n^T a_n and S = (1/N) sum_n b_n^T b_n (K-FAC, Martens & Grosse 2015). EK-FAC
+A = (1/N) sum_n a_n^T a_n and S = (1/(N T)) sum_n b_n^T b_n (K-FAC, Martens & Grosse 2015; the
+1/T over a conv's positions as in KFC, Grosse & Martens 2016; Kronfluence divides both factors
+by N T, which scales each conv block down T-fold and so reweights layers in K-FAC). EK-FAC
 (George et al. 2018) keeps the Kronecker eigenbasis Q_S, Q_A but refits the eigenvalues to
 (1/N) sum_n ((Q_S^T G_n Q_A)_ij)^2. Layers are independent (block-diagonal curvature), so
 per-layer scores are exact shares of the total.

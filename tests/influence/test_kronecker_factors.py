@@ -49,3 +49,30 @@ def test_factors_and_ekfac_eigenvalues_match_their_definitions():
         # EK-FAC eigenvalues: (1/N) sum_n (Q_S^T G_n Q_A)^2, G_n the per-example gradient.
         rotated = f.gradient_basis.T @ g @ f.activation_basis
         assert_close(f.eigenvalues, rotated.square().mean(0), rtol=1e-10, name=f"EK-FAC {layer}")
+
+
+def test_kfac_block_is_the_fisher_of_uncorrelated_positions():
+    """With T positions whose a_t and b_t are independent across positions and of each other,
+    E[vec G vec G^T] = T C_a (x) C_b: the factors must give that, not T^2 C_a (x) C_b."""
+    generator = torch.Generator().manual_seed(0)
+    n, tokens, d_in, d_out = 20_000, 8, 3, 2
+    mix_a = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.2, -0.3, 0.7]], dtype=torch.float64)
+    mix_b = torch.tensor([[1.0, 0.0], [0.8, 0.6]], dtype=torch.float64)
+    a = torch.randn(n, tokens, d_in, generator=generator, dtype=torch.float64) @ mix_a.T
+    b = torch.randn(n, tokens, d_out, generator=generator, dtype=torch.float64) @ mix_b.T
+
+    class Capture:
+        weight_name, bias_name = "w", None
+
+    capture = Capture()
+    capture.a, capture.b = a, b
+    factors = {}
+    accumulate_kronecker_factors(factors, {"layer": capture})
+    finalize_kronecker_factors(factors)
+    f = factors["layer"]
+    # Layout [d_out, d_in]: vec G = G.flatten() pairs with S (x) A.
+    expected = tokens * torch.kron(mix_b @ mix_b.T, mix_a @ mix_a.T)
+    assert_close(torch.kron(f.gradient, f.activation), expected, rtol=0.05, name="K-FAC block")
+    grads = (b.transpose(1, 2) @ a).flatten(1)
+    empirical = grads.T @ grads / n
+    assert_close(empirical, expected, rtol=0.05, name="empirical Fisher (the check's premise)")
