@@ -8,7 +8,8 @@
 #   4. results and logs copied to benchmarks/results/ and, when set, to $OUT.
 # Every step has its own time limit and all of them share a deadline (DEADLINE seconds, 450 = 7.5
 # minutes), so the script ends in time even when a step hangs.
-# Usage: bash benchmarks/gpu_check.sh   (env: VENV=.venv PYTHON=python3 FORCE_BENCH=0 DEADLINE=450)
+# Usage: bash benchmarks/gpu_check.sh   (env: VENV=.venv PYTHON=python3 FORCE_BENCH=0 DEADLINE=450
+#        WITH_INFLUENCE=0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,5 +86,15 @@ step bench-persample 100 "$PY" benchmarks/run.py --suite persample --device cuda
     --models resnet18 --batch-sizes 64 128
 PERSAMPLE_RC=$?
 
-log "done: tests rc=$TESTS_RC, kernels bench rc=$KERNELS_RC, persample bench rc=$PERSAMPLE_RC"
-[ $TESTS_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ]
+# Optional (WITH_INFLUENCE=1, give it DEADLINE=570): EK-FAC influence vs Kronfluence on a
+# CIFAR-shaped ResNet-18, at a size that fits the step (the suite's CUDA default is 50k x 2,000).
+INFLUENCE_RC=0
+if [ "${WITH_INFLUENCE:-0}" = "1" ]; then
+    export INFLUX_SCALE_TRAIN=${INFLUX_SCALE_TRAIN:-10000}
+    export INFLUX_SCALE_QUERIES=${INFLUX_SCALE_QUERIES:-500}
+    step bench-influence-scale 120 "$PY" benchmarks/run.py --suite influence_scale --device cuda
+    INFLUENCE_RC=$?
+fi
+
+log "done: tests rc=$TESTS_RC, kernels bench rc=$KERNELS_RC, persample bench rc=$PERSAMPLE_RC, influence rc=$INFLUENCE_RC"
+[ $TESTS_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ] && [ $INFLUENCE_RC -eq 0 ]
