@@ -147,3 +147,25 @@ def write_results(
         header + (notes + "\n\n" if notes else "") + markdown_table(rows, columns)
     )
     return stem.with_suffix(".json")
+
+
+def kronfluence_classification_task():
+    """A Kronfluence ``Task`` for (inputs, targets) batches: summed cross-entropy as the training
+    loss (labels sampled from the model when Kronfluence asks for the true Fisher) and as the
+    query measurement, which matches influx's per-example cross-entropy convention."""
+    from kronfluence.task import Task
+
+    class ClassificationTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, targets = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, targets = batch
+            return torch.nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
+
+    return ClassificationTask()

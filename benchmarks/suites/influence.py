@@ -20,6 +20,7 @@ from argparse import Namespace
 
 import torch
 
+from benchmarks.common import kronfluence_classification_task
 from influx import influence
 from influx.influence import evaluate
 from influx.influence.tasks import InfluenceTask, digits_mlp
@@ -138,30 +139,17 @@ class _Pairs(torch.utils.data.Dataset):
 
 
 def _kronfluence(task: InfluenceTask, strategy: str):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
-
-    class ClassificationTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            inputs, targets = batch
-            logits = model(inputs)
-            if sample:
-                with torch.no_grad():
-                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            inputs, targets = batch
-            return torch.nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
-
     import copy
 
-    model = prepare_model(copy.deepcopy(task.model), ClassificationTask())
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+
+    kronfluence_task = kronfluence_classification_task()
+    model = prepare_model(copy.deepcopy(task.model), kronfluence_task)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         analyzer = Analyzer(
-            "digits", model, ClassificationTask(), cpu=True, output_dir=out, disable_tqdm=True
+            "digits", model, kronfluence_task, cpu=True, output_dir=out, disable_tqdm=True
         )
         analyzer.fit_all_factors(
             strategy,

@@ -40,7 +40,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, synchronize
+from benchmarks.common import (
+    current_rss_bytes,
+    kronfluence_classification_task,
+    peak_rss_bytes,
+    synchronize,
+)
 from influx import influence, models
 from influx.data import as_tensors, load
 from influx.influence import evaluate
@@ -203,24 +208,10 @@ def _influx(model, train_set, query_set, sizes: Sizes, method: str, device: str)
 def _kronfluence(model, train_set, query_set, sizes: Sizes, strategy: str, device: str):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class ClassificationTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            inputs, targets = batch
-            logits = model(inputs)
-            if sample:
-                with torch.no_grad():
-                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            inputs, targets = batch
-            return nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
 
     train_data = torch.utils.data.TensorDataset(*train_set)
     query_data = torch.utils.data.TensorDataset(*query_set)
-    task = ClassificationTask()
+    task = kronfluence_classification_task()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         analyzer = Analyzer(

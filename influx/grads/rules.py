@@ -206,15 +206,16 @@ def _patches(conv: _ConvCall) -> torch.Tensor:
 def _offset_operands(
     conv: _ConvCall, groups: int
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Per-sample weight gradients one kernel offset at a time, without im2col.
+    """Per-sample conv weight gradients one kernel offset at a time, without im2col.
 
-    Yields (i, j, b, window) with ``torch.bmm(b, window)`` = G[:, :, :, i, j] as
-    [N * G, C_out/G, C_in/G] (b [N * G, C_out/G, L], window [N * G, L, C_in/G]). For offset (i, j) the inputs that meet
-    output position (h, w) are x[s_h h + d_h i, s_w w + d_w j]: in the stride phase
-    x[r::s_h, c::s_w] with (r, c) = (d_h i mod s_h, d_w j mod s_w) they sit at (h + q_i, w + q_j),
-    q = (d i) div s. Flattened with a row width W_q >= W_out + max q_j, that is one contiguous
-    window of the flat phase starting at q_i W_q + q_j; the output gradient is zero-padded to the
-    same row width, so each offset is a single bmm over strided views (no copies).
+    Yields (i, j, b, window): ``torch.bmm(b, window)`` is G[:, :, :, i, j] as [N*G, C_out/G, C_in/G]
+    (b [N*G, C_out/G, L], window [N*G, L, C_in/G]). For offset (i, j) the input that meets output
+    position (h, w) is x[s_h h + d_h i, s_w w + d_w j]: in the stride phase x[r::s_h, c::s_w],
+    (r, c) = (d_h i mod s_h, d_w j mod s_w), it sits at (h + q_i, w + q_j) with q = (d i) div s.
+    Flattened with a row width W_q >= W_out + max q_j, that is one contiguous window of the flat
+    phase starting at q_i W_q + q_j; the output gradient, zero-padded to the same row width, makes
+    the extra columns contribute nothing. So each offset is one bmm over views, and only the
+    phases (together the size of x) are copied.
     """
     (kh, kw), (dh, dw), (sh, sw) = conv.kernel, conv.dilation, conv.stride
     n, c_in = conv.x.shape[:2]

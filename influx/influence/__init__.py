@@ -15,7 +15,18 @@ grad l(z)``. TracIn ``(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')``. 
 from influx.influence.api import METHODS, Influence, describe, fit
 from influx.influence.scores import Scores, TopK
 
-__all__ = ["METHODS", "Influence", "Scores", "TopK", "describe", "fit", "lds", "mislabel_auc"]
+__all__ = [
+    "METHODS",
+    "Influence",
+    "Scores",
+    "TopK",
+    "describe",
+    "fit",
+    "lds",
+    "mislabel_auc",
+    "retrain_ground_truth",
+    "strongest_pairs",
+]
 
 
 def __getattr__(name: str):

@@ -221,9 +221,8 @@ def fit(
     """
     if method not in METHODS:
         raise InfluxValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if batch_size is not None:
-        if batch_size < 1:
-            raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
+    if batch_size is not None and batch_size < 1:
+        raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
     inputs, targets, _ = as_tensors(train)
     started = time.perf_counter()
     estimator = _build(method, model, loss_fn, inputs, targets, options, batch_size)

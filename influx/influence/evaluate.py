@@ -274,8 +274,8 @@ def strongest_pairs(
     near-zero effect on this one, and the sign of a near-zero retraining effect is noise.
     """
     if reference.dim() != 2 or not 0 < queries <= reference.shape[0]:
-        raise ValueError(
-            f"reference must be [Q, N] with Q >= queries={queries}, got {tuple(reference.shape)}"
+        raise InfluxValueError(
+            f"reference must be [Q, N] with Q >= queries={queries} > 0; got {tuple(reference.shape)}"
         )
     per_query = min(per_query, reference.shape[1])
     top = reference[:queries].abs().topk(per_query, dim=1).indices  # [queries, per_query]

@@ -290,6 +290,22 @@ def test_errors(tiny_mlp):
         )
 
 
+@pytest.mark.parametrize("method", ["cg", "ekfac", "tracin"])
+def test_batch_size_changes_nothing_but_the_batching(tiny_mlp, method, monkeypatch):
+    model, loss_fn, train, query = tiny_mlp
+    options = dict(METHOD_OPTIONS[method])
+    if method == "tracin":
+        options["checkpoints"] = [model.state_dict()] * 2
+    seen = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: seen.append(x.shape[0]) or real_forward(x))
+    batched = influence.fit(model, loss_fn, train, method=method, batch_size=7, **options)
+    batched_scores = batched.scores(query).values
+    assert max(seen) <= 7  # fit and scores alike
+    whole = influence.fit(model, loss_fn, train, method=method, **options).scores(query).values
+    assert_close(batched_scores, whole, rtol=1e-9, name=method)
+
+
 def test_scores_carry_dataset_indices(tiny_mlp):
     model, loss_fn, train, query = tiny_mlp
     indices = torch.arange(100, 160)

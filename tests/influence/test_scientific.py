@@ -85,3 +85,5 @@ def test_evaluation_errors():
         )
     with pytest.raises(ValueError, match="score shapes differ"):
         evaluate.agreement(torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="queries=3"):
+        evaluate.strongest_pairs(torch.zeros(2, 5), queries=3)
