@@ -74,7 +74,7 @@ INFLUX_METHODS = {
         {
             "curvature": "hessian",
             "preconditioner": "ekfac",
-            "max_iterations": 300,
+            "max_iterations": 400,
             "tolerance": 1e-6,
         },
     ),

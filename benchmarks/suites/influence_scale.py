@@ -79,8 +79,9 @@ NOTES = (
     "examples on both sides. The `vs_kronfluence_*` columns compare influx's scores with "
     "Kronfluence's for the same method (Spearman pooled, mean per-query Spearman, top-10 overlap "
     "by |score|). EK-FAC refits the eigenvalues per example, so the two should agree to rounding; "
-    "K-FAC differs by construction: Kronfluence averages a Conv2d's factors over examples x "
-    "positions, influx over examples, which reweights the layers."
+    "K-FAC differs by construction: Kronfluence divides both factors of a Conv2d by examples x "
+    "positions, influx follows KFC (activations summed over positions, output gradients "
+    "averaged), so each conv block differs by a factor of its positions, which reweights layers."
 )
 
 SEED = 0
