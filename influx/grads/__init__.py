@@ -8,6 +8,7 @@ rule fall back to ``torch.func``. ``influx.grads.reference`` is the slow, obviou
 from influx.grads import reference
 from influx.grads.engine import (
     MatmulCapture,
+    MatmulCaptures,
     capture_matmul_layers,
     per_sample_grads,
     per_sample_gram,
@@ -20,6 +21,7 @@ from influx.grads.rules import LayerRule, register_rule
 __all__ = [
     "LayerRule",
     "MatmulCapture",
+    "MatmulCaptures",
     "capture_matmul_layers",
     "flatten_per_sample",
     "per_sample_gram",

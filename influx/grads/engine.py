@@ -6,7 +6,7 @@ per-example losses [N]; gradients are those of each example's own loss (not of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -335,7 +335,7 @@ def capture_matmul_layers(
     targets: torch.Tensor,
     *,
     params: Iterable[str] | None = None,
-) -> dict[str, MatmulCapture]:
+) -> MatmulCaptures:
     """Capture (a, b) for every Linear/Conv layer owning a selected weight, from one backward."""
     selected = select_parameters(model, params)
     layers = [
@@ -344,16 +344,34 @@ def capture_matmul_layers(
         if isinstance(layer.rule, MatmulRule) and "weight" in layer.params
     ]
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
-    captured = {}
-    for layer in layers:
-        if not calls[layer.name]:
-            continue
+    called = {layer.name: layer for layer in layers if calls[layer.name]}
+    for layer in called.values():
         if getattr(layer.module, "groups", 1) != 1:
             raise UnsupportedModelError(
                 f"layer {layer.name} is a grouped convolution (groups={layer.module.groups}): its "
                 "weight has no single Kronecker factorization; exclude it with params="
             )
-        a, b = _with_bias_column(layer, calls[layer.name])
-        bias_name = layer.params.get("bias")
-        captured[layer.name] = MatmulCapture(layer.module, a, b, layer.params["weight"], bias_name)
-    return captured
+    return MatmulCaptures(called, calls)
+
+
+class MatmulCaptures(Mapping):
+    """Layer name -> :class:`MatmulCapture`, built on access and not kept.
+
+    A conv's ``a`` holds unfolded patches, k_h * k_w times the size of its input; building them
+    per access means a caller that goes through the layers one by one holds one layer's at a time.
+    """
+
+    def __init__(self, layers: dict[str, _Layer], calls):
+        self._layers, self._calls = layers, calls
+
+    def __getitem__(self, name: str) -> MatmulCapture:
+        layer = self._layers[name]
+        a, b = _with_bias_column(layer, self._calls[name])
+        weight_name, bias_name = layer.params["weight"], layer.params.get("bias")
+        return MatmulCapture(layer.module, a, b, weight_name, bias_name)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)

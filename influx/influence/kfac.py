@@ -35,7 +35,7 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
-from influx.grads import MatmulCapture, capture_matmul_layers
+from influx.grads import MatmulCaptures, capture_matmul_layers
 from influx.grads.functional import LossFn
 from influx.influence.base import (
     Block,
@@ -65,12 +65,7 @@ class KFACOptions:
         check_positive("batch_size", self.batch_size)
 
 
-def capture_layers(model: nn.Module, loss_fn: LossFn, inputs, targets) -> dict[str, MatmulCapture]:
-    """(a, b) of every Linear / Conv layer from one forward + backward (the grads engine)."""
-    return capture_matmul_layers(model, loss_fn, inputs, targets)
-
-
-def _layer_gradients(captures: dict[str, MatmulCapture]) -> dict[str, torch.Tensor]:
+def _layer_gradients(captures: MatmulCaptures) -> dict[str, torch.Tensor]:
     """Per-example layer gradients G_n = b_n^T a_n, [N, d_out, d_in(+1)]."""
     return {name: cap.b.transpose(1, 2) @ cap.a for name, cap in captures.items()}
 
@@ -120,14 +115,14 @@ class KFACEstimator(Estimator):
             batches.append((x, y))
         self.factors: dict[str, KroneckerFactors] = {}
         for x, y in batches:
-            accumulate_kronecker_factors(self.factors, capture_layers(model, loss_fn, x, y))
+            accumulate_kronecker_factors(self.factors, capture_matmul_layers(model, loss_fn, x, y))
         finalize_kronecker_factors(self.factors)
         self._check_parameters(model)
         if eigen_corrected:
             sums: dict[str, torch.Tensor] = {}
             for x, y in batches:
                 accumulate_ekfac_eigenvalues(
-                    self.factors, capture_layers(model, loss_fn, x, y), sums
+                    self.factors, capture_matmul_layers(model, loss_fn, x, y), sums
                 )
             finalize_ekfac_eigenvalues(self.factors, sums)
         self.dampings = {}
@@ -164,7 +159,7 @@ class KFACEstimator(Estimator):
         return FeatureLayout(start, tuple(blocks)), shapes
 
     def features(self, inputs, targets):
-        grads = _layer_gradients(capture_layers(self.model, self.loss_fn, inputs, targets))
+        grads = _layer_gradients(capture_matmul_layers(self.model, self.loss_fn, inputs, targets))
         return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in self.factors], dim=1)
 
     def precondition(self, features):

@@ -24,6 +24,7 @@ from torch import nn
 
 from influx.curvature import ParamSpace, Spectrum, check_damped_spectrum, lanczos, resolve_damping
 from influx.errors import InfluxValueError
+from influx.grads import capture_matmul_layers
 from influx.grads.functional import LossFn
 from influx.influence.base import (
     Block,
@@ -35,7 +36,6 @@ from influx.influence.base import (
     option,
     per_example_gradients,
 )
-from influx.influence.kfac import capture_layers
 from influx.influence.tracin import model_at, resolve_checkpoints
 
 
@@ -80,7 +80,7 @@ class _DenseProjector:
 class _KroneckerProjector:
     def __init__(self, model, loss_fn, dim: int, seed: int, example):
         self.model, self.loss_fn = model, loss_fn
-        captures = capture_layers(model, loss_fn, *example)
+        captures = capture_matmul_layers(model, loss_fn, *example)
         generator = torch.Generator().manual_seed(seed)
         share = max(1, dim // max(1, len(captures)))
         self.projections, blocks, start = {}, [], 0
@@ -97,7 +97,7 @@ class _KroneckerProjector:
         self.layout = FeatureLayout(start, tuple(blocks))
 
     def __call__(self, inputs, targets):
-        captures = capture_layers(self.model, self.loss_fn, inputs, targets)
+        captures = capture_matmul_layers(self.model, self.loss_fn, inputs, targets)
         parts = []
         for name, (p_out, p_in) in self.projections.items():
             cap = captures[name]
