@@ -131,18 +131,21 @@ class Influence:
             inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
         else:
             inputs, targets, indices = as_tensors(train)
-        kept = []
+        # Keep the fitted set's blocks only while they fit in CACHE_BYTES: past that, the pass
+        # streams (memory stays one block) and the next one recomputes.
+        kept: list[torch.Tensor] | None = [] if train is None else None
+        kept_bytes = 0
         for start in range(0, inputs.shape[0], self.batch_size):
             stop = start + self.batch_size
             block = self.estimator.features(inputs[start:stop], targets[start:stop])
-            if train is None:
-                kept.append(block)
+            if kept is not None:
+                kept_bytes += block.numel() * block.element_size()
+                if kept_bytes <= CACHE_BYTES:
+                    kept.append(block)
+                else:
+                    kept = None
             yield block, indices[start:stop]
-        if (
-            train is None
-            and kept
-            and sum(b.numel() * b.element_size() for b in kept) <= CACHE_BYTES
-        ):
+        if kept:
             self._train_features = torch.cat(kept)
 
     def _features(self, data) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
-from influx.grads import MatmulCaptures, capture_matmul_layers
+from influx.grads import capture_matmul_layers
 from influx.grads.functional import LossFn
 from influx.influence.base import (
     Block,
@@ -63,11 +63,6 @@ class KFACOptions:
         check_damping(self.damping)
         check_choice("fisher", self.fisher, ("auto", "sampled", "empirical"))
         check_positive("batch_size", self.batch_size)
-
-
-def _layer_gradients(captures: MatmulCaptures) -> dict[str, torch.Tensor]:
-    """Per-example layer gradients G_n = b_n^T a_n, [N, d_out, d_in(+1)]."""
-    return {name: cap.b.transpose(1, 2) @ cap.a for name, cap in captures.items()}
 
 
 def _sample_targets(model, inputs, targets, generator) -> torch.Tensor:
@@ -159,8 +154,15 @@ class KFACEstimator(Estimator):
         return FeatureLayout(start, tuple(blocks)), shapes
 
     def features(self, inputs, targets):
-        grads = _layer_gradients(capture_matmul_layers(self.model, self.loss_fn, inputs, targets))
-        return torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in self.factors], dim=1)
+        """Per-example layer gradients G_n = b_n^T a_n [d_out, d_in(+1)], flat, layer by layer."""
+        captures = capture_matmul_layers(self.model, self.loss_fn, inputs, targets)
+        out = None
+        for blk in self.layout.blocks:
+            cap = captures[blk.layer]
+            if out is None:
+                out = cap.a.new_empty(inputs.shape[0], self.layout.size)
+            out[:, blk.start : blk.stop] = (cap.b.transpose(1, 2) @ cap.a).flatten(1)
+        return out
 
     def precondition(self, features):
         out = torch.empty_like(features)

@@ -306,6 +306,22 @@ def test_batch_size_changes_nothing_but_the_batching(tiny_mlp, method, monkeypat
     assert_close(batched_scores, whole, rtol=1e-9, name=method)
 
 
+def test_train_features_are_cached_only_within_the_budget(tiny_mlp, monkeypatch):
+    from influx.influence import api
+
+    model, loss_fn, train, query = tiny_mlp
+    fitted = influence.fit(model, loss_fn, train, method="grad_dot", batch_size=16)
+    block_bytes = 16 * fitted.estimator.layout.size * train[0].element_size()
+    monkeypatch.setattr(api, "CACHE_BYTES", block_bytes)  # one block fits, the set does not
+    streamed = fitted.scores(query).values
+    assert fitted._train_features is None
+    monkeypatch.setattr(api, "CACHE_BYTES", 1 << 40)
+    first, again = fitted.scores(query).values, fitted.scores(query).values
+    assert fitted._train_features is not None
+    assert_close(first, streamed, rtol=1e-12, name="cached vs streamed")
+    assert_close(again, streamed, rtol=1e-12, name="from the cache")
+
+
 def test_scores_carry_dataset_indices(tiny_mlp):
     model, loss_fn, train, query = tiny_mlp
     indices = torch.arange(100, 160)
