@@ -75,8 +75,8 @@ NOTES = (
     "`torch.cuda.max_memory_allocated` (CUDA), one subprocess per row. Damping: influx 'auto' and "
     "Kronfluence `damping_factor=None`, both 0.1 x the mean eigenvalue of each layer's block. "
     "Fisher: the empirical one (training labels) for both by default, so they estimate the same "
-    "matrix; 'sampled' draws labels with each library's own generator. Factor batches are 512 "
-    "examples on both sides. The `vs_kronfluence_*` columns compare influx's scores with "
+    "matrix; 'sampled' draws labels with each library's own generator. Factor batches and scoring "
+    "blocks are `train_batch` examples on both sides. The `vs_kronfluence_*` columns compare influx's scores with "
     "Kronfluence's for the same method (Spearman pooled, mean per-query Spearman, top-10 overlap "
     "by |score|). EK-FAC refits the eigenvalues per example, so the two should agree to rounding; "
     "K-FAC differs by construction: Kronfluence divides both factors of a Conv2d by examples x "
@@ -85,9 +85,6 @@ NOTES = (
 )
 
 SEED = 0
-# influx.fit's batch_size is the scoring block, so its K-FAC factors are estimated in batches of
-# KFACOptions' default, 512: Kronfluence gets the same.
-FACTOR_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ class Sizes:
     train: int  # N train examples
     queries: int  # Q query examples
     query_batch: int  # queries per scoring pass (each pass streams the whole train set)
-    train_batch: int  # train examples per scoring block
+    train_batch: int  # train examples per batch: factor estimation and scoring blocks, both sides
     steps: int  # Adam steps of 128 examples to train the model
     methods: tuple[str, ...] = ("ekfac",)
     fisher: str = "empirical"
@@ -226,7 +223,7 @@ def _kronfluence(model, train_set, query_set, sizes: Sizes, strategy: str, devic
         analyzer.fit_all_factors(
             "factors",
             train_data,
-            per_device_batch_size=FACTOR_BATCH,
+            per_device_batch_size=sizes.train_batch,
             factor_args=FactorArguments(
                 strategy=strategy, use_empirical_fisher=sizes.fisher == "empirical"
             ),
