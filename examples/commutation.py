@@ -25,9 +25,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _setup import load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from influx import commutator, data, models, train  # noqa: E402
+from influx import commutator, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CROSS_ENTROPY = train.cross_entropy_per_example
@@ -55,26 +56,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def load_data(args):
-    dataset = data.load(args.dataset, root=args.data_dir, max_examples=args.examples)
-    inputs, targets, _ = data.as_tensors(dataset)
-    dtype = getattr(torch, args.dtype)
-    return dataset, inputs.to(args.device, dtype), targets.to(args.device)
-
-
-def make_model(name: str, dataset, args) -> torch.nn.Module:
-    torch.manual_seed(args.seed)
-    model = models.build(name, dataset.input_shape, dataset.num_classes, width=args.width)
-    return model.to(args.device, getattr(torch, args.dtype))
-
-
-def pretrained(name, dataset, inputs, targets, args) -> torch.nn.Module:
-    model = make_model(name, dataset, args)
-    train.train(model, (inputs, targets), lr=1e-2, epochs=args.pretrain_epochs, batch_size=64,
-                seed=args.seed, progress=False)  # fmt: skip
-    return model.eval()
 
 
 def same_vs_different_label(model, inputs, targets, args) -> dict:
@@ -159,7 +140,7 @@ def asymptotic_commutation(dataset, inputs, targets, args) -> dict:
                                                 steps=args.gd_steps, every=every)  # fmt: skip
     batch = (inputs[: args.batch_size * 2], targets[: args.batch_size * 2])
     for name in ("linear", "mlp"):
-        model = make_model(name, dataset, args)
+        model = seeded_model(name, dataset, args)
         label = "softmax regression (digits)" if name == "linear" else f"{name} (digits)"
         runs[label] = commutation_along_training(model, CROSS_ENTROPY, batch, lr=0.5,
                                                  steps=args.gd_steps, every=every)  # fmt: skip
@@ -203,8 +184,13 @@ def plot(h2: dict, h3: list[dict], o3: dict, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
-    dataset, inputs, targets = load_data(args)
-    trained = {name: pretrained(name, dataset, inputs, targets, args) for name in args.models}
+    dataset, inputs, targets = load_examples(args, args.examples)
+    trained = {}
+    for name in args.models:
+        model = seeded_model(name, dataset, args)
+        trained[name] = pretrain(
+            model, (inputs, targets), args, lr=1e-2, epochs=args.pretrain_epochs
+        )
     h2 = {
         name: same_vs_different_label(model, inputs, targets, args)
         for name, model in trained.items()

@@ -24,10 +24,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _setup import load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 from torch.func import grad, jvp, vmap  # noqa: E402
 
-from influx import commutator, curvature, data, grads, models, train  # noqa: E402
+from influx import commutator, curvature, grads, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
@@ -54,18 +55,10 @@ def parse_args() -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """Pretrained model and (inputs, targets) of ``--examples`` training examples."""
-    dtype = getattr(torch, args.dtype)
-    dataset = data.load(args.dataset, root=args.data_dir, max_examples=args.examples)
-    inputs, targets, _ = data.as_tensors(dataset)
-    inputs, targets = inputs.to(args.device, dtype), targets.to(args.device)
-    classes = dataset.num_classes
-    torch.manual_seed(args.seed)
-    model = models.build(args.model, dataset.input_shape, classes, width=args.width)
-    model = model.to(args.device, dtype)
+    dataset, inputs, targets = load_examples(args, args.examples)
+    model = seeded_model(args.model, dataset, args)
     # A briefly trained model gives points a spread of losses (at init they are all about log C).
-    train.train(model, (inputs, targets), lr=args.pretrain_lr, epochs=args.pretrain_epochs, batch_size=64,
-                seed=args.seed, progress=False)  # fmt: skip
-    model.eval()
+    pretrain(model, (inputs, targets), args, lr=args.pretrain_lr, epochs=args.pretrain_epochs)
     return model, inputs, targets
 
 

@@ -25,8 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _setup import load_examples, pretrain, seeded_model  # noqa: E402
 
-from influx import commutator, data, models, train  # noqa: E402
+from influx import commutator, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
@@ -55,17 +56,11 @@ def parse_args() -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """Model trained on the retain set (theta_0) and the forget set (inputs, targets)."""
-    dtype = getattr(torch, args.dtype)
-    dataset = data.load(args.dataset, root=args.data_dir, max_examples=args.retain + args.forget)
-    inputs, targets, _ = data.as_tensors(dataset)
-    inputs, targets = inputs.to(args.device, dtype), targets.to(args.device)
-    classes = dataset.num_classes
-    torch.manual_seed(args.seed)
-    model = models.build(args.model, dataset.input_shape, classes, width=args.width)
-    model = model.to(args.device, dtype)
+    dataset, inputs, targets = load_examples(args, args.retain + args.forget)
+    model = seeded_model(args.model, dataset, args)
     retain = (inputs[: args.retain], targets[: args.retain])
-    train.train(model, retain, lr=1e-2, epochs=5, batch_size=64, seed=args.seed, progress=False)
-    return model.eval(), (inputs[args.retain :], targets[args.retain :])
+    pretrain(model, retain, args, lr=1e-2, epochs=5)
+    return model, (inputs[args.retain :], targets[args.retain :])
 
 
 def first_epoch_below(trajectory: list[float], target: float) -> int | None:

@@ -1,0 +1,30 @@
+"""Setup shared by the example scripts: data on the requested device and dtype, seeded models,
+and a brief Adam pretraining so that examples start from a model with a spread of losses."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from influx import data, models, train
+
+
+def load_examples(args: argparse.Namespace, count: int):
+    """(dataset, inputs, targets): the first ``count`` examples of ``--dataset`` as tensors."""
+    dataset = data.load(args.dataset, root=args.data_dir, max_examples=count)
+    inputs, targets, _ = data.as_tensors(dataset)
+    return dataset, inputs.to(args.device, getattr(torch, args.dtype)), targets.to(args.device)
+
+
+def seeded_model(name: str, dataset, args: argparse.Namespace) -> torch.nn.Module:
+    """``models.build(name)`` for ``dataset``, initialized from ``--seed``."""
+    torch.manual_seed(args.seed)
+    model = models.build(name, dataset.input_shape, dataset.num_classes, width=args.width)
+    return model.to(args.device, getattr(torch, args.dtype))
+
+
+def pretrain(model, batch, args: argparse.Namespace, *, lr: float, epochs: int) -> torch.nn.Module:
+    """Adam on ``batch`` (inputs, targets) in minibatches of 64; returns the model in eval mode."""
+    train.train(model, batch, lr=lr, epochs=epochs, batch_size=64, seed=args.seed, progress=False)
+    return model.eval()
