@@ -14,19 +14,53 @@ from influx.errors import InfluxError, InfluxValueError, UnsupportedModelError
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "aggregate",
+    "audit",
     "commutator",
     "curvature",
     "data",
+    "distributed",
+    "dp",
     "grads",
     "influence",
     "kernels",
+    "memorization",
     "models",
+    "poison",
+    "report",
+    "shift",
+    "store",
+    "tails",
+    "train",
+    "unlearn",
+    "unlearnable",
 )
 
 __all__ = ["InfluxError", "InfluxValueError", "UnsupportedModelError", "__version__", *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from influx import commutator, curvature, data, grads, influence, kernels, models  # noqa: F401
+    from influx import (  # noqa: F401
+        aggregate,
+        audit,
+        commutator,
+        curvature,
+        data,
+        distributed,
+        dp,
+        grads,
+        influence,
+        kernels,
+        memorization,
+        models,
+        poison,
+        report,
+        shift,
+        store,
+        tails,
+        train,
+        unlearn,
+        unlearnable,
+    )
 
 
 def __getattr__(name: str):

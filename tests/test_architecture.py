@@ -11,14 +11,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "influx"
 
 # module (or subpackage) -> influx modules it must never import
+_LAB = {"poison", "unlearn", "audit", "unlearnable", "shift"}
+_TOP = {"report", "cli"}
+_ABOVE_CURVATURE = {"influence", "commutator", "memorization", "dp"} | _LAB | _TOP
+_LEAF = {
+    "grads", "curvature", "influence", "commutator", "memorization", "dp", "train", "models",
+    "data", "tails", "store", "aggregate", "distributed", "kernels",
+} | _LAB | _TOP  # fmt: skip
 FORBIDDEN = {
-    "grads": {"curvature", "influence", "commutator", "train", "cli", "models"},
-    "curvature": {"influence", "commutator", "cli"},
-    "influence": {"commutator", "cli"},
-    "commutator": {"influence", "cli"},
-    "data": {"grads", "curvature", "influence", "commutator", "models", "train", "cli"},
-    "models": {"grads", "curvature", "influence", "commutator", "data", "train", "cli"},
-    "train": {"grads", "curvature", "influence", "commutator", "cli"},
+    "grads": {"curvature", "train", "models"} | _ABOVE_CURVATURE,
+    "curvature": _ABOVE_CURVATURE,
+    "influence": {"commutator", "memorization"} | _LAB | _TOP,
+    "commutator": {"influence", "memorization"} | _LAB | _TOP,
+    "memorization": _LAB | _TOP,
+    "dp": _LAB | _TOP,
+    **{name: _TOP for name in _LAB},
+    "data": {"grads", "curvature", "models", "train"} | _ABOVE_CURVATURE,
+    "models": {"grads", "curvature", "data", "train"} | _ABOVE_CURVATURE,
+    "train": {"grads", "curvature", "dp"} | _ABOVE_CURVATURE,
+    **{name: _LEAF - {name} for name in ("tails", "store", "aggregate", "distributed")},
 }
 
 
