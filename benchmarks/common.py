@@ -137,9 +137,16 @@ def write_results(
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{suite}-{device.split(':')[0]}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    dirty = (
+        "**DIRTY TREE: these numbers were not measured on a committed state; do not quote them.**"
+        "\n\n"
+        if meta["git_sha"].endswith("+dirty")
+        else ""
+    )
     header = (
-        f"# {suite} suite on {meta['device_name']}\n\n"
-        f"git {meta['git_sha']}, {meta['timestamp']}, python {meta['python']}, "
+        f"# {suite} suite on {meta['device_name']}\n\n{dirty}"
+        f"git {meta['git_sha']}, {meta['timestamp']}, load {meta['load_average_1m']}, "
+        f"python {meta['python']}, "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + "\n\n"
     )

@@ -1,7 +1,8 @@
 """Run a benchmark suite side by side with the peers; write JSON + markdown to benchmarks/results.
 
 python benchmarks/run.py --suite persample [--device cpu|cuda] [--quick]
-python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | all
+python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | gus | dp
+                              | ensemble | score | all
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 from benchmarks.common import provenance, write_results  # noqa: E402
 
-SUITES = ("persample", "kernels", "commutator", "influence", "influence_scale")
+SUITES = (
+    "persample",
+    "kernels",
+    "commutator",
+    "influence",
+    "influence_scale",
+    "gus",
+    "dp",
+    "ensemble",
+    "score",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-sizes", nargs="+", type=int, default=None, help="persample: batch sizes"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="repeat the whole suite (spread of headline ratios)"
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one isolated row
     return parser.parse_args(argv)
 

@@ -10,8 +10,10 @@ torch.func in the same dtype (``rel_err``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +37,15 @@ METHODS = (
     "influx_projected",
 )
 PROJECTED_DIM = 4096
-COLUMNS = ["model", "batch", "method", "median_s", "x_floor", "peak_mem_mb", "rel_err", "note"]
+COLUMNS = [
+    "model", "batch", "method", "median_s", "median_s_range", "x_floor", "x_floor_range",
+    "peak_mem_mb", "rel_err", "timing", "runs", "note",
+]  # fmt: skip
 NOTES = (
-    "x_floor: median time over the floor's (plain forward+backward of the summed loss) in the same run. "
+    "Each row runs in its own subprocess: 2 warm-up calls, then the median of 7 (one cold run where "
+    "`timing` says so). The grid is run `runs` times, interleaved; `median_s` and `x_floor` are "
+    "medians over the runs and `*_range` their min-max. "
+    "x_floor: time over the floor's (plain forward+backward of the summed loss) in the same run. "
     "peak_mem_mb: peak resident (CPU) or allocated (CUDA) memory above the state after building the model "
     "and batch. rel_err: max relative error of per-sample gradient norms against torch.func on 4 examples."
 )
@@ -127,17 +135,18 @@ def make_method(name: str, model, x, y):
 
 
 def run_one(args) -> int:
-    """Child process: one (model, batch, method) row, printed as JSON on the last line."""
+    """Child process: one (model, batch, method) row, printed as JSON on the last line.
+
+    Nothing runs before the timed calls but the method's own warm-up, so every row (the floor
+    included) is timed from the same state; the correctness check comes after timing and memory,
+    on an untouched copy of the model (peers wrap or extend the model they are given)."""
     model_name, batch, method = args.one.split(":")
     device = args.device
     model, x, y = build(model_name, int(batch), device)
+    untouched = copy.deepcopy(model)
     row = {"model": model_name, "batch": int(batch), "method": method}
     try:
-        # the reference runs before a peer wraps or extends the model with its own hooks
-        expected = _norms(reference.per_sample_grads(model, loss_fn, x[:4], y[:4]))
         fn, norms_of = make_method(method, model, x, y)
-        if norms_of is not None:
-            row["rel_err"] = ((norms_of(4) - expected).abs().max() / expected.abs().max()).item()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -146,55 +155,67 @@ def run_one(args) -> int:
         slow = method == "naive_loop" or (
             model_name == "resnet18" and method in ("torch_func_vmap",)
         )
-        repeats = args.repeats or (1 if slow or args.quick else 5)
-        row.update(time_call(fn, device=device, repeats=repeats, warmup=0 if slow else 1))
+        repeats = args.repeats or (1 if slow or args.quick else 7)
+        row.update(time_call(fn, device=device, repeats=repeats, warmup=1 if slow else 2))
+        row["timing"] = "one cold run" if repeats == 1 and slow else f"median of {repeats}"
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
         row["peak_mem_mb"] = max(0, peak - base) / 2**20
+        if norms_of is not None:
+            expected = _norms(reference.per_sample_grads(untouched, loss_fn, x[:4], y[:4]))
+            row["rel_err"] = ((norms_of(4) - expected).abs().max() / expected.abs().max()).item()
     except Exception as error:  # a peer that does not support the model is a row, not a crash
         row["note"] = f"unsupported: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     print(json.dumps(row))
     return 0
 
 
+def _child(args, model_name: str, batch: int, method: str) -> dict:
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", "persample",
+        "--device", args.device, "--one", f"{model_name}:{batch}:{method}",
+    ]  # fmt: skip
+    if args.quick:
+        command.append("--quick")
+    if args.repeats:
+        command += ["--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = done.stderr.strip().splitlines()[-1:]
+        return {"model": model_name, "batch": batch, "method": method, "note": f"failed: {tail}"}
+
+
 def run(args) -> list[dict]:
+    """Every row in its own subprocess, the whole grid repeated ``--runs`` times (interleaved, so
+    a slow phase of the machine hits every method alike); ratios to the floor are taken within
+    each run and reported as their median with the min-max spread."""
     models = args.models or (("mlp", "cnn") if args.quick else MODELS)
     batches = args.batch_sizes or ((32,) if args.quick else BATCH_SIZES)
-    root = Path(__file__).resolve().parents[2]
-    rows = []
-    for model_name in models:
-        for batch in batches:
-            for method in METHODS:
-                command = [
-                    sys.executable,
-                    str(root / "benchmarks" / "run.py"),
-                    "--suite",
-                    "persample",
-                    "--device",
-                    args.device,
-                    "--one",
-                    f"{model_name}:{batch}:{method}",
-                ]
-                if args.quick:
-                    command.append("--quick")
-                if args.repeats:
-                    command += ["--repeats", str(args.repeats)]
-                done = subprocess.run(
-                    command, capture_output=True, text=True, env=os.environ.copy()
-                )
-                lines = done.stdout.strip().splitlines()
-                try:
-                    row = json.loads(lines[-1])
-                except (IndexError, json.JSONDecodeError):
-                    row = {
-                        "model": model_name,
-                        "batch": batch,
-                        "method": method,
-                        "note": f"failed: {done.stderr.strip().splitlines()[-1:]}",
-                    }
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
-    _add_ratios(rows)
-    return rows
+    runs = getattr(args, "runs", None) or (1 if args.quick else 3)
+    grid = [(m, b, method) for m in models for b in batches for method in METHODS]
+    per_run = []
+    for _ in range(runs):
+        rows = [_child(args, *cell) for cell in grid]
+        _add_ratios(rows)
+        for row in rows:
+            print(json.dumps(row), file=sys.stderr)
+        per_run.append(rows)
+    return [_combine([rows[i] for rows in per_run]) for i in range(len(grid))]
+
+
+def _combine(repeats: list[dict]) -> dict:
+    """One row from the same cell of several runs: medians, and the spread of time and ratio."""
+    row = dict(repeats[-1])
+    row["runs"] = len(repeats)
+    for key in ("median_s", "x_floor", "peak_mem_mb"):
+        values = sorted(r[key] for r in repeats if r.get(key) is not None)
+        if values:
+            row[key] = statistics.median(values)
+            if key != "peak_mem_mb" and len(values) > 1:
+                row[f"{key}_range"] = f"{values[0]:.3g}-{values[-1]:.3g}"
+    return row
 
 
 def _add_ratios(rows: list[dict]) -> None:
