@@ -326,11 +326,82 @@ def _cifar10_folder(root: str | os.PathLike | None) -> Path:
     return base / CIFAR10_FOLDER
 
 
+# The only globals the CIFAR-10 pickles reference: numpy array reconstruction and, for bytes
+# pickled by Python 3 at protocol 2, _codecs.encode. Anything else is refused, so a file handed
+# to influx as "CIFAR-10" cannot run code while it is read.
+_CIFAR_PICKLE_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+# What a truncated, foreign or tampered pickle raises while loading.
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+    KeyError, ImportError, MemoryError,
+)  # fmt: skip
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _damaged(path: Path, problem: str) -> InfluxValueError:
+    return InfluxValueError(
+        f"CIFAR-10 file {path} {problem}. Download 'CIFAR-10 python version' "
+        "(cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html again and "
+        f"extract it into {path.parent.parent}."
+    )
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        # The official files were pickled by Python 2; "bytes" keeps their str keys as bytes.
-        content = pickle.load(handle, encoding="bytes")
+    try:
+        with open(path, "rb") as handle:
+            # The official files were pickled by Python 2; "bytes" keeps their str keys as bytes.
+            content = _CifarUnpickler(handle, encoding="bytes").load()
+    except _PICKLE_ERRORS as error:
+        raise _damaged(
+            path, f"is not a readable CIFAR pickle ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(content, dict):
+        raise _damaged(path, f"holds a {type(content).__name__}, not the expected dict")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
+
+
+def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, list[int]]:
+    """Images uint8 [n, 3, 32, 32] and labels [n] of one batch file, checked for consistency."""
+    batch = _unpickle(path)
+    missing = [key for key in ("data", "labels") if key not in batch]
+    if missing:
+        raise _damaged(path, f"has no {' or '.join(repr(k) for k in missing)} entry")
+    data = np.asarray(batch["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise _damaged(
+            path,
+            f"holds data of dtype {data.dtype} and shape {data.shape}; expected uint8 [n, 3072]",
+        )
+    try:
+        labels = [int(label) for label in batch["labels"]]
+    except (TypeError, ValueError) as error:
+        raise _damaged(path, f"holds labels that are not integers ({error})") from error
+    if len(labels) != data.shape[0]:
+        raise _damaged(path, f"holds {data.shape[0]} images but {len(labels)} labels")
+    bad = [(i, label) for i, label in enumerate(labels) if not 0 <= label < 10]
+    if bad:
+        shown = ", ".join(f"#{i}: {label}" for i, label in bad[:5])
+        raise _damaged(path, f"holds {len(bad)} labels outside 0..9 ({shown})")
+    # Rows are 3,072 bytes: the red, green and blue 32x32 planes, in that order.
+    return torch.as_tensor(data).view(-1, 3, 32, 32), labels
 
 
 def _cifar10(root, split: str) -> Cifar10Dataset:
@@ -347,12 +418,9 @@ def _cifar10(root, split: str) -> Cifar10Dataset:
         )
     images, labels = [], []
     for name in files:
-        batch = _unpickle(folder / name)
-        # Rows are 3,072 bytes: the red, green and blue 32x32 planes, in that order.
-        images.append(
-            torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)).view(-1, 3, 32, 32)
-        )
-        labels.extend(int(label) for label in batch["labels"])
+        batch_images, batch_labels = _read_cifar_batch(folder / name)
+        images.append(batch_images)
+        labels.extend(batch_labels)
     classes = [f"class_{k}" for k in range(10)]
     meta = folder / "batches.meta"
     if meta.is_file():

@@ -164,6 +164,73 @@ def test_cifar10_missing_batch_file_is_named(tmp_path):
         data.load("cifar10", root=tmp_path)
 
 
+def _rewrite_batch(path, changes: dict) -> None:
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    batch.update({key.encode(): value for key, value in changes.items()})
+    with open(path, "wb") as handle:
+        pickle.dump(batch, handle, protocol=2)
+
+
+def test_cifar10_fewer_labels_than_images_is_named(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _rewrite_batch(path, {"labels": [1, 2]})
+    with pytest.raises(InfluxValueError, match="holds 3 images but 2 labels") as info:
+        data.load("cifar10", root=tmp_path)
+    assert str(path) in str(info.value) and "python version" in str(info.value)
+
+
+def test_cifar10_out_of_range_labels_are_named(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    _rewrite_batch(path, {"labels": [0, 10, -1]})
+    with pytest.raises(InfluxValueError, match=r"2 labels outside 0..9 \(#1: 10, #2: -1\)") as info:
+        data.load("cifar10", root=tmp_path, split="test")
+    assert str(path) in str(info.value)
+
+
+def test_cifar10_wrong_row_size_is_named(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    _rewrite_batch(path, {"data": np.zeros((3, 100), dtype=np.uint8)})
+    with pytest.raises(InfluxValueError, match=r"expected uint8 \[n, 3072\]"):
+        data.load("cifar10", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda raw: raw[: len(raw) // 2], id="truncated"),
+        pytest.param(lambda raw: b"not a pickle at all", id="not-pickle"),
+        pytest.param(lambda raw: b"", id="empty"),
+        pytest.param(lambda raw: pickle.dumps([1, 2, 3]), id="a-list"),
+    ],
+)
+def test_cifar10_damaged_files_are_named_not_tracebacks(tmp_path, damage):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(InfluxValueError, match="CIFAR-10 file .*data_batch_4") as info:
+        data.load("cifar10", root=tmp_path)
+    assert "Download" in str(info.value)
+
+
+class _Payload:
+    """An object whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('payload ran')",))
+
+
+def test_cifar10_pickles_that_would_run_code_are_refused(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_5"
+    _rewrite_batch(path, {"filenames": _Payload()})
+    with pytest.raises(InfluxValueError, match=r"refusing to load (__builtin__|builtins)\.exec"):
+        data.load("cifar10", root=tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------
 # synthetic
 # ------------------------------------------------------------------------------------------------
