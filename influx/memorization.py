@@ -904,16 +904,17 @@ class Comparison:
         return f"Comparison(k={self.k}, n_boot={self.n_boot}, {body})"
 
 
-def _rank_last(x: np.ndarray) -> np.ndarray:
+def _pearson_along(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson correlation along ``axis`` (vectorized over bootstrap resamples)."""
+    x = x - x.mean(axis, keepdims=True)
+    y = y - y.mean(axis, keepdims=True)
+    return (x * y).sum(axis) / np.sqrt((x * x).sum(axis) * (y * y).sum(axis))
+
+
+def _spearman_along(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     from scipy import stats
 
-    return stats.rankdata(x, axis=-1)
-
-
-def _pearson_last(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    x = x - x.mean(-1, keepdims=True)
-    y = y - y.mean(-1, keepdims=True)
-    return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    return _pearson_along(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis)
 
 
 def compare(
@@ -962,10 +963,7 @@ def compare(
         overlap = np.intersect1d(np.argsort(-oriented)[:top], np.argsort(-y)[:top]).size / top
         rng = np.random.default_rng(seed)
         intervals = {}
-        for stat, fn in (
-            ("spearman", lambda a, b: _pearson_last(_rank_last(a), _rank_last(b))),
-            ("pearson", _pearson_last),
-        ):
+        for stat, fn in (("spearman", _spearman_along), ("pearson", _pearson_along)):
             boot = stats.bootstrap(
                 (x, y), fn, paired=True, vectorized=True, n_resamples=n_boot,
                 confidence_level=level, method="percentile", random_state=rng,
