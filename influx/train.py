@@ -4,6 +4,19 @@
 requested steps a copy of the parameters with the learning rate then in effect (TracIn sums
 ``eta_t grad l(w_t, z) . grad l(w_t, z')`` over such checkpoints). The same model, data and seed
 give the same parameters, bit for bit, on the same machine.
+
+Three hooks change how a step's gradient is formed, for DP-SGD and robust aggregation:
+
+- ``sampling``: ``"shuffle"`` (a seeded permutation per epoch, cut into batches),
+  ``"poisson"`` (each step takes every example independently with probability
+  ``batch_size / N``), or a callable ``(epoch, epoch_seed) -> positions [N]`` giving the
+  epoch's order (e.g. a poison-interlacing schedule), cut into batches of ``batch_size``.
+- ``gradient``: a :data:`GradientFn` ``(model, loss_fn, inputs, targets) -> (losses [n],
+  {name: gradient})`` that replaces the plain gradient of the mean loss (``influx.dp`` provides
+  the clipped, noised DP-SGD gradient).
+- ``micro_batches`` / ``aggregator``: each batch is split into M contiguous micro-batches, each
+  gets its own gradient, and an ``influx.aggregate`` rule (mean, median, Krum, ...) combines the
+  M gradients before the optimizer steps.
 """
 
 from __future__ import annotations
@@ -20,12 +33,29 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from influx.aggregate import Aggregator
+from influx.aggregate import mean as _mean_aggregator
 from influx.data import iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, loss_fn, inputs, targets) -> (per-example losses [n] detached, {name: gradient})
+GradientFn = Callable[
+    [nn.Module, LossFn, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, Mapping[str, torch.Tensor]],
+]
+Sampler = Callable[[int, int], torch.Tensor]
 
-__all__ = ["Checkpoint", "TrainResult", "cross_entropy_per_example", "evaluate", "train"]
+__all__ = [
+    "Checkpoint",
+    "GradientFn",
+    "TrainResult",
+    "cross_entropy_per_example",
+    "evaluate",
+    "mean_gradient",
+    "total_steps",
+    "train",
+]
 
 
 def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,6 +72,7 @@ def mse_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 _LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy_per_example, "mse": mse_per_example}
 _OPTIMIZERS = ("adam", "sgd")
 _SCHEDULES = ("constant", "cosine")
+_SAMPLINGS = ("shuffle", "poisson")
 
 
 @dataclass(frozen=True)
@@ -65,10 +96,15 @@ class TrainResult:
     - ``epoch_seeds[e]``: the seed of the permutation of epoch ``e``;
       ``epoch_orders[e]`` [N]: the dataset indices in the order they were visited (a final partial
       epoch, when training by ``steps``, lists only the visited ones).
-    - ``losses`` [steps]: the mean mini-batch loss at each step; ``lrs`` [steps]: its learning rate.
+    - ``losses`` [steps]: the mean mini-batch loss at each step (NaN for an empty Poisson batch);
+      ``lrs`` [steps]: its learning rate; ``batch_sizes`` [steps]: the number of examples of each
+      step (batch boundaries within ``epoch_orders``, which under Poisson sampling may repeat or
+      skip examples).
     - ``checkpoints``: one :class:`Checkpoint` per requested step, in step order.
     - ``final_loss`` / ``final_accuracy``: over the whole training set, eval mode, after training
       (accuracy is NaN for losses other than cross-entropy).
+    - ``privacy``: set by ``influx.dp.train``: the noise multiplier, clipping norm, sample rate,
+      steps, delta and the spent epsilon of the accountant; None for non-private training.
     """
 
     steps: int
@@ -82,12 +118,18 @@ class TrainResult:
     final_accuracy: float
     seconds: float
     config: dict[str, Any]
+    batch_sizes: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long, device="cpu")
+    )
+    privacy: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
+        private = "" if self.privacy is None else f"epsilon={self.privacy['epsilon']:.3g}, "
         return (
             f"TrainResult(steps={self.steps}, epochs={self.epochs:g}, "
             f"final_loss={self.final_loss:.4g}, final_accuracy={self.final_accuracy:.4g}, "
-            f"checkpoints={[c.step for c in self.checkpoints]}, seconds={self.seconds:.2f})"
+            f"{private}checkpoints={[c.step for c in self.checkpoints]}, "
+            f"seconds={self.seconds:.2f})"
         )
 
 
@@ -102,7 +144,9 @@ def _resolve_loss(loss: str | LossFn) -> LossFn:
     return _LOSSES[loss]
 
 
-def _total_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
+def total_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
+    """The number of optimizer steps :func:`train` takes: ``epochs * ceil(n / batch_size)`` or
+    ``steps`` (exactly one given)."""
     if (epochs is None) == (steps is None):
         raise InfluxValueError(
             f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}"
@@ -199,7 +243,69 @@ def evaluate(
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     # One independent stream per epoch, so a single epoch's order can be replayed on its own.
-    return int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(seed + epoch)))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return int(torch.randint(2**62, (1,), generator=generator, device="cpu"))
+
+
+def mean_gradient(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain :data:`GradientFn`: per-example losses [n] and the gradient of their mean.
+
+    An empty batch gives zero gradients (and no losses).
+    """
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if inputs.shape[0] == 0:
+        return inputs.new_zeros(0), {name: torch.zeros_like(p) for name, p in trainable.items()}
+    losses = loss_fn(model(inputs), targets)
+    grads = torch.autograd.grad(losses.mean(), list(trainable.values()), allow_unused=True)
+    return losses.detach(), {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(trainable.items(), grads)
+    }
+
+
+def _check_hooks(
+    n: int,
+    batch_size: int,
+    sampling: str | Sampler,
+    gradient: GradientFn | None,
+    aggregator: Callable | None,
+    micro_batches: int,
+) -> None:
+    if not callable(sampling) and sampling not in _SAMPLINGS:
+        raise InfluxValueError(
+            f"sampling must be one of {_SAMPLINGS} or a callable (epoch, epoch_seed) -> "
+            f"positions [N]; got {sampling!r}"
+        )
+    if gradient is not None and not callable(gradient):
+        raise InfluxValueError(
+            "gradient must be a callable (model, loss_fn, inputs, targets) -> (losses, grads); "
+            f"got {type(gradient).__name__}"
+        )
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise InfluxValueError(f"micro_batches must be a positive integer; got {micro_batches!r}")
+    if aggregator is not None and not callable(aggregator):
+        raise InfluxValueError(f"aggregator must be callable; got {type(aggregator).__name__}")
+    if micro_batches == 1:
+        return
+    if sampling == "poisson":
+        raise InfluxValueError(
+            "micro_batches needs batches of a fixed size: use sampling='shuffle' or a sampler"
+        )
+    needed = getattr(aggregator, "min_inputs", 1)
+    if micro_batches < needed:
+        raise InfluxValueError(
+            f"aggregator {aggregator!r} needs at least {needed} gradients; got "
+            f"micro_batches={micro_batches}"
+        )
+    smallest = min(batch_size, n) if n % batch_size == 0 else n % batch_size
+    if smallest < micro_batches:
+        raise InfluxValueError(
+            f"every batch must hold at least micro_batches={micro_batches} examples, but the last "
+            f"batch of each epoch holds {smallest} (N={n}, batch_size={batch_size}): pick a "
+            "batch_size that divides N, or fewer micro-batches"
+        )
 
 
 def train(
@@ -217,6 +323,10 @@ def train(
     weight_decay: float = 0.0,
     lr_schedule: Literal["constant", "cosine"] = "constant",
     checkpoints: Iterable[int] | str = (),
+    sampling: Literal["shuffle", "poisson"] | Sampler = "shuffle",
+    gradient: GradientFn | None = None,
+    micro_batches: int = 1,
+    aggregator: Aggregator | Callable | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -229,6 +339,12 @@ def train(
     ``"epochs"`` for the initial model and the end of every epoch. ``lr_schedule="cosine"`` decays
     the learning rate to 0 over the run. The global RNG state is left untouched: the seed drives
     shuffling and any randomness in the model (dropout) through a forked RNG.
+
+    ``sampling``, ``gradient``, ``micro_batches`` and ``aggregator`` are described in the module
+    docstring. An epoch is ``ceil(N / batch_size)`` steps under every sampling. With
+    ``micro_batches=M``, each batch is split into M contiguous parts (sizes differing by at most
+    one) and ``aggregator`` (default ``influx.aggregate.mean()``) combines their gradients
+    (``gradient``, default the mean-loss gradient, applied to each part).
     """
     n = num_examples(data)
     if n == 0:
@@ -240,9 +356,10 @@ def train(
         raise InfluxValueError(f"lr_schedule must be one of {_SCHEDULES}; got {lr_schedule!r}")
     if not lr > 0:
         raise InfluxValueError(f"lr must be > 0; got {lr}")
+    _check_hooks(n, batch_size, sampling, gradient, aggregator, micro_batches)
     loss_fn = _resolve_loss(loss)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = _total_steps(n, batch_size, epochs, steps)
+    total = total_steps(n, batch_size, epochs, steps)
     checkpoint_steps = _checkpoint_steps(checkpoints, total, steps_per_epoch)
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
@@ -253,7 +370,15 @@ def train(
         optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
         seed=seed, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
         checkpoints=checkpoint_steps, device=str(device), num_examples=n,
+        sampling=sampling if isinstance(sampling, str) else _name(sampling),
+        gradient=None if gradient is None else _name(gradient),
+        micro_batches=micro_batches, aggregator=None if aggregator is None else _name(aggregator),
     )  # fmt: skip
+    if micro_batches > 1 and aggregator is None:
+        aggregator = _mean_aggregator()
+    step_gradient = None
+    if gradient is not None or micro_batches > 1:
+        step_gradient = _micro_batched(gradient or mean_gradient, aggregator, micro_batches)
 
     start = time.perf_counter()
     cuda_devices = [device] if device.type == "cuda" else []
@@ -261,7 +386,7 @@ def train(
         torch.manual_seed(seed)
         run = _run(
             model, data, loss_fn, opt, total, batch_size, seed, lr, lr_schedule,
-            checkpoint_steps, device, progress,
+            checkpoint_steps, device, progress, sampling, step_gradient,
         )  # fmt: skip
     final_loss, final_accuracy = evaluate(model, data, loss=loss_fn, device=device)
     return TrainResult(
@@ -273,6 +398,60 @@ def train(
         config=config,
         **run,
     )
+
+
+def _name(thing) -> str:
+    return getattr(thing, "__name__", None) or repr(thing)
+
+
+def _micro_batched(gradient: GradientFn, aggregator, micro_batches: int) -> GradientFn:
+    """The step's GradientFn: ``gradient`` itself, or aggregated over micro-batches."""
+    if micro_batches == 1:
+        return gradient
+
+    def aggregated(model, loss_fn, inputs, targets):
+        parts = [
+            gradient(model, loss_fn, x, y)
+            for x, y in zip(inputs.tensor_split(micro_batches), targets.tensor_split(micro_batches))
+        ]
+        stacked = {name: torch.stack([grads[name] for _, grads in parts]) for name in parts[0][1]}
+        return torch.cat([losses for losses, _ in parts]), aggregator(stacked)
+
+    return aggregated
+
+
+def _epoch_batches(
+    data, sampling, n: int, batch_size: int, epoch: int, epoch_seed: int, steps: int
+):
+    """Yield the (inputs, targets, indices) batches of one epoch, at most ``steps`` of them."""
+    if sampling == "poisson":
+        generator = torch.Generator().manual_seed(epoch_seed)
+        rate = batch_size / n
+        for _ in range(steps):
+            mask = torch.rand(n, generator=generator, device="cpu") < rate
+            positions = mask.nonzero().flatten()
+            # an empty draw is a step too (DP-SGD still adds its noise): an empty batch
+            take = (
+                positions if positions.numel() else torch.zeros(1, dtype=torch.long, device="cpu")
+            )
+            batch = next(iter_ordered_batches(data, take, max(1, take.numel())))
+            yield tuple(t[: positions.numel()] for t in batch)
+        return
+    if sampling == "shuffle":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed), device="cpu")
+    else:
+        order = torch.as_tensor(sampling(epoch, epoch_seed), dtype=torch.long).cpu()
+        if (
+            order.dim() != 1
+            or order.numel() != n
+            or (order.numel() and not 0 <= order.min() <= order.max() < n)
+        ):
+            raise InfluxValueError(
+                f"the sampler must return {n} positions in [0, {n}) for each epoch; got shape "
+                f"{tuple(order.shape)}"
+            )
+    # A final partial epoch visits only the positions its remaining steps reach.
+    yield from iter_ordered_batches(data, order[: steps * batch_size], batch_size)
 
 
 def _run(
@@ -288,15 +467,20 @@ def _run(
     checkpoint_steps: list[int],
     device: torch.device,
     progress: bool,
+    sampling,
+    step_gradient: GradientFn | None,
 ) -> dict[str, Any]:
     """The training loop; returns the recorded fields of :class:`TrainResult`."""
     n = num_examples(data)
+    steps_per_epoch = math.ceil(n / batch_size)
     epoch_seeds: list[int] = []
     epoch_orders: list[torch.Tensor] = []
-    losses = torch.zeros(total)
-    lrs = torch.zeros(total)
+    losses = torch.zeros(total, device="cpu")
+    lrs = torch.zeros(total, device="cpu")
+    batch_sizes = torch.zeros(total, dtype=torch.long, device="cpu")
     saved: list[Checkpoint] = []
     pending = list(checkpoint_steps)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
     def maybe_checkpoint(step: int, epoch: int) -> None:
         if pending and pending[0] == step:
@@ -312,19 +496,27 @@ def _run(
     try:
         while step < total:
             epoch_seed = _epoch_seed(seed, epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
-            # A final partial epoch visits only the positions its remaining steps reach.
-            order = order[: (total - step) * batch_size]
+            batches = _epoch_batches(
+                data, sampling, n, batch_size, epoch, epoch_seed, min(steps_per_epoch, total - step)
+            )
             visited = []
-            for inputs, targets, indices in iter_ordered_batches(data, order, batch_size):
+            for inputs, targets, indices in batches:
                 step_lr = _lr_at(step, total, lr, lr_schedule)
                 model.zero_grad(set_to_none=True)
-                batch_loss = loss_fn(model(inputs.to(device)), targets.to(device)).mean()
-                batch_loss.backward()
+                inputs, targets = inputs.to(device), targets.to(device)
+                if step_gradient is None:
+                    batch_loss = loss_fn(model(inputs), targets).mean()
+                    batch_loss.backward()
+                else:
+                    example_losses, grads = step_gradient(model, loss_fn, inputs, targets)
+                    for name, p in trainable.items():
+                        p.grad = grads[name].detach() if name in grads else None
+                    batch_loss = example_losses.mean()
                 for group in opt.param_groups:
                     group["lr"] = step_lr
                 opt.step()
                 losses[step], lrs[step] = batch_loss.detach().cpu(), step_lr
+                batch_sizes[step] = indices.numel()
                 visited.append(indices)
                 step += 1
                 bar.update(1)
@@ -343,6 +535,7 @@ def _run(
         losses=losses,
         lrs=lrs,
         checkpoints=saved,
+        batch_sizes=batch_sizes,
     )
 
 

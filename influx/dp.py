@@ -1,0 +1,389 @@
+"""DP-SGD with ghost clipping, and its privacy accounting by Opacus' accountants.
+
+Clipping (Abadi et al. 2016). For per-example losses ``l_i`` with gradients ``g_i`` the clipped
+sum is ``sum_i c_i g_i`` with ``c_i = min(1, C / ||g_i||)`` (``c_i = 1`` when ``g_i = 0``), C =
+``max_grad_norm``, over every trainable parameter together. :func:`clipped_grad` computes it
+without materializing per-sample gradients (ghost clipping, Li et al. 2022): ONE forward and one
+backward to the layer outputs capture each layer's inputs ``a`` and output gradients ``b``
+(``influx.grads``); the norms ``||g_i||`` follow from them layer by layer (ghost or direct,
+whichever is cheaper); and since ``g_i`` is linear in ``b_i``, the clipped sum is the gradient of
+``sum_i c_i l_i`` obtained from the captured ``(a, c b)``: for Linear and Conv layers one
+weight-gradient product per layer (exactly the weight half of an ordinary backward), for other
+layers a re-run of that module alone. Weight tying is supported (the clipped sum adds the uses;
+the norms come from the summed per-sample gradients of the tied weights).
+
+DP-SGD step (:class:`DPGradient`): ``(sum_i c_i g_i + N(0, sigma^2 C^2 I)) / B``, with B the
+expected batch size (``q N`` under Poisson sampling with rate q), sigma = ``noise_multiplier``.
+
+Accounting: :func:`epsilon` runs Opacus' RDP or PRV accountant on ``steps`` compositions of the
+subsampled Gaussian mechanism with rate ``q = batch_size / N``; :func:`noise_multiplier_for`
+inverts it with Opacus' ``get_noise_multiplier``. The bound assumes Poisson sampling; shuffled
+fixed-size batches are accounted the same way (common practice, as in Opacus, but not a proof).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.grad
+from torch import nn
+
+from influx.data import num_examples
+from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.grads.capture import LayerCall, capture
+from influx.grads.engine import _plan, _tied
+from influx.grads.functional import LossFn, check_batch, select_parameters
+from influx.train import TrainResult, total_steps
+from influx.train import train as _train
+
+__all__ = [
+    "DPGradient",
+    "clipped_grad",
+    "epsilon",
+    "noise_multiplier_for",
+    "train",
+]
+
+Accountant = Literal["rdp", "prv"]
+_ACCOUNTANTS = ("rdp", "prv")
+_CONVS = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
+          nn.Conv3d: torch.nn.grad.conv3d_weight}  # fmt: skip
+
+
+def clipped_grad(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``sum_i min(1, C / ||g_i||) g_i`` over the batch, for every trainable parameter: name -> tensor.
+
+    ``g_i`` is the gradient of example i's loss w.r.t. all trainable parameters together, ``C`` is
+    ``max_grad_norm``. No per-sample gradient is materialized (ghost clipping, see the module
+    docstring); ``chunk_size`` bounds memory by processing that many examples at a time (the sum is
+    the same). An empty batch gives zeros. BatchNorm in train mode is refused.
+    """
+    return _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size).grads
+
+
+@dataclass
+class _Clipped:
+    losses: torch.Tensor  # [N], detached
+    norms: torch.Tensor  # [N], unclipped per-sample gradient norms
+    grads: dict[str, torch.Tensor]  # the clipped sum
+
+
+def _check_max_grad_norm(max_grad_norm: float) -> None:
+    if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise InfluxValueError(f"max_grad_norm must be a number > 0; got {max_grad_norm!r}")
+
+
+def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _Clipped:
+    _check_max_grad_norm(max_grad_norm)
+    check_batch(inputs, targets)
+    if chunk_size is not None and chunk_size < 1:
+        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
+    selected = select_parameters(model)
+    layers = _plan(model, selected)
+    tied = _tied(layers)
+    modules = {layer.name: layer.module for layer in layers}
+    total = {name: torch.zeros_like(p) for name, p in selected.items()}
+    losses, norms = [], []
+    n = inputs.shape[0]
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, max(step, 1)):
+        x, y = inputs[start : start + step], targets[start : start + step]
+        chunk_losses, calls = capture(model, loss_fn, x, y, modules, list(selected.values()))
+        _check_finite_losses(chunk_losses, start)
+        sqnorms = _sqnorms(layers, calls, tied, x.shape[0], next(iter(selected.values())))
+        chunk_norms = sqnorms.sqrt()
+        bad = (~torch.isfinite(chunk_norms)).nonzero().flatten()
+        if bad.numel():
+            raise InfluxRuntimeError(
+                f"per-sample gradients of examples {(bad + start).tolist()} (batch positions) are "
+                "NaN or inf: check those inputs and the learning rate"
+            )
+        # c_i = min(1, C / ||g_i||); a zero gradient keeps c_i = 1 (it contributes nothing anyway)
+        scale = torch.where(
+            chunk_norms > max_grad_norm, max_grad_norm / chunk_norms.clamp_min(1e-300), 1.0
+        )
+        for layer in layers:
+            for call in calls[layer.name]:
+                for local, g in _weighted_grads(layer.module, call, scale).items():
+                    if local in layer.params:
+                        total[layer.params[local]] += g
+        losses.append(chunk_losses)
+        norms.append(chunk_norms)
+    reference = next(iter(selected.values()))
+    return _Clipped(
+        torch.cat(losses) if losses else reference.new_zeros(0),
+        torch.cat(norms) if norms else reference.new_zeros(0),
+        total,
+    )
+
+
+def _check_finite_losses(losses: torch.Tensor, start: int) -> None:
+    bad = (~torch.isfinite(losses)).nonzero().flatten()
+    if bad.numel():
+        raise InfluxRuntimeError(
+            f"the losses of examples {(bad + start).tolist()} (batch positions) are NaN or inf"
+        )
+
+
+def _sqnorms(layers, calls, tied: set[str], n: int, reference: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample norms [N] of the gradient w.r.t. all planned parameters together."""
+    total = reference.new_zeros(n)
+    tied_grads: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        layer_calls = calls[layer.name]
+        if not layer_calls:
+            continue
+        if tied & set(layer.params.values()):
+            # the norm of a sum is not the sum of norms: tied parameters are materialized
+            for local, g in layer.rule.grads(layer.module, layer_calls).items():
+                if local in layer.params:
+                    full = layer.params[local]
+                    tied_grads[full] = tied_grads[full] + g if full in tied_grads else g
+            continue
+        for local, sq in layer.rule.sqnorms(layer.module, layer_calls).items():
+            if local in layer.params:
+                total = total + sq
+    for g in tied_grads.values():
+        total = total + g.flatten(1).square().sum(1)
+    return total
+
+
+def _weighted_grads(module: nn.Module, call: LayerCall, scale: torch.Tensor) -> dict:
+    """Gradient of ``sum_i scale_i l_i`` w.r.t. the module's own parameters, from one call."""
+    b = call.grad_output * scale.to(call.grad_output.dtype).reshape(
+        -1, *[1] * (call.grad_output.dim() - 1)
+    )
+    x = call.args[0] if call.args else None
+    kind = type(module)
+    if kind is nn.Linear:
+        b_flat = b.reshape(-1, module.out_features)  # [N*T, d_out]
+        out = {"weight": b_flat.T @ x.reshape(-1, module.in_features)}
+        if module.bias is not None:
+            out["bias"] = b_flat.sum(0)
+        return out
+    if kind in _CONVS and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        # the weight half of the convolution's backward, nothing else
+        weight = _CONVS[kind](x, module.weight.shape, b, module.stride, module.padding,
+                              module.dilation, module.groups)  # fmt: skip
+        out = {"weight": weight}
+        if module.bias is not None:
+            out["bias"] = b.transpose(0, 1).flatten(1).sum(1)
+        return out
+    # Any other module: re-run it alone on its recorded inputs and pull c b back to its parameters.
+    own = dict(module.named_parameters(recurse=False))
+    with torch.enable_grad():
+        output = module(*call.args)
+        grads = torch.autograd.grad(output, list(own.values()), b, allow_unused=True)
+    return {
+        name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(own.items(), grads)
+    }
+
+
+@dataclass
+class DPGradient:
+    """The DP-SGD gradient as an ``influx.train`` ``gradient=`` hook.
+
+    ``(sum_i c_i g_i + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size``, the
+    noise drawn on the parameters' device from a generator seeded with ``seed`` (same seed, same
+    noise sequence). Returns the per-example losses [n] and the gradient, name -> tensor.
+    """
+
+    max_grad_norm: float
+    noise_multiplier: float
+    expected_batch_size: float
+    seed: int = 0
+    chunk_size: int | None = None
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        _check_max_grad_norm(self.max_grad_norm)
+        if not self.noise_multiplier >= 0:
+            raise InfluxValueError(f"noise_multiplier must be >= 0; got {self.noise_multiplier}")
+        if not self.expected_batch_size > 0:
+            raise InfluxValueError(
+                f"expected_batch_size must be > 0; got {self.expected_batch_size}"
+            )
+
+    def __call__(self, model, loss_fn, inputs, targets):
+        clipped = _clip(model, loss_fn, inputs, targets, self.max_grad_norm, self.chunk_size)
+        std = self.noise_multiplier * self.max_grad_norm
+        grads = {}
+        for name, g in clipped.grads.items():
+            if std > 0:
+                noise = torch.randn(
+                    g.shape, generator=self._generator_on(g.device), device=g.device, dtype=g.dtype
+                )
+                g = g + std * noise
+            grads[name] = g / self.expected_batch_size
+        return clipped.losses, grads
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in _ACCOUNTANTS:
+        raise InfluxValueError(f"accountant must be one of {_ACCOUNTANTS}; got {accountant!r}")
+
+
+def _check_schedule(sample_rate: float, steps: int, delta: float) -> None:
+    if not 0 < sample_rate <= 1:
+        raise InfluxValueError(f"sample_rate must lie in (0, 1]; got {sample_rate}")
+    if not isinstance(steps, int) or steps < 0:
+        raise InfluxValueError(f"steps must be an integer >= 0; got {steps!r}")
+    if not 0 < delta < 1:
+        raise InfluxValueError(f"delta must lie in (0, 1); got {delta}")
+
+
+def epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: Accountant = "rdp",
+) -> float:
+    """Spent epsilon of ``steps`` subsampled Gaussian steps, by Opacus' RDP or PRV accountant.
+
+    ``noise_multiplier = 0`` (no noise) spends an infinite epsilon; ``steps = 0`` spends none.
+    """
+    from opacus.accountants import create_accountant
+
+    _check_accountant(accountant)
+    _check_schedule(sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    ledger = create_accountant(mechanism=accountant)
+    for _ in range(steps):
+        ledger.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return float(ledger.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: Accountant = "rdp",
+    tolerance: float = 0.01,
+) -> float:
+    """The noise multiplier that spends ``target_epsilon`` (within ``tolerance``, never above).
+
+    Opacus' ``get_noise_multiplier`` (a bisection over its accountant).
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _check_accountant(accountant)
+    _check_schedule(sample_rate, steps, delta)
+    if not target_epsilon > 0:
+        raise InfluxValueError(f"target_epsilon must be > 0; got {target_epsilon}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=tolerance,
+        )  # fmt: skip
+    )
+
+
+def _refuse_batchnorm(model: nn.Module) -> None:
+    # checked before training: the trainer puts the model in train mode
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModelError(
+                f"model contains {type(module).__name__} ({name or 'the root module'}): DP-SGD "
+                "needs per-sample gradients, which batch statistics make ill-defined in train "
+                "mode; call influx.models.convert_batchnorm(model) to use GroupNorm"
+            )
+
+
+def train(
+    model: nn.Module,
+    data,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float = 1e-5,
+    batch_size: int = 128,
+    epochs: int | None = None,
+    steps: int | None = None,
+    sampling: Literal["poisson", "shuffle"] = "poisson",
+    accountant: Accountant = "rdp",
+    noise_seed: int = 0,
+    chunk_size: int | None = None,
+    **train_kwargs: Any,
+) -> TrainResult:
+    """DP-SGD: :func:`influx.train.train` with the :class:`DPGradient` hook, then accounting.
+
+    Give ``noise_multiplier`` or ``target_epsilon`` (then sigma comes from
+    :func:`noise_multiplier_for` for this schedule). ``sampling="poisson"`` takes each example
+    with probability ``q = batch_size / N`` at every step (what the accountant assumes);
+    ``"shuffle"`` uses fixed-size shuffled batches, accounted with the same q. The gradient is
+    divided by the expected batch size ``q N = batch_size``. ``train_kwargs`` go to
+    ``influx.train.train`` (``optimizer``, ``lr``, ``seed``, ``checkpoints``, ...).
+
+    Returns the :class:`~influx.train.TrainResult` with ``privacy`` set: ``epsilon`` (spent),
+    ``delta``, ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``steps``,
+    ``accountant``, ``sampling``, ``noise_seed``.
+    """
+
+    n = num_examples(data)
+    if n == 0:
+        raise InfluxValueError("cannot train on empty data")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise InfluxValueError(f"batch_size must be an integer in [1, N={n}]; got {batch_size!r}")
+    if sampling not in ("poisson", "shuffle"):
+        raise InfluxValueError(f"sampling must be 'poisson' or 'shuffle'; got {sampling!r}")
+    for key in ("gradient", "micro_batches", "aggregator"):
+        if key in train_kwargs:
+            raise InfluxValueError(f"dp.train sets the gradient itself; do not pass {key}=")
+    _check_max_grad_norm(max_grad_norm)
+    _check_accountant(accountant)
+    _refuse_batchnorm(model)
+    total = total_steps(n, batch_size, epochs, steps)
+    sample_rate = batch_size / n
+    _check_schedule(sample_rate, total, delta)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise InfluxValueError(
+            "give exactly one of noise_multiplier and target_epsilon; got "
+            f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}"
+        )
+    if noise_multiplier is None:
+        noise_multiplier = noise_multiplier_for(
+            target_epsilon, sample_rate, total, delta, accountant=accountant
+        )
+    hook = DPGradient(max_grad_norm, noise_multiplier, batch_size, noise_seed, chunk_size)
+    result = _train(
+        model, data, batch_size=batch_size, epochs=epochs, steps=steps, sampling=sampling,
+        gradient=hook, **train_kwargs,
+    )  # fmt: skip
+    result.privacy = dict(
+        epsilon=epsilon(noise_multiplier, sample_rate, result.steps, delta, accountant=accountant),
+        delta=delta, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate, steps=result.steps, accountant=accountant, sampling=sampling,
+        noise_seed=noise_seed, target_epsilon=target_epsilon,
+    )  # fmt: skip
+    return result
