@@ -13,9 +13,9 @@ poisoned and clean parts.
 
 Batch schedules (:func:`interlaced`, :func:`concentrated`) fix how the poisoned examples are
 spread over the mini-batches of each epoch: every batch partially poisoned, or as few batches as
-possible fully poisoned, with the same poison count and epoch length. They are torch samplers
-of batches (``DataLoader(dataset, batch_sampler=schedule)``) and expose ``epoch_order(epoch)``,
-a permutation of the positions whose consecutive ``batch_size`` chunks are the batches.
+possible fully poisoned, with the same poison count and epoch length. A schedule is the
+trainer's sampling hook (``train.train(..., sampling=schedule)``) and a torch sampler of batches
+(``DataLoader(dataset, batch_sampler=schedule)``).
 
 Randomness is drawn on a CPU generator seeded by ``seed`` and moved to the data's device, so a
 seed gives the same poisons on every device.
@@ -550,10 +550,14 @@ class BatchSchedule(Sampler):
       poisons occupy the fewest batches possible: ``ceil(k / batch_size)`` when they fit in the
       full-size batches, all of them fully poisoned but at most one.
 
-    Within a batch, poisoned and clean examples are in random order. Iterating yields lists of
-    positions for the epoch set by :meth:`set_epoch` (as with ``DistributedSampler``), so the
-    schedule can drive ``DataLoader(dataset, batch_sampler=schedule)``; :meth:`epoch_order` gives
-    the same epoch as one order [N] whose consecutive ``batch_size`` chunks are the batches.
+    Within a batch, poisoned and clean examples are in random order. Three ways to use it:
+
+    - ``influx.train.train(model, data, sampling=schedule, batch_size=schedule.batch_size)``: the
+      schedule is the trainer's sampler ``(epoch, epoch_seed) -> positions [N]``;
+    - ``DataLoader(dataset, batch_sampler=schedule)``: iterating yields the batches (lists of
+      positions) of the epoch set by :meth:`set_epoch`, as with ``DistributedSampler``;
+    - :meth:`epoch_order` / :meth:`order`: one epoch as positions [N] whose consecutive
+      ``batch_size`` chunks are its batches, from the schedule's seed or a given epoch seed.
     """
 
     def __init__(self, mask: torch.Tensor, batch_size: int, *, seed: int = 0, kind: str):
@@ -632,14 +636,11 @@ class BatchSchedule(Sampler):
 
     def poison_counts(self, epoch: int) -> torch.Tensor:
         """Number of poisoned examples in each batch of ``epoch`` [batches]."""
-        return self._counts(self._generator(epoch))
+        return self._counts(torch.Generator(device="cpu").manual_seed(self.epoch_seed(epoch)))
 
-    def _generator(self, epoch: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(self.epoch_seed(epoch))
-
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """Positions [N] of epoch ``epoch``; consecutive ``batch_size`` chunks are its batches."""
-        generator = self._generator(epoch)
+    def order(self, epoch_seed: int) -> torch.Tensor:
+        """Positions [N] of the epoch drawn from ``epoch_seed``, batches in consecutive chunks."""
+        generator = torch.Generator(device="cpu").manual_seed(int(epoch_seed))
         counts = self._counts(generator)
         poisoned = self._poisoned[
             torch.randperm(self.num_poisoned, generator=generator, device="cpu")
@@ -655,6 +656,17 @@ class BatchSchedule(Sampler):
         order[is_poisoned] = poisoned
         order[~is_poisoned] = clean
         return order
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Positions [N] of epoch ``epoch`` (seeded by :meth:`epoch_seed`)."""
+        return self.order(self.epoch_seed(epoch))
+
+    def __call__(self, epoch: int, epoch_seed: int) -> torch.Tensor:
+        """The trainer's sampling hook: ``influx.train.train(..., sampling=schedule)`` asks for
+        each epoch's order with its own epoch seed (recorded in ``TrainResult.epoch_seeds``, so
+        ``schedule.order(seed)`` replays the epoch). Train with ``batch_size=schedule.batch_size``:
+        the trainer cuts the order into chunks of its own batch size."""
+        return self.order(epoch_seed)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.epoch_order(self.epoch).split(self.batch_size):

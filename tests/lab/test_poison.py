@@ -361,6 +361,24 @@ def test_schedule_drives_a_dataloader_and_ordered_batches():
     assert [indices.tolist() for _, _, indices in ordered] == expected
 
 
+@pytest.mark.parametrize("make", [poison.interlaced, poison.concentrated], ids=lambda f: f.__name__)
+def test_schedule_drives_the_trainer(make):
+    dataset = data.load("digits", max_examples=96)
+    result = poison.gaussian(dataset, count=16, noise_std=0.5, seed=0)
+    schedule = make(result.mask, 16, seed=0)
+    run = train.train(
+        models.mlp(64, (4,), 10), result.dataset, sampling=schedule, batch_size=16, epochs=2,
+        progress=False,
+    )  # fmt: skip
+    for seed, visited in zip(run.epoch_seeds, run.epoch_orders, strict=True):
+        # The recorded epoch seed replays the epoch; each batch holds the scheduled poisons.
+        assert torch.equal(visited, schedule.order(seed))
+        counts = sorted(int(result.mask[batch].sum()) for batch in visited.split(16))
+        # 6 batches of 16: quota 16 * 16 / 96 = 2.67 each, or one whole batch of poisons.
+        expected = [2, 2, 3, 3, 3, 3] if make is poison.interlaced else [0] * 5 + [16]
+        assert counts == expected
+
+
 def test_schedule_rejects_bad_arguments():
     with pytest.raises(InfluxValueError, match="mask must be a bool tensor of shape"):
         poison.interlaced(torch.zeros(5), 2)
