@@ -1,0 +1,533 @@
+"""Which training examples resist unlearning? Rank them, then check the ranking by unlearning.
+
+:func:`rank` scores every training example by five components, each oriented so that HIGH means
+"expected to resist unlearning", and combines them by rank-averaging:
+
+- ``memorization``: a memorization score given by the caller (``memorization.estimate(...).mem``
+  or any proxy), else the input-loss curvature proxy ``influx.memorization.curvature``;
+- ``self_influence``: ``s(z) = grad l(z)^T (H + damping I)^-1 grad l(z)`` from
+  ``influx.influence.fit(..., method=influence_method).self_influence()``;
+- ``ood``: out-of-distribution score in the penultimate embedding (the input of the last Linear
+  layer, or of ``layer``): ``"mahalanobis"`` (Lee et al. 2018) is the squared distance to the
+  example's own class mean under the shared within-class covariance of the retain set,
+  ``(z - mu_y)^T (Sigma + r I)^-1 (z - mu_y)`` with ridge ``r = 1e-6 tr(Sigma) / D``;
+  ``"knn"`` (Sun et al. 2022) the distance to the k-th nearest retain neighbour of the
+  L2-normalized embedding (the example itself excluded);
+- ``entanglement``: the entanglement score of Zhao et al. (2024) (DESIGN.md §3) between the
+  retain set and the one-example forget set ``{z_i}``. With ``F = {z_i}`` the within-F variance
+  is 0 and ``mu = (mu_R + z_i) / 2``, so ``ES(R, {z_i})`` reduces to
+
+      ES_i = 4 mean_R ||z - mu_R||^2 / ||z_i - mu_R||^2 ,
+
+  R being the retain set without i. High ES: z_i sits inside the retain distribution, where
+  Zhao et al. find unlearning hardest (it opposes ``ood``; the rank average weighs both);
+- ``ascent_residual``: ``||theta_end - theta_0||`` after gradient descent then ascent on the
+  example alone (``influx.commutator.ascent_residual(mode="point")``): how far ascent fails to
+  undo the example's own descent.
+
+Ranks are fractions in [0, 1] (``scipy.stats.rankdata``, ties averaged); the combined ``score``
+is their (weighted) mean over the components defined for the example.
+
+:func:`verify` unlearns the top-k and random k-sets (gradient ascent, and any other method given)
+and retrains the oracle without each set; it reports how far each unlearned model ends from its
+oracle and a one-sided permutation p-value for "ranked examples end further from the oracle than
+random ones".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from influx import commutator, memorization
+from influx.data import as_tensors
+from influx.errors import InfluxValueError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Retrain = Callable[[tuple[torch.Tensor, torch.Tensor]], nn.Module]
+UnlearnMethod = Callable[..., nn.Module]
+
+COMPONENTS = ("memorization", "self_influence", "ood", "entanglement", "ascent_residual")
+
+__all__ = [
+    "COMPONENTS",
+    "Ranking",
+    "Verification",
+    "embeddings",
+    "entanglement",
+    "entanglement_score",
+    "gradient_ascent",
+    "ood_score",
+    "rank",
+    "verify",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding-space components
+# ---------------------------------------------------------------------------------------------
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise InfluxValueError(
+            "model has no nn.Linear layer to take the penultimate embedding from; pass "
+            "layer=<module name> (its input is the embedding)"
+        )
+    return names[-1]
+
+
+@torch.no_grad()
+def embeddings(model: nn.Module, data, *, layer: str | None = None, batch_size: int = 512):
+    """Eval-mode inputs of module ``layer`` (default: the last ``nn.Linear``), flattened: [N, D]."""
+    name = layer if layer is not None else _last_linear(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise InfluxValueError(f"model has no module {name!r}; see model.named_modules()")
+    captured: list[torch.Tensor] = []
+    handle = modules[name].register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach().flatten(1))
+    )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs, _, _ = as_tensors(data)
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            model(inputs[start : start + batch_size].to(device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def entanglement_score(retain: torch.Tensor, forget: torch.Tensor) -> float:
+    """ES between retain [R, D] and forget [F, D] embeddings (Zhao et al. 2024, DESIGN.md §3):
+
+    ``(mean_R ||z - mu_R||^2 + mean_F ||z - mu_F||^2) / (0.5 (||mu_R - mu||^2 +
+    ||mu_F - mu||^2))`` with ``mu = (mu_R + mu_F) / 2``.
+    """
+    if retain.dim() != 2 or forget.dim() != 2 or retain.shape[1] != forget.shape[1]:
+        raise InfluxValueError(
+            f"retain and forget must be [R, D] and [F, D]; got {tuple(retain.shape)}, "
+            f"{tuple(forget.shape)}"
+        )
+    if retain.shape[0] == 0 or forget.shape[0] == 0:
+        raise InfluxValueError("retain and forget must each hold at least one embedding")
+    mu_r, mu_f = retain.mean(0), forget.mean(0)
+    mu = (mu_r + mu_f) / 2
+    within = (retain - mu_r).square().sum(1).mean() + (forget - mu_f).square().sum(1).mean()
+    between = 0.5 * ((mu_r - mu).square().sum() + (mu_f - mu).square().sum())
+    return float(within / between)
+
+
+def entanglement(embedded: torch.Tensor, *, retain: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example ES_i = ES(R without i, {z_i}) = 4 mean ||z - mu_R||^2 / ||z_i - mu_R||^2 [N].
+
+    ``embedded`` [N, D]; ``retain`` a bool mask [N] of the retain set (default: every example,
+    each one scored against all the others). Leave-one-out means and variances in closed form.
+    """
+    n = embedded.shape[0]
+    mask = (
+        torch.ones(n, dtype=torch.bool, device=embedded.device)
+        if retain is None
+        else torch.as_tensor(retain, dtype=torch.bool).to(embedded.device)
+    )
+    if mask.shape != (n,):
+        raise InfluxValueError(f"retain must be a bool mask [{n}]; got {tuple(mask.shape)}")
+    z = embedded.to(torch.float64)
+    members = z[mask]
+    count = members.shape[0]
+    total, total_sq = members.sum(0), members.square().sum()
+    # For members of R, drop themselves: sums over R \ {i}.
+    own = mask.to(z.dtype)[:, None]
+    counts = count - own.squeeze(1)
+    if (counts < 2).any():
+        raise InfluxValueError("the retain set needs at least 2 examples besides the one scored")
+    mu = (total - own * z) / counts[:, None]
+    sq = total_sq - own.squeeze(1) * z.square().sum(1)
+    # mean ||z - mu||^2 = mean ||z||^2 - ||mu||^2
+    variance = sq / counts - mu.square().sum(1)
+    distance = (z - mu).square().sum(1)
+    return (4 * variance / distance).to(embedded.dtype)
+
+
+def ood_score(
+    embedded: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    retain: torch.Tensor | None = None,
+    method: str = "mahalanobis",
+    k: int = 10,
+) -> torch.Tensor:
+    """Out-of-distribution score [N] of each embedding against the retain set (mask [N],
+    default all): ``"mahalanobis"`` (own-class mean, shared within-class covariance) or ``"knn"``
+    (distance to the k-th nearest other retain example, normalized embeddings). See the module
+    docstring for the formulas."""
+    n = embedded.shape[0]
+    mask = (
+        torch.ones(n, dtype=torch.bool, device=embedded.device)
+        if retain is None
+        else torch.as_tensor(retain, dtype=torch.bool).to(embedded.device)
+    )
+    z = embedded.to(torch.float64)
+    targets = targets.to(embedded.device)
+    if method == "mahalanobis":
+        classes = targets.unique()
+        means = torch.zeros(int(targets.max()) + 1, z.shape[1], dtype=z.dtype, device=z.device)
+        for c in classes:
+            members = mask & (targets == c)
+            if not members.any():
+                raise InfluxValueError(f"class {int(c)} has no retain example to take a mean from")
+            means[c] = z[members].mean(0)
+        centred = z[mask] - means[targets[mask]]
+        covariance = centred.T @ centred / centred.shape[0]
+        ridge = 1e-6 * covariance.trace().clamp_min(1e-12) / z.shape[1]
+        precision_factor = torch.linalg.cholesky(
+            covariance + ridge * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+        )
+        offsets = z - means[targets]
+        whitened = torch.linalg.solve_triangular(precision_factor, offsets.T, upper=False)
+        return whitened.square().sum(0).to(embedded.dtype)
+    if method == "knn":
+        if not isinstance(k, int) or not 1 <= k < int(mask.sum()):
+            raise InfluxValueError(f"k must lie in [1, retain size - 1]; got {k!r}")
+        unit = torch.nn.functional.normalize(z, dim=1)
+        distances = torch.cdist(unit, unit[mask])
+        # An example is not its own neighbour.
+        positions = mask.nonzero().flatten()
+        distances[positions, torch.arange(positions.numel(), device=z.device)] = float("inf")
+        return distances.kthvalue(k, dim=1).values.to(embedded.dtype)
+    raise InfluxValueError(f"method must be 'mahalanobis' or 'knn'; got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ranking
+# ---------------------------------------------------------------------------------------------
+
+
+def _fraction_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks scaled to [0, 1] (ties averaged); NaN stays NaN."""
+    from scipy import stats
+
+    array = values.detach().to(torch.float64).cpu().numpy()
+    finite = np.isfinite(array)
+    ranks = np.full(array.shape, np.nan)
+    if finite.sum() > 1:
+        ranks[finite] = (stats.rankdata(array[finite]) - 1) / (finite.sum() - 1)
+    elif finite.sum() == 1:
+        ranks[finite] = 0.5
+    return torch.from_numpy(ranks)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Components [N] (raw values, high = resists), their fraction ranks [N], the combined
+    ``score`` [N] (weighted mean rank, float64, CPU) and ``order`` (dataset indices, most
+    resistant first)."""
+
+    components: dict[str, torch.Tensor] = field(repr=False)
+    ranks: dict[str, torch.Tensor] = field(repr=False)
+    score: torch.Tensor = field(repr=False)
+    order: torch.Tensor = field(repr=False)
+    weights: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def top(self, k: int) -> torch.Tensor:
+        """Dataset indices of the k highest-scoring examples."""
+        return self.order[:k]
+
+    def correlations(self) -> dict[tuple[str, str], float]:
+        """Spearman correlation of every pair of components (over examples defined in both)."""
+        names = list(self.ranks)
+        found = {}
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                x, y = self.ranks[names[a]], self.ranks[names[b]]
+                keep = torch.isfinite(x) & torch.isfinite(y)
+                found[(names[a], names[b])] = float(
+                    np.corrcoef(x[keep].numpy(), y[keep].numpy())[0, 1]
+                )
+        return found
+
+
+def rank(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train,
+    *,
+    retain: torch.Tensor | None = None,
+    memorization_scores: torch.Tensor | None = None,
+    influence_method: str = "ekfac",
+    influence_options: Mapping[str, Any] | None = None,
+    layer: str | None = None,
+    ood: str = "mahalanobis",
+    knn_k: int = 10,
+    ascent_lr: float = 0.1,
+    ascent_epochs: int = 1,
+    components: Sequence[str] = COMPONENTS,
+    weights: Mapping[str, float] | None = None,
+    batch_size: int = 512,
+) -> Ranking:
+    """Rank the examples of ``train`` by how much they are expected to resist unlearning.
+
+    ``retain`` (bool mask [N], default all) is the set the embedding statistics come from.
+    ``memorization_scores`` [N] replaces the default curvature proxy. ``components`` chooses
+    which of :data:`COMPONENTS` to compute; ``weights`` (default 1 each) weight their ranks.
+    See the module docstring for every component.
+    """
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown or not components:
+        raise InfluxValueError(
+            f"components must be a non-empty subset of {COMPONENTS}; got {unknown}"
+        )
+    weights = {name: float((weights or {}).get(name, 1.0)) for name in components}
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
+        raise InfluxValueError(f"weights must be >= 0 and not all 0; got {weights}")
+    inputs, targets, _ = as_tensors(train)
+    n = inputs.shape[0]
+    if memorization_scores is not None and torch.as_tensor(memorization_scores).shape != (n,):
+        raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
+    found: dict[str, torch.Tensor] = {}
+    if "memorization" in components:
+        found["memorization"] = (
+            torch.as_tensor(memorization_scores)
+            if memorization_scores is not None
+            else memorization.curvature(model, loss_fn, (inputs, targets), batch_size=batch_size)
+        )
+    if "self_influence" in components:
+        found["self_influence"] = memorization.self_influence(
+            model, loss_fn, (inputs, targets), method=influence_method, **(influence_options or {})
+        )
+    if "ood" in components or "entanglement" in components:
+        embedded = embeddings(model, (inputs, targets), layer=layer, batch_size=batch_size)
+        if "ood" in components:
+            found["ood"] = ood_score(embedded, targets, retain=retain, method=ood, k=knn_k)
+        if "entanglement" in components:
+            found["entanglement"] = entanglement(embedded, retain=retain)
+    if "ascent_residual" in components:
+        found["ascent_residual"] = commutator.ascent_residual(
+            model, loss_fn, (inputs, targets), lr=ascent_lr, epochs=ascent_epochs, mode="point"
+        ).residual
+    components_cpu = {name: found[name].detach().to(torch.float64).cpu() for name in components}
+    ranks = {name: _fraction_ranks(values) for name, values in components_cpu.items()}
+    stacked = torch.stack([ranks[name] for name in components])
+    weight = torch.tensor([weights[name] for name in components], dtype=torch.float64, device="cpu")
+    defined = torch.isfinite(stacked)
+    weighted = (stacked.nan_to_num() * weight[:, None]).sum(0)
+    score = weighted / (defined * weight[:, None]).sum(0)
+    _, _, indices = as_tensors(train)
+    order = indices[torch.argsort(score.nan_to_num(-1.0), descending=True, stable=True)]
+    config = dict(
+        influence_method=influence_method, ood=ood, knn_k=knn_k, ascent_lr=ascent_lr,
+        ascent_epochs=ascent_epochs, layer=layer or _last_linear(model),
+        memorization="given" if memorization_scores is not None else "curvature proxy",
+    )  # fmt: skip
+    return Ranking(components_cpu, ranks, score, order, weights, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification by unlearning
+# ---------------------------------------------------------------------------------------------
+
+
+def gradient_ascent(
+    model: nn.Module, loss_fn: LossFn, forget, retain=None, *, lr: float, steps: int
+) -> nn.Module:
+    """Plain gradient ascent, in place: ``steps`` full-batch steps ``theta + lr grad L_F`` on the
+    mean forget loss (``retain`` unused). Returns ``model``."""
+    if not lr > 0 or not isinstance(steps, int) or steps < 1:
+        raise InfluxValueError(f"need lr > 0 and steps >= 1; got lr={lr}, steps={steps!r}")
+    inputs, targets, _ = as_tensors(forget)
+    device = next(model.parameters()).device
+    inputs, targets = inputs.to(device), targets.to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        # Ascent on the forget loss = descent on its negative.
+        (-loss_fn(model(inputs), targets).mean()).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@torch.no_grad()
+def _losses_and_hits(model: nn.Module, loss_fn: LossFn, inputs, targets):
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(inputs.to(device))
+        targets = targets.to(device)
+        return loss_fn(logits, targets).double().cpu(), (logits.argmax(1) == targets).cpu()
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How far unlearning the ranked top-k and random k-sets ends from the retrain oracle.
+
+    ``rows``: one dict per (forget set, method) with ``param_distance`` ||theta_u - theta_o||,
+    ``start_distance`` ||theta_0 - theta_o||, their ratio, forget loss / accuracy of the unlearned
+    model and the oracle and their gaps, retain and test accuracy. ``per_example`` maps
+    (set, method) to the per-example forget-loss gaps ``|l_u(i) - l_o(i)|`` [k]. ``tests``: per
+    method, the one-sided permutation p-value that the ranked set's per-example gaps exceed the
+    random sets' (difference of means), a bootstrap CI of that difference, the fraction of random
+    sets whose parameter distance reaches the ranked set's, and ``resists`` (p < alpha).
+    """
+
+    rows: list[dict[str, Any]]
+    per_example: dict[tuple[str, str], torch.Tensor] = field(repr=False)
+    tests: dict[str, dict[str, Any]]
+    forget_sets: dict[str, torch.Tensor] = field(repr=False)
+
+    def summary(self) -> str:
+        lines = []
+        for method, test in self.tests.items():
+            verdict = "resist" if test["resists"] else "do NOT measurably resist"
+            lines.append(
+                f"{method}: ranked examples {verdict} unlearning more than random ones "
+                f"(per-example forget-loss gap to the oracle {test['ranked_gap']:.4g} vs "
+                f"{test['random_gap']:.4g}, difference CI [{test['difference_ci'][0]:.4g}, "
+                f"{test['difference_ci'][1]:.4g}], permutation p = {test['p_value']:.4g}; "
+                f"parameter distance {test['ranked_distance']:.4g} vs random mean "
+                f"{test['random_distance']:.4g})"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Verification(\n{self.summary()}\n)"
+
+
+def _permutation_test(ranked: np.ndarray, random: np.ndarray, n_permutations: int, rng):
+    """One-sided p-value of mean(ranked) - mean(random) under exchangeable labels."""
+    pooled = np.concatenate([ranked, random])
+    observed = ranked.mean() - random.mean()
+    shuffled = np.stack([rng.permutation(pooled) for _ in range(n_permutations)])
+    stats = shuffled[:, : ranked.size].mean(1) - shuffled[:, ranked.size :].mean(1)
+    return observed, (1 + np.sum(stats >= observed - 1e-12)) / (1 + n_permutations)
+
+
+def verify(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train,
+    ranking: Ranking | torch.Tensor,
+    *,
+    retrain: Retrain,
+    k: int,
+    test=None,
+    methods: Mapping[str, UnlearnMethod] | None = None,
+    ascent_lr: float = 0.01,
+    ascent_steps: int = 10,
+    n_random: int = 3,
+    n_permutations: int = 10_000,
+    n_boot: int = 2_000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> Verification:
+    """Unlearn the ranked top-k and ``n_random`` random k-sets; compare each with its oracle.
+
+    ``model`` is trained on all of ``train``; ``retrain(data)`` must return a model trained from
+    scratch on ``data`` (a tuple (inputs, targets)) with the recipe and seed that made ``model``,
+    so the oracle differs from it by the removed examples only. ``ranking``: a :class:`Ranking`
+    or dataset positions, most resistant first. Random sets are drawn (seeded) from the examples
+    outside the top-k. ``methods`` maps names to ``fn(model, loss_fn, forget, retain) -> model``
+    (``fn`` may modify its copy in place); default: plain :func:`gradient_ascent` with
+    ``ascent_lr`` and ``ascent_steps``. Every method starts from a copy of ``model``.
+    """
+    inputs, targets, _ = as_tensors(train)
+    n = inputs.shape[0]
+    order = ranking.order if isinstance(ranking, Ranking) else torch.as_tensor(ranking)
+    order = order.to(device="cpu", dtype=torch.long)
+    if not isinstance(k, int) or not 1 <= k <= n // 2:
+        raise InfluxValueError(f"k must lie in [1, N/2 = {n // 2}]; got {k!r}")
+    if not isinstance(n_random, int) or n_random < 1:
+        raise InfluxValueError(f"n_random must be a positive integer; got {n_random!r}")
+    if methods is None:
+
+        def ascent(m, fn, forget, retain):
+            return gradient_ascent(m, fn, forget, retain, lr=ascent_lr, steps=ascent_steps)
+
+        methods = {"gradient_ascent": ascent}
+    rng = np.random.default_rng(seed)
+    ranked = order[:k]
+    rest = np.setdiff1d(np.arange(n), ranked.numpy())
+    forget_sets = {"ranked": ranked}
+    for r in range(n_random):
+        forget_sets[f"random_{r}"] = torch.from_numpy(np.sort(rng.choice(rest, k, replace=False)))
+    test_tensors = None if test is None else as_tensors(test)[:2]
+    theta_0 = _flat(model)
+    rows, per_example = [], {}
+    for set_name, forget_positions in forget_sets.items():
+        keep = torch.ones(n, dtype=torch.bool, device="cpu")
+        keep[forget_positions] = False
+        forget = (inputs[forget_positions], targets[forget_positions])
+        retain = (inputs[keep], targets[keep])
+        oracle = retrain(retain)
+        theta_o = _flat(oracle)
+        oracle_losses, oracle_hits = _losses_and_hits(oracle, loss_fn, *forget)
+        for method_name, method in methods.items():
+            unlearned = method(copy.deepcopy(model), loss_fn, forget, retain)
+            losses, hits = _losses_and_hits(unlearned, loss_fn, *forget)
+            per_example[(set_name, method_name)] = (losses - oracle_losses).abs()
+            row = dict(
+                forget_set=set_name, method=method_name, k=k,
+                param_distance=float((_flat(unlearned) - theta_o).norm()),
+                start_distance=float((theta_0 - theta_o).norm()),
+                forget_loss=float(losses.mean()), oracle_forget_loss=float(oracle_losses.mean()),
+                forget_acc=float(hits.double().mean()),
+                oracle_forget_acc=float(oracle_hits.double().mean()),
+                retain_acc=float(_losses_and_hits(unlearned, loss_fn, *retain)[1].double().mean()),
+            )  # fmt: skip
+            row["distance_ratio"] = row["param_distance"] / max(row["start_distance"], 1e-300)
+            row["forget_loss_gap"] = abs(row["forget_loss"] - row["oracle_forget_loss"])
+            row["forget_acc_gap"] = abs(row["forget_acc"] - row["oracle_forget_acc"])
+            if test_tensors is not None:
+                row["test_acc"] = float(
+                    _losses_and_hits(unlearned, loss_fn, *test_tensors)[1].double().mean()
+                )
+                row["oracle_test_acc"] = float(
+                    _losses_and_hits(oracle, loss_fn, *test_tensors)[1].double().mean()
+                )
+            rows.append(row)
+    tests = {}
+    random_names = [name for name in forget_sets if name != "ranked"]
+    for method_name in methods:
+        ranked_gaps = per_example[("ranked", method_name)].numpy()
+        random_gaps = np.concatenate(
+            [per_example[(name, method_name)].numpy() for name in random_names]
+        )
+        observed, p_value = _permutation_test(ranked_gaps, random_gaps, n_permutations, rng)
+        boot = np.array([
+            rng.choice(ranked_gaps, ranked_gaps.size).mean()
+            - rng.choice(random_gaps, random_gaps.size).mean()
+            for _ in range(n_boot)
+        ])  # fmt: skip
+        distances = {
+            r["forget_set"]: r["param_distance"] for r in rows if r["method"] == method_name
+        }
+        random_distances = np.array([distances[name] for name in random_names])
+        tests[method_name] = dict(
+            ranked_gap=float(ranked_gaps.mean()), random_gap=float(random_gaps.mean()),
+            difference=float(observed),
+            difference_ci=tuple(float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2])),
+            p_value=float(p_value), resists=bool(p_value < alpha),
+            ranked_distance=distances["ranked"], random_distance=float(random_distances.mean()),
+            distance_rank_p=float(
+                (1 + np.sum(random_distances >= distances["ranked"])) / (1 + len(random_names))
+            ),
+        )  # fmt: skip
+    return Verification(rows, per_example, tests, forget_sets)
