@@ -381,7 +381,9 @@ class Verification:
 
     ``rows``: one dict per (forget set, method) with ``param_distance`` ||theta_u - theta_o||,
     ``start_distance`` ||theta_0 - theta_o||, their ratio, forget loss / accuracy of the unlearned
-    model and the oracle and their gaps, retain and test accuracy. ``per_example`` maps
+    model, of the oracle and (loss) of the model before unlearning, the gaps, retain and test
+    accuracy. Examples the model fits worse sit further from the oracle before any unlearning:
+    read ``ranked_gap`` beside ``ranked_start_gap`` (likewise random) in ``tests``. ``per_example`` maps
     (set, method) to the per-example forget-loss gaps ``|l_u(i) - l_o(i)|`` [k]. ``tests``: per
     method, the one-sided permutation p-value that the ranked set's per-example gaps exceed the
     random sets' (difference of means), a bootstrap CI of that difference, the fraction of random
@@ -400,7 +402,8 @@ class Verification:
             lines.append(
                 f"{method}: ranked examples {verdict} unlearning more than random ones "
                 f"(per-example forget-loss gap to the oracle {test['ranked_gap']:.4g} vs "
-                f"{test['random_gap']:.4g}, difference CI [{test['difference_ci'][0]:.4g}, "
+                f"{test['random_gap']:.4g}; before unlearning {test['ranked_start_gap']:.4g} vs "
+                f"{test['random_start_gap']:.4g}; difference CI [{test['difference_ci'][0]:.4g}, "
                 f"{test['difference_ci'][1]:.4g}], permutation p = {test['p_value']:.4g}; "
                 f"parameter distance {test['ranked_distance']:.4g} vs random mean "
                 f"{test['random_distance']:.4g})"
@@ -470,7 +473,7 @@ def verify(
         forget_sets[f"random_{r}"] = torch.from_numpy(np.sort(rng.choice(rest, k, replace=False)))
     test_tensors = None if test is None else as_tensors(test)[:2]
     theta_0 = _flat(model)
-    rows, per_example = [], {}
+    rows, per_example, start_gaps = [], {}, {}
     for set_name, forget_positions in forget_sets.items():
         keep = torch.ones(n, dtype=torch.bool, device="cpu")
         keep[forget_positions] = False
@@ -479,6 +482,8 @@ def verify(
         oracle = retrain(retain)
         theta_o = _flat(oracle)
         oracle_losses, oracle_hits = _losses_and_hits(oracle, loss_fn, *forget)
+        start_losses, _ = _losses_and_hits(model, loss_fn, *forget)
+        start_gaps[set_name] = (start_losses - oracle_losses).abs()
         for method_name, method in methods.items():
             unlearned = method(copy.deepcopy(model), loss_fn, forget, retain)
             losses, hits = _losses_and_hits(unlearned, loss_fn, *forget)
@@ -488,6 +493,7 @@ def verify(
                 param_distance=float((_flat(unlearned) - theta_o).norm()),
                 start_distance=float((theta_0 - theta_o).norm()),
                 forget_loss=float(losses.mean()), oracle_forget_loss=float(oracle_losses.mean()),
+                start_forget_loss=float(start_losses.mean()),
                 forget_acc=float(hits.double().mean()),
                 oracle_forget_acc=float(oracle_hits.double().mean()),
                 retain_acc=float(_losses_and_hits(unlearned, loss_fn, *retain)[1].double().mean()),
@@ -522,6 +528,10 @@ def verify(
         random_distances = np.array([distances[name] for name in random_names])
         tests[method_name] = dict(
             ranked_gap=float(ranked_gaps.mean()), random_gap=float(random_gaps.mean()),
+            ranked_start_gap=float(start_gaps["ranked"].mean()),
+            random_start_gap=float(
+                torch.cat([start_gaps[name] for name in random_names]).mean()
+            ),
             difference=float(observed),
             difference_ci=tuple(float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2])),
             p_value=float(p_value), resists=bool(p_value < alpha),
