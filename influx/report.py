@@ -1,0 +1,348 @@
+"""A markdown report with plots of per-example scores: what ``influx-score`` writes as report.md.
+
+:func:`write_report` takes score columns aligned to the dataset indices (name -> [N]) and writes
+
+    report.md                  tables and the figures below, with a short reading guide
+    report/histograms.png      each score's histogram, with the tail fits of influx.tails
+                               (normal, Laplace, Student-t, ... by maximum likelihood) when that
+                               module is installed, else the plain histogram
+    report/top_examples.png    the top-k examples of each score as an image grid
+    report/spearman.png        Spearman rank correlations between the scores
+    report/per_class.png       per-class means of each score (z-scored across classes)
+
+The report holds no timings: the same scores give the same files, byte for byte (the PNGs are
+rendered by matplotlib's Agg canvas without a pyplot state or a global backend change).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from influx.errors import InfluxValueError
+from influx.store import atomic_write_bytes, atomic_write_text
+
+FIGURES = "report"
+# Images larger than this many examples per score are not drawn (a grid stays readable).
+MAX_TOP_K = 32
+# Score columns shown in the image grid (one row each).
+MAX_GRID_ROWS = 8
+# Scores whose notable examples are the lowest (a small margin or confidence marks a hard or
+# mislabeled example); the others' are the highest.
+ASCENDING = ("margin", "mem_confidence")
+
+__all__ = ["spearman_matrix", "tail_fits", "write_report"]
+
+
+def _save(figure: Figure, path: Path) -> None:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    # No "Software" entry: the file does not change with the matplotlib version.
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[S, S] Spearman correlations of the score columns (finite rows only; NaN if constant)."""
+    from scipy.stats import spearmanr
+
+    names = list(columns)
+    matrix = np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
+    matrix = matrix[np.isfinite(matrix).all(axis=1)]
+    if len(names) == 1:
+        return np.ones((1, 1))
+    if matrix.shape[0] < 3:
+        return np.full((len(names), len(names)), np.nan)
+    result = np.atleast_2d(spearmanr(matrix).statistic)
+    return np.asarray(result, dtype=np.float64)
+
+
+def tail_fits(values: np.ndarray) -> list[dict[str, Any]] | None:
+    """Fits of ``values`` by influx.tails, best first: [{"name", "pdf", "aic"}], or None.
+
+    None when influx.tails is not installed or has no fitting entry point; the report then
+    shows plain histograms.
+    """
+    try:
+        tails = importlib.import_module("influx.tails")
+    except ModuleNotFoundError:
+        return None
+    fit_all = getattr(tails, "fit_all", None)
+    if fit_all is None:
+        return None
+    fits = []
+    for fit in fit_all(values):
+        pdf = getattr(fit, "pdf", None)
+        aic = getattr(fit, "aic", None)
+        name = getattr(fit, "name", None) or getattr(fit, "family", None)
+        if callable(pdf) and name is not None:
+            fits.append({"name": str(name), "pdf": pdf, "aic": aic})
+    fits.sort(key=lambda f: math.inf if f["aic"] is None else float(f["aic"]))
+    return fits or None
+
+
+def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, str]:
+    """One panel per score; returns the best tail fit's name per score (if fitted)."""
+    names = list(columns)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    figure = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
+    best: dict[str, str] = {}
+    for k, name in enumerate(names):
+        axis = figure.add_subplot(rows, cols, k + 1)
+        values = np.asarray(columns[name], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            axis.set_title(f"{name} (no finite values)")
+            continue
+        axis.hist(values, bins=min(60, max(10, values.size // 20)), density=True, color="#4c72b0")
+        fits = tail_fits(values)
+        if fits:
+            grid = np.linspace(values.min(), values.max(), 400)
+            for fit in fits[:3]:
+                axis.plot(grid, fit["pdf"](grid), lw=1.2, label=fit["name"])
+            axis.legend(fontsize=7)
+            best[name] = fits[0]["name"]
+        axis.set_title(name, fontsize=10)
+        axis.set_yscale("log")
+        axis.tick_params(labelsize=8)
+    _save(figure, path)
+    return best
+
+
+def _top_positions(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest finite values, largest first (ties: lower position first)."""
+    finite = np.flatnonzero(np.isfinite(values))
+    order = np.lexsort((finite, -values[finite]))
+    return finite[order[:k]]
+
+
+def _mosaic(tiles: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Images [H, W] or [H, W, 3] side by side on white, 1/16 of a width apart; and the step."""
+    rgb = [np.repeat(t[..., None], 3, axis=2) if t.ndim == 2 else t for t in tiles]
+    gap = max(1, rgb[0].shape[1] // 16)
+    height = max(t.shape[0] for t in rgb)
+    width = sum(t.shape[1] for t in rgb) + gap * (len(rgb) - 1)
+    canvas = np.ones((height, width, 3))
+    x = 0
+    for tile in rgb:
+        canvas[: tile.shape[0], x : x + tile.shape[1]] = np.clip(tile, 0.0, 1.0)
+        x += tile.shape[1] + gap
+    return canvas, rgb[0].shape[1] + gap
+
+
+def _image_grid(
+    columns: Mapping[str, np.ndarray],
+    targets: np.ndarray,
+    images: Callable[[int], np.ndarray],
+    class_names: Sequence[str] | None,
+    k: int,
+    path: Path,
+    ascending: Sequence[str],
+) -> dict[str, list[int]]:
+    """One row per score: its top-k images as one mosaic, captioned with index, label, value."""
+    names = list(columns)[:MAX_GRID_ROWS]
+    figure = Figure(figsize=(1.1 * k + 1.2, 1.6 * len(names)))
+    tops = {}
+    for row, name in enumerate(names):
+        values = np.asarray(columns[name], dtype=np.float64)
+        top = _top_positions(-values if name in ascending else values, k)
+        tops[name] = [int(i) for i in top]
+        tiles = [images(int(position)) for position in top]
+        axis = figure.add_axes((0.1, 1 - (row + 0.8) / len(names), 0.88, 0.6 / len(names)))
+        canvas, width = _mosaic(tiles)
+        axis.imshow(canvas, interpolation="nearest")
+        for col, position in enumerate(top):
+            label = int(targets[position])
+            label_name = class_names[label] if class_names else str(label)
+            axis.text(
+                col * width + width / 2, -1, f"#{int(position)} {label_name}\n{values[position]:.3g}",
+                ha="center", va="bottom", fontsize=7,
+            )  # fmt: skip
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(name + (" (lowest)" if name in ascending else ""), fontsize=8)
+    _save(figure, path)
+    return tops
+
+
+def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: Path, *,
+             title: str, annotations: np.ndarray, symmetric: bool) -> None:  # fmt: skip
+    figure = Figure(
+        figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows) + 0.8), layout="constrained"
+    )
+    axis = figure.add_subplot(1, 1, 1)
+    limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
+    limit = 1.0 if symmetric else max(float(limit), 1e-12)
+    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    axis.set_xticks(range(len(cols)), cols, rotation=40, ha="right", fontsize=8)
+    axis.set_yticks(range(len(rows)), rows, fontsize=8)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            axis.text(j, i, _fmt(annotations[i, j]), ha="center", va="center", fontsize=7)
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axis, shrink=0.8)
+    _save(figure, path)
+
+
+def _per_class(
+    columns: Mapping[str, np.ndarray], targets: np.ndarray
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Classes present, their counts [K] and per-class means [K, S] (finite values only)."""
+    classes = sorted(int(c) for c in np.unique(targets))
+    counts = np.array([(targets == c).sum() for c in classes])
+    means = np.full((len(classes), len(columns)), np.nan)
+    for j, name in enumerate(columns):
+        values = np.asarray(columns[name], dtype=np.float64)
+        for i, c in enumerate(classes):
+            chosen = values[(targets == c) & np.isfinite(values)]
+            if chosen.size:
+                means[i, j] = chosen.mean()
+    return classes, counts, means
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: str | Path,
+    columns: Mapping[str, np.ndarray],
+    *,
+    targets: np.ndarray,
+    images: Callable[[int], np.ndarray] | None = None,
+    class_names: Sequence[str] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    top_k: int = 10,
+    ascending: Sequence[str] = ASCENDING,
+) -> Path:
+    """Write ``out/report.md`` and its figures under ``out/report/``; return the report's path.
+
+    ``columns``: score name -> values [N] aligned to the dataset indices 0..N-1 (NaN where a
+    score is undefined); ``targets`` [N] the labels; ``images(position)`` returns an image
+    [H, W] or [H, W, 3] in [0, 1] for the top-k grid (no grid without it); ``summary`` the run's
+    summary (dataset, model, sizes, accuracy, score_definitions) for the header. The grid and
+    the top-k table list the largest values of each score, the smallest for those in
+    ``ascending``.
+    """
+    if not columns:
+        raise InfluxValueError("write_report needs at least one score column")
+    targets = np.asarray(targets)
+    sizes = {name: np.asarray(values).shape for name, values in columns.items()}
+    if any(shape != targets.shape for shape in sizes.values()):
+        raise InfluxValueError(
+            f"every score column must have one value per example ({targets.shape[0]}); got "
+            f"{ {name: shape[0] for name, shape in sizes.items()} }"
+        )
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InfluxValueError(f"top_k must be in 1..{MAX_TOP_K}; got {top_k}")
+    out = Path(out)
+    figures = out / FIGURES
+    figures.mkdir(parents=True, exist_ok=True)
+    summary = dict(summary or {})
+    names = list(columns)
+    k = min(top_k, targets.shape[0])
+
+    lines = [f"# influx-score report: {summary.get('dataset', '?')} / {summary.get('model', '?')}"]
+    sizes_info = summary.get("sizes", {})
+    accuracy = summary.get("accuracy", {})
+    lines.append(
+        f"\n{targets.shape[0]} training examples, {sizes_info.get('num_parameters', '?')} "
+        f"parameters; train accuracy {_fmt(accuracy.get('train'))}, test accuracy "
+        f"{_fmt(accuracy.get('test'))}. Every score is aligned to the dataset index "
+        "(scores.parquet, scores.csv).\n"
+    )
+    definitions = summary.get("score_definitions", {})
+    if definitions:
+        lines.append("Scores:\n")
+        lines += [f"- `{name}`: {text}" for name, text in definitions.items()]
+        lines.append("")
+
+    lines.append("## Distributions\n")
+    best = _histograms(columns, figures / "histograms.png")
+    lines.append(f"![score histograms]({FIGURES}/histograms.png)\n")
+    if not best:
+        lines.append("Plain histograms (log density): influx.tails is not installed.\n")
+    rows = []
+    for name in names:
+        values = np.asarray(columns[name], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        stats = (
+            [finite.mean(), finite.std(), finite.min(), np.median(finite), finite.max()]
+            if finite.size
+            else [math.nan] * 5
+        )
+        rows.append([f"`{name}`", str(finite.size), *map(_fmt, stats), best.get(name, "")])
+    lines.append(
+        _table(["score", "count", "mean", "std", "min", "median", "max", "best tail fit"], rows)
+    )
+
+    if images is not None:
+        lines.append(f"## Top {k} examples per score\n")
+        tops = _image_grid(
+            columns, targets, images, class_names, k, figures / "top_examples.png", ascending
+        )
+        lines.append(f"![top examples]({FIGURES}/top_examples.png)\n")
+        lines.append(
+            "Largest values first (smallest for "
+            + (", ".join(f"`{n}`" for n in names if n in ascending) or "none")
+            + "); each image shows its index, label and score.\n"
+        )
+        lines.append(
+            _table(
+                ["score", "indices"], [[f"`{n}`", ", ".join(map(str, t))] for n, t in tops.items()]
+            )
+        )
+
+    lines.append("## Correlations between scores (Spearman)\n")
+    correlations = spearman_matrix(columns)
+    if len(names) > 1:
+        _heatmap(correlations, names, names, figures / "spearman.png",
+                 title="Spearman rank correlation", annotations=correlations, symmetric=True)  # fmt: skip
+        lines.append(f"![Spearman correlations]({FIGURES}/spearman.png)\n")
+    lines.append(
+        _table(
+            ["", *[f"`{n}`" for n in names]],
+            [
+                [f"`{a}`", *[_fmt(correlations[i, j]) for j in range(len(names))]]
+                for i, a in enumerate(names)
+            ],
+        )  # fmt: skip
+    )
+
+    lines.append("## Per class\n")
+    classes, counts, means = _per_class(columns, targets)
+    labels = [class_names[c] if class_names else str(c) for c in classes]
+    spread = np.nanstd(means, axis=0, keepdims=True)
+    centered = means - np.nanmean(means, axis=0, keepdims=True)
+    z_scores = np.divide(centered, spread, out=np.zeros_like(means), where=spread > 0)
+    _heatmap(z_scores, labels, names, figures / "per_class.png",
+             title="per-class mean (colour: z-score across classes)", annotations=means,
+             symmetric=False)  # fmt: skip
+    lines.append(f"![per-class means]({FIGURES}/per_class.png)\n")
+    lines.append(
+        _table(
+            ["class", "count", *[f"mean `{n}`" for n in names]],
+            [
+                [label, str(int(count)), *map(_fmt, row)]
+                for label, count, row in zip(labels, counts, means)
+            ],
+        )  # fmt: skip
+    )
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
