@@ -1,0 +1,183 @@
+"""influx.unlearnable: every component against a direct computation; verify end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+from utils import assert_close
+
+from influx import data, memorization, models, unlearnable
+from influx.errors import InfluxValueError
+from influx.train import cross_entropy_per_example, train
+
+LOSS = cross_entropy_per_example
+
+
+def _embeddings(n=40, d=5, classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n, device="cpu") % classes
+    centres = 3 * torch.randn(classes, d, generator=generator, dtype=torch.float64)
+    points = centres[targets] + torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return points, targets
+
+
+def _design_es(retain: torch.Tensor, forget: torch.Tensor) -> float:
+    """DESIGN.md §3, written out term by term."""
+    mu_r, mu_f = retain.mean(0), forget.mean(0)
+    mu = (mu_r + mu_f) / 2
+    within_r = sum(float((z - mu_r) @ (z - mu_r)) for z in retain) / len(retain)
+    within_f = sum(float((z - mu_f) @ (z - mu_f)) for z in forget) / len(forget)
+    between = 0.5 * (float((mu_r - mu) @ (mu_r - mu)) + float((mu_f - mu) @ (mu_f - mu)))
+    return (within_r + within_f) / between
+
+
+def test_entanglement_score_follows_the_design_formula():
+    points, _ = _embeddings()
+    # float64 sums over 40 points: the two orders of summation agree to ~1e-15 relative.
+    assert unlearnable.entanglement_score(points[:30], points[30:]) == pytest.approx(
+        _design_es(points[:30], points[30:]), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("partial_retain", [False, True])
+def test_per_example_entanglement_is_the_set_score_of_a_single_forget_point(partial_retain):
+    points, _ = _embeddings()
+    retain = torch.rand(40, generator=torch.Generator().manual_seed(1)) < 0.7
+    retain = retain if partial_retain else torch.ones(40, dtype=torch.bool, device="cpu")
+    fast = unlearnable.entanglement(points, retain=retain if partial_retain else None)
+    for i in range(40):
+        others = retain.clone()
+        others[i] = False
+        expected = _design_es(points[others], points[i : i + 1])
+        # Closed-form leave-one-out moments vs direct sums: cancellation in mean||z||^2 -
+        # ||mu||^2 costs a few digits at most on O(10) embeddings in float64.
+        assert fast[i].item() == pytest.approx(expected, rel=1e-9), i
+
+
+def test_mahalanobis_ood_equals_the_direct_formula():
+    points, targets = _embeddings()
+    retain = torch.ones(40, dtype=torch.bool, device="cpu")
+    retain[:5] = False
+    fast = unlearnable.ood_score(points, targets, retain=retain)
+    z, y = points.numpy(), targets.numpy()
+    kept = retain.numpy()
+    means = np.stack([z[kept & (y == c)].mean(0) for c in range(3)])
+    centred = z[kept] - means[y[kept]]
+    covariance = centred.T @ centred / kept.sum()
+    covariance += 1e-6 * np.trace(covariance) / 5 * np.eye(5)
+    offsets = z - means[y]
+    expected = np.einsum("nd,de,ne->n", offsets, np.linalg.inv(covariance), offsets)
+    # Cholesky solve vs explicit inverse of a well-conditioned 5x5 covariance.
+    assert_close(fast, torch.from_numpy(expected), rtol=1e-10, name="mahalanobis")
+
+
+def test_knn_ood_equals_sorted_distances():
+    points, targets = _embeddings()
+    fast = unlearnable.ood_score(points, targets, method="knn", k=3)
+    unit = points / points.norm(dim=1, keepdim=True)
+    for i in range(40):
+        distances = sorted(float((unit[i] - unit[j]).norm()) for j in range(40) if j != i)
+        assert fast[i].item() == pytest.approx(distances[2], rel=1e-10)
+    with pytest.raises(InfluxValueError, match="'mahalanobis' or 'knn'"):
+        unlearnable.ood_score(points, targets, method="lof")
+
+
+def _tiny_problem(n=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 6, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (n,), generator=generator)
+    torch.manual_seed(seed)
+    model = models.mlp(6, (5,), 3).double()
+    train(model, (inputs, targets), epochs=5, lr=2e-2, batch_size=8, progress=False)
+    return model.eval(), inputs, targets
+
+
+def test_rank_components_equal_direct_computations():
+    model, inputs, targets = _tiny_problem()
+    result = unlearnable.rank(
+        model, LOSS, (inputs, targets), influence_method="grad_dot", ascent_lr=0.1, knn_k=3
+    )
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def example_loss(p, x, y):
+        return LOSS(functional_call(model, p, (x[None],)), y[None]).squeeze()
+
+    grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    squared_norms = sum(g.flatten(1).square().sum(1) for g in grads.values())
+    # float64 per-example gradients by two routes: agreement to rounding.
+    assert_close(result.components["self_influence"], squared_norms, name="self-influence")
+    embedded = model[:-1](inputs).detach()
+    assert_close(result.components["entanglement"], unlearnable.entanglement(embedded))
+    assert_close(result.components["ood"], unlearnable.ood_score(embedded, targets))
+    assert_close(
+        result.components["memorization"], memorization.curvature(model, LOSS, (inputs, targets))
+    )
+    # Ascent residual: descent then ascent on each point alone, by hand.
+    residuals = []
+    for i in range(inputs.shape[0]):
+        p = dict(params)
+        g = grad(example_loss)(p, inputs[i], targets[i])
+        p = {k: p[k] - 0.1 * g[k] for k in p}
+        g = grad(example_loss)(p, inputs[i], targets[i])
+        p = {k: p[k] + 0.1 * g[k] for k in p}
+        residuals.append(torch.cat([(p[k] - params[k]).flatten() for k in p]).norm())
+    assert_close(result.components["ascent_residual"], torch.stack(residuals), name="residual")
+    # The score is the mean of the five fraction ranks; the order sorts it.
+    ranks = np.stack([
+        (np.argsort(np.argsort(v.numpy())) / 23.0) for v in result.components.values()
+    ])  # fmt: skip
+    assert_close(result.score, torch.from_numpy(ranks.mean(0)), rtol=1e-12, name="score")
+    assert torch.equal(result.order[:5], torch.argsort(result.score, descending=True)[:5])
+
+
+def test_rank_uses_given_memorization_and_weights():
+    model, inputs, targets = _tiny_problem()
+    scores = torch.arange(24, dtype=torch.float64, device="cpu")
+    scores[3] = float("nan")
+    result = unlearnable.rank(
+        model, LOSS, (inputs, targets), memorization_scores=scores,
+        components=("memorization", "ood"), weights={"ood": 0.0},
+    )  # fmt: skip
+    assert torch.equal(result.order[:3], torch.tensor([23, 22, 21], device="cpu"))
+    # An undefined component leaves the example ranked by the others (here: weight 0 -> NaN).
+    assert torch.isnan(result.score[3])
+    with pytest.raises(InfluxValueError, match="subset of"):
+        unlearnable.rank(model, LOSS, (inputs, targets), components=("novelty",))
+
+
+def test_verify_runs_end_to_end_on_a_tiny_model():
+    x, y, _ = data.as_tensors(data.load("digits"))
+    train_set = (x[:120], y[:120])
+    test_x, test_y, _ = data.as_tensors(data.load("digits", split="test"))
+
+    def retrain(subset):
+        torch.manual_seed(0)
+        fresh = models.mlp(64, (16,), 10)
+        train(fresh, subset, epochs=6, lr=1e-2, batch_size=32, seed=0, progress=False)
+        return fresh.eval()
+
+    model = retrain(train_set)
+    ranking = unlearnable.rank(
+        model, LOSS, train_set, influence_method="grad_dot",
+        components=("memorization", "self_influence", "ood"),
+    )  # fmt: skip
+    report = unlearnable.verify(
+        model, LOSS, train_set, ranking, retrain=retrain, k=8, n_random=2, test=(test_x, test_y),
+        n_permutations=500, n_boot=200,
+    )  # fmt: skip
+    assert len(report.rows) == 3 and {r["forget_set"] for r in report.rows} == {
+        "ranked", "random_0", "random_1"
+    }  # fmt: skip
+    test = report.tests["gradient_ascent"]
+    assert 0 < test["p_value"] <= 1 and isinstance(test["resists"], bool)
+    assert test["difference_ci"][0] <= test["difference"] <= test["difference_ci"][1]
+    for row in report.rows:
+        assert np.isfinite(row["param_distance"]) and row["param_distance"] > 0
+        assert 0 <= row["forget_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+    assert set(report.forget_sets["ranked"].tolist()) == set(ranking.top(8).tolist())
+    assert not set(report.forget_sets["random_0"].tolist()) & set(ranking.top(8).tolist())
+    assert "gradient_ascent: ranked examples" in report.summary()
+    with pytest.raises(InfluxValueError, match="k must lie"):
+        unlearnable.verify(model, LOSS, train_set, ranking, retrain=retrain, k=0)
