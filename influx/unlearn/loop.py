@@ -1,0 +1,314 @@
+"""Machinery shared by the methods: input checks, the working copy, seeded batch streams, and the
+budgeted step loop that records the trajectory.
+
+Every first-order method is a *plan*: an iterator of steps, each with its cost in per-example
+gradient evaluations and a closure returning the objective to minimize. :meth:`Session.run` takes
+a step only if the budget affords it, so no method can overspend.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from influx.data import as_tensors, num_examples
+from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.unlearn.budget import Meter, resolve_budget
+from influx.unlearn.result import TrajectoryPoint, UnlearnResult
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[nn.Module, int], dict]
+# inputs [B, ...], targets [B, ...], dataset indices [B]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Options shared by the gradient-step methods (all keyword arguments of the methods).
+
+    - ``lr``, ``optimizer`` (``"sgd"`` or ``"adam"``), ``momentum`` (SGD only), ``weight_decay``.
+    - ``batch_size``: examples per mini-batch of each set (a set smaller than it is used whole).
+    - ``max_steps``: stop after this many steps even if budget is left (default: spend the budget).
+    - ``seed``: drives the batch order, noise and any randomness in the model (dropout).
+    - ``record_every``: record the trajectory at step 0, every ``k`` steps and at the last step;
+      ``keep_states``: keep a CPU copy of the state at each record; ``on_checkpoint(model, step)``:
+      a callback whose returned dict is stored with the record (the model is in eval mode then;
+      its evaluations are not charged to the budget).
+    - ``progress``: a tqdm bar; ``inplace``: unlearn the caller's model instead of a copy.
+    """
+
+    lr: float = 1e-2
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    max_steps: int | None = None
+    seed: int = 0
+    record_every: int | None = None
+    keep_states: bool = True
+    on_checkpoint: Callback | None = None
+    progress: bool = True
+    inplace: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise InfluxValueError(f"lr must be a finite number > 0; got {self.lr!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise InfluxValueError(
+                f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}"
+            )
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise InfluxValueError(
+                f"momentum and weight_decay must be >= 0; got {self.momentum!r}, {self.weight_decay!r}"
+            )
+        _check_count("batch_size", self.batch_size)
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, int) or self.max_steps < 0
+        ):
+            raise InfluxValueError(
+                f"max_steps must be an integer >= 0 or None; got {self.max_steps!r}"
+            )
+        if self.record_every is not None:
+            _check_count("record_every", self.record_every)
+        if self.on_checkpoint is not None and not callable(self.on_checkpoint):
+            raise InfluxValueError("on_checkpoint must be a callable (model, step) -> dict")
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> StepOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InfluxValueError(
+                f"unknown option(s) {unknown}; the shared options are {sorted(known)}"
+            )
+        return cls(**options)
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["on_checkpoint"] = getattr(self.on_checkpoint, "__name__", None)
+        return out
+
+
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InfluxValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise InfluxValueError("the model has no parameters: nothing to unlearn")
+    return parameter.device
+
+
+def refuse_batchnorm(model: nn.Module) -> None:
+    """Unlearning steps run in train mode, where BatchNorm mixes the examples of a batch."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModelError(
+                f"model contains {type(module).__name__} ({name or 'the root module'}): unlearning "
+                "steps run in train mode, where batch statistics mix the examples of a batch (and "
+                "the per-example budget and losses lose their meaning); call "
+                "influx.models.convert_batchnorm(model) and fine-tune it first"
+            )
+
+
+def load_set(data, what: str) -> Batch:
+    """``data`` as in-memory (inputs, targets, indices); an empty set is an error."""
+    if num_examples(data) == 0:
+        raise InfluxValueError(
+            f"the {what} set is empty: unlearning needs at least one {what} example"
+        )
+    return as_tensors(data)
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+
+
+class BatchStream:
+    """Endless fixed-size batches of one set: seeded shuffled passes, a batch may straddle two
+    passes, so every batch has exactly ``size = min(batch_size, n)`` examples (and cost)."""
+
+    def __init__(self, data: Batch, batch_size: int, seed: int):
+        self.inputs, self.targets, self.indices = data
+        self.n = self.inputs.shape[0]
+        self.size = min(batch_size, self.n)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long, device="cpu")
+
+    def next(self) -> Batch:
+        while self.order.shape[0] < self.size:
+            fresh = torch.randperm(self.n, generator=self.generator, device="cpu")
+            self.order = torch.cat([self.order, fresh])
+        positions, self.order = self.order[: self.size], self.order[self.size :]
+        positions = positions.to(self.inputs.device)
+        return self.inputs[positions], self.targets[positions], self.indices[positions.cpu()]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan: its cost in evaluations and the objective (a scalar to minimize)."""
+
+    cost: int
+    objective: Callable[[], torch.Tensor]
+
+
+class Session:
+    """One method's run: the working model, its data, the budget meter and the options."""
+
+    def __init__(
+        self,
+        method: str,
+        model: nn.Module,
+        loss_fn: LossFn,
+        forget,
+        retain,
+        *,
+        budget: float | None,
+        train_compute: float | None,
+        options: dict[str, Any],
+        limited: bool = True,
+    ):
+        self.start = time.perf_counter()
+        self.method = method
+        self.options = StepOptions.of(options)
+        if not callable(loss_fn):
+            raise InfluxValueError("loss_fn must be a callable (outputs, targets) -> losses [N]")
+        self.loss_fn = loss_fn
+        self.device = model_device(model)
+        self.forget = load_set(forget, "forget")
+        self.retain = load_set(retain, "retain")
+        budget_value = resolve_budget(budget, train_compute) if limited else math.inf
+        self.meter = Meter(budget_value)
+        refuse_batchnorm(model)
+        self.was_training = model.training
+        self.model = model if self.options.inplace else copy.deepcopy(model)
+        self.trajectory: list[TrajectoryPoint] = []
+        self.steps = 0
+
+    def stream(self, which: str, offset: int = 0) -> BatchStream:
+        data = self.forget if which == "forget" else self.retain
+        return BatchStream(data, self.options.batch_size, self.options.seed + offset)
+
+    def losses(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
+        """Per-example losses [B] of a batch; non-finite ones are an error naming the examples."""
+        inputs, targets, indices = batch
+        outputs = (self.model if model is None else model)(inputs.to(self.device))
+        return self.checked(self.loss_fn(outputs, targets.to(self.device)), indices)
+
+    def checked(self, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if losses.dim() != 1 or losses.shape[0] != indices.shape[0]:
+            raise InfluxValueError(
+                f"loss_fn must return per-example losses of shape [{indices.shape[0]}]; got shape "
+                f"{tuple(losses.shape)} (pass reduction='none', e.g. "
+                "influx.train.cross_entropy_per_example)"
+            )
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = indices[~finite.cpu()].tolist()
+            raise InfluxRuntimeError(
+                f"{self.method}: non-finite loss at step {self.steps} for examples {bad[:20]}"
+                f"{' ...' if len(bad) > 20 else ''}; lower lr or check those inputs"
+            )
+        return losses
+
+    def record(self) -> None:
+        options = self.options
+        state = state_copy(self.model) if options.keep_states else None
+        metrics: dict[str, Any] = {}
+        if options.on_checkpoint is not None:
+            self.model.eval()
+            try:
+                metrics = dict(options.on_checkpoint(self.model, self.steps) or {})
+            finally:
+                self.model.train()
+        self.trajectory.append(TrajectoryPoint(self.steps, self.meter.spent, state, metrics))
+
+    def make_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.options
+        if o.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(
+            parameters, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
+
+    def run(
+        self,
+        plan: Iterable[Step],
+        *,
+        parameters: list[nn.Parameter] | None = None,
+        after_backward: Callable[[], None] | None = None,
+        typical_cost: int = 1,
+        extra: dict[str, Any] | None = None,
+    ) -> UnlearnResult:
+        """Take the plan's steps while the budget affords the next one (and ``max_steps`` allows)."""
+        o = self.options
+        if parameters is None:
+            parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if not parameters:
+            raise InfluxValueError(f"{self.method}: no trainable parameters to update")
+        optimizer = self.make_optimizer(parameters)
+        remaining = self.meter.remaining
+        expected = math.inf if math.isinf(remaining) else remaining // max(typical_cost, 1)
+        if o.max_steps is not None:
+            expected = min(expected, o.max_steps)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        self.model.train()
+        bar = tqdm(
+            total=None if math.isinf(expected) else int(expected),
+            desc=self.method, unit="step", disable=not o.progress, leave=False,
+        )  # fmt: skip
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(o.seed)
+                if o.record_every is not None:
+                    self.record()
+                for step in self._affordable(plan):
+                    optimizer.zero_grad(set_to_none=True)
+                    objective = step.objective()
+                    objective.backward()
+                    if after_backward is not None:
+                        after_backward()
+                    optimizer.step()
+                    self.meter.charge(step.cost)
+                    self.steps += 1
+                    bar.update(1)
+                    if o.record_every is not None and self.steps % o.record_every == 0:
+                        self.record()
+                if o.record_every is not None and self.trajectory[-1].step != self.steps:
+                    self.record()
+        finally:
+            bar.close()
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(self.was_training)
+        return self.result(extra)
+
+    def _affordable(self, plan: Iterable[Step]) -> Iterator[Step]:
+        for step in plan:
+            if self.options.max_steps is not None and self.steps >= self.options.max_steps:
+                return
+            if not self.meter.affords(step.cost):
+                return
+            yield step
+
+    def result(self, extra: dict[str, Any] | None = None) -> UnlearnResult:
+        return UnlearnResult(
+            model=self.model,
+            method=self.method,
+            spent=self.meter.spent,
+            budget=self.meter.budget,
+            steps=self.steps,
+            options={**self.options.describe(), **(extra or {})},
+            trajectory=self.trajectory,
+            seconds=time.perf_counter() - self.start,
+        )

@@ -1,0 +1,216 @@
+"""Newton removal: one Newton step on the retain loss with the damped Hessian.
+
+With ``L_R(theta) = (1/|R|) sum_{z in R} l(z; theta)`` the *mean* retain loss and ``H_R`` its Hessian
+at the current parameters,
+
+    theta <- theta - (H_R + damping I)^-1 grad L_R(theta).
+
+The damping is added to the Hessian of the mean loss (a sum loss would need |R| x the damping for
+the same step). With ``damping=0`` the step does not depend on mean vs sum, and for least squares
+(a loss quadratic in theta, e.g. a linear model with ``mse_per_example``) it lands exactly on the
+minimizer of the retain loss, i.e. on the model retrained on R to convergence. For a trained model
+this is the influence-function removal of the forget set (Koh & Liang 2017), taken from theta.
+
+Solvers: ``"dense"`` forms H_R exactly (:func:`influx.curvature.dense_hessian`, P Hessian-vector
+products; small models) and solves in float64; ``"cg"`` runs conjugate gradients on
+Hessian-vector products (:func:`influx.curvature.hvp`), stopping at ``tolerance`` (relative
+residual), ``max_iterations`` or the budget. ``"auto"`` picks dense when P <= 5,000 and it fits the
+budget, else cg. H_R may be indefinite away from a minimum: the dense solver warns
+(:class:`influx.curvature.NonPositiveDefiniteWarning`) and cg stops at the first direction of
+non-positive curvature.
+
+Budget: the gradient costs |R|; a Hessian-vector product over R costs 2 |R| (forward-over-reverse),
+so dense costs |R| (1 + 2 P) and cg |R| (1 + 2 x iterations). A budget that cannot afford the
+gradient and one product leaves the model unchanged (with a warning). Evaluated in eval mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from influx.curvature import (
+    NonPositiveDefiniteWarning,
+    ParamSpace,
+    Spectrum,
+    check_damped_spectrum,
+    dense_hessian,
+    gradient,
+    hvp,
+)
+from influx.errors import InfluxValueError
+from influx.unlearn.loop import LossFn, Session
+from influx.unlearn.result import UnlearnResult
+
+__all__ = ["DENSE_MAX_PARAMETERS", "newton"]
+
+# A dense float64 Hessian of 5,000 parameters takes 200 MB and an eigendecomposition of seconds.
+DENSE_MAX_PARAMETERS = 5000
+_SOLVERS = ("auto", "dense", "cg")
+
+
+class _RetainObjective:
+    """Gradient and Hessian products of the mean retain loss, summed over chunks of R."""
+
+    def __init__(self, model, loss_fn, inputs, targets, params, chunk: int, device):
+        self.model, self.loss_fn, self.params = model, loss_fn, params
+        self.chunks = [
+            (inputs[s : s + chunk].to(device), targets[s : s + chunk].to(device))
+            for s in range(0, inputs.shape[0], chunk)
+        ]
+        self.n = inputs.shape[0]
+
+    def gradient(self) -> torch.Tensor:
+        return (
+            sum(
+                gradient(self.model, self.loss_fn, batch, params=self.params, reduction="sum")
+                for batch in self.chunks
+            )
+            / self.n
+        )
+
+    def hvp(self, vector: torch.Tensor) -> torch.Tensor:
+        return (
+            sum(
+                hvp(self.model, self.loss_fn, batch, vector, params=self.params, reduction="sum")
+                for batch in self.chunks
+            )
+            / self.n
+        )
+
+    def hessian(self) -> torch.Tensor:
+        return (
+            sum(
+                dense_hessian(self.model, self.loss_fn, batch, params=self.params, reduction="sum")
+                for batch in self.chunks
+            )
+            / self.n
+        )
+
+
+def _conjugate_gradients(product, rhs, damping, iterations, tolerance) -> tuple[torch.Tensor, int]:
+    """Solve (A + damping I) x = rhs [P] by CG; returns (x, Hessian-vector products used)."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = r @ r
+    target = tolerance * rhs.norm()
+    used = 0
+    while used < iterations and r.norm() > target:
+        ap = product(p) + damping * p
+        used += 1
+        curvature = p @ ap
+        if curvature <= 0:
+            warnings.warn(
+                "newton (cg): a direction of non-positive curvature of the damped retain Hessian; "
+                "stopped there (increase damping)",
+                NonPositiveDefiniteWarning,
+                stacklevel=3,
+            )
+            break
+        alpha = rs / curvature
+        x += alpha * p
+        r -= alpha * ap
+        rs_new = r @ r
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, used
+
+
+def newton(
+    model: nn.Module,
+    loss_fn: LossFn,
+    forget,
+    retain,
+    *,
+    budget=None,
+    train_compute=None,
+    damping: float = 1e-3,
+    solver: str = "auto",
+    max_iterations: int | None = None,
+    tolerance: float = 1e-10,
+    chunk_size: int = 1024,
+    params=None,
+    inplace: bool = False,
+    progress: bool = True,
+    record_every: int | None = None,
+    keep_states: bool = True,
+    on_checkpoint=None,
+) -> UnlearnResult:
+    """One damped Newton step on the mean retain loss (module doc). ``forget`` is only checked.
+
+    ``params`` restricts the step to these parameter names (default: all trainable);
+    ``chunk_size`` retain examples per product. Pass ``budget=math.inf`` for an unlimited solve.
+    """
+    if not (isinstance(damping, (int, float)) and damping >= 0):
+        raise InfluxValueError(f"damping must be a number >= 0; got {damping!r}")
+    if solver not in _SOLVERS:
+        raise InfluxValueError(f"solver must be one of {_SOLVERS}; got {solver!r}")
+    options = dict(inplace=inplace, progress=progress, record_every=record_every,
+                   keep_states=keep_states, on_checkpoint=on_checkpoint, batch_size=chunk_size)  # fmt: skip
+    session = Session("newton", model, loss_fn, forget, retain, budget=budget,
+                      train_compute=train_compute, options=options)  # fmt: skip
+    work = session.model
+    space = ParamSpace.of(work, params)
+    n, size = session.retain[0].shape[0], space.size
+    dense_cost = n * (1 + 2 * size)
+    if solver == "auto":
+        solver = (
+            "dense" if size <= DENSE_MAX_PARAMETERS and session.meter.affords(dense_cost) else "cg"
+        )
+    if solver == "dense" and not session.meter.affords(dense_cost):
+        raise InfluxValueError(
+            f"the dense Newton step costs {dense_cost} evaluations (|R| = {n}, P = {size}); the "
+            f"budget is {session.meter.budget:.0f}: pass solver='cg' or a larger budget"
+        )
+    affordable = (session.meter.remaining - n) // (2 * n)
+    cap = size if max_iterations is None else max_iterations
+    iterations = int(min(cap, affordable)) if solver == "cg" else 0
+    extra = {"damping": damping, "solver": solver, "tolerance": tolerance,
+             "params": list(space.names)}  # fmt: skip
+    if record_every is not None:
+        session.record()
+    if solver == "cg" and iterations < 1:
+        warnings.warn(
+            f"newton: the budget {session.meter.budget:.0f} cannot afford the gradient and one "
+            f"Hessian-vector product ({3 * n} evaluations); the model is left unchanged",
+            stacklevel=2,
+        )
+        return session.result(extra)
+    work.eval()
+    objective = _RetainObjective(work, loss_fn, session.retain[0], session.retain[1],
+                                 list(space.names), chunk_size, session.device)  # fmt: skip
+    theta = space.current(work)
+    grad = objective.gradient().detach()
+    if not bool(torch.isfinite(grad).all()):
+        raise InfluxValueError(
+            "newton: the retain gradient is not finite; check the model and data"
+        )
+    if solver == "dense":
+        hessian = objective.hessian().detach().to(torch.float64)
+        eigenvalues = torch.linalg.eigvalsh(hessian)
+        check_damped_spectrum(Spectrum.of_eigenvalues(eigenvalues), float(damping),
+                              what="retain Hessian")  # fmt: skip
+        hessian.diagonal().add_(damping)
+        step = torch.linalg.solve(hessian, grad.to(torch.float64)).to(theta.dtype)
+        spent = dense_cost
+        extra["iterations"] = size
+    else:
+        step, used = _conjugate_gradients(
+            lambda v: objective.hvp(v).detach(), grad, float(damping), iterations, tolerance
+        )
+        spent = n * (1 + 2 * used)
+        extra["iterations"] = used
+    session.meter.charge(spent)
+    with torch.no_grad():
+        named = dict(work.named_parameters())
+        for name, value in space.unflatten(theta - step).items():
+            named[name].copy_(value)
+    session.steps = 1
+    extra["step_norm"] = float(step.norm())
+    if record_every is not None:
+        session.record()
+    work.train(session.was_training)
+    return session.result(extra)
