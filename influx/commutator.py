@@ -31,8 +31,8 @@ from torch.func import grad, jvp, vmap
 from influx import curvature
 from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
-from influx.grads.capture import check_no_train_batchnorm
-from influx.grads.functional import LossFn
+from influx.grads.common import check_no_train_batchnorm
+from influx.grads.common import LossFn
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 FlatObjective = Callable[[torch.Tensor], torch.Tensor]

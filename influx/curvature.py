@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from influx.errors import InfluxValueError
-from influx.grads.functional import (
+from influx.grads.common import (
     LossFn,
     check_per_example_losses,
     fixed_state,
@@ -297,14 +297,16 @@ def power_iteration(
     shift: float = 0.0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> float:
     """Largest-magnitude eigenvalue of ``matvec - shift I`` (then + shift) by power iteration.
 
     With ``shift = lambda_max`` it returns the smallest eigenvalue of a symmetric operator.
     Rayleigh quotients converge quadratically in the eigenvector error, so 50 steps are plenty
     for damping and step-size choices (which need the order of magnitude, not the digits).
+    The start vector is drawn on the CPU (the same on every device), then moved to ``device``.
     """
-    v = torch.randn(size, generator=generator, dtype=dtype)
+    v = torch.randn(size, generator=generator, dtype=dtype, device="cpu").to(device)
     v = v / v.norm()
     value = 0.0
     for _ in range(iterations):
@@ -324,10 +326,26 @@ def hutchinson_trace(
     samples: int = 32,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """Unbiased estimate of tr(H) with Rademacher probes; ``matvec_block`` maps [K, P] -> [K, P]."""
-    probes = torch.randint(0, 2, (samples, size), generator=generator).to(dtype) * 2 - 1
-    return float((probes * matvec_block(probes)).sum() / samples)
+    """Unbiased estimate of tr(H) with Rademacher probes; ``matvec_block`` maps [K, P] -> [K, P].
+
+    Probes are drawn on the CPU (the same on every device), then moved to ``device``.
+    """
+    probes = torch.randint(0, 2, (samples, size), generator=generator, device="cpu")
+    probes = probes.to(device=device, dtype=dtype) * 2 - 1
+    return float((probes * _finite_product(matvec_block, probes)).sum() / samples)
+
+
+def _finite_product(matvec_block, vectors: torch.Tensor) -> torch.Tensor:
+    """``matvec_block(vectors)``, refusing NaN / inf (they would poison every later estimate)."""
+    product = matvec_block(vectors)
+    if not torch.isfinite(product).all():
+        raise InfluxValueError(
+            "a curvature-vector product is NaN or inf: some training example has a non-finite "
+            "input, loss or gradient, or the parameters hold NaN / inf; check the data and the model"
+        )
+    return product
 
 
 def lanczos(
@@ -337,23 +355,25 @@ def lanczos(
     iterations: int,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz pairs (values [m], vectors [P, m]) of ``m <= iterations`` Lanczos steps on a symmetric
     operator (``matvec_block`` maps [K, P] -> [K, P]), with full reorthogonalization.
 
     The extreme Ritz values converge first (after a few tens of steps), far faster than power
-    iteration, so this also serves to estimate lambda_min and lambda_max.
+    iteration, so this also serves to estimate lambda_min and lambda_max. The start vector is
+    drawn on the CPU (the same on every device); the basis and the results live on ``device``.
     """
     generator = torch.Generator().manual_seed(seed)
     iterations = min(iterations, size)
-    basis = torch.zeros(iterations, size, dtype=dtype)
+    basis = torch.zeros(iterations, size, dtype=dtype, device=device)
     alphas: list[float] = []
     betas: list[float] = []
-    v = torch.randn(size, generator=generator, dtype=dtype)
+    v = torch.randn(size, generator=generator, dtype=dtype, device="cpu").to(device)
     v /= v.norm()
     for j in range(iterations):
         basis[j] = v
-        w = matvec_block(v.unsqueeze(0))[0].to(dtype)
+        w = _finite_product(matvec_block, v.unsqueeze(0))[0].to(dtype)
         alpha = float(w @ v)
         # Full reorthogonalization (twice is enough): Lanczos vectors lose orthogonality fast.
         for _ in range(2):
@@ -366,9 +386,9 @@ def lanczos(
         v = w / beta
     m = len(alphas)
     basis = basis[:m]
-    tridiagonal = torch.diag(torch.tensor(alphas, dtype=dtype))
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=dtype, device=device))
     if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=dtype)
+        off = torch.tensor(betas[: m - 1], dtype=dtype, device=device)
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
     return values, basis.T @ vectors
@@ -382,16 +402,17 @@ def estimate_spectrum(
     trace_samples: int = 32,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> Spectrum:
     """Mean eigenvalue (Hutchinson, one block of probes) and extreme eigenvalues (Lanczos)."""
-    values, _ = lanczos(matvec_block, size, iterations=iterations, seed=seed, dtype=dtype)
-    generator = torch.Generator().manual_seed(seed + 1)
-    mean = (
-        hutchinson_trace(
-            matvec_block, size, samples=trace_samples, generator=generator, dtype=dtype
-        )
-        / size
+    values, _ = lanczos(
+        matvec_block, size, iterations=iterations, seed=seed, dtype=dtype, device=device
     )
+    generator = torch.Generator().manual_seed(seed + 1)
+    trace = hutchinson_trace(
+        matvec_block, size, samples=trace_samples, generator=generator, dtype=dtype, device=device
+    )
+    mean = trace / size
     return Spectrum(mean=mean, maximum=float(values.max()), minimum=float(values.min()), size=size)
 
 
@@ -471,6 +492,11 @@ def finalize_kronecker_factors(factors: Mapping[str, KroneckerFactors]) -> None:
     for f in factors.values():
         if f.count == 0:
             raise InfluxValueError(f"no examples were accumulated for layer {f.weight_name}")
+        if not (torch.isfinite(f.activation).all() and torch.isfinite(f.gradient).all()):
+            raise InfluxValueError(
+                f"the K-FAC factors of {f.weight_name} hold NaN / inf: some example has a "
+                "non-finite input, loss or gradient; check the data and the model"
+            )
         f.activation /= f.count
         f.gradient /= f.count
         f.eigendecompose()

@@ -1,4 +1,4 @@
-"""Fused kernels for per-example gradient analytics (Triton on CUDA, pure torch elsewhere).
+"""Kernels for per-example gradient analytics (Triton on CUDA, pure torch elsewhere).
 
 Installed as ``influx.kernels``; it imports nothing from ``influx``. Every kernel has a pure-torch
 ``<name>_reference`` next to it. The public functions below dispatch: Triton when the tensors are on
@@ -16,7 +16,7 @@ from .ghost_sqnorm import (
 )
 from .kron_project import kron_project, kron_project_reference
 from .pairwise_grad_dot import pairwise_grad_dot, pairwise_grad_dot_reference
-from .score_topk import TopK, score_topk, score_topk_reference
+from .score_topk import TopK, merge_topk, score_topk, score_topk_reference
 
 __all__ = [
     "KernelBackendError",
@@ -28,6 +28,7 @@ __all__ = [
     "ghost_sqnorm_reference",
     "kron_project",
     "kron_project_reference",
+    "merge_topk",
     "pairwise_grad_dot",
     "pairwise_grad_dot_reference",
     "score_topk",

@@ -200,6 +200,22 @@ def _merge(running: TopK, scores: torch.Tensor, offset: int, k: int) -> TopK:
     return TopK(*largest, *smallest)
 
 
+def merge_topk(first: TopK, second: TopK, k: int) -> TopK:
+    """The top-k of two top-k lists of the same queries (indices as each list holds them).
+
+    The same selection the streaming merge uses, for callers that stream blocks themselves.
+    """
+    largest = _select(
+        first.largest_values, first.largest_indices,
+        second.largest_values, second.largest_indices, k, True,
+    )  # fmt: skip
+    smallest = _select(
+        first.smallest_values, first.smallest_indices,
+        second.smallest_values, second.smallest_indices, k, False,
+    )  # fmt: skip
+    return TopK(*largest, *smallest)
+
+
 def _select(
     values: torch.Tensor,
     indices: torch.Tensor,

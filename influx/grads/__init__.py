@@ -6,6 +6,7 @@ rule fall back to ``torch.func``. ``influx.grads.reference`` is the slow, obviou
 """
 
 from influx.grads import reference
+from influx.grads.common import flatten_per_sample, select_parameters
 from influx.grads.engine import (
     MatmulCapture,
     MatmulCaptures,
@@ -15,7 +16,6 @@ from influx.grads.engine import (
     per_sample_norms,
     per_sample_projected,
 )
-from influx.grads.functional import flatten_per_sample, select_parameters
 from influx.grads.rules import LayerRule, register_rule
 
 __all__ = [

@@ -22,7 +22,13 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from influx.errors import UnsupportedModelError
-from influx.grads.functional import LossFn, check_batch, check_per_example_losses
+from influx.grads.common import (
+    LossFn,
+    check_batch,
+    check_finite,
+    check_model,
+    check_per_example_losses,
+)
 
 
 @dataclass
@@ -31,18 +37,6 @@ class LayerCall:
 
     args: tuple  # the positional inputs, tensors detached
     grad_output: torch.Tensor  # [N, *output.shape[1:]], d(sum of losses)/d(output)
-
-
-def check_no_train_batchnorm(model: nn.Module) -> None:
-    """BatchNorm in train mode mixes examples through the batch statistics: refuse it."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise UnsupportedModelError(
-                f"model contains {type(module).__name__} ({name or 'the root module'}) in train mode: "
-                "per-sample gradients are ill-defined because batch statistics mix the examples; "
-                "call influx.models.convert_batchnorm(model) to use GroupNorm, or model.eval() "
-                "to use the running statistics"
-            )
 
 
 @contextmanager
@@ -65,14 +59,17 @@ def capture(
     targets: torch.Tensor,
     modules: Mapping[str, nn.Module],
     parameters=(),
+    *,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, dict[str, list[LayerCall]]]:
     """Run forward + backward once; return the per-example losses [N] and the calls per module.
 
     ``modules`` maps names to the modules to watch; ``parameters`` are made to require grad for
-    the duration, so the watched outputs are part of the graph.
+    the duration, so the watched outputs are part of the graph. A NaN / inf loss raises an error
+    naming the example (its position in ``inputs`` plus ``offset``) before the backward.
     """
     check_batch(inputs, targets)
-    check_no_train_batchnorm(model)
+    check_model(model)
     pending: list[tuple[str, tuple, torch.autograd.graph.GradientEdge, torch.Tensor]] = []
 
     def watch(name: str):
@@ -93,6 +90,7 @@ def capture(
         with torch.enable_grad(), _requiring_grad(list(parameters)):
             losses = loss_fn(model(inputs), targets)
             check_per_example_losses(losses, inputs.shape[0])
+            check_finite(losses.detach(), "losses", offset=offset)
             if pending:
                 edges = [edge for _, _, edge, _ in pending]
                 grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
-from influx.grads.functional import LossFn, check_batch, select_parameters
+from influx.grads.common import LossFn, check_batch, flatten_per_sample, select_parameters
 from influx.grads.projection import Projector, dense_project
 from influx.grads.rules import LayerRule, MatmulRule, rule_for
 from influx.kernels import pairwise_grad_dot
@@ -53,21 +53,26 @@ def _tied(layers: list[_Layer]) -> set[str]:
     return tied
 
 
-def _chunks(inputs, targets, chunk_size: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _chunks(
+    inputs, targets, chunk_size: int | None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(offset, inputs, targets) of each chunk of at most ``chunk_size`` examples."""
     check_batch(inputs, targets)
     if chunk_size is not None and chunk_size < 1:
         raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
     n = inputs.shape[0]
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):
-        yield inputs[start : start + step], targets[start : start + step]
+        yield start, inputs[start : start + step], targets[start : start + step]
 
 
-def _capture_chunk(model, loss_fn, inputs, targets, layers) -> dict[str, list[LayerCall]]:
+def _capture_chunk(
+    model, loss_fn, inputs, targets, layers, offset: int = 0
+) -> dict[str, list[LayerCall]]:
     modules = {layer.name: layer.module for layer in layers}
     params = dict(model.named_parameters())
     wanted = [params[full] for layer in layers for full in layer.params.values()]
-    _, calls = capture(model, loss_fn, inputs, targets, modules, wanted)
+    _, calls = capture(model, loss_fn, inputs, targets, modules, wanted, offset=offset)
     return calls
 
 
@@ -79,8 +84,10 @@ def _empty_grads(selected) -> dict[str, torch.Tensor]:
     return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
 
 
-def _grads_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict[str, torch.Tensor]:
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+def _grads_of_chunk(
+    model, loss_fn, inputs, targets, layers, selected, offset
+) -> dict[str, torch.Tensor]:
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         if not calls[layer.name]:
@@ -113,8 +120,8 @@ def per_sample_grads(
     selected = select_parameters(model, params)
     layers = _plan(model, selected)
     parts = [
-        _grads_of_chunk(model, loss_fn, x, y, layers, selected)
-        for x, y in _chunks(inputs, targets, chunk_size)
+        _grads_of_chunk(model, loss_fn, x, y, layers, selected, offset)
+        for offset, x, y in _chunks(inputs, targets, chunk_size)
     ]
     if not parts:
         return _empty_grads(selected)
@@ -123,8 +130,10 @@ def per_sample_grads(
     return {name: torch.cat([part[name] for part in parts]) for name in selected}
 
 
-def _sqnorms_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict[str, torch.Tensor]:
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+def _sqnorms_of_chunk(
+    model, loss_fn, inputs, targets, layers, selected, offset
+) -> dict[str, torch.Tensor]:
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
     tied = _tied(layers)
     out: dict[str, torch.Tensor] = {}
     tied_grads: dict[str, torch.Tensor] = {}
@@ -141,7 +150,7 @@ def _sqnorms_of_chunk(model, loss_fn, inputs, targets, layers, selected) -> dict
             if local in layer.params:
                 out[layer.params[local]] = sq
     for name, g in tied_grads.items():
-        out[name] = g.flatten(1).square().sum(1)
+        out[name] = g.reshape(g.shape[0], -1).square().sum(1)
     zeros = inputs.new_zeros(inputs.shape[0], dtype=next(iter(selected.values())).dtype)
     return {name: out.get(name, zeros) for name in selected}
 
@@ -164,8 +173,8 @@ def per_sample_norms(
     selected = select_parameters(model, params)
     layers = _plan(model, selected)
     parts = [
-        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected)
-        for x, y in _chunks(inputs, targets, chunk_size)
+        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected, offset)
+        for offset, x, y in _chunks(inputs, targets, chunk_size)
     ]
     dtype = next(iter(selected.values())).dtype
     sqnorms = {
@@ -188,7 +197,8 @@ def per_sample_projected(
     kind: str = "kronecker",
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    by_layer: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Randomly projected per-sample gradients [N, K].
 
     ``kind="kronecker"``: each module gets ``dim // (number of modules)`` dims; a Linear/Conv
@@ -197,6 +207,8 @@ def per_sample_projected(
     densely, or kept whole when they are smaller than their share. K is the sum of the shares
     actually used (<= dim). ``kind="dense"``: one Gaussian JL matrix [dim, P] applied to the
     materialized flat gradient (K = dim); the reference. Same ``seed``, same projection.
+    ``by_layer=True`` (Kronecker only) returns module name -> [N, k_module] instead, in the order
+    of the columns of the [N, K] result.
     """
     if kind not in ("kronecker", "dense"):
         raise InfluxValueError(f"kind must be 'kronecker' or 'dense'; got {kind!r}")
@@ -204,10 +216,12 @@ def per_sample_projected(
         raise InfluxValueError(f"dim must be >= 1; got {dim}")
     selected = select_parameters(model, params)
     if kind == "dense":
+        if by_layer:
+            raise InfluxValueError("by_layer=True needs kind='kronecker' (a dense JL mixes layers)")
         grads = per_sample_grads(
             model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size
         )
-        flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+        flat = flatten_per_sample(grads)
         return dense_project(flat, dim, seed=seed)
     layers = _plan(model, selected)
     if _tied(layers):
@@ -219,14 +233,17 @@ def per_sample_projected(
     projector = Projector(
         budget=max(1, dim // len(layers)), seed=seed, dtype=reference.dtype, device=reference.device
     )
-    parts = []
-    for x, y in _chunks(inputs, targets, chunk_size):
-        calls = _capture_chunk(model, loss_fn, x, y, layers)
-        blocks = [
-            _project_layer(layer, calls[layer.name], projector, x.shape[0]) for layer in layers
-        ]
-        parts.append(torch.cat(blocks, dim=1))
-    return torch.cat(parts) if parts else reference.new_zeros(0, 0)
+    parts: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    for offset, x, y in _chunks(inputs, targets, chunk_size):
+        calls = _capture_chunk(model, loss_fn, x, y, layers, offset)
+        for layer in layers:
+            parts[layer.name].append(
+                _project_layer(layer, calls[layer.name], projector, x.shape[0])
+            )
+    if inputs.shape[0] == 0:
+        return {} if by_layer else reference.new_zeros(0, 0)
+    blocks = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    return blocks if by_layer else torch.cat(list(blocks.values()), dim=1)
 
 
 def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.Tensor:
@@ -243,7 +260,7 @@ def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.
     share = max(1, projector.budget // len(layer.params))
     for local, full in layer.params.items():
         param = getattr(layer.module, local)
-        g = grads.get(local, param.new_zeros(n, *param.shape)).flatten(1)
+        g = grads.get(local, param.new_zeros(n, *param.shape)).reshape(n, -1)
         blocks.append(projector.dense_block(full, g, share))
     return torch.cat(blocks, dim=1)
 
@@ -285,8 +302,8 @@ def per_sample_gram(
         g1 = layer.rule.grads(layer.module, first)
         g2 = g1 if other is None else layer.rule.grads(layer.module, second)
         for local, full in layer.params.items():
-            _accumulate(left, full, g1[local].flatten(1))
-            _accumulate(right, full, g2[local].flatten(1))
+            _accumulate(left, full, g1[local].reshape(n, -1))
+            _accumulate(right, full, g2[local].reshape(m, -1))
     for name in left:
         gram += left[name] @ right[name].T
     return gram
@@ -304,10 +321,11 @@ def _pairwise_without_grads(layer: _Layer, calls, tied: set[str]) -> bool:
 
 
 def _with_bias_column(layer: _Layer, calls) -> tuple[torch.Tensor, torch.Tensor]:
-    # a bias is the weight of a constant-1 input: one more column of a covers it
+    # a bias is the weight of a constant-1 input: one more column of a covers it (when the
+    # bias is among the selected parameters)
     a, b = layer.rule._forms(layer.module, calls)
     a, b = a[:, 0], b[:, 0]
-    if getattr(layer.module, "bias", None) is not None:
+    if getattr(layer.module, "bias", None) is not None and "bias" in layer.params:
         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
     return a, b
 
@@ -335,15 +353,20 @@ def capture_matmul_layers(
     targets: torch.Tensor,
     *,
     params: Iterable[str] | None = None,
+    offset: int = 0,
 ) -> MatmulCaptures:
-    """Capture (a, b) for every Linear/Conv layer owning a selected weight, from one backward."""
+    """Capture (a, b) for every Linear/Conv layer owning a selected weight, from one backward.
+
+    A layer's bias column is there only when its bias is selected too. ``offset`` is added to
+    the positions that an error about a NaN / inf loss names.
+    """
     selected = select_parameters(model, params)
     layers = [
         layer
         for layer in _plan(model, selected)
         if isinstance(layer.rule, MatmulRule) and "weight" in layer.params
     ]
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
     called = {layer.name: layer for layer in layers if calls[layer.name]}
     for layer in called.values():
         if getattr(layer.module, "groups", 1) != 1:

@@ -2,77 +2,19 @@
 
 ``vmap(grad(functional_call))`` gives per-sample gradients of any model whose examples do not
 interact inside the forward pass. It is slower and hungrier than the hook engine but obviously
-correct, so the engine's results are tested against it.
+correct, so the engine's results are tested against it. ``naive_per_sample_grads`` is the plainer
+still per-example loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from influx.errors import InfluxValueError
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def select_parameters(
-    model: nn.Module, params: Iterable[str] | None = None
-) -> dict[str, nn.Parameter]:
-    """Map parameter names to parameters: the named ones, or all that require grad.
-
-    Raises InfluxValueError for a name the model does not have, listing the closest valid names.
-    """
-    named = dict(model.named_parameters())
-    if params is None:
-        return {name: p for name, p in named.items() if p.requires_grad}
-    if isinstance(params, str):
-        params = [params]
-    selected = {}
-    for name in params:
-        if name not in named:
-            raise InfluxValueError(
-                f"model has no parameter named {name!r}; valid names include "
-                f"{sorted(named)[:8]}{' ...' if len(named) > 8 else ''} (see model.named_parameters())"
-            )
-        selected[name] = named[name]
-    if not selected:
-        raise InfluxValueError(
-            "no parameters selected: pass parameter names or unfreeze some parameters"
-        )
-    return selected
-
-
-def fixed_state(model: nn.Module, varied) -> dict[str, torch.Tensor]:
-    """Detached parameters and buffers of ``model`` except the names in ``varied``.
-
-    With the varied tensors added back, this is the full state ``functional_call`` needs.
-    """
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {name: t.detach() for name, t in state.items() if name not in varied}
-
-
-def check_per_example_losses(losses: torch.Tensor, batch_size: int) -> None:
-    """loss_fn must return one loss per example, shape [N]; a reduced loss is a common mistake."""
-    if losses.dim() != 1 or losses.shape[0] != batch_size:
-        hint = (
-            "it looks reduced: pass reduction='none' (e.g. F.cross_entropy(out, y, reduction='none'))"
-            if losses.dim() == 0
-            else "return one loss per example"
-        )
-        raise InfluxValueError(
-            f"loss_fn must return per-example losses of shape [{batch_size}]; got shape "
-            f"{tuple(losses.shape)}: {hint}"
-        )
-
-
-def check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    if inputs.shape[0] != targets.shape[0]:
-        raise InfluxValueError(
-            f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
-        )
+from influx.grads.common import LossFn, check_batch, fixed_state, select_parameters
 
 
 def per_sample_grads(
@@ -125,8 +67,3 @@ def naive_per_sample_grads(
         else selected[name].new_zeros((0, *selected[name].shape))
         for name in names
     }
-
-
-def flatten_per_sample(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Concatenate a name -> [N, *shape] mapping into one [N, P] matrix, in mapping order."""
-    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)

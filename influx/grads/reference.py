@@ -6,6 +6,7 @@ Use it to check the fast engine on your own layers::
     slow = reference.per_sample_grads(model, loss_fn, x, y)
 """
 
-from influx.grads.functional import flatten_per_sample, naive_per_sample_grads, per_sample_grads
+from influx.grads.common import flatten_per_sample
+from influx.grads.functional import naive_per_sample_grads, per_sample_grads
 
 __all__ = ["flatten_per_sample", "naive_per_sample_grads", "per_sample_grads"]

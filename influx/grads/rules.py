@@ -52,7 +52,10 @@ class LayerRule:
 
     def sqnorms(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
         """Local parameter name -> [N] squared per-sample gradient norms."""
-        return {name: g.flatten(1).square().sum(1) for name, g in self.grads(module, calls).items()}
+        return {
+            name: g.reshape(g.shape[0], -1).square().sum(1)
+            for name, g in self.grads(module, calls).items()
+        }
 
     def project(
         self, module: nn.Module, calls: Sequence[LayerCall], projector: Projector, prefix: str
@@ -61,7 +64,7 @@ class LayerRule:
         grads = self.grads(module, calls)
         share = max(1, projector.budget // len(grads))
         return [
-            projector.dense_block(f"{prefix}{name}", g.flatten(1), share)
+            projector.dense_block(f"{prefix}{name}", g.reshape(g.shape[0], -1), share)
             for name, g in grads.items()
         ]
 

@@ -11,14 +11,19 @@ raises the test loss) and a positive one a harmful point.
 Self-influence: s(z) = grad l(z)^T (H + damping I)^-1 grad l(z) = -I_up,loss(z, z) (>= 0 for PSD H).
 TracIn: TracIn(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z'), and grad_dot / grad_cos the
 same at the final weights; these have sign +1 (positive = helpful) and self-influence equal to the
-diagonal of their scores.
+diagonal of their scores. Each method's sign is in :data:`REGISTRY` and travels with its
+:class:`Scores`.
+
+Devices: features, preconditioners and scores live on the device of the model and data (dense
+``values``, ``per_layer`` and ``top_k`` included); only ``store=`` writes to host memory (a file).
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,65 +31,77 @@ from torch import nn
 
 from influx.data import as_tensors
 from influx.errors import InfluxValueError
-from influx.grads.functional import LossFn
-from influx.influence.base import Estimator, options_with_batch_size
+from influx.grads.common import (
+    LossFn,
+    check_finite,
+    check_model,
+    check_per_example_losses,
+    select_parameters,
+)
+from influx.influence.base import Estimator, default_batch_size, options_with_batch_size
 from influx.influence.scores import Scores, stream_scores
 
-DEFAULT_SCORE_BATCH = 512
-METHODS = (
-    "exact",
-    "cg",
-    "lissa",
-    "arnoldi",
-    "kfac",
-    "ekfac",
-    "trak",
-    "tracin",
-    "grad_dot",
-    "grad_cos",
-)
 # Train features are kept in memory after the first pass when they fit in this many bytes.
 CACHE_BYTES = 1 << 30
 
 
-def _build(
-    method: str, model, loss_fn, inputs, targets, options: dict, batch_size: int | None
-) -> Estimator:
-    build_options = partial(options_with_batch_size, batch_size=batch_size)
-    if method == "exact":
-        from influx.influence.exact import ExactEstimator, ExactOptions
+@dataclass(frozen=True)
+class Method:
+    """One estimator: its options class and estimator class (``module:Name``, imported on first
+    use), the sign of its scores, and the keyword arguments its estimator takes for this name."""
 
-        return ExactEstimator(
-            model, loss_fn, inputs, targets, build_options(ExactOptions, method, options)
+    options: str
+    estimator: str
+    sign: float
+    extra: dict = field(default_factory=dict)
+
+    def load(self, path: str):
+        module, name = path.split(":")
+        return getattr(importlib.import_module(f"influx.influence.{module}"), name)
+
+
+REGISTRY: dict[str, Method] = {
+    "exact": Method("exact:ExactOptions", "exact:ExactEstimator", -1.0),
+    **{
+        name: Method(
+            "iterative:IterativeOptions", "iterative:IterativeEstimator", -1.0, {"method": name}
         )
-    if method in ("cg", "lissa", "arnoldi"):
-        from influx.influence.iterative import IterativeEstimator, IterativeOptions
+        for name in ("cg", "lissa", "arnoldi")
+    },
+    "kfac": Method("kfac:KFACOptions", "kfac:KFACEstimator", -1.0, {"eigen_corrected": False}),
+    "ekfac": Method("kfac:KFACOptions", "kfac:KFACEstimator", -1.0, {"eigen_corrected": True}),
+    "trak": Method("trak:TRAKOptions", "trak:TRAKEstimator", -1.0),
+    "tracin": Method("tracin:TracInOptions", "tracin:TracInEstimator", 1.0),
+    "grad_dot": Method("graddot:GradDotOptions", "graddot:GradDotEstimator", 1.0, {"normalize": False}),
+    "grad_cos": Method("graddot:GradDotOptions", "graddot:GradDotEstimator", 1.0, {"normalize": True}),
+}  # fmt: skip
+METHODS = tuple(REGISTRY)
 
-        opts = build_options(IterativeOptions, method, options)
-        return IterativeEstimator(model, loss_fn, inputs, targets, opts, method=method)
-    if method in ("kfac", "ekfac"):
-        from influx.influence.kfac import KFACEstimator, KFACOptions
 
-        opts = build_options(KFACOptions, method, options)
-        return KFACEstimator(
-            model, loss_fn, inputs, targets, opts, eigen_corrected=method == "ekfac"
+def method_of(name: str) -> Method:
+    if name not in REGISTRY:
+        raise InfluxValueError(f"unknown method {name!r}; choose one of {METHODS}")
+    return REGISTRY[name]
+
+
+def check_data(model: nn.Module, loss_fn, data, what: str, *, batch_size: int) -> None:
+    """Before any expensive work: ``data`` is not empty and its inputs and losses are finite.
+
+    Errors name the dataset indices of the offending examples. Costs one forward pass.
+    """
+    inputs, targets, indices = data
+    if inputs.shape[0] == 0:
+        raise InfluxValueError(
+            f"the {what} set is empty: pass at least one example (inputs of shape [N, ...], N >= 1)"
         )
-    if method == "trak":
-        from influx.influence.trak import TRAKEstimator, TRAKOptions
-
-        return TRAKEstimator(
-            model, loss_fn, inputs, targets, build_options(TRAKOptions, method, options)
-        )
-    if method == "tracin":
-        from influx.influence.tracin import TracInEstimator, TracInOptions
-
-        return TracInEstimator(model, loss_fn, build_options(TracInOptions, method, options))
-    if method in ("grad_dot", "grad_cos"):
-        from influx.influence.graddot import GradDotEstimator, GradDotOptions
-
-        opts = build_options(GradDotOptions, method, options)
-        return GradDotEstimator(model, loss_fn, opts, normalize=method == "grad_cos")
-    raise InfluxValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if inputs.is_floating_point():
+        check_finite(inputs, f"{what} inputs", indices=indices)
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            stop = start + batch_size
+            losses = loss_fn(model(inputs[start:stop]), targets[start:stop])
+            check_per_example_losses(losses, inputs[start:stop].shape[0])
+            check_finite(losses, f"{what} losses", indices=indices[start:stop])
 
 
 class Influence:
@@ -94,9 +111,12 @@ class Influence:
     iterations and the fit time.
     """
 
-    def __init__(self, method: str, estimator: Estimator, train, *, batch_size: int):
+    def __init__(
+        self, method: str, estimator: Estimator, train, *, batch_size: int, model=None, loss_fn=None
+    ):
         self.method = method
         self.estimator = estimator
+        self.model, self.loss_fn = model, loss_fn
         self.train_inputs, self.train_targets, self.train_indices = as_tensors(train)
         self.batch_size = batch_size
         # Estimators that computed the train features while fitting (trak) hand them over.
@@ -110,13 +130,32 @@ class Influence:
 
     @property
     def sign(self) -> float:
-        return self.estimator.sign
+        """-1 for influence (I_up,loss), +1 for tracin / grad_dot / grad_cos."""
+        return REGISTRY[self.method].sign
 
     def __repr__(self) -> str:
         shown = {
             k: v for k, v in self.diagnostics.items() if not isinstance(v, (list, torch.Tensor))
         }
         return f"Influence(method={self.method!r}, train={self.train_indices.numel()}, {shown})"
+
+    def _checked(self, data, what: str):
+        """``as_tensors(data)``, checked (non-empty, finite) when the model is known."""
+        inputs, targets, indices = as_tensors(data)
+        if self.model is not None:
+            check_data(
+                self.model,
+                self.loss_fn,
+                (inputs, targets, indices),
+                what,
+                batch_size=self.batch_size,
+            )
+        return inputs, targets, indices
+
+    def _feature_block(self, inputs, targets, indices, what: str) -> torch.Tensor:
+        block = self.estimator.features(inputs, targets)
+        check_finite(block, f"{what} gradients", indices=indices)
+        return block
 
     def _blocks(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Feature blocks [B, K] with dataset indices [B]; the fitted set's are cached when small."""
@@ -130,14 +169,16 @@ class Influence:
         if train is None:
             inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
         else:
-            inputs, targets, indices = as_tensors(train)
+            inputs, targets, indices = self._checked(train, "train")
         # Keep the fitted set's blocks only while they fit in CACHE_BYTES: past that, the pass
         # streams (memory stays one block) and the next one recomputes.
         kept: list[torch.Tensor] | None = [] if train is None else None
         kept_bytes = 0
         for start in range(0, inputs.shape[0], self.batch_size):
             stop = start + self.batch_size
-            block = self.estimator.features(inputs[start:stop], targets[start:stop])
+            block = self._feature_block(
+                inputs[start:stop], targets[start:stop], indices[start:stop], "train"
+            )
             if kept is not None:
                 kept_bytes += block.numel() * block.element_size()
                 if kept_bytes <= CACHE_BYTES:
@@ -149,10 +190,13 @@ class Influence:
             self._train_features = torch.cat(kept)
 
     def _features(self, data) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets, indices = as_tensors(data)
+        inputs, targets, indices = self._checked(data, "query")
         blocks = [
-            self.estimator.features(
-                inputs[s : s + self.batch_size], targets[s : s + self.batch_size]
+            self._feature_block(
+                inputs[s : s + self.batch_size],
+                targets[s : s + self.batch_size],
+                indices[s : s + self.batch_size],
+                "query",
             )
             for s in range(0, inputs.shape[0], self.batch_size)
         ]
@@ -171,8 +215,10 @@ class Influence:
         """Scores of every (query, train) pair, Q x N (see the module docstring for the sign).
 
         ``train`` defaults to the fitted training set. ``dense=False`` with ``top_k=k`` keeps only
-        the k largest and smallest per query; ``store=path.npy`` writes the matrix to a memmap;
-        ``per_layer=True`` adds each layer's share (the shares sum to the total).
+        the k largest and smallest per query; ``store=path.npy`` also writes the matrix to a
+        ``.npy`` memmap in the scores' dtype, with a ``.json`` manifest next to it;
+        ``per_layer=True`` adds each layer's share (the shares sum to the total). Everything but
+        the stored file stays on the device of the model and data.
         """
         query_features, query_indices = self._features(query)
         preconditioned = self.estimator.precondition(query_features)
@@ -183,7 +229,7 @@ class Influence:
             query_indices,
             self._blocks(train),
             num_train,
-            sign=self.estimator.sign,
+            sign=self.sign,
             layout=self.estimator.layout,
             dense=dense,
             top_k=top_k,
@@ -220,43 +266,34 @@ def fit(
     one of exact, cg, lissa, arnoldi, kfac, ekfac, trak, tracin, grad_dot, grad_cos; ``options``
     are that method's (see ``influx.influence.describe(method)``). ``batch_size`` is the number
     of examples per forward/backward everywhere: the fit (curvature, factors, features) and the
-    train blocks of scores. Default: each stage's own default (512 for scores).
+    train blocks of scores. Default: each stage's own default; for scores, as many examples as
+    fit their features in :data:`influx.influence.base.FEATURE_BATCH_BYTES`.
+
+    Before any work the model is checked (no BatchNorm in train mode, a warning for active
+    Dropout, at least one parameter selected) and so is the data (not empty; finite inputs and
+    losses, else an error naming the offending dataset indices).
     """
-    if method not in METHODS:
-        raise InfluxValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    spec = method_of(method)
     if batch_size is not None and batch_size < 1:
         raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
-    inputs, targets, _ = as_tensors(train)
+    check_model(model)
+    select_parameters(model, options.get("params"))
+    data = as_tensors(train)
+    check_data(model, loss_fn, data, "train", batch_size=batch_size or 256)
+    opts = options_with_batch_size(spec.load(spec.options), method, options, batch_size=batch_size)
     started = time.perf_counter()
-    estimator = _build(method, model, loss_fn, inputs, targets, options, batch_size)
+    estimator = spec.load(spec.estimator)(model, loss_fn, data[0], data[1], opts, **spec.extra)
     estimator.diagnostics["fit_seconds"] = time.perf_counter() - started
-    return Influence(method, estimator, train, batch_size=batch_size or DEFAULT_SCORE_BATCH)
+    if batch_size is None:
+        batch_size = default_batch_size(estimator.bytes_per_example())
+    return Influence(method, estimator, train, batch_size=batch_size, model=model, loss_fn=loss_fn)
 
 
 def describe(method: str) -> str:
     """The options of ``method`` with their defaults and help text."""
-    from dataclasses import MISSING, fields
-
-    option_types = {
-        "exact": "influx.influence.exact:ExactOptions",
-        "cg": "influx.influence.iterative:IterativeOptions",
-        "lissa": "influx.influence.iterative:IterativeOptions",
-        "arnoldi": "influx.influence.iterative:IterativeOptions",
-        "kfac": "influx.influence.kfac:KFACOptions",
-        "ekfac": "influx.influence.kfac:KFACOptions",
-        "trak": "influx.influence.trak:TRAKOptions",
-        "tracin": "influx.influence.tracin:TracInOptions",
-        "grad_dot": "influx.influence.graddot:GradDotOptions",
-        "grad_cos": "influx.influence.graddot:GradDotOptions",
-    }
-    if method not in option_types:
-        raise InfluxValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    import importlib
-
-    module, name = option_types[method].split(":")
-    cls = getattr(importlib.import_module(module), name)
+    spec = method_of(method)
     lines = [f"{method} options:"]
-    for f in fields(cls):
+    for f in fields(spec.load(spec.options)):
         default = f.default if f.default is not MISSING else "(required)"
         lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)

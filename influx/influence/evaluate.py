@@ -18,6 +18,7 @@ full-batch Adam on per-model example weights, so m models cost about one batched
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from influx.errors import InfluxValueError
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_finite
 from influx.train import train_ensemble
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def agreement(scores: torch.Tensor, reference: torch.Tensor, *, k: int = 10) -> 
         raise InfluxValueError(
             f"score shapes differ: {tuple(scores.shape)} vs {tuple(reference.shape)}"
         )
-    a, b = scores.detach().double().numpy(), reference.detach().double().numpy()
+    a, b = scores.detach().double().cpu().numpy(), reference.detach().double().cpu().numpy()
     pooled = spearmanr(a.ravel(), b.ravel()).statistic
     per_query = np.nanmean([spearmanr(a[i], b[i]).statistic for i in range(a.shape[0])])
     overlaps = []
@@ -142,10 +143,12 @@ def train_subset_models(
     inputs, targets = train[0], train[1]
     n = inputs.shape[0]
     size = round(fraction * n)
+    # Subsets drawn on a CPU generator (the same on every device), the masks on the data's device.
     generator = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(num_subsets, n, dtype=inputs.dtype)
+    masks = torch.zeros(num_subsets, n, dtype=inputs.dtype, device=inputs.device)
     for j in range(num_subsets):
-        masks[j, torch.randperm(n, generator=generator)[:size]] = 1.0
+        chosen = torch.randperm(n, generator=generator, device="cpu")[:size]
+        masks[j, chosen.to(inputs.device)] = 1.0
     stacked = train_ensemble(
         model, loss_fn, inputs, targets, masks / size, init=init, steps=steps, lr=lr
     )
@@ -165,22 +168,46 @@ def lds(
     Build ``subsets`` once with :func:`train_subset_models` (defaults m = 100, alpha = 0.5) and
     score every method against them. Predicted loss of query q under subset S:
     ``-sign * sum_{i in S} scores[q, i]`` (sign -1 for I_up,loss, where a negative score marks a
-    helpful point whose presence lowers the loss; +1 for tracin / grad_dot / grad_cos).
+    helpful point whose presence lowers the loss; +1 for tracin / grad_dot / grad_cos). A
+    :class:`Scores` carries its sign; a plain tensor needs ``sign=`` (default -1).
+
+    Non-finite scores or losses raise an error naming the queries. A query whose predicted or
+    measured losses are constant across subsets has no rank correlation: it is left out of the
+    mean with a warning (never counted as 0).
     """
-    if hasattr(scores, "values") and hasattr(scores, "method"):
+    if hasattr(scores, "values") and hasattr(scores, "sign"):
         if sign is None:
-            sign = 1.0 if scores.method in ("tracin", "grad_dot", "grad_cos") else -1.0
+            sign = scores.sign
         scores = scores.values
+        if scores is None:
+            raise InfluxValueError("lds needs the [Q, N] score values: score with dense=True")
     sign = -1.0 if sign is None else sign
-    predicted = -sign * (subsets.masks.to(scores.dtype) @ scores.T)  # [m, Q]
-    measured = subsets.query_losses.to(predicted.dtype)
+    check_finite(scores, "scores")
+    predicted = -sign * (subsets.masks.to(scores) @ scores.T)  # [m, Q]
+    measured = subsets.query_losses.to(predicted)
+    check_finite(measured.T, "measured subset-model losses")
+    predicted, measured = predicted.cpu().numpy(), measured.cpu().numpy()
     per_query = np.array(
         [
-            spearmanr(predicted[:, q].numpy(), measured[:, q].numpy()).statistic
+            spearmanr(predicted[:, q], measured[:, q]).statistic
+            if np.ptp(predicted[:, q]) > 0 and np.ptp(measured[:, q]) > 0
+            else np.nan
             for q in range(scores.shape[0])
         ]
     )
-    per_query = np.nan_to_num(per_query)
+    undefined = np.flatnonzero(np.isnan(per_query))
+    if undefined.size == per_query.size:
+        raise InfluxValueError(
+            "no query has a rank correlation: every query's predicted or measured losses are "
+            "constant across subsets (all-zero scores, or subset models that did not train)"
+        )
+    if undefined.size:
+        warnings.warn(
+            f"{undefined.size} of {per_query.size} queries (positions {undefined[:10].tolist()}) "
+            "have constant predicted or measured losses across subsets: left out of the LDS mean",
+            stacklevel=2,
+        )
+        per_query = per_query[~np.isnan(per_query)]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, per_query.size, size=(bootstrap, per_query.size))
     means = per_query[draws].mean(axis=1)
@@ -223,9 +250,13 @@ def mislabel_auc(scores: torch.Tensor, flipped: torch.Tensor) -> MislabelResult:
     """Rank train points by ``scores`` [N] (e.g. self-influence); ``flipped`` the flipped indices."""
     from sklearn.metrics import roc_auc_score
 
-    scores = torch.as_tensor(scores).detach().double().numpy()
+    scores = torch.as_tensor(scores, device="cpu").detach().double().numpy()
+    if not np.isfinite(scores).all():
+        raise InfluxValueError(
+            f"scores of examples {np.flatnonzero(~np.isfinite(scores))[:10].tolist()} are NaN/inf"
+        )
     labels = np.zeros(scores.size, dtype=bool)
-    labels[torch.as_tensor(flipped).numpy()] = True
+    labels[torch.as_tensor(flipped, device="cpu").numpy()] = True
     if labels.all() or not labels.any():
         raise InfluxValueError("flipped must hold some but not all train indices")
     order = np.argsort(-scores, kind="stable")
@@ -257,7 +288,8 @@ class RetrainResult:
         # Upweighting by epsilon changes the loss by epsilon * I_up,loss (sign -1 scores), or by
         # -epsilon * score for sign +1 scores (positive = helpful).
         predicted = -sign * self.epsilon * scores[self.pairs[:, 0], self.pairs[:, 1]]
-        predicted, measured = predicted.double().numpy(), self.measured.double().numpy()
+        predicted = predicted.detach().double().cpu().numpy()
+        measured = self.measured.detach().double().cpu().numpy()
         return {
             "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(measured))),
             "pearson": float(pearsonr(predicted, measured).statistic),
@@ -279,7 +311,7 @@ def strongest_pairs(
         )
     per_query = min(per_query, reference.shape[1])
     top = reference[:queries].abs().topk(per_query, dim=1).indices  # [queries, per_query]
-    rows = torch.arange(queries).unsqueeze(1).expand_as(top)
+    rows = torch.arange(queries, device=top.device).unsqueeze(1).expand_as(top)
     return torch.stack([rows, top], -1).reshape(-1, 2)
 
 
@@ -303,10 +335,12 @@ def retrain_ground_truth(
     inputs, targets = train[0], train[1]
     n = inputs.shape[0]
     epsilon = -1.0 / n if epsilon is None else float(epsilon)
-    pairs = torch.as_tensor(pairs, dtype=torch.long)
+    pairs = torch.as_tensor(pairs, dtype=torch.long, device=inputs.device)
     points = torch.unique(pairs[:, 1])
-    weights = torch.full((points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype)
-    weights[torch.arange(1, points.numel() + 1), points] += epsilon
+    weights = torch.full(
+        (points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype, device=inputs.device
+    )
+    weights[torch.arange(1, points.numel() + 1, device=inputs.device), points] += epsilon
     stacked = train_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
     losses = ensemble_losses(model, loss_fn, stacked, query)  # [1 + points, Q]
     row = {int(p): j + 1 for j, p in enumerate(points)}

@@ -6,8 +6,8 @@
 H is formed in float64 and solved exactly in float64, by one of two solvers:
 
 * ``solver="cholesky"`` (default): the extreme eigenvalues come from Lanczos on the dense matrix
-  (300 steps, milliseconds each) and tr(H) is exact; H + damping I is Cholesky-factored. About 100x
-  faster than a full eigendecomposition at P = 4,810 (2.5 s against minutes on two cores). Lanczos'
+  (300 steps, each one P x P matrix-vector product) and tr(H) is exact; H + damping I is
+  Cholesky-factored (P^3 / 3 flops, well below a full eigendecomposition's). Lanczos'
   smallest Ritz value lies above the true lambda_min, so with ``damping="auto"`` a failed
   factorization raises the damping by another 0.1 * tr(H) / P and tries again.
 * ``solver="eigh"``: the full float64 eigendecomposition, the exact spectrum (number of negative
@@ -36,7 +36,7 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxRuntimeError, InfluxValueError
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_model
 from influx.influence.base import (
     Estimator,
     FeatureLayout,
@@ -96,9 +96,10 @@ def dense_curvature(
 
 
 class ExactEstimator(Estimator):
-    sign = -1.0
+    """(H + damping I)^-1 from the dense float64 curvature; features: flat gradients [B, P]."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: ExactOptions):
+        check_model(model)
         self.model = float64_copy(model)
         self.loss_fn = loss_fn
         self.space = ParamSpace.of(self.model, options.params)
@@ -138,13 +139,18 @@ class ExactEstimator(Estimator):
 
     def _fit_cholesky(self, curvature: torch.Tensor, options: ExactOptions) -> None:
         size = curvature.shape[0]
-        ritz, _ = lanczos(lambda v: v @ curvature, size, iterations=min(size, LANCZOS_STEPS))
+        ritz, _ = lanczos(
+            lambda v: v @ curvature,
+            size,
+            iterations=min(size, LANCZOS_STEPS),
+            device=curvature.device,
+        )
         mean = float(torch.diagonal(curvature).mean())
         self.spectrum = Spectrum(
             mean=mean, maximum=float(ritz.max()), minimum=float(ritz.min()), size=size
         )
         self.damping = resolve_damping(options.damping, self.spectrum)
-        eye = torch.eye(size, dtype=curvature.dtype)
+        eye = torch.eye(size, dtype=curvature.dtype, device=curvature.device)
         for _ in range(MAX_DAMPING_RAISES):
             factor, info = torch.linalg.cholesky_ex(curvature + self.damping * eye)
             if int(info) == 0:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from influx.curvature import ParamSpace
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_model
 from influx.influence.base import Estimator, FeatureLayout, option, per_example_gradients
 
 
@@ -26,11 +26,20 @@ class GradDotOptions:
 
 
 class GradDotEstimator(Estimator):
-    sign = 1.0
+    """No preconditioner (H = I); features: flat gradients [B, P], unit-norm for grad_cos."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, options: GradDotOptions, *, normalize: bool
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inputs,
+        targets,
+        options: GradDotOptions,
+        *,
+        normalize: bool,
     ):
+        # Nothing is fitted: the training set (inputs, targets) is only scored against.
+        check_model(model)
         self.model, self.loss_fn, self.normalize = model, loss_fn, normalize
         self.space = ParamSpace.of(model, options.params)
         self.layout = FeatureLayout.of_space(self.space)

@@ -43,7 +43,7 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxRuntimeError
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_model
 from influx.influence.base import (
     Estimator,
     FeatureLayout,
@@ -148,7 +148,7 @@ def conjugate_gradients(
     p = z.clone()
     rs = (r * z).sum(1)
     norms = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
-    active = torch.ones(rhs.shape[0], dtype=torch.bool)
+    active = torch.ones(rhs.shape[0], dtype=torch.bool, device=rhs.device)
     iterations = 0
     for iterations in range(1, max_iterations + 1):  # noqa: B007 - returned after the loop
         ap = operator(p) + damping * p
@@ -209,11 +209,14 @@ def lissa(
     return estimate, iterations
 
 
-def largest_eigenvalue(matvec, size: int, *, iterations: int, seed: int, dtype) -> float:
+def largest_eigenvalue(
+    matvec, size: int, *, iterations: int, seed: int, dtype, device: torch.device | str = "cpu"
+) -> float:
     """|mu_max| of a (possibly non-symmetric) operator on [K, P] rows, by power iteration on the
-    norm ratio ||M v|| / ||v||, which, unlike the Rayleigh quotient, needs no symmetry."""
+    norm ratio ||M v|| / ||v||, which, unlike the Rayleigh quotient, needs no symmetry. The start
+    vector is drawn on the CPU (the same on every device), then moved to ``device``."""
     generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(1, size, generator=generator, dtype=dtype)
+    v = torch.randn(1, size, generator=generator, dtype=dtype, device="cpu").to(device)
     value = 0.0
     for _ in range(iterations):
         v = v / v.norm()
@@ -233,14 +236,14 @@ class FactoredPreconditioner:
     def __init__(
         self, model, loss_fn, inputs, targets, space: ParamSpace, damping: float, kind: str
     ):
-        from influx.influence.kfac import KFACEstimator, KFACOptions
+        from influx.influence.kfac import KFACEstimator, KFACOptions, factored_parameters
 
         self.kfac = KFACEstimator(
             model,
             loss_fn,
             inputs,
             targets,
-            KFACOptions(damping=damping),
+            KFACOptions(damping=damping, params=factored_parameters(model, space.names)),
             eigen_corrected=kind == "ekfac",
         )
         offsets, start = {}, 0
@@ -270,7 +273,7 @@ class FactoredPreconditioner:
 
 
 class IterativeEstimator(Estimator):
-    sign = -1.0
+    """(H + damping I)^-1 by cg / lissa / arnoldi on curvature-vector products; features [B, P]."""
 
     def __init__(
         self,
@@ -282,6 +285,7 @@ class IterativeEstimator(Estimator):
         *,
         method: str,
     ):
+        check_model(model)
         self.model, self.loss_fn, self.options, self.method = model, loss_fn, options, method
         dtype = next(model.parameters()).dtype
         self.operator = TrainCurvature(
@@ -294,6 +298,7 @@ class IterativeEstimator(Estimator):
             params=options.params,
         )
         self.space = self.operator.space
+        self.device = self.operator.theta.device
         self.layout = FeatureLayout.of_space(self.space)
         self.spectrum = estimate_spectrum(
             self.operator,
@@ -302,6 +307,7 @@ class IterativeEstimator(Estimator):
             trace_samples=options.trace_samples,
             seed=options.seed,
             dtype=dtype,
+            device=self.device,
         )
         self.damping = resolve_damping(options.damping, self.spectrum)
         self.diagnostics = {
@@ -335,6 +341,7 @@ class IterativeEstimator(Estimator):
             iterations=self.options.spectrum_iterations,
             seed=self.options.seed,
             dtype=dtype,
+            device=self.device,
         )
         return 1.1 * top
 
@@ -342,7 +349,12 @@ class IterativeEstimator(Estimator):
         opts = self.options
         steps = opts.lanczos_iterations or 2 * opts.rank
         values, vectors = lanczos(
-            self.operator, self.space.size, iterations=steps, seed=opts.seed, dtype=dtype
+            self.operator,
+            self.space.size,
+            iterations=steps,
+            seed=opts.seed,
+            dtype=dtype,
+            device=self.device,
         )
         # Keep the top-rank eigenvalues (the directions Lanczos resolves first and best).
         keep = torch.argsort(values, descending=True)[: opts.rank]

@@ -11,9 +11,14 @@ by N T, which scales each conv block down T-fold and so reweights layers in K-FA
 (1/N) sum_n ((Q_S^T G_n Q_A)_ij)^2. Layers are independent (block-diagonal curvature), so
 per-layer scores are exact shares of the total.
 
-``fisher="sampled"`` (default for integer class targets) draws labels from the model's predictive
-distribution, so the factors estimate the true Fisher = the GGN of cross-entropy; ``"empirical"``
-uses the training labels. Damping ``"auto"`` is 0.1 times the mean eigenvalue of each layer's block.
+``fisher="sampled"`` draws labels from softmax(outputs), so the factors estimate the true Fisher =
+the GGN of *softmax cross-entropy* (and only of that loss); ``"empirical"`` uses the training
+labels and fits any loss. ``"auto"`` checks the loss rather than assuming it: ``loss_fn`` is
+evaluated on the first batch and compared with ``F.cross_entropy``; when they agree it samples,
+with real-valued targets it takes the empirical Fisher, and with class targets under another loss
+it raises and asks for the choice. ``params=`` restricts the factors to the named Linear/Conv
+weights (and biases), as for every other method; a selected parameter outside Linear/Conv
+layers is refused. Damping ``"auto"`` is 0.1 times the mean eigenvalue of each layer's block.
 Scores are I_up,loss (sign -1), as for the other influence estimators.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from influx.curvature import (
@@ -36,7 +42,7 @@ from influx.curvature import (
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads import capture_matmul_layers
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_finite, check_model, select_parameters
 from influx.influence.base import (
     Block,
     Estimator,
@@ -47,6 +53,21 @@ from influx.influence.base import (
     option,
 )
 
+# Layers whose weight gradient is b^T a per example (captured by capture_matmul_layers; the
+# engine's rules match exact types, so subclasses are not included).
+FACTORED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def factored_parameters(model: nn.Module, names) -> tuple[str, ...]:
+    """The names among ``names`` that K-FAC factors: Linear/Conv weights, and their biases when
+    the weight is among ``names`` too."""
+    names, kept = set(names), []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if type(module) in FACTORED_LAYERS and f"{prefix}weight" in names:
+            kept += [n for n in (f"{prefix}weight", f"{prefix}bias") if n in names]
+    return tuple(kept)
+
 
 @dataclass(frozen=True)
 class KFACOptions:
@@ -54,10 +75,15 @@ class KFACOptions:
         "auto", "number >= 0, or 'auto' = 0.1 * mean eigenvalue per layer"
     )
     fisher: str = option(
-        "auto", "'sampled' (true Fisher = GGN), 'empirical' (train labels) or 'auto'"
+        "auto",
+        "'sampled' (labels from softmax(outputs): the GGN of softmax cross-entropy), 'empirical' "
+        "(train labels, any loss) or 'auto' (sampled when loss_fn is checked to be cross-entropy)",
     )
     batch_size: int = option(512, "train examples per factor-estimation batch")
     seed: int = option(0, "seed for the sampled labels")
+    params: tuple[str, ...] | None = option(
+        None, "Linear/Conv parameter names to differentiate (default: all trainable)"
+    )
 
     def __post_init__(self):
         check_damping(self.damping)
@@ -65,9 +91,46 @@ class KFACOptions:
         check_positive("batch_size", self.batch_size)
 
 
-def _sample_targets(model, inputs, targets, generator) -> torch.Tensor:
+def _is_cross_entropy(model, loss_fn, inputs, targets) -> bool:
+    """Whether ``loss_fn`` is softmax cross-entropy on this batch (outputs [B, C], labels [B])."""
+    if targets.is_floating_point() or targets.dim() != 1 or inputs.shape[0] == 0:
+        return False
+    with torch.no_grad():
+        outputs = model(inputs)
+        if outputs.dim() != 2:
+            return False
+        losses = loss_fn(outputs, targets)
+        reference = F.cross_entropy(outputs, targets, reduction="none")
+    return losses.shape == reference.shape and bool(
+        torch.allclose(losses, reference, rtol=1e-5, atol=1e-6)
+    )
+
+
+def resolve_fisher(fisher: str, model, loss_fn, inputs, targets) -> str:
+    """'sampled' or 'empirical' for ``fisher`` (see the module docstring for ``'auto'``)."""
+    if fisher == "sampled" and (targets.is_floating_point() or targets.dim() != 1):
+        raise InfluxValueError(
+            "fisher='sampled' draws class labels from softmax(outputs) and needs integer class "
+            f"targets [N]; got {targets.dtype} of shape {tuple(targets.shape)}: use fisher='empirical'"
+        )
+    if fisher != "auto":
+        return fisher
+    if targets.is_floating_point():
+        return "empirical"
+    if _is_cross_entropy(model, loss_fn, inputs, targets):
+        return "sampled"
+    raise InfluxValueError(
+        "fisher='auto' samples labels from softmax(outputs), which is the Fisher of softmax "
+        "cross-entropy only, and loss_fn does not match F.cross_entropy(outputs, targets, "
+        "reduction='none') on the first batch: pass fisher='empirical' (the train labels, any "
+        "loss) or fisher='sampled' (if the loss is a softmax cross-entropy after all)"
+    )
+
+
+def _sample_targets(model, inputs, targets, generator, offset: int) -> torch.Tensor:
     with torch.no_grad():
         logits = model(inputs)
+    check_finite(logits.detach(), "model outputs", offset=offset)
     # Sampled on the CPU generator (reproducible on any device), then moved to the targets' device.
     probabilities = torch.softmax(logits.to(device="cpu", dtype=torch.float64), dim=-1)
     sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
@@ -75,7 +138,7 @@ def _sample_targets(model, inputs, targets, generator) -> torch.Tensor:
 
 
 class KFACEstimator(Estimator):
-    sign = -1.0
+    """(K-FAC or EK-FAC + damping I)^-1 per layer; features: layer gradients [B, sum d_out d_in]."""
 
     def __init__(
         self,
@@ -87,38 +150,30 @@ class KFACEstimator(Estimator):
         *,
         eigen_corrected: bool,
     ):
-        self.model, self.loss_fn = model, loss_fn
-        fisher = options.fisher
-        if fisher == "auto":
-            fisher = (
-                "sampled" if not targets.is_floating_point() and targets.dim() == 1 else "empirical"
-            )
-        if fisher == "sampled" and (targets.is_floating_point() or targets.dim() != 1):
-            raise InfluxValueError(
-                "fisher='sampled' draws class labels from softmax(outputs) and needs integer class "
-                f"targets [N]; got {targets.dtype} of shape {tuple(targets.shape)}: use fisher='empirical'"
-            )
+        check_model(model)
+        self.model, self.loss_fn, self.params = model, loss_fn, options.params
+        self._check_parameters(model)
+        if inputs.shape[0] == 0:
+            raise InfluxValueError("the training set is empty: K-FAC needs at least one example")
+        batch_size = options.batch_size
+        fisher = resolve_fisher(
+            options.fisher, model, loss_fn, inputs[:batch_size], targets[:batch_size]
+        )
         generator = torch.Generator().manual_seed(options.seed)
         batches = []
-        for start in range(0, inputs.shape[0], options.batch_size):
-            x, y = (
-                inputs[start : start + options.batch_size],
-                targets[start : start + options.batch_size],
-            )
+        for start in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
             if fisher == "sampled":
-                y = _sample_targets(model, x, y, generator)
-            batches.append((x, y))
+                y = _sample_targets(model, x, y, generator, start)
+            batches.append((start, x, y))
         self.factors: dict[str, KroneckerFactors] = {}
-        for x, y in batches:
-            accumulate_kronecker_factors(self.factors, capture_matmul_layers(model, loss_fn, x, y))
+        for start, x, y in batches:
+            accumulate_kronecker_factors(self.factors, self._capture(x, y, start))
         finalize_kronecker_factors(self.factors)
-        self._check_parameters(model)
         if eigen_corrected:
             sums: dict[str, torch.Tensor] = {}
-            for x, y in batches:
-                accumulate_ekfac_eigenvalues(
-                    self.factors, capture_matmul_layers(model, loss_fn, x, y), sums
-                )
+            for start, x, y in batches:
+                accumulate_ekfac_eigenvalues(self.factors, self._capture(x, y, start), sums)
             finalize_ekfac_eigenvalues(self.factors, sums)
         self.dampings = {}
         for name, f in self.factors.items():
@@ -132,15 +187,22 @@ class KFACEstimator(Estimator):
             "layers": list(self.factors),
         }
 
+    def _capture(self, inputs, targets, offset: int = 0):
+        return capture_matmul_layers(
+            self.model, self.loss_fn, inputs, targets, params=self.params, offset=offset
+        )
+
     def _check_parameters(self, model: nn.Module) -> None:
-        covered = set()
-        for f in self.factors.values():
-            covered |= {f.weight_name} | ({f.bias_name} if f.bias_name else set())
-        others = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
+        """Before any work: every selected parameter is the weight (or the bias, with its
+        weight) of a Linear / Conv layer; K-FAC has no factors for anything else."""
+        selected = select_parameters(model, self.params)
+        covered = set(factored_parameters(model, selected))
+        others = [name for name in selected if name not in covered]
         if others:
             raise UnsupportedModelError(
-                f"K-FAC covers Linear/Conv layers only; trainable parameters {others[:5]} belong to "
-                "other layers: freeze them (requires_grad_(False)) or use method='cg' / 'trak'"
+                f"K-FAC covers Linear/Conv weights (and their biases) only; selected parameters "
+                f"{others[:5]} are not: freeze them (requires_grad_(False)), leave them out with "
+                "params=[...], or use method='cg' / 'trak'"
             )
 
     def _layout(self):
@@ -155,7 +217,7 @@ class KFACEstimator(Estimator):
 
     def features(self, inputs, targets):
         """Per-example layer gradients G_n = b_n^T a_n [d_out, d_in(+1)], flat, layer by layer."""
-        captures = capture_matmul_layers(self.model, self.loss_fn, inputs, targets)
+        captures = self._capture(inputs, targets)
         out = None
         for blk in self.layout.blocks:
             cap = captures[blk.layer]

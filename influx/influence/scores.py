@@ -1,9 +1,13 @@
 """Streaming scorer: Q x N scores in train blocks, dense, top-k only, per layer, or on disk.
 
 The preconditioned query features [Q, K] are computed once; train features arrive in blocks
-[B, K]; each block yields a [Q, B] slab that is written (to memory or a ``.npy`` memmap), folded
-into a running top-k, split per layer, or all of these. Peak memory is O(Q K + B K + Q B) unless a
-dense in-memory matrix is asked for.
+[B, K]. Each block is handed to the *sinks* that were asked for, one job each: a dense [Q, N]
+matrix, a ``.npy`` memmap on disk, a running top-k, per-layer shares. Peak memory is
+O(Q K + B K + Q B) unless a dense in-memory matrix is asked for.
+
+Devices and dtypes: everything stays on the device and in the dtype of the preconditioned
+queries (the data's device, see :mod:`influx.influence.api`); only the stored file is in host
+memory, in the same dtype (bfloat16 / float16 scores are stored as float32, which numpy can hold).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 
 from influx.errors import InfluxValueError
 from influx.influence.base import FeatureLayout
+from influx.kernels import TopK as KernelTopK
+from influx.kernels import merge_topk, score_topk
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,7 +50,9 @@ class Scores:
 
     ``values`` [Q, N] (None when only top-k was asked), aligned to ``query_indices`` [Q] and
     ``train_indices`` [N]; ``per_layer`` maps a layer (module name) to its [Q, N] share, summing to
-    ``values``; ``path`` is the ``.npy`` file holding ``values`` when stored on disk.
+    ``values``; ``path`` is the ``.npy`` file holding ``values`` when stored on disk. ``sign`` is
+    the method's: -1 for influence (I_up,loss, negative = helpful), +1 for tracin / grad_dot /
+    grad_cos (positive = helpful).
     """
 
     method: str
@@ -54,13 +62,14 @@ class Scores:
     top_k: TopK | None = None
     per_layer: dict[str, torch.Tensor] | None = None
     path: str | None = None
+    sign: float = -1.0
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.query_indices.numel(), self.train_indices.numel())
 
     def __repr__(self) -> str:
-        parts = [f"method={self.method!r}", f"shape={self.shape}"]
+        parts = [f"method={self.method!r}", f"sign={self.sign:+g}", f"shape={self.shape}"]
         if self.values is not None:
             finite = self.values[torch.isfinite(self.values)]
             if finite.numel():
@@ -74,28 +83,103 @@ class Scores:
         return f"Scores({', '.join(parts)})"
 
 
-def _score_topk(block: torch.Tensor, k: int):
-    """Top-k of a [Q, B] slab, largest and smallest (the kernel when available)."""
-    k = min(k, block.shape[1])
-    largest = torch.topk(block, k, dim=1)
-    smallest = torch.topk(block, k, dim=1, largest=False)
-    return largest.values, largest.indices, smallest.values, smallest.indices
+# --------------------------------------------------------------------------------------------------
+# Sinks: each receives every [Q, B] block of scores (or the features to compute it) once
+# --------------------------------------------------------------------------------------------------
 
 
-def _merge(running, block_result, k: int, largest: bool):
-    values = torch.cat([running[0], block_result[0]], dim=1)
-    indices = torch.cat([running[1], block_result[1]], dim=1)
-    best = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest)
-    return best.values, torch.gather(indices, 1, best.indices)
+class _Dense:
+    """The whole [Q, N] matrix in memory, on the queries' device."""
+
+    def __init__(self, queries: torch.Tensor, num_train: int):
+        self.values = queries.new_empty(queries.shape[0], num_train)
+
+    def add(self, start: int, stop: int, slab: torch.Tensor) -> None:
+        self.values[:, start:stop] = slab
 
 
-def _kernel_topk():
-    """``influx.kernels.score_topk`` if it is installed, else None (plain torch is used)."""
-    try:
-        from influx.kernels import score_topk  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return score_topk
+class _Stored:
+    """A ``.npy`` memmap [Q, N] in the scores' dtype, and a ``.json`` manifest next to it."""
+
+    def __init__(self, path: str | Path, queries: torch.Tensor, num_train: int):
+        path = Path(path)
+        if path.suffix != ".npy":
+            raise InfluxValueError(
+                f"store= must name a .npy file (the matrix; its manifest goes next to it as "
+                f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
+            )
+        self.path = path
+        dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
+        self.dtype = dtype
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.memmap = np.lib.format.open_memmap(
+            path,
+            mode="w+",
+            dtype=np.float64 if dtype == torch.float64 else np.float32,
+            shape=(queries.shape[0], num_train),
+        )
+
+    def add(self, start: int, stop: int, slab: torch.Tensor) -> None:
+        self.memmap[:, start:stop] = slab.to(device="cpu", dtype=self.dtype).numpy()
+
+    def finish(self, method: str, sign: float, query_indices, train_indices) -> torch.Tensor:
+        self.memmap.flush()
+        manifest = {
+            "method": method,
+            "shape": list(self.memmap.shape),
+            "dtype": str(self.memmap.dtype),
+            "sign": sign,
+            "query_indices": query_indices.tolist(),
+            "train_indices": train_indices.tolist(),
+        }
+        self.path.with_suffix(".json").write_text(json.dumps(manifest))
+        return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
+
+
+class _RunningTopK:
+    """The k largest and smallest scores per query, merged block by block (kernels.merge_topk)."""
+
+    def __init__(self, k: int):
+        self.k, self.running = k, None
+
+    def add(self, block: KernelTopK, indices: torch.Tensor) -> None:
+        # block indices are positions in the train block: map them to dataset indices
+        indices = indices.to(block.largest_indices.device)
+        block = KernelTopK(
+            block.largest_values,
+            indices[block.largest_indices],
+            block.smallest_values,
+            indices[block.smallest_indices],
+        )
+        self.running = block if self.running is None else merge_topk(self.running, block, self.k)
+
+    def result(self) -> TopK:
+        return TopK(*self.running)
+
+
+class _PerLayer:
+    """Each layer's share sign * <q[:, layer], f[:, layer]> [Q, N]; the shares sum to the total."""
+
+    def __init__(self, queries: torch.Tensor, num_train: int, layout: FeatureLayout, sign: float):
+        self.queries, self.layout, self.sign = queries, layout, sign
+        self.values = {
+            name: queries.new_zeros(queries.shape[0], num_train) for name in layout.layers
+        }
+
+    def add(self, start: int, stop: int, features: torch.Tensor) -> None:
+        for blk in self.layout.blocks:
+            sl = slice(blk.start, blk.stop)
+            self.values[blk.layer][:, start:stop] += self.sign * (
+                self.queries[:, sl] @ features[:, sl].T
+            )
+
+
+def _slab_topk(slab: torch.Tensor, k: int) -> KernelTopK:
+    """Both top-k of a [Q, B] slab that was computed anyway."""
+    k = min(k, slab.shape[1])
+    largest = torch.topk(slab, k, dim=1)
+    smallest = torch.topk(slab, k, dim=1, largest=False)
+    return KernelTopK(largest.values, largest.indices, smallest.values, smallest.indices)
 
 
 def stream_scores(
@@ -123,75 +207,45 @@ def stream_scores(
     if not dense and top_k is None and store is None:
         raise InfluxValueError("nothing to compute: pass dense=True, top_k=k or store=path")
     queries = preconditioned_queries
-    q = queries.shape[0]
-    values = torch.empty(q, num_train, dtype=queries.dtype) if dense else None
-    memmap = None
-    if store is not None:
-        store = Path(store)
-        store.parent.mkdir(parents=True, exist_ok=True)
-        memmap = np.lib.format.open_memmap(store, mode="w+", dtype=np.float32, shape=(q, num_train))
-    layers = (
-        {name: torch.empty(q, num_train, dtype=queries.dtype) for name in layout.layers}
-        if per_layer
-        else None
-    )
-    kernel = _kernel_topk() if top_k is not None and not per_layer else None
-    running_large = running_small = None
-    train_indices = torch.empty(num_train, dtype=torch.long)
+    stored = _Stored(store, queries, num_train) if store is not None else None
+    matrix = _Dense(queries, num_train) if dense else None
+    ranking = _RunningTopK(top_k) if top_k is not None else None
+    layers = _PerLayer(queries, num_train, layout, sign) if per_layer else None
+    train_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
     start = 0
     for features, indices in train_blocks:
         stop = start + features.shape[0]
         features = features.to(queries.dtype)
-        train_indices[start:stop] = indices
-        if top_k is not None and kernel is not None and values is None and memmap is None:
-            # The fused kernel scores and reduces without writing the [Q, B] slab.
-            found = kernel(sign * queries, features, min(top_k, features.shape[0]))
-            block_top = (
-                found.largest_values,
-                found.largest_indices,
-                found.smallest_values,
-                found.smallest_indices,
-            )
+        train_indices[start:stop] = indices.to(train_indices.device)
+        if matrix is None and stored is None:
+            # Top-k only: the kernel scores tile by tile and keeps the [Q, B] slab out of memory.
+            ranking.add(score_topk(sign * queries, features, top_k), indices)
         else:
             slab = sign * (queries @ features.T)  # [Q, B]
-            if values is not None:
-                values[:, start:stop] = slab
-            if memmap is not None:
-                memmap[:, start:stop] = slab.to(torch.float32).numpy()
-            block_top = _score_topk(slab, top_k) if top_k is not None else None
-        if block_top is not None:
-            large = (block_top[0], indices[block_top[1]])
-            small = (block_top[2], indices[block_top[3]])
-            running_large = (
-                large if running_large is None else _merge(running_large, large, top_k, True)
-            )
-            running_small = (
-                small if running_small is None else _merge(running_small, small, top_k, False)
-            )
+            for sink in (matrix, stored):
+                if sink is not None:
+                    sink.add(start, stop, slab)
+            if ranking is not None:
+                ranking.add(_slab_topk(slab, top_k), indices)
         if layers is not None:
-            for name in layers:
-                layers[name][:, start:stop] = 0
-            for blk in layout.blocks:
-                sl = slice(blk.start, blk.stop)
-                layers[blk.layer][:, start:stop] += sign * (queries[:, sl] @ features[:, sl].T)
+            layers.add(start, stop, features)
         start = stop
     if start != num_train:
         raise InfluxValueError(f"train blocks held {start} examples; expected {num_train}")
+    values = matrix.values if matrix is not None else None
     path = None
-    if memmap is not None:
-        memmap.flush()
-        path = str(store)
-        manifest = {
-            "method": method,
-            "shape": [q, num_train],
-            "sign": sign,
-            "query_indices": query_indices.tolist(),
-            "train_indices": train_indices.tolist(),
-        }
-        store.with_suffix(".json").write_text(json.dumps(manifest))
-        if values is None:
-            values = torch.from_numpy(np.load(store, mmap_mode="r+"))
-    top = None
-    if running_large is not None:
-        top = TopK(running_large[0], running_large[1], running_small[0], running_small[1])
-    return Scores(method, query_indices, train_indices, values, top, layers, path)
+    if stored is not None:
+        on_disk = stored.finish(method, sign, query_indices, train_indices)
+        path = str(stored.path)
+        values = on_disk if values is None else values
+    top = ranking.result() if ranking is not None and ranking.running is not None else None
+    return Scores(
+        method,
+        query_indices,
+        train_indices,
+        values,
+        top,
+        layers.values if layers is not None else None,
+        path,
+        sign,
+    )

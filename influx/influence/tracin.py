@@ -19,7 +19,7 @@ from torch import nn
 
 from influx.curvature import ParamSpace
 from influx.errors import InfluxValueError
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn, check_model
 from influx.influence.base import Estimator, FeatureLayout, option, per_example_gradients
 
 
@@ -44,13 +44,24 @@ class TracInOptions:
 
 
 def resolve_checkpoints(checkpoints, learning_rates) -> tuple[list, list[float]]:
-    """Accept a list of state dicts / models, or a record with ``.checkpoints`` (+ ``.learning_rates``)."""
+    """State dicts / models w_t and learning rates eta_t from what a user has at hand.
+
+    Accepts a list of state dicts or models; a list of checkpoint records with ``.state_dict``
+    and ``.lr`` (``influx.train.Checkpoint``); or a training record with ``.checkpoints`` (and
+    ``.learning_rates``), such as the ``TrainResult`` that ``influx.train.train`` returns.
+    Learning rates given explicitly win over the recorded ones.
+    """
     if hasattr(checkpoints, "checkpoints"):
         record = checkpoints
         checkpoints = list(record.checkpoints)
         if learning_rates is None:
             learning_rates = getattr(record, "learning_rates", None)
     checkpoints = list(checkpoints)
+    if checkpoints and all(hasattr(c, "state_dict") and hasattr(c, "lr") for c in checkpoints):
+        if not any(isinstance(c, nn.Module) for c in checkpoints):
+            if learning_rates is None:
+                learning_rates = [float(c.lr) for c in checkpoints]
+            checkpoints = [c.state_dict for c in checkpoints]
     if not checkpoints:
         raise InfluxValueError("checkpoints is empty: pass at least one state dict")
     if learning_rates is None:
@@ -82,9 +93,13 @@ def model_at(model: nn.Module, checkpoint) -> nn.Module:
 
 
 class TracInEstimator(Estimator):
-    sign = 1.0
+    """sum_t eta_t over checkpoints; features: sqrt(eta_t) grad l(w_t, z) concatenated [B, T P]."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, options: TracInOptions):
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TracInOptions
+    ):
+        # Nothing is fitted: the training set (inputs, targets) is only scored against.
+        check_model(model)
         checkpoints, self.learning_rates = resolve_checkpoints(
             options.checkpoints, options.learning_rates
         )

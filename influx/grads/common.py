@@ -1,0 +1,157 @@
+"""Helpers every per-sample path shares: parameter selection, functional state, input checks.
+
+The checks run before any expensive work and raise :class:`influx.errors.InfluxValueError` /
+:class:`UnsupportedModelError` with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from influx.errors import InfluxValueError, UnsupportedModelError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# At most this many offending example indices are listed in an error message.
+SHOWN_INDICES = 10
+
+
+class TrainModeDropoutWarning(UserWarning):
+    """Dropout is active: per-example quantities change from call to call."""
+
+
+def select_parameters(
+    model: nn.Module, params: Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Map parameter names to parameters: the named ones, or all that require grad.
+
+    Raises InfluxValueError for a name the model does not have (listing valid names), and when
+    the selection is empty (no trainable parameter, or ``params=[]``).
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {name: p for name, p in named.items() if p.requires_grad}
+        if not selected:
+            raise InfluxValueError(
+                f"{type(model).__name__} has no trainable parameter ({len(named)} parameters, all "
+                "with requires_grad=False): unfreeze some, or name them with params=[...]"
+            )
+        return selected
+    if isinstance(params, str):
+        params = [params]
+    selected = {}
+    for name in params:
+        if name not in named:
+            raise InfluxValueError(
+                f"model has no parameter named {name!r}; valid names include "
+                f"{sorted(named)[:8]}{' ...' if len(named) > 8 else ''} (see model.named_parameters())"
+            )
+        selected[name] = named[name]
+    if not selected:
+        raise InfluxValueError(
+            "params= selects no parameter: pass parameter names (see model.named_parameters()), "
+            "or params=None for all trainable parameters"
+        )
+    return selected
+
+
+def fixed_state(model: nn.Module, varied) -> dict[str, torch.Tensor]:
+    """Detached parameters and buffers of ``model`` except the names in ``varied``.
+
+    With the varied tensors added back, this is the full state ``functional_call`` needs.
+    """
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: t.detach() for name, t in state.items() if name not in varied}
+
+
+def flatten_per_sample(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Concatenate a name -> [N, *shape] mapping into one [N, P] matrix, in mapping order."""
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def check_per_example_losses(losses: torch.Tensor, batch_size: int) -> None:
+    """loss_fn must return one loss per example, shape [N]; a reduced loss is a common mistake."""
+    if losses.dim() != 1 or losses.shape[0] != batch_size:
+        hint = (
+            "it looks reduced: pass reduction='none' (e.g. F.cross_entropy(out, y, reduction='none'))"
+            if losses.dim() == 0
+            else "return one loss per example"
+        )
+        raise InfluxValueError(
+            f"loss_fn must return per-example losses of shape [{batch_size}]; got shape "
+            f"{tuple(losses.shape)}: {hint}"
+        )
+
+
+def check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    if inputs.shape[0] != targets.shape[0]:
+        raise InfluxValueError(
+            f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
+        )
+
+
+def check_no_train_batchnorm(model: nn.Module) -> None:
+    """BatchNorm in train mode mixes examples through the batch statistics: refuse it."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModelError(
+                f"model contains {type(module).__name__} ({name or 'the root module'}) in train mode: "
+                "per-sample gradients are ill-defined because batch statistics mix the examples; "
+                "call influx.models.convert_batchnorm(model) to use GroupNorm, or model.eval() "
+                "to use the running statistics"
+            )
+
+
+def warn_train_dropout(model: nn.Module) -> None:
+    """Dropout in train mode draws a new mask per call: per-example numbers become random."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            warnings.warn(
+                f"model contains {type(module).__name__}(p={module.p}) ({name}) in train mode: "
+                "per-example gradients, norms and scores change from call to call; call "
+                "model.eval() first (it only switches dropout and normalization to inference)",
+                TrainModeDropoutWarning,
+                stacklevel=3,
+            )
+            return
+
+
+def check_model(model: nn.Module) -> None:
+    """The checks on a model that every per-example computation needs, before any work."""
+    check_no_train_batchnorm(model)
+    warn_train_dropout(model)
+
+
+def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Positions [M] of the rows of ``values`` [N, ...] holding a NaN or an infinity."""
+    if not values.is_floating_point() and not values.is_complex():
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+    return bad.nonzero().flatten()
+
+
+def check_finite(
+    values: torch.Tensor, what: str, *, indices: torch.Tensor | None = None, offset: int = 0
+) -> None:
+    """Raise InfluxValueError naming the examples whose row of ``values`` [N, ...] is not finite.
+
+    ``indices`` [N] are the dataset indices of the rows (default: ``offset + position``).
+    """
+    positions = nonfinite_rows(values)
+    if positions.numel() == 0:
+        return
+    named = (positions + offset) if indices is None else indices.to(positions.device)[positions]
+    shown = named[:SHOWN_INDICES].tolist()
+    more = (
+        f" and {positions.numel() - SHOWN_INDICES} more"
+        if positions.numel() > SHOWN_INDICES
+        else ""
+    )
+    raise InfluxValueError(
+        f"{what} of {positions.numel()} example(s) hold NaN or inf: example indices {shown}{more}; "
+        "remove or repair those examples (check the data loading, the loss and the model's "
+        "parameters for NaN / inf)"
+    )
