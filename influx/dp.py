@@ -33,10 +33,10 @@ from torch import nn
 
 from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.grads import select_parameters
 from influx.grads.capture import LayerCall, capture
 from influx.grads.engine import _plan, _tied
-from influx.grads.functional import LossFn, check_batch, select_parameters
-from influx.train import TrainResult, total_steps
+from influx.train import LossFn, TrainResult, total_steps
 from influx.train import train as _train
 
 __all__ = [
@@ -86,7 +86,10 @@ def _check_max_grad_norm(max_grad_norm: float) -> None:
 
 def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _Clipped:
     _check_max_grad_norm(max_grad_norm)
-    check_batch(inputs, targets)
+    if inputs.shape[0] != targets.shape[0]:
+        raise InfluxValueError(
+            f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():

@@ -214,3 +214,127 @@ def test_ensemble_equals_independent_torch_optim_runs():
             optimizer.step()
         for name, value in copy.named_parameters():
             assert_close(stacked[name][k], value, name=f"member {k} {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: sampling, a per-batch gradient function, micro-batch aggregation.
+# ---------------------------------------------------------------------------------------------
+
+
+def sgd_settings(**extra):
+    return dict(optimizer="sgd", lr=0.1, batch_size=16, seed=2, progress=False, **extra)
+
+
+def test_the_mean_gradient_hook_is_the_plain_step():
+    from influx.train import mean_gradient
+
+    data = blobs(48)
+    plain, hooked = small_model(), small_model()
+    train(plain, data, epochs=2, **sgd_settings())
+    result = train(hooked, data, epochs=2, gradient=mean_gradient, **sgd_settings())
+    for (name, a), b in zip(plain.named_parameters(), hooked.parameters(), strict=True):
+        assert_close(b, a, name=name)
+    assert result.config["gradient"] == "mean_gradient"
+    assert result.batch_sizes.tolist() == [16] * 6
+
+
+def test_mean_of_equal_micro_batches_is_the_plain_step():
+    from influx import aggregate
+
+    data = blobs(48)
+    plain, split = small_model(), small_model()
+    train(plain, data, epochs=2, **sgd_settings())
+    train(split, data, epochs=2, micro_batches=4, aggregator=aggregate.mean(), **sgd_settings())
+    # the mean of four means of 4 examples is the mean of the 16: equal up to rounding (float32)
+    for (name, a), b in zip(plain.named_parameters(), split.parameters(), strict=True):
+        assert_close(b, a, name=name)
+
+
+def test_krum_over_micro_batches_replays_by_hand():
+    from influx import aggregate
+
+    inputs, targets = blobs(40)
+    ours, reference = small_model(), small_model()
+    result = train(ours, (inputs, targets), steps=4, optimizer="sgd", lr=0.1, batch_size=20,
+                   micro_batches=5, aggregator=aggregate.krum(f=1), progress=False)  # fmt: skip
+    params = list(reference.parameters())
+    positions = torch.cat(result.epoch_orders)
+    for step in range(4):
+        batch = positions[20 * step : 20 * (step + 1)]
+        flat = []
+        for part in batch.tensor_split(5):
+            loss = cross_entropy_per_example(reference(inputs[part]), targets[part]).mean()
+            flat.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        # Krum by its definition: sum of squared distances to the M - f - 2 = 2 closest others
+        scores = []
+        for i in range(5):
+            distances = sorted(((flat[i] - flat[j]) ** 2).sum().item() for j in range(5) if j != i)
+            scores.append(sum(distances[:2]))
+        chosen = flat[min(range(5), key=lambda i: (scores[i], i))]
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p -= 0.1 * chosen[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+    for (name, a), b in zip(ours.named_parameters(), params, strict=True):
+        assert_close(a, b, name=name)
+    assert result.config["aggregator"] == "krum(f=1)"
+
+
+def test_poisson_sampling_draws_batches_of_random_size():
+    inputs, targets = blobs(200)
+    runs = [train(small_model(), (inputs, targets), steps=30, batch_size=20, sampling="poisson",
+                  seed=4, progress=False) for _ in range(2)]  # fmt: skip
+    first, second = runs
+    assert torch.equal(first.batch_sizes, second.batch_sizes)
+    sizes = first.batch_sizes
+    assert len(set(sizes.tolist())) > 3
+    # 30 steps of Binomial(200, 0.1): total 600, standard deviation sqrt(30 * 18) = 23
+    assert abs(int(sizes.sum()) - 600) < 5 * 23
+    assert int(sizes.sum()) == sum(order.numel() for order in first.epoch_orders)
+    # 10 steps per epoch (ceil(N / batch_size)), as with shuffling
+    assert len(first.epoch_orders) == 3
+
+
+def test_a_sampler_sets_each_epoch_order():
+    data = blobs(24)
+    calls = []
+
+    def reversed_order(epoch, epoch_seed):
+        calls.append((epoch, epoch_seed))
+        return torch.arange(23, -1, -1)
+
+    result = train(small_model(), data, epochs=2, batch_size=8, sampling=reversed_order,
+                   progress=False)  # fmt: skip
+    assert [epoch for epoch, _ in calls] == [0, 1]
+    assert [seed for _, seed in calls] == result.epoch_seeds
+    for order in result.epoch_orders:
+        assert torch.equal(order, torch.arange(23, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sampling": "stratified"}, "sampling must be one of"),
+        ({"sampling": lambda epoch, seed: torch.arange(5)}, "must return 20 positions"),
+        ({"micro_batches": 0}, "micro_batches must be a positive integer"),
+        ({"micro_batches": 3, "sampling": "poisson"}, "micro_batches needs batches of a fixed"),
+        ({"micro_batches": 4, "batch_size": 6}, "the last batch of each epoch holds 2"),
+        ({"micro_batches": 4, "aggregator": "krum"}, "aggregator must be callable"),
+        ({"gradient": 3}, "gradient must be a callable"),
+    ],
+    ids=["sampling", "sampler-length", "micro-batches", "poisson-micro", "last-batch",
+         "aggregator", "gradient"],
+)  # fmt: skip
+def test_invalid_hooks_raise_clear_errors(kwargs, match):
+    kwargs = {"batch_size": 10, "epochs": 1, "progress": False, **kwargs}
+    with pytest.raises(InfluxValueError, match=match):
+        train(small_model(), blobs(20), **kwargs)
+
+
+def test_too_few_micro_batches_for_krum_fail_before_training():
+    from influx import aggregate
+
+    with pytest.raises(InfluxValueError, match=r"krum\(f=1\) needs at least 5 gradients"):
+        train(small_model(), blobs(20), epochs=1, batch_size=10, micro_batches=4,
+              aggregator=aggregate.krum(f=1), progress=False)  # fmt: skip
