@@ -1,0 +1,188 @@
+"""influx.tails: fits against scipy, model selection, LR tests, bootstrap KS, Hill."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from influx import tails
+from influx.errors import InfluxValueError
+
+SAMPLERS = {
+    "normal": lambda rng, n: rng.normal(1.5, 2.0, n),
+    "laplace": lambda rng, n: rng.laplace(-1.0, 0.5, n),
+    "t": lambda rng, n: 0.3 + 2.0 * rng.standard_t(4.0, n),
+    "cauchy": lambda rng, n: rng.standard_cauchy(n),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("truth", sorted(SAMPLERS))
+def test_right_family_wins(truth):
+    # 20 trials of n = 10^4 per truth: ">= 95% of trials" means >= 19 of 20. BIC is the criterion
+    # for every truth: for the nested truths (normal, Cauchy inside t) AIC picks t with probability
+    # 0.079 / 0.157 at any n (P(LR > 2) under the null), below 95% by construction, while BIC's
+    # log(10^4) = 9.2 penalty leaves P(chi2_1 > 9.2) = 0.0024. For the non-nested truths (Laplace,
+    # t with nu = 4) AIC must win as well. 80 fits of four families take ~20 s.
+    rng = np.random.default_rng(7)
+    bic_wins = aic_wins = 0
+    trials = 20
+    for _ in range(trials):
+        report = tails.fit(SAMPLERS[truth](rng, 10_000), bootstrap=0)
+        bic_wins += report.best_bic == truth
+        aic_wins += report.best == truth
+    assert bic_wins >= 19, f"{truth}: BIC picked it in {bic_wins}/{trials}"
+    if truth in ("laplace", "t"):
+        assert aic_wins >= 19, f"{truth}: AIC picked it in {aic_wins}/{trials}"
+
+
+@pytest.mark.parametrize("nu", [3.0, 8.0])
+def test_t_degrees_of_freedom_recovered(nu):
+    # n = 10^5: the MLE's standard error of nu is ~1% (nu = 3) to ~4% (nu = 8); 10% is > 2.5 s.e.
+    x = 2.0 * np.random.default_rng(int(nu)).standard_t(nu, 100_000) - 1.0
+    report = tails.fit(x, families=("t",), bootstrap=0)
+    fitted = report.fits["t"].params[0]
+    assert abs(fitted - nu) / nu < 0.1, f"nu = {nu}: fitted {fitted:.3f}"
+
+
+@pytest.mark.parametrize("alpha", [1.5, 3.0])
+@pytest.mark.parametrize("k", [1000, None])
+def test_hill_recovers_pareto_index(alpha, k):
+    # Pareto: log X is exponential with rate alpha, so 1/alpha_k is a mean of k exponentials:
+    # s.e. alpha / sqrt(k) = 3.2% at k = 1000 and 2.2% at the default k = n^(2/3) = 2154; 10% is
+    # > 3 s.e. (no bias: the tail is exactly Pareto beyond every order statistic).
+    x = stats.pareto.rvs(alpha, size=100_000, random_state=np.random.default_rng(11))
+    estimate = tails.hill(x, k)
+    assert estimate.k == (1000 if k else 2154)
+    assert abs(estimate.alpha - alpha) / alpha < 0.1, estimate
+    # The stability curve holds the same number at k.
+    assert estimate.alphas[estimate.k - 1] == estimate.alpha
+
+
+def test_hill_equals_definition():
+    x = np.random.default_rng(3).standard_t(2.0, 500)
+    estimate = tails.hill(-x, 37)  # the sign is irrelevant: |scores|
+    top = np.sort(np.abs(x))[::-1]
+    direct = 1.0 / (np.mean(np.log(top[:37])) - np.log(top[37]))
+    # float64 sums of 37 logs: relative error ~1e-15.
+    assert abs(estimate.alpha - direct) <= 1e-12 * direct
+    assert estimate.stderr == pytest.approx(direct / np.sqrt(37), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def t_report():
+    x = 0.5 + 1.3 * np.random.default_rng(5).standard_t(3.0, 3000)
+    return x, tails.fit(x, bootstrap=0)
+
+
+def test_likelihood_ratio_statistics_are_loglik_differences(t_report):
+    x, report = t_report
+
+    def direct_loglik(name):
+        # Direct evaluation of the definition from the stored parameters.
+        if name == "laplace":
+            loc, scale = report.fits[name].params
+            return np.sum(np.log(np.exp(-np.abs(x - loc) / scale) / (2 * scale)))
+        return np.sum(tails.FAMILIES[name].logpdf(x, *report.fits[name].params))
+
+    for name, f in report.fits.items():
+        # Same sums of ~3000 terms in another order: relative error ~1e-13.
+        assert f.loglik == pytest.approx(direct_loglik(name), rel=1e-12)
+        k, n = len(f.params), x.size
+        assert f.aic == pytest.approx(2 * k - 2 * f.loglik, rel=1e-14)
+        assert f.bic == pytest.approx(k * np.log(n) - 2 * f.loglik, rel=1e-14)
+    t_vs_normal = report.tests["t_vs_normal"]
+    assert t_vs_normal.statistic == pytest.approx(
+        2 * (direct_loglik("t") - direct_loglik("normal")), rel=1e-10
+    )
+    assert t_vs_normal.pvalue == pytest.approx(0.5 * stats.chi2.sf(t_vs_normal.statistic, 1))
+    t_vs_cauchy = report.tests["t_vs_cauchy"]
+    assert t_vs_cauchy.statistic == pytest.approx(
+        2 * (direct_loglik("t") - direct_loglik("cauchy")), rel=1e-10
+    )
+    assert t_vs_cauchy.pvalue == pytest.approx(stats.chi2.sf(t_vs_cauchy.statistic, 1))
+    assert report.best == report.best_bic == "t"
+
+
+def test_fits_match_scipy(t_report):
+    x, report = t_report
+    # Closed forms: identical to scipy's own fit.
+    for name in ("normal", "laplace"):
+        np.testing.assert_allclose(
+            report.fits[name].params, tails.FAMILIES[name].fit(x), rtol=1e-14
+        )
+    # Iterative fits: at least as likely as scipy's default (Nelder-Mead) fit, to 1e-7 relative
+    # (both optimizers stop on tolerances of that order).
+    for name in ("t", "cauchy"):
+        reference = tails.FAMILIES[name].fit(x)
+        reference_ll = tails.FAMILIES[name].logpdf(x, *reference).sum()
+        assert report.fits[name].loglik >= reference_ll - 1e-7 * abs(reference_ll), name
+
+
+def test_vectorized_refits_and_ks_equal_scipy():
+    rng = np.random.default_rng(9)
+    samples = rng.standard_t(3.0, (6, 400))
+    for name in ("normal", "laplace"):
+        refits = tails._refit_block(name, samples, (0.0, 1.0))
+        for row, params in zip(samples, refits):
+            np.testing.assert_allclose(params, tails.FAMILIES[name].fit(row), rtol=1e-13)
+        ks = tails._ks_statistics(name, np.sort(samples, 1), refits)
+        expected = [
+            stats.kstest(row, tails.FAMILIES[name].cdf, args=tuple(p)).statistic
+            for row, p in zip(samples, refits)
+        ]
+        np.testing.assert_allclose(ks, expected, rtol=1e-12)
+
+
+def test_bootstrap_pvalues_separate_right_and_wrong_family():
+    x = np.random.default_rng(2).normal(size=500)
+    report = tails.fit(x, families=("normal", "cauchy"), bootstrap=50, seed=4)
+    # Seeded: the right family's p-value is not small, the wrong one's is the minimum 1/51.
+    assert report.fits["normal"].ks_pvalue > 0.05
+    assert report.fits["cauchy"].ks_pvalue == pytest.approx(1 / 51)
+    again = tails.fit(x, families=("normal", "cauchy"), bootstrap=50, seed=4)
+    assert again.fits["normal"].ks_pvalue == report.fits["normal"].ks_pvalue
+    assert report.summary()["fits"]["normal"]["ks_pvalue"] == report.fits["normal"].ks_pvalue
+
+
+def test_bootstrap_pvalue_is_uniform_under_the_null():
+    # 40 normal samples of n = 200, B = 39: under the null the p-value is uniform on
+    # {1/40, ..., 1}, so its mean is ~0.5 (s.e. 0.29 / sqrt(40) = 0.046); a plug-in KS p-value
+    # without refits would be far too large (mean ~0.85).
+    rng = np.random.default_rng(12)
+    pvalues = [
+        tails.fit(rng.normal(size=200), families=("normal",), bootstrap=39, seed=s)
+        .fits["normal"]
+        .ks_pvalue
+        for s in range(40)
+    ]
+    assert 0.38 < np.mean(pvalues) < 0.62, np.mean(pvalues)
+
+
+def test_plot(t_report, tmp_path):
+    _, report = t_report
+    fig = report.plot(tmp_path / "tails.png", title="t(3)")
+    assert (tmp_path / "tails.png").stat().st_size > 0
+    assert len([ax for ax in fig.axes if ax.axison]) == 3 + len(report.fits)
+
+
+def test_bad_input():
+    x = np.random.default_rng(0).normal(size=100)
+    x[[4, 17]] = [np.nan, np.inf]
+    with pytest.raises(InfluxValueError, match=r"indices \[4, 17\]"):
+        tails.fit(x)
+    with pytest.raises(InfluxValueError, match="one-dimensional"):
+        tails.fit(np.zeros((10, 2)))
+    with pytest.raises(InfluxValueError, match="unknown families"):
+        tails.fit(np.arange(20.0), families=("gumbel",))
+    with pytest.raises(InfluxValueError, match="bootstrap"):
+        tails.fit(np.arange(20.0), bootstrap=-1)
+    with pytest.raises(InfluxValueError, match="at least 10"):
+        tails.fit(np.arange(5.0))
+    with pytest.raises(InfluxValueError, match="all scores are equal"):
+        tails.fit(np.ones(20))
