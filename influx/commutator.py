@@ -31,8 +31,8 @@ from torch.func import grad, jvp, vmap
 from influx import curvature
 from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
-from influx.grads.common import check_no_train_batchnorm
-from influx.grads.common import LossFn
+from influx.grads import per_sample_grads
+from influx.grads.common import LossFn, check_finite, check_model
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 FlatObjective = Callable[[torch.Tensor], torch.Tensor]
@@ -218,6 +218,11 @@ def _check_choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _as_tensor(value) -> torch.Tensor:
+    """A tensor as it is (its device kept); anything else (numbers, lists) on the CPU."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
+
+
 def _as_batch(z, name: str) -> Pair:
     """``(input, target)`` of one example (scalar target: a batch dim is added) or a batch."""
     if not isinstance(z, (tuple, list)) or len(z) not in (2, 3):
@@ -227,7 +232,7 @@ def _as_batch(z, name: str) -> Pair:
             f"got {type(z).__name__}"
             + (f" of length {len(z)}" if isinstance(z, (tuple, list)) else "")
         )
-    inputs, targets = torch.as_tensor(z[0]), torch.as_tensor(z[1])
+    inputs, targets = _as_tensor(z[0]), _as_tensor(z[1])
     if targets.dim() == 0:
         # One example: a scalar target marks it; add the batch dimension to both.
         return inputs.unsqueeze(0), targets.unsqueeze(0)
@@ -275,14 +280,11 @@ def _example_objective(model: nn.Module, loss_fn: LossFn, params):
 def _per_sample_grads(
     model: nn.Module, loss_fn: LossFn, inputs, targets, space, params
 ) -> torch.Tensor:
-    """[B, P] per-sample gradients: the fast engine when the package has one, else the reference."""
-    from influx import grads
-
-    engine = getattr(grads, "per_sample_grads", None) or grads.reference.per_sample_grads
-    result = engine(model, loss_fn, inputs, targets, params=params)
-    if isinstance(result, torch.Tensor):
-        return result.reshape(inputs.shape[0], -1)
-    return space.flatten({name: result[name] for name in space.names})
+    """[B, P] per-sample gradients from the engine; NaN / inf ones are named and refused."""
+    result = per_sample_grads(model, loss_fn, inputs, targets, params=params)
+    flat = space.flatten({name: result[name] for name in space.names})
+    check_finite(flat, "per-sample gradients")
+    return flat
 
 
 def _pair_indices(batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +402,7 @@ def step(
     Returns a :class:`CommutatorResult` whose ``vector`` is [P]; about ``lr^2 * bracket(...)``.
     """
     lr = _check_lr(lr)
-    check_no_train_batchnorm(model)
+    check_model(model)
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
     theta = space.current(model)
@@ -427,7 +429,7 @@ def bracket(
     Hessian-vector products (forward-over-reverse); no Hessian is formed. Arguments as in
     :func:`step`.
     """
-    check_no_train_batchnorm(model)
+    check_model(model)
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
     vector, g_1, g_2 = _bracket_vector(obj_1, obj_2, space.current(model))
@@ -462,7 +464,7 @@ def pairwise(
     """
     lr = None if lr is None else _check_lr(lr)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    check_no_train_batchnorm(model)
+    check_model(model)
     inputs, targets = _as_batch(batch, "batch")
     space = curvature.ParamSpace.of(model, params)
     theta = space.current(model)
@@ -509,8 +511,8 @@ def _predicted_order_shift(objectives, gradients, theta, sequence, reference, lr
     counts = _precedence_counts(sequence, len(objectives)) - _precedence_counts(
         reference, len(objectives)
     )
-    # preceding[b] = sum_a c_ab g_a: [K, P]
-    preceding = counts.T.to(gradients.dtype) @ gradients
+    # preceding[b] = sum_a c_ab g_a: [K, P] (the counts are tallied on the CPU)
+    preceding = counts.T.to(gradients) @ gradients
     total = torch.zeros_like(theta)
     for b, objective in enumerate(objectives):
         if preceding[b].abs().max() > 0:
@@ -520,8 +522,8 @@ def _predicted_order_shift(objectives, gradients, theta, sequence, reference, lr
 
 def _precedence_counts(sequence: Sequence[int], num_batches: int) -> torch.Tensor:
     """[K, K] ``c[a, b]`` = number of position pairs p < q with batch a at p and b at q."""
-    counts = torch.zeros(num_batches, num_batches, dtype=torch.float64)
-    seen = torch.zeros(num_batches, dtype=torch.float64)
+    counts = torch.zeros(num_batches, num_batches, dtype=torch.float64, device="cpu")
+    seen = torch.zeros(num_batches, dtype=torch.float64, device="cpu")
     for b in sequence:
         counts[:, b] += seen
         seen[b] += 1
@@ -551,7 +553,7 @@ def order_shift(
     lr = _check_lr(lr)
     epochs = _check_positive_int(epochs, "epochs")
     perms = _check_positive_int(perms, "perms")
-    check_no_train_batchnorm(model)
+    check_model(model)
     batches = _batches_of(data, batch_size)
     objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
     theta = curvature.ParamSpace.of(model, params).current(model)
@@ -564,7 +566,7 @@ def order_shift(
         sequence = [
             i
             for _ in range(epochs)
-            for i in torch.randperm(len(batches), generator=generator).tolist()
+            for i in torch.randperm(len(batches), generator=generator, device="cpu").tolist()
         ]
         end = _run_sgd(objectives, sequence, theta, lr)
         measured.append((end - reference_end).norm())
@@ -646,7 +648,7 @@ def ascent_residual(
     )
     order = _check_choice(order, "order", ("same", "reversed"))
     mode = _check_choice(mode, "mode", ("dataset", "batch", "point"))
-    check_no_train_batchnorm(model)
+    check_model(model)
     theta = curvature.ParamSpace.of(model, params).current(model)
     common = dict(mode=mode, order=order, lr=lr, epochs=epochs, ascent_epochs=ascent_epochs)
     if mode == "point":

@@ -131,7 +131,9 @@ def offenders(path: Path, root: Path = ROOT) -> list[str]:
                 break
             child, parent = parent, parents.get(parent)
         if not moved:
-            found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: torch.{name}(...)"))
+            found.append(
+                (node.lineno, f"{path.relative_to(root)}:{node.lineno}: torch.{name}(...)")
+            )
     return [line for _, line in sorted(found)]
 
 
@@ -168,3 +170,147 @@ def test_the_checker_catches_and_allows_what_it_should(tmp_path):
     )
     lines = [line.split(":")[1] for line in offenders(source, tmp_path)]
     assert lines == ["3", "6", "8"]
+
+
+# --------------------------------------------------------------------------------------------------
+# At run time: every output stays on the data's device. On a CPU-only machine the data sit on the
+# CPU while the *default* device is set to "meta": a factory that leaves its device to the
+# default then makes a meta tensor, and mixing it with the CPU data fails. With CUDA (see
+# benchmarks/gpu_check.sh) the same tests run on real GPU tensors.
+# --------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", id="cpu-default-meta"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+]
+
+
+def _default_device_trap(device: str):
+    """On CPU data, make the default device "meta" so default-device factories fail loudly."""
+    return torch.device("meta") if device == "cpu" else contextlib.nullcontext()
+
+
+def _on(device: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.device.type == device, (t.shape, t.device)
+
+
+def _loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _tiny(device: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double().to(device)
+    x = torch.randn(24, 5, dtype=torch.float64).to(device)
+    y = torch.randint(0, 3, (24,)).to(device)
+    return model, x, y
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_curvature_probes_and_solvers_stay_on_device(device):
+    from influx.curvature import estimate_spectrum, hutchinson_trace, lanczos, power_iteration
+    from influx.influence.iterative import conjugate_gradients, largest_eigenvalue, lissa
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(12, 12, generator=generator, dtype=torch.float64).to(device)
+    matrix = basis @ basis.T / 12 + torch.eye(12, dtype=torch.float64, device=device)
+    rhs = torch.randn(3, 12, generator=generator, dtype=torch.float64).to(device)
+    block = lambda v: v @ matrix  # noqa: E731
+    with _default_device_trap(device):
+        values, vectors = lanczos(block, 12, iterations=12, device=device)
+        spectrum = estimate_spectrum(block, 12, iterations=12, trace_samples=4, device=device)
+        trace = hutchinson_trace(block, 12, samples=4, device=device)
+        top = power_iteration(lambda v: matrix @ v, 12, iterations=5, device=device)
+        top_ratio = largest_eigenvalue(
+            block, 12, iterations=5, seed=0, dtype=rhs.dtype, device=device
+        )
+        solved, _, _ = conjugate_gradients(
+            block, rhs, damping=0.1, max_iterations=30, tolerance=1e-12
+        )
+        series, _ = lissa(block, rhs, damping=0.1, scale=1.1 * spectrum.maximum + 0.2,
+                          max_iterations=5, tolerance=1e-12)  # fmt: skip
+    _on(device, values, vectors, solved, series)
+    assert trace > 0 and top > 0 and top_ratio > 0
+    expected = torch.linalg.solve(matrix + 0.1 * torch.eye(12, dtype=torch.float64, device=device),
+                                  rhs.T).T  # fmt: skip
+    torch.testing.assert_close(solved, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grads_engine_and_projections_stay_on_device(device):
+    from influx import grads
+
+    model, x, y = _tiny(device)
+    with _default_device_trap(device):
+        norms = grads.per_sample_norms(model, _loss, x, y)
+        kron = grads.per_sample_projected(model, _loss, x, y, dim=16)
+        dense = grads.per_sample_projected(model, _loss, x, y, dim=16, kind="dense")
+        gram = grads.per_sample_gram(model, _loss, x, y)
+    _on(device, norms, kron, dense, gram)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("exact", {"damping": 0.5}),
+        ("exact", {"damping": 0.5, "solver": "eigh"}),
+        ("cg", {"damping": 0.5, "max_iterations": 10}),
+        ("cg", {"damping": 0.5, "max_iterations": 10, "preconditioner": "ekfac"}),
+        ("lissa", {"damping": 0.5, "max_iterations": 10}),
+        ("arnoldi", {"damping": 0.5, "rank": 8}),
+        ("kfac", {}),
+        ("ekfac", {}),
+        ("trak", {"dim": 8}),
+        ("trak", {"dim": 8, "projection": "kronecker"}),
+        ("tracin", {"learning_rates": 0.1}),
+        ("grad_dot", {}),
+        ("grad_cos", {}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()),
+)
+def test_every_influence_method_keeps_scores_on_the_data_device(device, method, options, tmp_path):
+    from influx import influence
+
+    model, x, y = _tiny(device)
+    if method == "tracin":
+        options = {**options, "checkpoints": [model.state_dict(), model.state_dict()]}
+    fitted = influence.fit(model, _loss, (x, y), method=method, **options)
+    layered = fitted.estimator.layout.layered
+    query = (x[:4], y[:4])
+    scores = fitted.scores(query, top_k=3, per_layer=layered, store=tmp_path / "s.npy")
+    top_only = fitted.scores(query, dense=False, top_k=3)
+    _on(device, scores.values, fitted.self_influence(), *scores.top_k.__dict__.values())
+    _on(device, *top_only.top_k.__dict__.values())
+    if layered:
+        _on(device, *scores.per_layer.values())
+    # the stored file holds the same numbers, in the scores' dtype
+    import numpy as np
+
+    stored = np.load(tmp_path / "s.npy")
+    assert stored.dtype == np.float64
+    torch.testing.assert_close(torch.from_numpy(stored), scores.values.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_commutator_paths_stay_on_device(device):
+    from influx import commutator
+
+    model, x, y = _tiny(device)
+    with _default_device_trap(device):
+        pair = commutator.pairwise(model, _loss, (x[:6], y[:6]))
+        stepped = commutator.step(model, _loss, (x[0], y[0]), (x[1], y[1]), lr=0.1)
+    shift = commutator.order_shift(model, _loss, (x, y), lr=0.05, epochs=1, perms=2, batch_size=8)
+    _on(device, pair.norms, stepped.vector, shift.measured, shift.predicted)

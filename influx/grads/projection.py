@@ -7,27 +7,81 @@ a run in float32 and one in float64, or on CPU and GPU, use the same projection.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
+from collections import OrderedDict
 
 import torch
 
 from influx.errors import InfluxValueError
 
+# Projection matrices kept for reuse, at most this many bytes in all (least recently used first
+# out). 1 GiB holds every Kronecker factor of a ResNet-18 at 4,096 dims many times over; a dense
+# projection block too large for it is regenerated per use instead of cached.
+DEFAULT_CACHE_BYTES = 1 << 30
 
-@functools.lru_cache(maxsize=512)
+
+class ProjectionCache:
+    """An LRU cache of projection matrices bounded by their total size in bytes."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES):
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget (0 disables caching), evicting what no longer fits."""
+        if budget_bytes < 0:
+            raise InfluxValueError(f"cache budget must be >= 0 bytes; got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._evict(0)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple, make) -> torch.Tensor:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        matrix = make()
+        size = matrix.numel() * matrix.element_size()
+        if size <= self.budget_bytes:
+            self._evict(size)
+            self._entries[key] = matrix
+            self.bytes += size
+        return matrix
+
+    def _evict(self, incoming: int) -> None:
+        while self._entries and self.bytes + incoming > self.budget_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+CACHE = ProjectionCache()
+
+
 def gaussian_matrix(rows: int, cols: int, *, seed: int, name: str, dtype, device) -> torch.Tensor:
     """[rows, cols] with N(0, 1/rows) entries, a pure function of (seed, name, shape).
 
-    Cached: repeated calls (chunks, batches of a dataset) reuse the same matrix; callers must not
-    modify it in place.
+    Cached in :data:`CACHE` (bounded in bytes): repeated calls (chunks, batches of a dataset)
+    reuse the same matrix while it fits; callers must not modify it in place.
     """
+    key = (rows, cols, seed, name, dtype, str(torch.device(device)))
+    return CACHE.get(key, lambda: _draw(rows, cols, seed, name, dtype, device))
+
+
+def _draw(rows: int, cols: int, seed: int, name: str, dtype, device) -> torch.Tensor:
+    # Drawn on a CPU generator in float64, then cast and moved: the same matrix on every device
+    # and in every dtype.
     generator = torch.Generator().manual_seed(
         (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
     )
-    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float64) / rows**0.5
-    return matrix.to(dtype=dtype, device=device)
+    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float64, device="cpu")
+    return (matrix / rows**0.5).to(dtype=dtype, device=device)
 
 
 def kronecker_sizes(target: int, d_in: int, d_out: int) -> tuple[int, int]:
@@ -71,17 +125,22 @@ class Projector:
         return grads @ self.matrix(name, budget, width).T
 
 
-def dense_project(
-    flat_grads: torch.Tensor, dim: int, *, seed: int, chunk: int = 1 << 16
-) -> torch.Tensor:
+# The dense projection [dim, P] is defined block by block over this many parameter columns (the
+# block's seed name is its first column): part of the seeding rule, so the projection does not
+# depend on memory settings. One block is dim x 4,096 (64 MiB in float64 at dim = 2,048).
+DENSE_BLOCK_COLUMNS = 4096
+
+
+def dense_project(flat_grads: torch.Tensor, dim: int, *, seed: int) -> torch.Tensor:
     """Project [N, P] per-sample gradients to [N, dim] with one seeded Gaussian matrix [dim, P].
 
-    The matrix is drawn column block by column block, so memory stays O(dim * chunk).
+    The matrix is drawn column block by column block (:data:`DENSE_BLOCK_COLUMNS`), never whole,
+    so memory stays O(dim * DENSE_BLOCK_COLUMNS) plus what the bounded cache keeps.
     """
     n, width = flat_grads.shape
     out = flat_grads.new_zeros(n, dim)
-    for start in range(0, width, chunk):
-        stop = min(width, start + chunk)
+    for start in range(0, width, DENSE_BLOCK_COLUMNS):
+        stop = min(width, start + DENSE_BLOCK_COLUMNS)
         block = gaussian_matrix(
             dim,
             stop - start,
