@@ -1,8 +1,10 @@
-# Two entry points: `make demo` (install + score the embedded digits data) and `make test`.
+# Two entry points: `make demo` (install the runtime dependencies + score the embedded digits data)
+# and `make test` (install with the dev and bench extras + run the whole suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: demo test lint bench clean
 
@@ -14,7 +16,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo needs only influx's runtime dependencies (no test tools, no benchmark peers).
+$(RUNTIME_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	touch $(RUNTIME_STAMP)
+
+demo: $(RUNTIME_STAMP)
 	$(BIN)/influx-score --dataset digits --model mlp --out runs/digits-mlp
 
 test: $(STAMP)

@@ -310,7 +310,7 @@ def parse_scores(text: str, *, checkpoint: bool, poison: bool) -> list[ScoreSpec
     if not requested:
         raise InfluxValueError("--scores is empty; name at least one of " + ", ".join(SCORES))
     specs: list[ScoreSpec] = []
-    for token in dict.fromkeys(requested):
+    for token in requested:
         name, _, method = token.partition(":")
         if name not in SCORES:
             raise InfluxValueError(
@@ -327,7 +327,9 @@ def parse_scores(text: str, *, checkpoint: bool, poison: bool) -> list[ScoreSpec
                     f"{', '.join(methods)} (TracIn is its own score: tracin)"
                 )
             column = f"self_influence_{method}"
-            specs.append(ScoreSpec(f"{name}:{method}", column, (column,), method))
+            spec = ScoreSpec(f"{name}:{method}", column, (column,), method)
+            if spec not in specs:
+                specs.append(spec)
             continue
         if name == "tracin" and checkpoint:
             raise InfluxValueError(
@@ -339,7 +341,9 @@ def parse_scores(text: str, *, checkpoint: bool, poison: bool) -> list[ScoreSpec
                 "--scores gus needs Gaussian poisons: add --poison gaussian:FRACTION:STD"
             )
         group = "basic" if name in ("loss", "margin", "grad_norm") else name
-        specs.append(ScoreSpec(name, group, SCORES[name][0]))
+        spec = ScoreSpec(name, group, SCORES[name][0])
+        if spec not in specs:
+            specs.append(spec)
     if any(s.name == "gus" for s in specs) is False and poison:
         specs.append(ScoreSpec("gus", "gus", SCORES["gus"][0]))
     return specs
@@ -375,6 +379,10 @@ def resolve_config(args: argparse.Namespace, context: distributed.Context) -> di
     config["poison"] = poison
     if config["checkpoint"] is not None:
         config["checkpoint"] = str(Path(config["checkpoint"]).expanduser())
+        if not Path(config["checkpoint"]).is_file():
+            raise InfluxValueError(
+                f"--checkpoint {config['checkpoint']} does not exist or is not a file"
+            )
     specs = parse_scores(
         config["scores"], checkpoint=config["checkpoint"] is not None, poison=poison is not None
     )

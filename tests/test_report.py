@@ -1,0 +1,78 @@
+"""influx.report: figures and tables from score columns, checked against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+
+from influx import report
+from influx.errors import InfluxValueError
+
+
+def columns(n: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    loss = rng.exponential(size=n)
+    return {
+        "loss": loss,
+        "margin": -loss + 0.1 * rng.standard_normal(n),
+        "noise": rng.standard_normal(n),
+    }
+
+
+def test_spearman_is_the_pearson_correlation_of_ranks():
+    cols = columns()
+    cols["noise"][[3, 7]] = np.nan
+    matrix = report.spearman_matrix(cols)
+    keep = np.isfinite(cols["noise"])
+    ranks = np.column_stack([rankdata(v[keep]) for v in cols.values()])
+    expected = np.corrcoef(ranks, rowvar=False)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-12)
+    assert matrix[0, 1] < -0.9 and np.allclose(np.diag(matrix), 1.0)
+
+
+def test_top_positions_are_largest_first_with_ties_by_position():
+    values = np.array([1.0, 5.0, np.nan, 5.0, 3.0, -np.inf])
+    assert report._top_positions(values, 3).tolist() == [1, 3, 4]
+    assert report._top_positions(values, 10).tolist() == [1, 3, 4, 0], "finite values only"
+
+
+def test_per_class_means_are_the_class_averages():
+    cols = columns(30)
+    targets = np.arange(30) % 3
+    classes, counts, means = report._per_class(cols, targets)
+    assert classes == [0, 1, 2] and counts.tolist() == [10, 10, 10]
+    for i in classes:
+        assert means[i, 0] == pytest.approx(cols["loss"][targets == i].mean(), rel=1e-12)
+
+
+def test_writes_report_and_figures_deterministically(tmp_path):
+    cols = columns()
+    targets = np.arange(60) % 4
+    images = lambda i: np.full((8, 8), i / 60.0)
+    summary = {"dataset": "toy", "model": "m", "score_definitions": {"loss": "the loss"}}
+    for out in (tmp_path / "a", tmp_path / "b"):
+        path = report.write_report(
+            out, cols, targets=targets, images=images, summary=summary, top_k=5,
+            class_names=["w", "x", "y", "z"],
+        )  # fmt: skip
+        assert path == out / "report.md"
+    text = (tmp_path / "a/report.md").read_text()
+    assert text.startswith("# influx-score report: toy / m")
+    top_loss = ", ".join(map(str, np.argsort(-cols["loss"], kind="stable")[:5]))
+    top_margin = ", ".join(map(str, np.argsort(cols["margin"], kind="stable")[:5]))
+    assert f"| `loss` | {top_loss} |" in text
+    assert f"| `margin` | {top_margin} |" in text, "margin: the lowest are the notable ones"
+    assert "| z | 15 |" in text
+    for name in ("report.md", "report/histograms.png", "report/top_examples.png",
+                 "report/spearman.png", "report/per_class.png"):  # fmt: skip
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_rejects_misaligned_columns_and_bad_top_k(tmp_path):
+    with pytest.raises(InfluxValueError, match="one value per example"):
+        report.write_report(tmp_path, {"a": np.zeros(3)}, targets=np.zeros(4))
+    with pytest.raises(InfluxValueError, match="top_k must be in 1..32"):
+        report.write_report(tmp_path, {"a": np.zeros(4)}, targets=np.zeros(4), top_k=0)
+    with pytest.raises(InfluxValueError, match="at least one score column"):
+        report.write_report(tmp_path, {}, targets=np.zeros(4))
