@@ -513,6 +513,9 @@ def estimate(
             "splitting runs over ranks needs out=<folder>: each rank saves its chunks there, "
             "and memorization.merge(folders) combines them"
         )
+    # Read a Dataset once, not once per chunk.
+    dataset = as_tensors(dataset)[:2]
+    test = None if test is None else as_tensors(test)[:2]
     n = num_examples(dataset)
     if round(subset_frac * n) in (0, n):
         raise InfluxValueError(
@@ -523,7 +526,7 @@ def estimate(
     config = dict(
         n_examples=n, n_models=n_models, subset_frac=subset_frac, epochs=epochs, lr=lr,
         batch_size=batch_size, seed=seed, chunk=chunk, optimizer=optimizer,
-        weight_decay=weight_decay, n_test=None if test is None else len(as_tensors(test)[0]),
+        weight_decay=weight_decay, n_test=None if test is None else len(test[0]),
     )  # fmt: skip
     folder = None if out is None else Path(out)
     if folder is not None:

@@ -28,8 +28,8 @@
 Ranks are fractions in [0, 1] (``scipy.stats.rankdata``, ties averaged); the combined ``score``
 is their (weighted) mean over the components defined for the example.
 
-:func:`verify` unlearns the top-k and random k-sets (gradient ascent, and any other method given)
-and retrains the oracle without each set; it reports how far each unlearned model ends from its
+:func:`verify` unlearns the top-k and random k-sets (gradient ascent, or any method of
+``influx.unlearn``) and retrains the oracle without each set; it reports how far each unlearned model ends from its
 oracle and a one-sided permutation p-value for "ranked examples end further from the oracle than
 random ones".
 """
@@ -37,6 +37,7 @@ random ones".
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +51,11 @@ from influx.data import as_tensors
 from influx.errors import InfluxValueError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Retrain = Callable[[tuple[torch.Tensor, torch.Tensor]], nn.Module]
-UnlearnMethod = Callable[..., nn.Module]
+Pair = tuple[torch.Tensor, torch.Tensor]
+# retrain(forget, retain) and method(model, loss_fn, forget, retain) return a model, or an
+# influx.unlearn.UnlearnResult (its .model is used).
+Retrain = Callable[[Pair, Pair], Any]
+UnlearnMethod = Callable[..., Any]
 
 COMPONENTS = ("memorization", "self_influence", "ood", "entanglement", "ascent_residual")
 
@@ -62,7 +66,6 @@ __all__ = [
     "embeddings",
     "entanglement",
     "entanglement_score",
-    "gradient_ascent",
     "ood_score",
     "rank",
     "verify",
@@ -338,24 +341,40 @@ def rank(
 # ---------------------------------------------------------------------------------------------
 
 
-def gradient_ascent(
-    model: nn.Module, loss_fn: LossFn, forget, retain=None, *, lr: float, steps: int
-) -> nn.Module:
-    """Plain gradient ascent, in place: ``steps`` full-batch steps ``theta + lr grad L_F`` on the
-    mean forget loss (``retain`` unused). Returns ``model``."""
-    if not lr > 0 or not isinstance(steps, int) or steps < 1:
-        raise InfluxValueError(f"need lr > 0 and steps >= 1; got lr={lr}, steps={steps!r}")
-    inputs, targets, _ = as_tensors(forget)
-    device = next(model.parameters()).device
-    inputs, targets = inputs.to(device), targets.to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        # Ascent on the forget loss = descent on its negative.
-        (-loss_fn(model(inputs), targets).mean()).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _model_of(result) -> nn.Module:
+    model = getattr(result, "model", result)
+    if not isinstance(model, nn.Module):
+        raise InfluxValueError(
+            f"retrain and every method must return an nn.Module or an UnlearnResult; got "
+            f"{type(result).__name__}"
+        )
     return model
+
+
+def _resolve_methods(methods, lr, max_steps, k, method_options) -> dict[str, UnlearnMethod]:
+    """Names of influx.unlearn.METHODS become budget-free calls with the shared settings."""
+    if isinstance(methods, Mapping):
+        resolved = dict(methods)
+    else:
+        from influx import unlearn
+
+        resolved = {}
+        for name in methods:
+            if name not in unlearn.METHODS:
+                raise InfluxValueError(
+                    f"unknown unlearning method {name!r}; choose from {sorted(unlearn.METHODS)} "
+                    "or pass {name: fn(model, loss_fn, forget, retain)}"
+                )
+            options = dict(lr=lr, max_steps=max_steps, batch_size=k, progress=False)
+            options.update(method_options.get(name, {}))
+
+            def run(model, loss_fn, forget, retain, fn=unlearn.METHODS[name], options=options):
+                return fn(model, loss_fn, forget, retain, budget=math.inf, **options)
+
+            resolved[name] = run
+    if not resolved:
+        raise InfluxValueError("methods is empty: name at least one unlearning method")
+    return resolved
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -432,9 +451,10 @@ def verify(
     retrain: Retrain,
     k: int,
     test=None,
-    methods: Mapping[str, UnlearnMethod] | None = None,
-    ascent_lr: float = 0.01,
-    ascent_steps: int = 10,
+    methods: Sequence[str] | Mapping[str, UnlearnMethod] = ("gradient_ascent",),
+    lr: float = 0.01,
+    max_steps: int = 10,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
     n_random: int = 3,
     n_permutations: int = 10_000,
     n_boot: int = 2_000,
@@ -443,13 +463,18 @@ def verify(
 ) -> Verification:
     """Unlearn the ranked top-k and ``n_random`` random k-sets; compare each with its oracle.
 
-    ``model`` is trained on all of ``train``; ``retrain(data)`` must return a model trained from
-    scratch on ``data`` (a tuple (inputs, targets)) with the recipe and seed that made ``model``,
-    so the oracle differs from it by the removed examples only. ``ranking``: a :class:`Ranking`
-    or dataset positions, most resistant first. Random sets are drawn (seeded) from the examples
-    outside the top-k. ``methods`` maps names to ``fn(model, loss_fn, forget, retain) -> model``
-    (``fn`` may modify its copy in place); default: plain :func:`gradient_ascent` with
-    ``ascent_lr`` and ``ascent_steps``. Every method starts from a copy of ``model``.
+    ``model`` is trained on all of ``train``; ``retrain(forget, retain)`` (each a tuple
+    (inputs, targets)) must return a model trained from scratch on ``retain`` with the recipe,
+    initialization and seed that made ``model`` -- e.g. ``lambda f, r: influx.unlearn.retrain(
+    model, loss_fn, f, r, epochs=E, init=initial_state, progress=False)`` -- so the oracle
+    differs from ``model`` by the removed examples only. ``ranking``: a :class:`Ranking` or
+    dataset positions, most resistant first. Random sets are drawn (seeded) from the examples
+    outside the top-k.
+
+    ``methods``: names of ``influx.unlearn.METHODS`` (default: gradient ascent), each run on a
+    copy of ``model`` without a compute budget for ``max_steps`` full-batch steps at ``lr``
+    (``method_options[name]`` adds or overrides options); or a mapping name ->
+    ``fn(model, loss_fn, forget, retain)`` returning the unlearned model (or an UnlearnResult).
     """
     inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]
@@ -459,12 +484,7 @@ def verify(
         raise InfluxValueError(f"k must lie in [1, N/2 = {n // 2}]; got {k!r}")
     if not isinstance(n_random, int) or n_random < 1:
         raise InfluxValueError(f"n_random must be a positive integer; got {n_random!r}")
-    if methods is None:
-
-        def ascent(m, fn, forget, retain):
-            return gradient_ascent(m, fn, forget, retain, lr=ascent_lr, steps=ascent_steps)
-
-        methods = {"gradient_ascent": ascent}
+    methods = _resolve_methods(methods, lr, max_steps, k, method_options or {})
     rng = np.random.default_rng(seed)
     ranked = order[:k]
     rest = np.setdiff1d(np.arange(n), ranked.numpy())
@@ -479,13 +499,13 @@ def verify(
         keep[forget_positions] = False
         forget = (inputs[forget_positions], targets[forget_positions])
         retain = (inputs[keep], targets[keep])
-        oracle = retrain(retain)
+        oracle = _model_of(retrain(forget, retain))
         theta_o = _flat(oracle)
         oracle_losses, oracle_hits = _losses_and_hits(oracle, loss_fn, *forget)
         start_losses, _ = _losses_and_hits(model, loss_fn, *forget)
         start_gaps[set_name] = (start_losses - oracle_losses).abs()
         for method_name, method in methods.items():
-            unlearned = method(copy.deepcopy(model), loss_fn, forget, retain)
+            unlearned = _model_of(method(copy.deepcopy(model), loss_fn, forget, retain))
             losses, hits = _losses_and_hits(unlearned, loss_fn, *forget)
             per_example[(set_name, method_name)] = (losses - oracle_losses).abs()
             row = dict(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 from utils import assert_close
 
-from influx import data, memorization, models, unlearnable
+from influx import data, memorization, models, unlearn, unlearnable
 from influx.errors import InfluxValueError
 from influx.train import cross_entropy_per_example, train
 
@@ -151,33 +153,63 @@ def test_verify_runs_end_to_end_on_a_tiny_model():
     x, y, _ = data.as_tensors(data.load("digits"))
     train_set = (x[:120], y[:120])
     test_x, test_y, _ = data.as_tensors(data.load("digits", split="test"))
+    torch.manual_seed(0)
+    model = models.mlp(64, (16,), 10)
+    initial = {name: t.clone() for name, t in model.state_dict().items()}
+    recipe = dict(epochs=6, lr=1e-2, batch_size=32, seed=0)
+    train(model, train_set, progress=False, **recipe)
+    model.eval()
 
-    def retrain(subset):
-        torch.manual_seed(0)
-        fresh = models.mlp(64, (16,), 10)
-        train(fresh, subset, epochs=6, lr=1e-2, batch_size=32, seed=0, progress=False)
-        return fresh.eval()
+    def retrain(forget, retain):
+        return unlearn.retrain(model, LOSS, forget, retain, init=initial, progress=False, **recipe)
 
-    model = retrain(train_set)
+    # The oracle on the full set with nothing removed is the model itself: same recipe, same start.
+    oracle = retrain(train_set, train_set).model
+    for name, value in oracle.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
     ranking = unlearnable.rank(
         model, LOSS, train_set, influence_method="grad_dot",
         components=("memorization", "self_influence", "ood"),
     )  # fmt: skip
+
+    def halve_last_layer(m, loss_fn, forget, retain):
+        with torch.no_grad():
+            m[-1].weight.mul_(0.5)
+        return m
+
     report = unlearnable.verify(
-        model, LOSS, train_set, ranking, retrain=retrain, k=8, n_random=2, test=(test_x, test_y),
+        model, LOSS, train_set, ranking, retrain=retrain, k=8, n_random=2,
+        test=(test_x, test_y), methods=("gradient_ascent", "neggrad_plus"), max_steps=5,
         n_permutations=500, n_boot=200,
     )  # fmt: skip
-    assert len(report.rows) == 3 and {r["forget_set"] for r in report.rows} == {
-        "ranked", "random_0", "random_1"
-    }  # fmt: skip
-    test = report.tests["gradient_ascent"]
-    assert 0 < test["p_value"] <= 1 and isinstance(test["resists"], bool)
-    assert test["difference_ci"][0] <= test["difference"] <= test["difference_ci"][1]
+    assert len(report.rows) == 6
+    assert {r["forget_set"] for r in report.rows} == {"ranked", "random_0", "random_1"}
+    for method in ("gradient_ascent", "neggrad_plus"):
+        test = report.tests[method]
+        assert 0 < test["p_value"] <= 1 and isinstance(test["resists"], bool)
+        assert test["difference_ci"][0] <= test["difference"] <= test["difference_ci"][1]
     for row in report.rows:
         assert np.isfinite(row["param_distance"]) and row["param_distance"] > 0
         assert 0 <= row["forget_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        # Unlearning moved the model: it no longer sits where it started.
+        assert row["param_distance"] != pytest.approx(row["start_distance"], rel=1e-9)
     assert set(report.forget_sets["ranked"].tolist()) == set(ranking.top(8).tolist())
     assert not set(report.forget_sets["random_0"].tolist()) & set(ranking.top(8).tolist())
     assert "gradient_ascent: ranked examples" in report.summary()
+    # A method given as a function: its model is measured as returned.
+    custom = unlearnable.verify(
+        model, LOSS, train_set, ranking, retrain=retrain, k=8, n_random=1,
+        methods={"halve": halve_last_layer}, n_permutations=100, n_boot=50,
+    )  # fmt: skip
+    halved = halve_last_layer(copy.deepcopy(model), None, None, None).eval()
+    forget = custom.forget_sets["ranked"]
+    row = custom.rows[0]
+    assert row["method"] == "halve" and row["forget_set"] == "ranked"
+    # float32 forward of the same model on the same inputs: equal up to the mean's rounding.
+    assert row["forget_loss"] == pytest.approx(
+        LOSS(halved(x[forget]), y[forget]).mean().item(), rel=1e-6
+    )
     with pytest.raises(InfluxValueError, match="k must lie"):
         unlearnable.verify(model, LOSS, train_set, ranking, retrain=retrain, k=0)
+    with pytest.raises(InfluxValueError, match="unknown unlearning method"):
+        unlearnable.verify(model, LOSS, train_set, ranking, retrain=retrain, k=4, methods=("x",))
