@@ -175,7 +175,7 @@ def lds(
     measured losses are constant across subsets has no rank correlation: it is left out of the
     mean with a warning (never counted as 0).
     """
-    if hasattr(scores, "values") and hasattr(scores, "sign"):
+    if not isinstance(scores, torch.Tensor):  # a Scores, which carries its sign
         if sign is None:
             sign = scores.sign
         scores = scores.values
