@@ -193,6 +193,7 @@ def compare_proxies(device: str, quick: bool) -> tuple[list[dict], dict]:
         n_examples=int(estimate.mem.numel()), n_models=n_models, epochs=epochs, lr=PROXY_LR,
         batch_size=PROXY_BATCH, subset_frac=SUBSET_FRAC, mean_mem=float(mem.mean()),
         mean_stderr=float(estimate.stderr.nanmean()), frac_mem_above_0_5=float((mem > 0.5).double().mean()),
+        frac_mem_zero=float((mem == 0).double().mean()),
         full_model_train_accuracy=recorded.train_result.final_accuracy,
         topk=table.rows[0]["k"], bootstrap=table.n_boot,
     )  # fmt: skip
@@ -232,7 +233,10 @@ def _write_proxies(device: str, rows: list[dict], summary: dict) -> None:
         f"images, Adam lr {summary['lr']}, batch {summary['batch_size']}, {summary['epochs']} "
         f"epochs (vmapped, memorization.estimate). Mean mem {summary['mean_mem']:.4f}, mean "
         f"stderr {summary['mean_stderr']:.4f}, fraction with mem > 0.5: "
-        f"{summary['frac_mem_above_0_5']:.4f}. Proxies: one model of the same recipe trained on "
+        f"{summary['frac_mem_above_0_5']:.4f}; exactly 0 (right, or wrong, in every model "
+        f"alike): {summary['frac_mem_zero']:.4f}. Ties at 0 cap Spearman: a proxy that orders "
+        "the rest perfectly still scores about the same, so read Pearson, cosine and top-k "
+        "overlap. Proxies: one model of the same recipe trained on "
         f"all {summary['n_examples']} images (train accuracy "
         f"{summary['full_model_train_accuracy']:.4f}), recorded at every epoch end. "
         f"Confidence and margin are low for memorized examples (negative correlations expected; "
