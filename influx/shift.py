@@ -1,0 +1,643 @@
+"""Model shift: how much of the poisoning shift an unlearning update removes, and in which geometry.
+
+With ``reference`` the clean model (the retrain oracle), ``poisoned`` the model trained with the
+poisons and ``unlearned`` the model after unlearning, all as parameter vectors:
+
+- poisoning shift ``d_p = poisoned - reference``; unlearning update ``d_u = unlearned - poisoned``;
+- removed fraction ``<d_u, -d_p> / ||d_p||^2`` (1 = the update undoes the shift along it, 0 = no
+  progress, < 0 = it adds to the shift); ``cosine`` between ``d_u`` and ``-d_p``;
+- orthogonal norm ``||d_u - c d_p||`` with ``c = <d_u, d_p> / ||d_p||^2`` (the part of the update
+  that does nothing about the shift); remaining distance ``||unlearned - reference|| =
+  ||d_p + d_u||``.
+
+Every inner product can be taken in a metric ``<a, b>_M = a^T M b``: the identity (Euclidean,
+:func:`decompose` default) or the Fisher of the model's predictive distribution (:func:`fisher`),
+``F = E_x[J^T (diag(p) - p p^T) J]`` at the reference model, which is the generalized Gauss-Newton
+of softmax cross-entropy. ``0.5 d^T F d`` is the second-order expansion of the mean
+``KL(p_reference(.|x) || p_{reference+d}(.|x))`` over the probe inputs: the information in nats that
+poisoning added (``kl_poison``), that remains after unlearning (``kl_remaining``) and that the
+update moved (``kl_update``). :func:`analyze` reports it next to the exact mean KL of the
+predictions on probe sets, so one sees where the quadratic picture holds.
+
+Fisher products: ``"exact"`` is matrix-free (``influx.curvature.ggn_vp`` with cross-entropy, two
+products per decomposition, any model size, cost ~4 backward passes per probe example);
+``"kfac"`` / ``"ekfac"`` use Kronecker factors (``influx.curvature``) with labels sampled from the
+model (the true Fisher), block-diagonal over Linear / Conv layers; parameters of other layers
+(normalization affine, embeddings) are left out of the Fisher quantities and listed in
+``Decomposition.excluded``.
+
+Per layer (``Decomposition.per_layer``, when the inputs are models or state dicts):
+``poison_sq``, ``update_sq``, ``inner`` (= <d_u, -d_p>), ``remaining_sq``, ``orthogonal_sq`` (the
+layer's slice of the *global* orthogonal part) and ``removed_share`` (``inner / ||d_p||^2``) are
+*additive*: they sum over layers to the totals (squared norms, inner products, removed fraction).
+The layer's own ``removed_fraction`` and ``cosine`` are not additive. With the exact Fisher, which
+couples layers, a layer's part of ``<a, b>_F`` is ``0.5 (a_l . (F b)_l + b_l . (F a)_l)``: additive,
+but it can be negative.
+
+Trajectories (:func:`trajectory`): the same at each checkpoint of an unlearning run, from an
+``influx.unlearn.UnlearnResult`` (its trajectory states) or a list of models / state dicts / flat
+vectors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from influx.curvature import (
+    KroneckerFactors,
+    ParamSpace,
+    accumulate_ekfac_eigenvalues,
+    accumulate_kronecker_factors,
+    finalize_ekfac_eigenvalues,
+    finalize_kronecker_factors,
+    ggn_vp,
+)
+from influx.data import as_tensors, iter_batches
+from influx.errors import InfluxValueError
+from influx.grads import capture_matmul_layers
+from influx.train import cross_entropy_per_example
+
+__all__ = [
+    "Decomposition",
+    "FisherMetric",
+    "LayerShift",
+    "ShiftReport",
+    "ShiftTrajectory",
+    "analyze",
+    "decompose",
+    "fisher",
+    "predictive_entropy",
+    "predictive_kl",
+    "trajectory",
+]
+
+State = nn.Module | Mapping[str, torch.Tensor] | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# States as named flat pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def _names_of(states: Sequence[State], params: Iterable[str] | None) -> list[str] | None:
+    """Parameter names shared by the states (None when all are flat vectors)."""
+    if params is not None:
+        return list(params)
+    for s in states:
+        if isinstance(s, nn.Module):
+            return [n for n, _ in s.named_parameters()]
+    for s in states:
+        if isinstance(s, Mapping):
+            return [k for k, v in s.items() if torch.is_tensor(v) and v.is_floating_point()]
+    return None
+
+
+def _pieces(state: State, names: list[str] | None, sizes: list[int] | None) -> list[torch.Tensor]:
+    """The state as flat float64 pieces, one per name (one piece for a flat vector)."""
+    if isinstance(state, nn.Module):
+        state = dict(state.named_parameters())
+    if torch.is_tensor(state):
+        if state.dim() != 1:
+            raise InfluxValueError(
+                f"a flat parameter vector must be 1-D; got shape {tuple(state.shape)}"
+            )
+        flat = state.detach().to(torch.float64)
+        if names is None:
+            return [flat]
+        if flat.numel() != sum(sizes):
+            raise InfluxValueError(
+                f"flat vector has {flat.numel()} entries; the parameters {names[:3]}... have "
+                f"{sum(sizes)}: pass vectors in named_parameters() order"
+            )
+        return list(torch.split(flat, sizes))
+    if isinstance(state, Mapping):
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise InfluxValueError(
+                f"state dict lacks parameters {missing[:5]}: all states must share the reference's "
+                "parameter names (or pass params=)"
+            )
+        return [state[n].detach().reshape(-1).to(torch.float64) for n in names]
+    raise InfluxValueError(
+        f"a state must be an nn.Module, a state dict or a flat tensor; got {type(state).__name__}"
+    )
+
+
+def _as_pieces(
+    states: Sequence[State], params=None, space: ParamSpace | None = None
+) -> tuple[list[str] | None, list[list]]:
+    """Named flat pieces of each state; ``space`` (a model's parameters) fixes names and sizes."""
+    names = list(space.names) if space is not None else _names_of(states, params)
+    sizes = list(space.numels) if space is not None else None
+    if names is not None and sizes is None:
+        first = next((s for s in states if not torch.is_tensor(s)), None)
+        first = dict(first.named_parameters()) if isinstance(first, nn.Module) else first
+        sizes = [first[n].numel() for n in names]
+    pieces = [_pieces(s, names, sizes) for s in states]
+    device = pieces[0][0].device
+    pieces = [[p.to(device) for p in ps] for ps in pieces]
+    for ps in pieces[1:]:
+        shapes = [p.shape for p in ps]
+        if shapes != [p.shape for p in pieces[0]]:
+            raise InfluxValueError(
+                "the states have different parameter shapes: they must be the same architecture"
+            )
+    return names, pieces
+
+
+# --------------------------------------------------------------------------------------------------
+# The decomposition
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """One layer's parts (module docstring: which are additive over layers)."""
+
+    poison_sq: float
+    update_sq: float
+    inner: float
+    remaining_sq: float
+    orthogonal_sq: float
+    removed_share: float
+    removed_fraction: float
+    cosine: float
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Poisoning shift vs unlearning update in one metric (``"euclidean"`` or ``"fisher-..."``).
+
+    ``kl_*`` (Fisher metrics only): ``0.5 ||d||_F^2`` in nats for d = d_p (poison), d_u (update)
+    and d_p + d_u (remaining).
+    """
+
+    metric: str
+    poison_norm: float
+    update_norm: float
+    removed_fraction: float
+    cosine: float
+    orthogonal_norm: float
+    remaining_distance: float
+    per_layer: dict[str, LayerShift] | None = field(default=None, repr=False)
+    kl_poison: float | None = None
+    kl_update: float | None = None
+    kl_remaining: float | None = None
+    excluded: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "metric", "poison_norm", "update_norm", "removed_fraction", "cosine",
+                "orthogonal_norm", "remaining_distance", "kl_poison", "kl_update", "kl_remaining",
+            )
+        }  # fmt: skip
+        if self.per_layer is not None:
+            out["per_layer"] = {n: vars(layer) for n, layer in self.per_layer.items()}
+        if self.excluded:
+            out["excluded"] = list(self.excluded)
+        return out
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _decompose_pieces(
+    names: list[str] | None,
+    poison: list[torch.Tensor],
+    update: list[torch.Tensor],
+    metric_poison: list[torch.Tensor],
+    metric_update: list[torch.Tensor],
+    metric: str,
+    excluded: tuple[str, ...] = (),
+) -> Decomposition:
+    """All quantities from d_p, d_u and their metric images M d_p, M d_u (lists of pieces)."""
+
+    def part(a, ma, b, mb):
+        # The layer's symmetric share of <a, b>_M (the exact share for block-diagonal M).
+        return 0.5 * (float(a @ mb) + float(b @ ma))
+
+    pp = [part(p, mp, p, mp) for p, mp in zip(poison, metric_poison)]
+    uu = [part(u, mu, u, mu) for u, mu in zip(update, metric_update)]
+    pu = [part(p, mp, u, mu) for p, mp, u, mu in zip(poison, metric_poison, update, metric_update)]
+    total_pp, total_uu, total_pu = sum(pp), sum(uu), sum(pu)
+    c = _ratio(total_pu, total_pp) if total_pp > 0 else 0.0
+    # The orthogonal part r = d_u - c d_p and the remainder d_p + d_u, formed explicitly so that
+    # their norms carry no cancellation (|| . ||^2 = uu - pu^2 / pp would lose half the digits).
+    orth = [part(u - c * p, mu - c * mp, u - c * p, mu - c * mp)
+            for p, mp, u, mu in zip(poison, metric_poison, update, metric_update)]  # fmt: skip
+    remaining = [part(p + u, mp + mu, p + u, mp + mu)
+                 for p, mp, u, mu in zip(poison, metric_poison, update, metric_update)]  # fmt: skip
+    sqrt = lambda v: math.sqrt(max(v, 0.0))
+    per_layer = None
+    if names is not None:
+        per_layer = {
+            name: LayerShift(
+                poison_sq=pp[i],
+                update_sq=uu[i],
+                inner=-pu[i],
+                remaining_sq=remaining[i],
+                orthogonal_sq=orth[i],
+                removed_share=_ratio(-pu[i], total_pp),
+                removed_fraction=_ratio(-pu[i], pp[i]),
+                cosine=_ratio(-pu[i], sqrt(pp[i]) * sqrt(uu[i])),
+            )
+            for i, name in enumerate(names)
+        }
+    fisher_metric = metric != "euclidean"
+    return Decomposition(
+        metric=metric,
+        poison_norm=sqrt(total_pp),
+        update_norm=sqrt(total_uu),
+        removed_fraction=_ratio(-total_pu, total_pp),
+        cosine=_ratio(-total_pu, sqrt(total_pp) * sqrt(total_uu)),
+        orthogonal_norm=sqrt(sum(orth)),
+        remaining_distance=sqrt(sum(remaining)),
+        per_layer=per_layer,
+        kl_poison=0.5 * total_pp if fisher_metric else None,
+        kl_update=0.5 * total_uu if fisher_metric else None,
+        kl_remaining=0.5 * sum(remaining) if fisher_metric else None,
+        excluded=excluded,
+    )
+
+
+def decompose(
+    reference: State,
+    poisoned: State,
+    unlearned: State,
+    *,
+    metric: FisherMetric | None = None,
+    params: Iterable[str] | None = None,
+) -> Decomposition:
+    """Decompose the unlearning update against the poisoning shift (module docstring).
+
+    ``reference``, ``poisoned``, ``unlearned``: models, state dicts or flat parameter vectors
+    (mixed is fine; flat vectors are in ``named_parameters()`` order). ``metric``: None for the
+    Euclidean geometry, or a :class:`FisherMetric` from :func:`fisher`. ``params`` restricts the
+    parameters (default: the parameters of the first model, or the floating-point entries of the
+    first state dict). ``per_layer`` is set unless all three are flat vectors.
+    """
+    if metric is not None:
+        return metric.decompose(reference, poisoned, unlearned)
+    names, (ref, poi, unl) = _as_pieces([reference, poisoned, unlearned], params)
+    poison = [p - r for p, r in zip(poi, ref)]
+    update = [u - p for u, p in zip(unl, poi)]
+    return _decompose_pieces(names, poison, update, poison, update, "euclidean")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fisher metric
+# --------------------------------------------------------------------------------------------------
+
+
+def _sampled_labels(model: nn.Module, inputs: torch.Tensor, generator) -> torch.Tensor:
+    """Labels drawn from softmax(model(inputs)) on a CPU generator, moved to the inputs' device."""
+    with torch.no_grad():
+        logits = model(inputs)
+    probabilities = torch.softmax(logits.to(device="cpu", dtype=torch.float64), dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(inputs.device)
+
+
+def _layer_matrix(factor: KroneckerFactors, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A layer's weight (and bias) as [d_out, d_in(+1)], the layout of its K-FAC factors: a Conv
+    weight [out, in, kh, kw] flattens like its unfolded patches, the bias is the last column."""
+    weight = named[factor.weight_name]
+    matrix = weight.reshape(weight.shape[0], -1)
+    if factor.bias_name:
+        matrix = torch.cat([matrix, named[factor.bias_name].reshape(-1, 1)], dim=1)
+    return matrix
+
+
+class FisherMetric:
+    """The Fisher of a classifier's predictive distribution at one state, as a metric on shifts.
+
+    Build it with :func:`fisher`. ``apply(vector [P]) -> F vector`` over the parameters in
+    ``self.names`` (flat, ``named_parameters()`` order).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        at: State,
+        probe,
+        *,
+        curvature: str = "exact",
+        batch_size: int = 256,
+        seed: int = 0,
+    ):
+        if curvature not in ("exact", "kfac", "ekfac"):
+            raise InfluxValueError(
+                f"curvature must be 'exact', 'kfac' or 'ekfac'; got {curvature!r}"
+            )
+        if not isinstance(model, nn.Module):
+            raise InfluxValueError("fisher needs the model (architecture) as an nn.Module")
+        self.model, self.curvature, self.batch_size = model, curvature, batch_size
+        inputs, targets, _ = as_tensors(probe)
+        if targets.is_floating_point() or targets.dim() != 1:
+            raise InfluxValueError(
+                "the Fisher of a categorical predictive distribution needs integer class targets "
+                f"[N] in the probe data; got {targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        self.inputs, self.targets = inputs, targets
+        self.space = ParamSpace.of(model)
+        self.names = list(self.space.names)
+        _, (theta,) = _as_pieces([at], space=self.space)
+        self.theta = torch.cat(theta)
+        self.excluded: tuple[str, ...] = ()
+        if curvature != "exact":
+            self._fit_kronecker(at, seed)
+
+    # -- K-FAC / EK-FAC --------------------------------------------------------------------------
+
+    def _fit_kronecker(self, at: State, seed: int) -> None:
+        # Factors at the state ``at``: a private copy of the model holds its parameters.
+        model = copy.deepcopy(self.model).eval()
+        with torch.no_grad():
+            for name, value in self.space.unflatten(self.theta).items():
+                model.get_parameter(name).copy_(value)
+        generator = torch.Generator().manual_seed(seed)
+        batches = [
+            (x, _sampled_labels(model, x, generator))
+            for x, *_ in iter_batches((self.inputs, self.targets), self.batch_size)
+        ]
+        self.factors: dict[str, KroneckerFactors] = {}
+        for x, y in batches:
+            captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
+            accumulate_kronecker_factors(self.factors, captures)
+        finalize_kronecker_factors(self.factors)
+        if self.curvature == "ekfac":
+            sums: dict[str, torch.Tensor] = {}
+            for x, y in batches:
+                captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
+                accumulate_ekfac_eigenvalues(self.factors, captures, sums)
+            finalize_ekfac_eigenvalues(self.factors, sums)
+        covered = set()
+        for f in self.factors.values():
+            covered |= {f.weight_name} | ({f.bias_name} if f.bias_name else set())
+        self.excluded = tuple(n for n in self.names if n not in covered)
+        if self.excluded:
+            warnings.warn(
+                f"K-FAC covers Linear/Conv layers only: parameters {list(self.excluded)[:5]} are "
+                "left out of the Fisher quantities; use curvature='exact' to include them",
+                stacklevel=3,
+            )
+
+    def _apply_kronecker(self, vector: torch.Tensor) -> torch.Tensor:
+        named = self.space.unflatten(vector)
+        out = {n: torch.zeros_like(v) for n, v in named.items()}
+        for f in self.factors.values():
+            matrix = _layer_matrix(f, named).to(f.activation.dtype)
+            product = f.unrotate(f.rotate(matrix) * f.eigenvalues).to(vector.dtype)
+            if f.bias_name:
+                out[f.bias_name] = product[:, -1].reshape(named[f.bias_name].shape)
+                product = product[:, :-1]
+            out[f.weight_name] = product.reshape(named[f.weight_name].shape)
+        return self.space.flatten(out)
+
+    # -- products --------------------------------------------------------------------------------
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """F v for v [P] or [K, P] (float64)."""
+        vectors = vectors.to(torch.float64)
+        if self.curvature != "exact":
+            if vectors.dim() == 1:
+                return self._apply_kronecker(vectors)
+            return torch.stack([self._apply_kronecker(v) for v in vectors])
+        n = self.inputs.shape[0]
+        total = torch.zeros_like(vectors)
+        for x, y, *_ in iter_batches((self.inputs, self.targets), self.batch_size):
+            # F of the mean over the probe set = size-weighted mean of the batch means.
+            theta = self.theta.to(x.dtype)
+            product = ggn_vp(self.model, cross_entropy_per_example, (x, y), vectors.to(x.dtype),
+                             theta=theta)  # fmt: skip
+            total += product.to(torch.float64) * (x.shape[0] / n)
+        return total
+
+    def decompose(self, reference: State, poisoned: State, unlearned: State) -> Decomposition:
+        _, (ref, poi, unl) = _as_pieces([reference, poisoned, unlearned], space=self.space)
+        ref, poi, unl = (torch.cat(p).to(self.theta.device) for p in (ref, poi, unl))
+        poison, update = poi - ref, unl - poi
+        keep = torch.ones_like(poison)
+        if self.excluded:
+            for name, piece in self.space.unflatten(keep).items():
+                if name in self.excluded:
+                    piece.zero_()
+        poison, update = poison * keep, update * keep
+        metric_poison, metric_update = self.apply(torch.stack([poison, update]))
+        split = lambda v: list(torch.split(v, list(self.space.numels)))
+        return _decompose_pieces(
+            self.names, split(poison), split(update), split(metric_poison), split(metric_update),
+            f"fisher-{self.curvature}", self.excluded,
+        )  # fmt: skip
+
+
+def fisher(
+    model: nn.Module,
+    at: State,
+    probe,
+    *,
+    curvature: str = "exact",
+    batch_size: int = 256,
+    seed: int = 0,
+) -> FisherMetric:
+    """The Fisher of ``model``'s predictive distribution at the parameters ``at`` over ``probe``.
+
+    ``F = (1/N) sum_x J_x^T (diag(p_x) - p_x p_x^T) J_x`` (the GGN of softmax cross-entropy; the
+    probe's labels are not used except by K-FAC's shape checks). ``curvature``: ``"exact"``
+    (matrix-free products), ``"kfac"`` or ``"ekfac"`` (Kronecker factors from labels sampled with
+    ``seed``). ``at`` is normally the reference (clean) model, so that ``0.5 d^T F d`` approximates
+    ``KL(p_reference || p_{reference + d})``.
+    """
+    return FisherMetric(model, at, probe, curvature=curvature, batch_size=batch_size, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions: exact KL and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+def _log_probs(model: nn.Module, state: State, inputs: torch.Tensor, batch_size: int):
+    space = ParamSpace.of(model)
+    _, (pieces,) = _as_pieces([state], space=space)
+    named = space.unflatten(torch.cat(pieces).to(device=inputs.device, dtype=inputs.dtype))
+    buffers = dict(model.named_buffers())
+    outs = []
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = torch.func.functional_call(
+                model, {**buffers, **named}, (inputs[start : start + batch_size],)
+            )
+            outs.append(torch.log_softmax(logits.to(torch.float64), dim=-1))
+    return torch.cat(outs)
+
+
+def predictive_kl(model: nn.Module, p: State, q: State, data, *, batch_size: int = 512) -> float:
+    """Mean over the inputs of ``KL(p(.|x) || q(.|x))`` in nats (``model`` gives the architecture)."""
+    inputs = as_tensors(data)[0]
+    log_p = _log_probs(model, p, inputs, batch_size)
+    log_q = _log_probs(model, q, inputs, batch_size)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def predictive_entropy(model: nn.Module, state: State, data, *, batch_size: int = 512) -> float:
+    """Mean over the inputs of the entropy ``-sum_c p_c log p_c`` of the predictions, in nats."""
+    log_p = _log_probs(model, state, as_tensors(data)[0], batch_size)
+    return float(-(log_p.exp() * log_p).sum(-1).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports and trajectories
+# --------------------------------------------------------------------------------------------------
+
+_MODELS = ("reference", "poisoned", "unlearned")
+_PAIRS = {
+    "reference||poisoned": ("reference", "poisoned"),
+    "reference||unlearned": ("reference", "unlearned"),
+    "poisoned||unlearned": ("poisoned", "unlearned"),
+}
+
+
+@dataclass(frozen=True)
+class ShiftReport:
+    """Euclidean and Fisher decompositions, exact KL and predictive entropy on each probe set.
+
+    ``kl[probe][pair]``: mean exact KL in nats, pairs ``"reference||poisoned"``,
+    ``"reference||unlearned"``, ``"poisoned||unlearned"``; ``entropy[probe][model]``: mean
+    predictive entropy of ``"reference"``, ``"poisoned"``, ``"unlearned"``, with
+    ``entropy_change[probe]`` = unlearned - poisoned and ``poison_entropy_change[probe]`` =
+    poisoned - reference.
+    """
+
+    euclidean: Decomposition
+    fisher: Decomposition | None
+    kl: dict[str, dict[str, float]]
+    entropy: dict[str, dict[str, float]]
+
+    @property
+    def entropy_change(self) -> dict[str, float]:
+        return {p: e["unlearned"] - e["poisoned"] for p, e in self.entropy.items()}
+
+    @property
+    def poison_entropy_change(self) -> dict[str, float]:
+        return {p: e["poisoned"] - e["reference"] for p, e in self.entropy.items()}
+
+    def as_dict(self) -> dict:
+        return {
+            "euclidean": self.euclidean.as_dict(),
+            "fisher": None if self.fisher is None else self.fisher.as_dict(),
+            "kl": self.kl,
+            "entropy": self.entropy,
+            "entropy_change": self.entropy_change,
+            "poison_entropy_change": self.poison_entropy_change,
+        }
+
+
+def analyze(
+    model: nn.Module,
+    reference: State,
+    poisoned: State,
+    unlearned: State,
+    probes: Mapping[str, object] | None = None,
+    *,
+    metric: FisherMetric | None = None,
+    batch_size: int = 512,
+) -> ShiftReport:
+    """Everything at once: :func:`decompose` (Euclidean, and Fisher when ``metric`` is given), and
+    on each probe set (e.g. ``{"train": ..., "forget": ..., "retain": ..., "test": ...}``) the
+    exact mean KL between the three models' predictions and their predictive entropies."""
+    states = dict(zip(_MODELS, (reference, poisoned, unlearned)))
+    kl, entropy = {}, {}
+    for probe, data in (probes or {}).items():
+        inputs = as_tensors(data)[0]
+        logs = {m: _log_probs(model, s, inputs, batch_size) for m, s in states.items()}
+        kl[probe] = {
+            pair: float((logs[a].exp() * (logs[a] - logs[b])).sum(-1).mean())
+            for pair, (a, b) in _PAIRS.items()
+        }
+        entropy[probe] = {m: float(-(lp.exp() * lp).sum(-1).mean()) for m, lp in logs.items()}
+    return ShiftReport(
+        euclidean=decompose(
+            reference, poisoned, unlearned, params=[n for n, _ in model.named_parameters()]
+        ),
+        fisher=None if metric is None else metric.decompose(reference, poisoned, unlearned),
+        kl=kl,
+        entropy=entropy,
+    )
+
+
+@dataclass(frozen=True)
+class ShiftTrajectory:
+    """One :class:`ShiftReport` per checkpoint; ``series("fisher.kl_remaining")`` etc. give arrays."""
+
+    steps: list[int]
+    reports: list[ShiftReport]
+
+    def series(self, key: str) -> list[float | None]:
+        """A dotted path into each report's ``as_dict()``, e.g. ``"euclidean.cosine"``,
+        ``"kl.forget.reference||unlearned"``, ``"entropy.test.unlearned"``."""
+        values = []
+        for report in self.reports:
+            node = report.as_dict()
+            for part in _split_key(key):
+                node = None if node is None else node.get(part)
+            values.append(node)
+        return values
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "reports": [r.as_dict() for r in self.reports]}
+
+
+def _split_key(key: str) -> list[str]:
+    # KL pair names contain no dots; split on dots only.
+    return key.split(".")
+
+
+def _checkpoints(checkpoints) -> tuple[list[int], list[State]]:
+    """(steps, states) from an UnlearnResult-like object (``.trajectory`` of points with ``.step``
+    and ``.state_dict``) or a sequence of states."""
+    points = getattr(checkpoints, "trajectory", None)
+    if points is not None:
+        kept = [p for p in points if getattr(p, "state_dict", None) is not None]
+        if not kept:
+            raise InfluxValueError(
+                "the unlearning result kept no states: run the method with record_every=k and "
+                "keep_states=True"
+            )
+        return [int(p.step) for p in kept], [p.state_dict for p in kept]
+    states = list(checkpoints)
+    if not states:
+        raise InfluxValueError("checkpoints is empty: pass at least one state")
+    return list(range(len(states))), states
+
+
+def trajectory(
+    model: nn.Module,
+    reference: State,
+    poisoned: State,
+    checkpoints,
+    probes: Mapping[str, object] | None = None,
+    *,
+    metric: FisherMetric | None = None,
+    batch_size: int = 512,
+) -> ShiftTrajectory:
+    """:func:`analyze` at every checkpoint of an unlearning run (each checkpoint as ``unlearned``).
+
+    ``checkpoints``: an ``influx.unlearn.UnlearnResult`` run with ``record_every`` (its kept
+    states; ``steps`` are its step numbers) or a list of models / state dicts / flat vectors
+    (``steps`` 0, 1, ...). The Fisher metric is fitted once (at the reference) and reused.
+    """
+    steps, states = _checkpoints(checkpoints)
+    reports = [
+        analyze(model, reference, poisoned, s, probes, metric=metric, batch_size=batch_size)
+        for s in states
+    ]
+    return ShiftTrajectory(steps, reports)

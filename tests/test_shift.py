@@ -1,0 +1,350 @@
+"""influx.shift against closed forms and direct evaluations of the definitions, in float64."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+from utils import assert_close
+
+from influx import shift, unlearn
+from influx.curvature import ParamSpace
+from influx.errors import InfluxValueError
+from influx.grads import capture_matmul_layers, per_sample_grads
+from influx.models import cnn
+from influx.train import cross_entropy_per_example, mse_per_example
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _with_params(model: nn.Module, vector: torch.Tensor) -> nn.Module:
+    out = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(vector.clone(), out.parameters())
+    return out
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _direct(d_p: torch.Tensor, d_u: torch.Tensor) -> dict[str, float]:
+    """The definitions, written out once more."""
+    c = (d_u @ d_p) / (d_p @ d_p)
+    return {
+        "removed_fraction": float(-(d_u @ d_p) / (d_p @ d_p)),
+        "cosine": float(-(d_u @ d_p) / (d_u.norm() * d_p.norm())),
+        "orthogonal_norm": float((d_u - c * d_p).norm()),
+        "remaining_distance": float((d_p + d_u).norm()),
+        "poison_norm": float(d_p.norm()),
+        "update_norm": float(d_u.norm()),
+    }
+
+
+def _check_fields(result, expected: dict[str, float], rtol: float, name: str):
+    for key, value in expected.items():
+        assert getattr(result, key) == pytest.approx(value, rel=rtol, abs=1e-14), f"{name}: {key}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Euclidean decomposition
+# --------------------------------------------------------------------------------------------------
+
+
+def test_decompose_random_vectors_equals_formulas():
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    ref, poi, unl = torch.randn(3, 200, generator=generator, dtype=torch.float64, device="cpu")
+    result = shift.decompose(ref, poi, unl)
+    # The same dot products in another order: float64 round-off, relative 1e-13 at most.
+    _check_fields(result, _direct(poi - ref, unl - poi), 1e-12, "random vectors")
+    assert result.per_layer is None and result.metric == "euclidean" and result.kl_poison is None
+
+
+def test_per_layer_parts_sum_to_totals_and_inputs_agree():
+    models = [_mlp(s) for s in range(3)]
+    by_model = shift.decompose(*models)
+    by_state = shift.decompose(*(m.state_dict() for m in models))
+    by_vector = shift.decompose(*(_flat(m) for m in models))
+    mixed = shift.decompose(models[0], models[1].state_dict(), _flat(models[2]))
+    expected = _direct(_flat(models[1]) - _flat(models[0]), _flat(models[2]) - _flat(models[1]))
+    for name, result in [("models", by_model), ("state dicts", by_state),
+                         ("vectors", by_vector), ("mixed", mixed)]:  # fmt: skip
+        _check_fields(result, expected, 1e-12, name)
+    layers = by_model.per_layer
+    assert list(layers) == [n for n, _ in models[0].named_parameters()]
+    total = lambda key: sum(getattr(layer, key) for layer in layers.values())
+    # Sums of four float64 parts: round-off only.
+    assert total("poison_sq") == pytest.approx(by_model.poison_norm**2, rel=1e-12)
+    assert total("update_sq") == pytest.approx(by_model.update_norm**2, rel=1e-12)
+    assert total("remaining_sq") == pytest.approx(by_model.remaining_distance**2, rel=1e-12)
+    assert total("orthogonal_sq") == pytest.approx(by_model.orthogonal_norm**2, rel=1e-12)
+    assert total("removed_share") == pytest.approx(by_model.removed_fraction, rel=1e-12)
+    inner = -(_flat(models[2]) - _flat(models[1])) @ (_flat(models[1]) - _flat(models[0]))
+    assert total("inner") == pytest.approx(float(inner), rel=1e-12)
+    # A layer's own numbers are its slice's definitions.
+    d_p = models[1][0].weight - models[0][0].weight
+    d_u = models[2][0].weight - models[1][0].weight
+    own = _direct(d_p.detach().reshape(-1), d_u.detach().reshape(-1))
+    assert layers["0.weight"].removed_fraction == pytest.approx(own["removed_fraction"], rel=1e-12)
+    assert layers["0.weight"].cosine == pytest.approx(own["cosine"], rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Least squares: Newton removal and one ascent step in closed form
+# --------------------------------------------------------------------------------------------------
+
+
+def _poisoned_least_squares():
+    """Linear regression with Gaussian-poisoned forget inputs; models at the exact minimizers."""
+    generator = torch.Generator(device="cpu").manual_seed(3)
+    kw = dict(generator=generator, dtype=torch.float64, device="cpu")
+    x, w = torch.randn(80, 4, **kw), torch.randn(4, 2, **kw)
+    y = x @ w + 0.1 * torch.randn(80, 2, **kw)
+    x[:12] += 2.0 * torch.randn(12, 4, **kw)  # the poisons: inputs shifted, labels kept
+    forget, retain = (x[:12], y[:12]), (x[12:], y[12:])
+
+    def fitted(inputs, targets):
+        design = torch.cat([inputs, torch.ones(inputs.shape[0], 1, dtype=inputs.dtype)], 1)
+        solution = torch.linalg.lstsq(design, targets).solution  # [5, 2]
+        model = nn.Linear(4, 2).double()
+        with torch.no_grad():
+            model.weight.copy_(solution[:4].T)
+            model.bias.copy_(solution[4])
+        return model
+
+    return fitted(*retain), fitted(x, y), forget, retain
+
+
+def _design(inputs):
+    return torch.cat([inputs, torch.ones(inputs.shape[0], 1, dtype=inputs.dtype)], 1)
+
+
+def _as_vector(theta: torch.Tensor) -> torch.Tensor:
+    """[5, 2] = [W^T; b] -> the flat named_parameters() order (weight row-major, then bias)."""
+    return torch.cat([theta[:4].T.reshape(-1), theta[4]])
+
+
+def test_newton_removal_removes_exactly_the_poisoning_shift():
+    reference, poisoned, forget, retain = _poisoned_least_squares()
+    # Newton step on the mean retain loss with its exact Hessian, by hand:
+    # theta <- theta - H^-1 grad, H = D^T D / n, grad = D^T (D theta - Y) / n.
+    design = _design(retain[0])
+    theta = torch.cat([poisoned.weight.detach().T, poisoned.bias.detach()[None]])
+    n = design.shape[0]
+    hessian, gradient = design.T @ design / n, design.T @ (design @ theta - retain[1]) / n
+    by_hand = _as_vector(theta - torch.linalg.solve(hessian, gradient))
+    lab = unlearn.newton(poisoned, mse_per_example, forget, retain, damping=0.0, solver="dense",
+                         budget=math.inf, progress=False).model  # fmt: skip
+    for name, unlearned in [("closed form", by_hand), ("unlearn.newton", lab)]:
+        result = shift.decompose(reference, poisoned, unlearned)
+        assert result.poison_norm > 0.05  # a real shift to remove
+        # A 5x5 solve with condition number < 1e2 in float64: 1e-10 holds with margin.
+        assert abs(result.removed_fraction - 1) < 1e-10, name
+        assert abs(result.cosine - 1) < 1e-10, name
+        assert result.orthogonal_norm < 1e-10, name
+        assert result.remaining_distance < 1e-10, name
+
+
+def test_one_ascent_step_update_is_its_closed_form():
+    reference, poisoned, forget, retain = _poisoned_least_squares()
+    lr = 0.05
+    result = unlearn.gradient_ascent(poisoned, mse_per_example, forget, retain, budget=12, lr=lr,
+                                     progress=False)  # fmt: skip
+    assert result.steps == 1
+    # grad of the mean forget loss 0.5 ||W x + b - y||^2: D^T (D theta - Y) / m.
+    design = _design(forget[0])
+    theta = torch.cat([poisoned.weight.detach().T, poisoned.bias.detach()[None]])
+    d_u = _as_vector(lr * design.T @ (design @ theta - forget[1]) / design.shape[0])
+    # One axpy on the same gradient summed in another order: float64 round-off.
+    assert_close(_flat(result.model) - _flat(poisoned), d_u, rtol=1e-12, name="ascent update")
+    decomposition = shift.decompose(reference, poisoned, result.model)
+    d_p = _flat(poisoned) - _flat(reference)
+    _check_fields(decomposition, _direct(d_p, d_u), 1e-10, "ascent step")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fisher metric
+# --------------------------------------------------------------------------------------------------
+
+
+def _probe(n: int = 40, seed: int = 2):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, 5, generator=generator, dtype=torch.float64, device="cpu")
+    y = torch.randint(0, 3, (n,), generator=generator, device="cpu")
+    return x, y
+
+
+def test_exact_fisher_products_equal_the_definition():
+    model, (x, y) = _mlp(), _probe()
+    metric = shift.fisher(model, model, (x, y), batch_size=16)  # three uneven batches
+    space = ParamSpace.of(model)
+    theta = space.current(model)
+
+    def logits(t):
+        return functional_call(model, space.unflatten(t), (x,))
+
+    jac = jacrev(logits)(theta)  # [N, C, P]
+    p = torch.softmax(logits(theta), -1)
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    dense = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / x.shape[0]
+    v = torch.randn(2, space.size, dtype=torch.float64, device="cpu")
+    # Matrix-free jvp/vjp products vs an explicit Jacobian contraction: round-off only.
+    assert_close(metric.apply(v), v @ dense, rtol=1e-10, name="F v")
+
+
+def test_half_fisher_quadratic_is_the_kl_to_second_order():
+    model, probe = _mlp(), _probe(60)
+    metric = shift.fisher(model, model, probe)
+    theta = _flat(model)
+    direction = torch.randn(theta.numel(), dtype=torch.float64, device="cpu")
+    direction *= 3.0 / direction.norm()
+    errors = []
+    for scale in (0.1, 0.01, 0.001):
+        moved = theta + scale * direction
+        quadratic = metric.decompose(model, moved, moved).kl_poison
+        exact = shift.predictive_kl(model, model, moved, probe)
+        errors.append(abs(quadratic / exact - 1))
+    # KL = 0.5 d^T F d + O(|d|^3), so |ratio - 1| = O(scale): each tenfold shrink cuts it ~10x
+    # (>= 5x asked, leaving room for the next-order term); measured 6e-3, 7e-4, 7e-5.
+    assert errors[0] > 1e-3, errors  # the shift is large enough for the cubic term to show
+    for bigger, smaller in zip(errors, errors[1:]):
+        assert smaller < bigger / 5, errors
+    assert errors[-1] < 1e-3, errors
+
+
+def test_fisher_decomposition_is_the_euclidean_one_in_the_fisher_metric():
+    model, probe = _mlp(), _probe()
+    metric = shift.fisher(model, model, probe)
+    generator = torch.Generator(device="cpu").manual_seed(4)
+    theta = _flat(model)
+    poisoned = theta + 0.1 * torch.randn(theta.numel(), generator=generator, dtype=torch.float64)
+    unlearned = poisoned + 0.1 * torch.randn(
+        theta.numel(), generator=generator, dtype=torch.float64
+    )
+    result = metric.decompose(model, poisoned, unlearned)
+    d_p, d_u = poisoned - theta, unlearned - poisoned
+    f_p, f_u = metric.apply(d_p), metric.apply(d_u)
+    c = (d_u @ f_p) / (d_p @ f_p)
+    orth = d_u - c * d_p
+    expected = {
+        "removed_fraction": float(-(d_u @ f_p) / (d_p @ f_p)),
+        "cosine": float(-(d_u @ f_p) / torch.sqrt((d_u @ f_u) * (d_p @ f_p))),
+        "orthogonal_norm": float(torch.sqrt(orth @ metric.apply(orth))),
+        "remaining_distance": float(torch.sqrt((d_p + d_u) @ metric.apply(d_p + d_u))),
+        "kl_poison": float(0.5 * d_p @ f_p),
+        "kl_update": float(0.5 * d_u @ f_u),
+    }
+    # Separate products of the same symmetric F: agreement to round-off (1e-10 relative).
+    _check_fields(result, expected, 1e-10, "fisher")
+    layers = result.per_layer
+    assert sum(v.poison_sq for v in layers.values()) == pytest.approx(
+        2 * result.kl_poison, rel=1e-10
+    )
+    assert result.metric == "fisher-exact"
+
+
+def _layer_matrix_of_per_sample(factor, grads, i):
+    weight = grads[factor.weight_name][i]
+    matrix = weight.reshape(weight.shape[0], -1)
+    if factor.bias_name:
+        matrix = torch.cat([matrix, grads[factor.bias_name][i].reshape(-1, 1)], 1)
+    return matrix
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_kronecker_products_use_the_layer_layout(curvature):
+    # The K-FAC product maps parameter deltas to [d_out, d_in(+1)]; per-sample gradients mapped
+    # the same way must equal the captured b_n^T a_n (Conv patches included), and the metric's
+    # product must equal the factors' Kronecker form on that layout.
+    torch.manual_seed(0)
+    model = cnn(1, 3, width=4).double().eval()
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64, device="cpu")
+    y = torch.randint(0, 3, (5,), device="cpu")
+    with pytest.warns(UserWarning, match="K-FAC covers Linear/Conv layers only"):
+        metric = shift.fisher(model, model, (x, y), curvature=curvature)
+    grads = per_sample_grads(model, cross_entropy_per_example, x, y)
+    captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
+    for name, factor in metric.factors.items():
+        captured = captures[name].b.transpose(1, 2) @ captures[name].a
+        for i in range(x.shape[0]):
+            mapped = shift._layer_matrix(factor, {k: v[i] for k, v in grads.items()})
+            assert_close(mapped, captured[i], name=f"{name} layout")
+    space = ParamSpace.of(model)
+    v = torch.randn(space.size, dtype=torch.float64, device="cpu")
+    product = space.unflatten(metric.apply(v))
+    named = space.unflatten(v)
+    for factor in metric.factors.values():
+        matrix = shift._layer_matrix(factor, named)
+        expected = factor.unrotate(factor.rotate(matrix) * factor.eigenvalues)
+        assert_close(shift._layer_matrix(factor, product), expected, name=factor.weight_name)
+    for name in metric.excluded:
+        assert torch.all(product[name] == 0)
+    assert "fisher" in metric.decompose(model, model, model).metric
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions, reports, trajectories
+# --------------------------------------------------------------------------------------------------
+
+
+def test_analyze_kl_and_entropy_are_direct_evaluations():
+    models = [_mlp(s) for s in range(3)]
+    probes = {"forget": _probe(10, 5), "test": _probe(30, 6)}
+    report = shift.analyze(models[0], *models, probes)
+    for name, (x, _) in probes.items():
+        logp = [torch.log_softmax(m(x), -1).detach() for m in models]
+        entropy = [float(-(lp.exp() * lp).sum(-1).mean()) for lp in logp]
+        kl = lambda a, b, logp=logp: float((logp[a].exp() * (logp[a] - logp[b])).sum(-1).mean())
+        assert report.entropy[name]["unlearned"] == pytest.approx(entropy[2], rel=1e-12)
+        assert report.entropy_change[name] == pytest.approx(entropy[2] - entropy[1], rel=1e-10)
+        assert report.kl[name]["reference||poisoned"] == pytest.approx(kl(0, 1), rel=1e-12)
+        assert report.kl[name]["poisoned||unlearned"] == pytest.approx(kl(1, 2), rel=1e-12)
+    assert report.fisher is None
+    assert report.as_dict()["euclidean"]["cosine"] == report.euclidean.cosine
+
+
+def test_trajectory_from_unlearn_result_and_from_states():
+    reference, poisoned = _mlp(0), _mlp(1)
+    forget, retain = _probe(8, 7), _probe(30, 8)
+    result = unlearn.gradient_ascent(poisoned, cross_entropy_per_example, forget, retain,
+                                     budget=32, lr=0.1, record_every=1, progress=False)  # fmt: skip
+    metric = shift.fisher(reference, reference, retain)
+    probes = {"forget": forget}
+    path = shift.trajectory(reference, reference, poisoned, result, probes, metric=metric)
+    assert path.steps == [p.step for p in result.trajectory] == [0, 1, 2, 3, 4]
+    # Step 0 is the poisoned model itself: nothing removed, the full shift remains.
+    assert path.series("euclidean.update_norm")[0] == 0
+    assert path.series("kl.forget.poisoned||unlearned")[0] == pytest.approx(0, abs=1e-15)
+    last = shift.analyze(reference, reference, poisoned, result.model, probes, metric=metric)
+    assert path.series("euclidean.cosine")[-1] == pytest.approx(last.euclidean.cosine, rel=1e-12)
+    assert path.series("fisher.kl_remaining")[-1] == pytest.approx(
+        last.fisher.kl_remaining, rel=1e-12
+    )
+    states = [p.state_dict for p in result.trajectory]
+    again = shift.trajectory(reference, reference, poisoned, states, probes)
+    assert again.steps == [0, 1, 2, 3, 4]
+    assert again.series("euclidean.removed_fraction") == path.series("euclidean.removed_fraction")
+
+
+def test_bad_input():
+    model = _mlp()
+    with pytest.raises(InfluxValueError, match="1-D"):
+        shift.decompose(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2))
+    with pytest.raises(InfluxValueError, match="named_parameters"):
+        shift.decompose(model, torch.zeros(7), model)
+    with pytest.raises(InfluxValueError, match="lacks parameters"):
+        shift.decompose(model, {"0.weight": model[0].weight}, model)
+    with pytest.raises(InfluxValueError, match="state must be"):
+        shift.decompose(model, [1, 2], model)
+    with pytest.raises(InfluxValueError, match="curvature"):
+        shift.fisher(model, model, _probe(), curvature="diag")
+    with pytest.raises(InfluxValueError, match="integer class targets"):
+        shift.fisher(model, model, (torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, 2)))
+    with pytest.raises(InfluxValueError, match="kept no states"):
+        shift.trajectory(model, model, model, unlearn.UnlearnResult(model, "x", 0, 0, 0, {}))
