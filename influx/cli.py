@@ -111,7 +111,12 @@ SCORES: dict[str, tuple[tuple[str, ...], str]] = {
         ("poisoned", "gus_iz"),
         "Gaussian-poison per-point statistic I_z (poisoned points; needs --poison)",
     ),
-    "unlearnable": (("unlearnable_rank",), "influx.unlearnable rank (1 = hardest to unlearn)"),
+    "unlearnable": (
+        ("unlearnable",),
+        "influx.unlearnable.rank score: weighted mean rank of memorization, self-influence, "
+        "out-of-distribution, entanglement and ascent-residual components (high = resists "
+        "unlearning)",
+    ),
 }
 DEFAULT_SCORES = ("loss", "margin", "grad_norm", "self_influence:ekfac", "tracin")
 DEFAULT_SELF_INFLUENCE = "ekfac"
@@ -831,6 +836,7 @@ class Scorer:
         }
 
     def _gus(self, inputs, targets, positions) -> dict[str, torch.Tensor]:
+        """Per-point I_z of the poisoned examples in the chunk (influx.audit.gus); NaN elsewhere."""
         gus = _lab_module("audit.gus", "gus")
         poison = self.poison
         mask = poison.mask.cpu()[positions]
@@ -839,17 +845,27 @@ class Scorer:
         rows = [row_of[int(p)] for p in positions[mask].tolist()]
         values = torch.full((positions.shape[0],), float("nan"), dtype=torch.float64, device="cpu")
         if rows:
-            rows_t = torch.tensor(rows, dtype=torch.long, device="cpu")
-            per_point = gus.per_point(
+            chosen = torch.tensor(rows, dtype=torch.long, device="cpu")
+            result = gus.gus(
                 self.model,
                 self.loss_fn,
-                poison.base_inputs[rows_t].to(self.device),
-                poison.targets[rows_t].to(self.device),
-                poison.noise[rows_t].to(self.device),
-                noise_std=poison.noise_std,
+                poison.base_inputs.cpu()[chosen].to(self.device),
+                poison.targets.cpu()[chosen].to(self.device),
+                poison.noise.cpu()[chosen].to(self.device),
+                poison.noise_std,
             )
-            values[mask] = per_point.detach().double().cpu()
+            values[mask] = result.scores.detach().double().cpu()
         return {"poisoned": mask.double(), "gus_iz": values}
+
+    def unlearnable(self) -> np.ndarray:
+        """influx.unlearnable's combined rank score of every training example [N]."""
+        unlearnable = _lab_module("unlearnable", "unlearnable")
+        everything = torch.arange(len(self.train_set), device="cpu")
+        inputs, targets, _ = self._chunk_tensors(everything)
+        with self._seeded():
+            torch.manual_seed(self.config["seed"])
+            ranking = unlearnable.rank(self.model, self.loss_fn, (inputs, targets))
+        return ranking.score.detach().double().cpu().numpy()
 
 
 def _lab_module(module: str, score: str):
@@ -1140,16 +1156,28 @@ class Job:
             for column in columns:
                 table[column] = merged[column]
         if "unlearnable" in plan.groups:
-            table["unlearnable_rank"] = self._unlearnable(table)
+            # One shard over all examples: the ranks compare every example with the others.
+            name = "unlearnable-all.npy"
+            array = self.store.read(name)
+            expected = shard_dtype(("unlearnable",))
+            if array is not None and (
+                array.dtype != expected or not np.array_equal(array["index"], table["index"])
+            ):
+                self.store.reject(name, "it does not hold every example once")
+                array = None
+            self._announce_rejected()
+            if array is None:
+                array = np.empty(plan.num_examples, dtype=expected)
+                array["index"] = table["index"]
+                array["unlearnable"] = self.scorer.unlearnable()
+                check_finite("unlearnable", {"unlearnable": array["unlearnable"]},
+                             table["index"], self.config)  # fmt: skip
+                self.store.write(name, array)
+            table["unlearnable"] = array["unlearnable"]
+            merged_names.append(name)
         trained = [_MODEL_FILE, _TRAINING_FILE] if self.config["checkpoint"] is None else []
         self.store.finalize(trained + merged_names)
         return table
-
-    def _unlearnable(self, table: dict[str, np.ndarray]) -> np.ndarray:
-        unlearnable = _lab_module("unlearnable", "unlearnable")
-        scores = {k: v for k, v in table.items() if k not in ("index", "target", "poisoned")}
-        ranks = unlearnable.rank(scores)
-        return np.asarray(ranks, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1240,8 +1268,18 @@ def _gus_summary(table: dict[str, np.ndarray]) -> dict[str, Any] | None:
     values = table["gus_iz"][table["poisoned"] > 0]
     if values.size == 0:
         return None
+    from scipy.stats import norm
+
+    values = values[np.isfinite(values)]
     gus = float(values.mean())
-    return {"gus": gus, "z": gus * math.sqrt(values.size), "poisoned": int(values.size)}
+    # The per-point test of DESIGN.md: I_z ~ N(0, 1) when theta is independent of the noise.
+    threshold = float(norm.ppf(0.99))
+    return {
+        "gus": gus,
+        "z": gus * math.sqrt(values.size),
+        "tpr_at_fpr_0.01": float((values > threshold).mean()),
+        "poisoned": int(values.size),
+    }
 
 
 def image_getter(dataset) -> Callable[[int], np.ndarray]:

@@ -3,9 +3,9 @@
 :func:`write_report` takes score columns aligned to the dataset indices (name -> [N]) and writes
 
     report.md                  tables and the figures below, with a short reading guide
-    report/histograms.png      each score's histogram, with the tail fits of influx.tails
-                               (normal, Laplace, Student-t, ... by maximum likelihood) when that
-                               module is installed, else the plain histogram
+    report/histograms.png      each score's histogram with the tail fits of influx.tails
+                               (normal, Laplace, Student-t, Cauchy by maximum likelihood; best
+                               by AIC; Hill tail index), else the plain histogram
     report/top_examples.png    the top-k examples of each score as an image grid
     report/spearman.png        Spearman rank correlations between the scores
     report/per_class.png       per-class means of each score (z-scored across classes)
@@ -69,37 +69,36 @@ def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.asarray(result, dtype=np.float64)
 
 
-def tail_fits(values: np.ndarray) -> list[dict[str, Any]] | None:
-    """Fits of ``values`` by influx.tails, best first: [{"name", "pdf", "aic"}], or None.
+def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
+    """influx.tails' maximum-likelihood fits of ``values`` (no bootstrap), or None.
 
-    None when influx.tails is not installed or has no fitting entry point; the report then
-    shows plain histograms.
+    Returns ``{"fits": [(name, frozen scipy law, AIC)] best first, "best": name, "hill": alpha}``;
+    None when influx.tails is not installed or cannot fit these values (e.g. all equal), in
+    which case the report shows the plain histogram.
     """
     try:
         tails = importlib.import_module("influx.tails")
     except ModuleNotFoundError:
         return None
-    fit_all = getattr(tails, "fit_all", None)
-    if fit_all is None:
+    try:
+        fitted = tails.fit(values, bootstrap=0)
+    except InfluxValueError:
         return None
-    fits = []
-    for fit in fit_all(values):
-        pdf = getattr(fit, "pdf", None)
-        aic = getattr(fit, "aic", None)
-        name = getattr(fit, "name", None) or getattr(fit, "family", None)
-        if callable(pdf) and name is not None:
-            fits.append({"name": str(name), "pdf": pdf, "aic": aic})
-    fits.sort(key=lambda f: math.inf if f["aic"] is None else float(f["aic"]))
-    return fits or None
+    fits = sorted(fitted.fits.values(), key=lambda f: f.aic)
+    return {
+        "fits": [(f.name, f.dist, f.aic) for f in fits],
+        "best": fitted.best,
+        "hill": float(fitted.hill.alpha),
+    }
 
 
-def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, str]:
-    """One panel per score; returns the best tail fit's name per score (if fitted)."""
+def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, dict[str, Any]]:
+    """One panel per score with its three best tail fits; returns each score's tail fit."""
     names = list(columns)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     figure = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
-    best: dict[str, str] = {}
+    found: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(names):
         axis = figure.add_subplot(rows, cols, k + 1)
         values = np.asarray(columns[name], dtype=np.float64)
@@ -108,18 +107,18 @@ def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, str]
             axis.set_title(f"{name} (no finite values)")
             continue
         axis.hist(values, bins=min(60, max(10, values.size // 20)), density=True, color="#4c72b0")
-        fits = tail_fits(values)
-        if fits:
+        fitted = tail_fits(values)
+        if fitted:
             grid = np.linspace(values.min(), values.max(), 400)
-            for fit in fits[:3]:
-                axis.plot(grid, fit["pdf"](grid), lw=1.2, label=fit["name"])
+            for family, law, _ in fitted["fits"][:3]:
+                axis.plot(grid, law.pdf(grid), lw=1.2, label=family)
             axis.legend(fontsize=7)
-            best[name] = fits[0]["name"]
+            found[name] = fitted
         axis.set_title(name, fontsize=10)
         axis.set_yscale("log")
         axis.tick_params(labelsize=8)
     _save(figure, path)
-    return best
+    return found
 
 
 def _top_positions(values: np.ndarray, k: int) -> np.ndarray:
@@ -273,9 +272,15 @@ def write_report(
         lines.append("")
 
     lines.append("## Distributions\n")
-    best = _histograms(columns, figures / "histograms.png")
+    fitted = _histograms(columns, figures / "histograms.png")
     lines.append(f"![score histograms]({FIGURES}/histograms.png)\n")
-    if not best:
+    if fitted:
+        lines.append(
+            "Log density with the three best maximum-likelihood fits (influx.tails: normal, "
+            "Laplace, Student-t, Cauchy; best = lowest AIC). Hill alpha: tail index of |score| "
+            "(P(|X| > x) ~ x^-alpha; small = heavy tail).\n"
+        )
+    else:
         lines.append("Plain histograms (log density): influx.tails is not installed.\n")
     rows = []
     for name in names:
@@ -286,10 +291,13 @@ def write_report(
             if finite.size
             else [math.nan] * 5
         )
-        rows.append([f"`{name}`", str(finite.size), *map(_fmt, stats), best.get(name, "")])
-    lines.append(
-        _table(["score", "count", "mean", "std", "min", "median", "max", "best tail fit"], rows)
-    )
+        fit = fitted.get(name, {})
+        rows.append(
+            [f"`{name}`", str(finite.size), *map(_fmt, stats), fit.get("best", ""),
+             _fmt(fit["hill"]) if fit else ""]
+        )  # fmt: skip
+    header = ["score", "count", "mean", "std", "min", "median", "max", "best fit", "Hill alpha"]
+    lines.append(_table(header, rows))
 
     if images is not None:
         lines.append(f"## Top {k} examples per score\n")
