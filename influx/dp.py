@@ -8,8 +8,10 @@ backward to the layer outputs capture each layer's inputs ``a`` and output gradi
 (``influx.grads``); the norms ``||g_i||`` follow from them layer by layer (ghost or direct,
 whichever is cheaper); and since ``g_i`` is linear in ``b_i``, the clipped sum is the gradient of
 ``sum_i c_i l_i`` obtained from the captured ``(a, c b)``: for Linear and Conv layers one
-weight-gradient product per layer (exactly the weight half of an ordinary backward), for other
-layers a re-run of that module alone. Weight tying is supported (the clipped sum adds the uses;
+weight-gradient product per layer (exactly the weight half of an ordinary backward); for layers
+whose norm needs their per-sample gradients anyway (GroupNorm, LayerNorm, the torch.func
+fallback) the weighted sum of those; for the rest (Embedding, padding modes other than zeros) a
+re-run of that module alone. Weight tying is supported (the clipped sum adds the uses;
 the norms come from the summed per-sample gradients of the tied weights).
 
 DP-SGD step (:class:`DPGradient`): ``(sum_i c_i g_i + N(0, sigma^2 C^2 I)) / B``, with B the
@@ -33,7 +35,7 @@ from torch import nn
 
 from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
-from influx.grads import select_parameters
+from influx.grads import LayerRule, select_parameters
 from influx.grads.capture import LayerCall, capture
 from influx.grads.engine import _plan, _tied
 from influx.train import LossFn, TrainResult, total_steps
@@ -99,7 +101,8 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
     layers = _plan(model, selected)
     tied = _tied(layers)
     modules = {layer.name: layer.module for layer in layers}
-    total = {name: torch.zeros_like(p) for name, p in selected.items()}
+    reference = next(iter(selected.values()))
+    total: dict[str, torch.Tensor] = {}
     losses, norms = [], []
     n = inputs.shape[0]
     step = n if chunk_size is None else chunk_size
@@ -107,7 +110,7 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
         x, y = inputs[start : start + step], targets[start : start + step]
         chunk_losses, calls = capture(model, loss_fn, x, y, modules, list(selected.values()))
         _check_finite_losses(chunk_losses, start)
-        sqnorms = _sqnorms(layers, calls, tied, x.shape[0], next(iter(selected.values())))
+        sqnorms, materialized = _sqnorms(layers, calls, tied, x.shape[0], reference)
         chunk_norms = sqnorms.sqrt()
         bad = (~torch.isfinite(chunk_norms)).nonzero().flatten()
         if bad.numel():
@@ -120,18 +123,29 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
             chunk_norms > max_grad_norm, max_grad_norm / chunk_norms.clamp_min(1e-300), 1.0
         )
         for layer in layers:
+            if layer.name in materialized:
+                for full, g in materialized[layer.name].items():
+                    _accumulate(total, full, torch.tensordot(scale.to(g.dtype), g, dims=1))
+                continue
             for call in calls[layer.name]:
                 for local, g in _weighted_grads(layer.module, call, scale).items():
                     if local in layer.params:
-                        total[layer.params[local]] += g
+                        _accumulate(total, layer.params[local], g)
         losses.append(chunk_losses)
         norms.append(chunk_norms)
-    reference = next(iter(selected.values()))
     return _Clipped(
         torch.cat(losses) if losses else reference.new_zeros(0),
         torch.cat(norms) if norms else reference.new_zeros(0),
-        total,
+        # a parameter that took no part in the forward (or an empty batch): zero
+        {
+            name: total[name] if name in total else torch.zeros_like(p)
+            for name, p in selected.items()
+        },
     )
+
+
+def _accumulate(total: dict, name: str, value: torch.Tensor) -> None:
+    total[name] = total[name] + value if name in total else value
 
 
 def _check_finite_losses(losses: torch.Tensor, start: int) -> None:
@@ -142,27 +156,37 @@ def _check_finite_losses(losses: torch.Tensor, start: int) -> None:
         )
 
 
-def _sqnorms(layers, calls, tied: set[str], n: int, reference: torch.Tensor) -> torch.Tensor:
-    """Squared per-sample norms [N] of the gradient w.r.t. all planned parameters together."""
+def _sqnorms(layers, calls, tied: set[str], n: int, reference: torch.Tensor):
+    """Squared per-sample norms [N] of the whole gradient, and the per-sample gradients that were
+    materialized on the way (layer name -> {full parameter name: [N, *shape]}).
+
+    A layer is materialized when its rule has no cheaper norm than the gradients themselves
+    (GroupNorm, LayerNorm, the torch.func fallback; those are reused for the clipped sum), or when
+    it holds a tied parameter (the norm of a sum is not the sum of norms).
+    """
     total = reference.new_zeros(n)
+    materialized: dict[str, dict[str, torch.Tensor]] = {}
     tied_grads: dict[str, torch.Tensor] = {}
     for layer in layers:
         layer_calls = calls[layer.name]
         if not layer_calls:
             continue
-        if tied & set(layer.params.values()):
-            # the norm of a sum is not the sum of norms: tied parameters are materialized
-            for local, g in layer.rule.grads(layer.module, layer_calls).items():
-                if local in layer.params:
-                    full = layer.params[local]
-                    tied_grads[full] = tied_grads[full] + g if full in tied_grads else g
+        if tied & set(layer.params.values()) or type(layer.rule).sqnorms is LayerRule.sqnorms:
+            grads = layer.rule.grads(layer.module, layer_calls)
+            own = {full: grads[local] for local, full in layer.params.items() if local in grads}
+            materialized[layer.name] = own
+            for full, g in own.items():
+                if full in tied:
+                    _accumulate(tied_grads, full, g)
+                else:
+                    total = total + g.reshape(n, -1).square().sum(1)
             continue
         for local, sq in layer.rule.sqnorms(layer.module, layer_calls).items():
             if local in layer.params:
                 total = total + sq
     for g in tied_grads.values():
-        total = total + g.flatten(1).square().sum(1)
-    return total
+        total = total + g.reshape(n, -1).square().sum(1)
+    return total, materialized
 
 
 def _weighted_grads(module: nn.Module, call: LayerCall, scale: torch.Tensor) -> dict:
