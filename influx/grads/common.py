@@ -6,6 +6,7 @@ The checks run before any expensive work and raise :class:`influx.errors.InfluxV
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -67,9 +68,14 @@ def fixed_state(model: nn.Module, varied) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in state.items() if name not in varied}
 
 
+def flat_rows(per_sample: torch.Tensor) -> torch.Tensor:
+    """[N, *shape] -> [N, prod(shape)]; a 0-dim parameter gives [N, 1], an empty batch [0, D]."""
+    return per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
+
+
 def flatten_per_sample(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Concatenate a name -> [N, *shape] mapping into one [N, P] matrix, in mapping order."""
-    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    return torch.cat([flat_rows(g) for g in grads.values()], dim=1)
 
 
 def check_per_example_losses(losses: torch.Tensor, batch_size: int) -> None:

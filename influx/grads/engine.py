@@ -14,7 +14,13 @@ from torch import nn
 
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
-from influx.grads.common import LossFn, check_batch, flatten_per_sample, select_parameters
+from influx.grads.common import (
+    LossFn,
+    check_batch,
+    flat_rows,
+    flatten_per_sample,
+    select_parameters,
+)
 from influx.grads.projection import Projector, dense_project
 from influx.grads.rules import LayerRule, MatmulRule, rule_for
 from influx.kernels import pairwise_grad_dot
@@ -150,7 +156,7 @@ def _sqnorms_of_chunk(
             if local in layer.params:
                 out[layer.params[local]] = sq
     for name, g in tied_grads.items():
-        out[name] = g.reshape(g.shape[0], -1).square().sum(1)
+        out[name] = flat_rows(g).square().sum(1)
     zeros = inputs.new_zeros(inputs.shape[0], dtype=next(iter(selected.values())).dtype)
     return {name: out.get(name, zeros) for name in selected}
 
@@ -260,7 +266,7 @@ def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.
     share = max(1, projector.budget // len(layer.params))
     for local, full in layer.params.items():
         param = getattr(layer.module, local)
-        g = grads.get(local, param.new_zeros(n, *param.shape)).reshape(n, -1)
+        g = flat_rows(grads.get(local, param.new_zeros(n, *param.shape)))
         blocks.append(projector.dense_block(full, g, share))
     return torch.cat(blocks, dim=1)
 
@@ -302,8 +308,8 @@ def per_sample_gram(
         g1 = layer.rule.grads(layer.module, first)
         g2 = g1 if other is None else layer.rule.grads(layer.module, second)
         for local, full in layer.params.items():
-            _accumulate(left, full, g1[local].reshape(n, -1))
-            _accumulate(right, full, g2[local].reshape(m, -1))
+            _accumulate(left, full, flat_rows(g1[local]))
+            _accumulate(right, full, flat_rows(g2[local]))
     for name in left:
         gram += left[name] @ right[name].T
     return gram

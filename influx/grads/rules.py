@@ -22,6 +22,7 @@ from torch.func import functional_call, vjp, vmap
 
 from influx.errors import UnsupportedModelError
 from influx.grads.capture import LayerCall
+from influx.grads.common import flat_rows
 from influx.grads.projection import Projector
 from influx.kernels import direct_sqnorm, ghost_sqnorm, kron_project
 
@@ -52,10 +53,7 @@ class LayerRule:
 
     def sqnorms(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
         """Local parameter name -> [N] squared per-sample gradient norms."""
-        return {
-            name: g.reshape(g.shape[0], -1).square().sum(1)
-            for name, g in self.grads(module, calls).items()
-        }
+        return {name: flat_rows(g).square().sum(1) for name, g in self.grads(module, calls).items()}
 
     def project(
         self, module: nn.Module, calls: Sequence[LayerCall], projector: Projector, prefix: str
@@ -64,7 +62,7 @@ class LayerRule:
         grads = self.grads(module, calls)
         share = max(1, projector.budget // len(grads))
         return [
-            projector.dense_block(f"{prefix}{name}", g.reshape(g.shape[0], -1), share)
+            projector.dense_block(f"{prefix}{name}", flat_rows(g), share)
             for name, g in grads.items()
         ]
 
@@ -151,7 +149,7 @@ class MatmulRule(LayerRule):
         if has_bias:
             bias_out = b[:, 0].sum(1) @ p_out.T  # [N, k_out]
             block = block + bias_out[:, :, None] * p_in[:, d_in][None, None, :]
-        return [block.reshape(n, -1)]
+        return [flat_rows(block)]
 
 
 @register_rule(nn.Linear)

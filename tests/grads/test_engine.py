@@ -218,7 +218,7 @@ def kronecker_reference(model, x, y, dim, seed):
     blocks = []
     for name, module in modules:
         prefix = f"{name}."
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             g = grads[prefix + "weight"].flatten(2)
             if module.bias is not None:
                 g = torch.cat([g, grads[prefix + "bias"].unsqueeze(2)], 2)
@@ -242,6 +242,21 @@ def test_kronecker_projection_equals_projecting_the_materialized_gradient():
     assert_close(got, kronecker_reference(model, x, y, 60, 3))
     again = per_sample_projected(model, cross_entropy, x, y, dim=60, seed=3, chunk_size=2)
     assert_close(again, got)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1d_kronecker_projection_equals_projecting_the_materialized_gradient(bias):
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv1d(3, 5, 3, padding=1, stride=2, bias=bias),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(5 * 4, 3),
+    ).double()
+    x, y = torch.randn(6, 3, 7, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = per_sample_projected(model, cross_entropy, x, y, dim=40, seed=2)
+    # float64 on both sides; the projection is a few sums over <= 9 * 3 terms per entry
+    assert_close(got, kronecker_reference(model, x, y, 40, 2), name="conv1d kronecker")
 
 
 def test_dense_projection_is_jl_of_the_flat_gradient():
