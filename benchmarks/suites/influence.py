@@ -21,9 +21,9 @@ from argparse import Namespace
 import torch
 
 from benchmarks.common import kronfluence_classification_task
+from benchmarks.tasks import InfluenceTask, digits_mlp
 from influx import influence
 from influx.influence import evaluate
-from influx.influence.tasks import InfluenceTask, digits_mlp
 
 COLUMNS = [
     "method",

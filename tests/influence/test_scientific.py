@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
+from benchmarks.tasks import digits_mlp
 from influx import influence
 from influx.influence import evaluate
-from influx.influence.tasks import digits_mlp
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The reference task "digits-MLP" used by the tests and the benchmark.
+"""The reference task "digits-MLP" used by the influence tests and benchmarks (not part of the library).
 
 scikit-learn digits (inputs / 16), 10% of the training labels flipped (seeded), 1,600 train / 197
 test; a 64-64-10 tanh MLP (4,810 parameters) trained full-batch with Adam (lr 1e-2, 300 steps);
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from influx.grads.functional import LossFn
+from influx.grads.common import LossFn
 
 
 @dataclass(repr=False)
