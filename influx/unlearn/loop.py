@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -93,8 +93,12 @@ class StepOptions:
         return cls(**options)
 
     def describe(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["on_checkpoint"] = getattr(self.on_checkpoint, "__name__", None)
+        # Not dataclasses.asdict: it would deep-copy the callback and whatever it holds.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        callback = self.on_checkpoint
+        out["on_checkpoint"] = (
+            None if callback is None else getattr(callback, "__name__", type(callback).__name__)
+        )
         return out
 
 
@@ -200,6 +204,11 @@ class Session:
         data = self.forget if which == "forget" else self.retain
         return BatchStream(data, self.options.batch_size, self.options.seed + offset)
 
+    def batch_size_of(self, which: str) -> int:
+        """Examples per batch of the ``"forget"`` or ``"retain"`` set (= cost of a pass over it)."""
+        data = self.forget if which == "forget" else self.retain
+        return min(self.options.batch_size, data[0].shape[0])
+
     def losses(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
         """Per-example losses [B] of a batch; non-finite ones are an error naming the examples."""
         inputs, targets, indices = batch
@@ -227,11 +236,12 @@ class Session:
         state = state_copy(self.model) if options.keep_states else None
         metrics: dict[str, Any] = {}
         if options.on_checkpoint is not None:
+            mode = self.model.training
             self.model.eval()
             try:
                 metrics = dict(options.on_checkpoint(self.model, self.steps) or {})
             finally:
-                self.model.train()
+                self.model.train(mode)
         self.trajectory.append(TrajectoryPoint(self.steps, self.meter.spent, state, metrics))
 
     def make_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -48,7 +48,7 @@ def gradient_ascent(
     session = Session("gradient_ascent", model, loss_fn, forget, retain, budget=budget,
                       train_compute=train_compute, options=options)  # fmt: skip
     return session.run(
-        _descent(session, "forget", -1.0), typical_cost=session.stream("forget").size
+        _descent(session, "forget", -1.0), typical_cost=session.batch_size_of("forget")
     )
 
 
@@ -59,7 +59,7 @@ def fine_tune(
     Cost per step: the retain batch size."""
     session = Session("fine_tune", model, loss_fn, forget, retain, budget=budget,
                       train_compute=train_compute, options=options)  # fmt: skip
-    return session.run(_descent(session, "retain"), typical_cost=session.stream("retain").size)
+    return session.run(_descent(session, "retain"), typical_cost=session.batch_size_of("retain"))
 
 
 def noisy_gd(
@@ -87,13 +87,16 @@ def noisy_gd(
     def add_noise() -> None:
         for p in parameters:
             xi = torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu")
+            if p.grad is None:
+                # A parameter the loss does not reach still receives its noise.
+                p.grad = torch.zeros_like(p)
             p.grad.add_(xi.to(p.device), alpha=noise_std)
 
     return session.run(
         _descent(session, "retain"),
         parameters=parameters,
         after_backward=add_noise,
-        typical_cost=session.stream("retain").size,
+        typical_cost=session.batch_size_of("retain"),
         extra={"noise_std": noise_std},
     )
 
@@ -173,7 +176,7 @@ def _last_k(method: str, model, loss_fn, forget, retain, k, reinit, budget, trai
         return session.run(
             _descent(session, "retain"),
             parameters=parameters,
-            typical_cost=session.stream("retain").size,
+            typical_cost=session.batch_size_of("retain"),
             extra={"k": k, "layers": [name for name, _ in layers]},
         )
     finally:
