@@ -401,12 +401,18 @@ class Verification:
     ``rows``: one dict per (forget set, method) with ``param_distance`` ||theta_u - theta_o||,
     ``start_distance`` ||theta_0 - theta_o||, their ratio, forget loss / accuracy of the unlearned
     model, of the oracle and (loss) of the model before unlearning, the gaps, retain and test
-    accuracy. Examples the model fits worse sit further from the oracle before any unlearning:
-    read ``ranked_gap`` beside ``ranked_start_gap`` (likewise random) in ``tests``. ``per_example`` maps
-    (set, method) to the per-example forget-loss gaps ``|l_u(i) - l_o(i)|`` [k]. ``tests``: per
-    method, the one-sided permutation p-value that the ranked set's per-example gaps exceed the
-    random sets' (difference of means), a bootstrap CI of that difference, the fraction of random
-    sets whose parameter distance reaches the ranked set's, and ``resists`` (p < alpha).
+    accuracy. ``per_example`` maps (set, method) to the per-example forget-loss gaps
+    ``|l_u(i) - l_o(i)|`` [k].
+
+    ``tests``, per method: ``p_value``, the one-sided permutation p-value that the ranked set's
+    per-example gaps exceed the random sets' (difference of means), with a bootstrap CI of the
+    difference and ``resists`` (p < alpha); ``distance_rank_p``, the fraction of random sets
+    whose parameter distance reaches the ranked set's (with one ranked set and R random ones it
+    cannot go below 1 / (R + 1)). Examples the model fits worse sit further from the oracle
+    before any unlearning, so the gap after unlearning mixes "was far" with "stayed far":
+    ``ranked_change`` / ``random_change`` are the mean per-example changes of the gap (after -
+    before; negative = unlearning moved the example toward the oracle) and ``change_p_value``
+    the one-sided permutation p-value that the ranked set's change is the larger.
     """
 
     rows: list[dict[str, Any]]
@@ -424,6 +430,8 @@ class Verification:
                 f"{test['random_gap']:.4g}; before unlearning {test['ranked_start_gap']:.4g} vs "
                 f"{test['random_start_gap']:.4g}; difference CI [{test['difference_ci'][0]:.4g}, "
                 f"{test['difference_ci'][1]:.4g}], permutation p = {test['p_value']:.4g}; "
+                f"change of the gap by unlearning {test['ranked_change']:+.4g} vs "
+                f"{test['random_change']:+.4g}, p = {test['change_p_value']:.4g}; "
                 f"parameter distance {test['ranked_distance']:.4g} vs random mean "
                 f"{test['random_distance']:.4g})"
             )
@@ -546,6 +554,12 @@ def verify(
             r["forget_set"]: r["param_distance"] for r in rows if r["method"] == method_name
         }
         random_distances = np.array([distances[name] for name in random_names])
+        # How much each example's gap changed by unlearning (after - before; < 0 = closer).
+        ranked_change = ranked_gaps - start_gaps["ranked"].numpy()
+        random_change = random_gaps - np.concatenate(
+            [start_gaps[name].numpy() for name in random_names]
+        )
+        _, change_p = _permutation_test(ranked_change, random_change, n_permutations, rng)
         tests[method_name] = dict(
             ranked_gap=float(ranked_gaps.mean()), random_gap=float(random_gaps.mean()),
             ranked_start_gap=float(start_gaps["ranked"].mean()),
@@ -555,6 +569,8 @@ def verify(
             difference=float(observed),
             difference_ci=tuple(float(q) for q in np.quantile(boot, [alpha / 2, 1 - alpha / 2])),
             p_value=float(p_value), resists=bool(p_value < alpha),
+            ranked_change=float(ranked_change.mean()), random_change=float(random_change.mean()),
+            change_p_value=float(change_p),
             ranked_distance=distances["ranked"], random_distance=float(random_distances.mean()),
             distance_rank_p=float(
                 (1 + np.sum(random_distances >= distances["ranked"])) / (1 + len(random_names))

@@ -188,6 +188,8 @@ def test_verify_runs_end_to_end_on_a_tiny_model():
         test = report.tests[method]
         assert 0 < test["p_value"] <= 1 and isinstance(test["resists"], bool)
         assert test["difference_ci"][0] <= test["difference"] <= test["difference_ci"][1]
+        assert 0 < test["change_p_value"] <= 1
+        assert test["ranked_change"] == pytest.approx(test["ranked_gap"] - test["ranked_start_gap"])
     for row in report.rows:
         assert np.isfinite(row["param_distance"]) and row["param_distance"] > 0
         assert 0 <= row["forget_acc"] <= 1 and 0 <= row["test_acc"] <= 1
@@ -213,3 +215,19 @@ def test_verify_runs_end_to_end_on_a_tiny_model():
         unlearnable.verify(model, LOSS, train_set, ranking, retrain=retrain, k=0)
     with pytest.raises(InfluxValueError, match="unknown unlearning method"):
         unlearnable.verify(model, LOSS, train_set, ranking, retrain=retrain, k=4, methods=("x",))
+
+
+def test_permutation_p_value_matches_exact_enumeration():
+    from itertools import combinations
+
+    ranked, random = np.array([3.0, 4.0, 0.5]), np.array([0.0, 1.0, 2.0, 3.5])
+    pooled = np.concatenate([ranked, random])
+    observed = ranked.mean() - random.mean()
+    splits = [
+        pooled[list(c)].mean() - np.delete(pooled, list(c)).mean()
+        for c in combinations(range(7), 3)
+    ]
+    exact = np.mean(np.array(splits) >= observed - 1e-12)
+    _, p_value = unlearnable._permutation_test(ranked, random, 20_000, np.random.default_rng(0))
+    # Monte Carlo over 20,000 permutations: standard error sqrt(p (1 - p) / 20000) < 0.004.
+    assert p_value == pytest.approx(exact, abs=0.012)

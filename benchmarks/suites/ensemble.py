@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -49,15 +50,19 @@ PROXY_MODELS = 256
 PROXY_EPOCHS = 20
 PROXY_LR = 3e-3
 PROXY_BATCH = 64
+# top-k overlap: about the 2% of examples the estimate finds most memorized.
+TOP_K = 32
+RUNS = 3
 COLUMNS = [
-    "method", "models", "epochs", "median_s", "models_per_s", "speedup", "peak_mem_mb",
-    "timing", "note",
+    "method", "models", "epochs", "median_s", "median_s_range", "models_per_s", "speedup",
+    "speedup_range", "peak_mem_mb", "timing", "runs", "note",
 ]  # fmt: skip
 NOTES = (
     f"K = {K} MLPs (64-64-10) on seeded {SUBSET_FRAC:.0%} subsets of the 1,600 digits training "
     f"images, Adam lr {LR}, batch {BATCH}, {EPOCHS} epochs each. Each row runs in its own "
-    "subprocess: one warm-up call, then the median of the timed calls. speedup: throughput over "
-    "the sequential influx.train.train row. peak_mem_mb: peak resident memory above the state "
+    "subprocess: one warm-up call, then the median of 5 timed calls; the three rows run "
+    f"{RUNS} times, interleaved, and the table gives the median over the runs with the min-max "
+    "range. speedup: throughput over the sequential influx.train.train row of the same run. peak_mem_mb: peak resident memory above the state "
     "after loading the data. The CPU is shared with other work while these rows run: absolute "
     "times are noisy (load_average_1m in the JSON), ratios less so. The memorization-vs-proxies "
     "comparison is in ensemble-<device>.proxies.md."
@@ -187,7 +192,7 @@ def compare_proxies(device: str, quick: bool) -> tuple[list[dict], dict]:
             model, loss, batch, recorded.train_result
         ),
     }
-    table = memorization.compare(estimate, proxies, seed=0)
+    table = memorization.compare(estimate, proxies, k=TOP_K, seed=0)
     mem = estimate.mem[torch.isfinite(estimate.mem)]
     summary = dict(
         n_examples=int(estimate.mem.numel()), n_models=n_models, epochs=epochs, lr=PROXY_LR,
@@ -247,15 +252,38 @@ def _write_proxies(device: str, rows: list[dict], summary: dict) -> None:
     (RESULTS / f"{stem}.md").write_text(text + markdown_table(shown))
 
 
-def run(args) -> list[dict]:
-    """Timing rows (each method in its own subprocess); also writes the proxies comparison."""
-    device = getattr(args, "device", "cpu")
-    rows = [_child(args, method) for method in METHODS]
+def _speedups(rows: list[dict]) -> None:
     baseline = next((r.get("median_s") for r in rows if r["method"] == METHODS[1]), None)
     for row in rows:
         if row.get("median_s"):
             row["models_per_s"] = K / row["median_s"]
             row["speedup"] = baseline / row["median_s"] if baseline else None
+
+
+def _combine(repeats: list[dict]) -> dict:
+    """One row from the same method in several runs: medians, and the spread of time and ratio."""
+    row = dict(repeats[-1])
+    row["runs"] = len(repeats)
+    for key in ("median_s", "models_per_s", "speedup", "peak_mem_mb"):
+        values = sorted(r[key] for r in repeats if r.get(key) is not None)
+        if values:
+            row[key] = statistics.median(values)
+            if key in ("median_s", "speedup") and len(values) > 1:
+                row[f"{key}_range"] = f"{values[0]:.3g}-{values[-1]:.3g}"
+    return row
+
+
+def run(args) -> list[dict]:
+    """Timing rows (each method in its own subprocess, the three methods run ``RUNS`` times
+    interleaved so a busy phase of the machine hits all alike; speedups are taken within each
+    run); also writes the proxies comparison."""
+    device = getattr(args, "device", "cpu")
+    per_run = []
+    for _ in range(1 if getattr(args, "quick", False) else RUNS):
+        rows = [_child(args, method) for method in METHODS]
+        _speedups(rows)
+        per_run.append(rows)
+    rows = [_combine([run_rows[i] for run_rows in per_run]) for i in range(len(METHODS))]
     proxies, summary = compare_proxies(device, getattr(args, "quick", False))
     _write_proxies(device, proxies, summary)
     return rows
