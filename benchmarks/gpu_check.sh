@@ -3,6 +3,9 @@
 #   1. a venv with the package (`pip install -e .[dev,bench]`; offline machines fall back to the
 #      system torch/triton with --system-site-packages and --no-deps),
 #   2. the kernel tests compiled (no TRITON_INTERPRET; bf16 cases run),
+#   2b. the device tests with real CUDA tensors (tests/test_devices.py: every influence method,
+#      the solvers, the engine and the commutator keep their results on the GPU) and the input
+#      guards (tests/test_guards.py),
 #   3. the kernel and per-sample benchmark suites, only if the kernel tests passed
 #      (a speedup is never reported on a red gate; FORCE_BENCH=1 overrides),
 #   4. results and logs copied to benchmarks/results/ and, when set, to $OUT.
@@ -79,6 +82,12 @@ if [ $TESTS_RC -ne 0 ] && [ "${FORCE_BENCH:-0}" != "1" ]; then
     exit 1
 fi
 
+# --- 2b. every public path on CUDA tensors -----------------------------------------------------
+# (the static scan of factory calls needs no GPU: the CPU suite runs it)
+step device-tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py \
+    tests/test_guards.py -k "not every_tensor_factory"
+DEVICE_RC=$?
+
 # --- 3. benchmarks ----------------------------------------------------------------------------
 step bench-kernels 100 "$PY" benchmarks/run.py --suite kernels --device cuda
 KERNELS_RC=$?
@@ -96,5 +105,5 @@ if [ "${WITH_INFLUENCE:-0}" = "1" ]; then
     INFLUENCE_RC=$?
 fi
 
-log "done: tests rc=$TESTS_RC, kernels bench rc=$KERNELS_RC, persample bench rc=$PERSAMPLE_RC, influence rc=$INFLUENCE_RC"
-[ $TESTS_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ] && [ $INFLUENCE_RC -eq 0 ]
+log "done: tests rc=$TESTS_RC, device tests rc=$DEVICE_RC, kernels bench rc=$KERNELS_RC, persample bench rc=$PERSAMPLE_RC, influence rc=$INFLUENCE_RC"
+[ $TESTS_RC -eq 0 ] && [ $DEVICE_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ] && [ $INFLUENCE_RC -eq 0 ]

@@ -322,14 +322,14 @@ def _pairwise_without_grads(layer: _Layer, calls, tied: set[str]) -> bool:
         and getattr(module, "groups", 1) == 1
         and set(layer.params) == {k for k, _ in module.named_parameters(recurse=False)}
         and not tied & set(layer.params.values())
-        and rule._ghost_is_cheaper(module, calls)
+        and rule.ghost_is_cheaper(module, calls)
     )
 
 
 def _with_bias_column(layer: _Layer, calls) -> tuple[torch.Tensor, torch.Tensor]:
     # a bias is the weight of a constant-1 input: one more column of a covers it (when the
     # bias is among the selected parameters)
-    a, b = layer.rule._forms(layer.module, calls)
+    a, b = layer.rule.forms(layer.module, calls)
     a, b = a[:, 0], b[:, 0]
     if getattr(layer.module, "bias", None) is not None and "bias" in layer.params:
         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)

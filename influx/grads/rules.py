@@ -83,13 +83,14 @@ class MatmulRule(LayerRule):
     def weight_shape(self, module) -> torch.Size:
         return module.weight.shape
 
-    def _forms(self, module, calls):
+    def forms(self, module, calls) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a [N, G, T, d_in], b [N, G, T, d_out]) of all calls, tokens concatenated."""
         forms = [self.matmul_form(module, call) for call in calls]
         return _cat_tokens([a for a, _ in forms]), _cat_tokens([b for _, b in forms])
 
     def _flat_forms(self, module, calls) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         """(N, G, a [N*G, T, d_in], b [N*G, T, d_out]): groups folded into the batch."""
-        a, b = self._forms(module, calls)
+        a, b = self.forms(module, calls)
         n, groups, tokens, d_in = a.shape
         return n, groups, a.reshape(n * groups, tokens, d_in), b.reshape(n * groups, tokens, -1)
 
@@ -97,7 +98,8 @@ class MatmulRule(LayerRule):
         """(T summed over calls, d_in, d_out) of one group, from shapes alone."""
         raise NotImplementedError
 
-    def _ghost_is_cheaper(self, module, calls) -> bool:
+    def ghost_is_cheaper(self, module, calls) -> bool:
+        """Whether the ghost form (pairwise token products) is cheaper than the direct one."""
         # Ghost norm costs ~T^2 (d_in + d_out) per example, the direct form T d_in d_out:
         # take the cheaper one for this layer (mixed ghost clipping).
         tokens, d_in, d_out = self._dims(module, calls)
@@ -111,7 +113,7 @@ class MatmulRule(LayerRule):
 
     def bias_grads(self, module, calls) -> torch.Tensor:
         """[N, d_out * G]: the output gradient summed over tokens."""
-        _, b = self._forms(module, calls)
+        _, b = self.forms(module, calls)
         return b.sum(2).reshape(b.shape[0], -1)
 
     def grads(self, module, calls):
@@ -125,7 +127,7 @@ class MatmulRule(LayerRule):
         return direct_sqnorm(a_flat, b_flat).reshape(n, groups).sum(1)
 
     def sqnorms(self, module, calls):
-        if self._ghost_is_cheaper(module, calls):
+        if self.ghost_is_cheaper(module, calls):
             n, groups, a_flat, b_flat = self._flat_forms(module, calls)
             weight = ghost_sqnorm(a_flat, b_flat).reshape(n, groups).sum(1)
         else:
@@ -136,7 +138,7 @@ class MatmulRule(LayerRule):
         return out
 
     def project(self, module, calls, projector, prefix):
-        a, b = self._forms(module, calls)
+        a, b = self.forms(module, calls)
         n, groups, _, d_in = a.shape
         if groups != 1:
             # Grouped convolutions project each weight densely (they are small: C_in/G per filter).

@@ -1,0 +1,65 @@
+"""Projection memory is bounded by design: the matrix cache by bytes, dense blocks by columns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_close
+
+from influx.grads import projection
+from influx.grads.projection import DENSE_BLOCK_COLUMNS, ProjectionCache, dense_project
+
+
+def test_the_cache_never_holds_more_than_its_budget():
+    cache = ProjectionCache(budget_bytes=10_000)
+    shapes = [(10, 50), (20, 30), (5, 100), (40, 40), (10, 50), (30, 10), (100, 20)]
+    for rows, cols in shapes:
+        made = cache.get(
+            (rows, cols), lambda r=rows, c=cols: torch.zeros(r, c, dtype=torch.float64)
+        )
+        assert made.shape == (rows, cols)
+        held = sum(m.numel() * m.element_size() for m in cache._entries.values())
+        assert held == cache.bytes <= 10_000
+    # a matrix larger than the whole budget is handed out but not kept
+    big = cache.get("big", lambda: torch.zeros(2_000, dtype=torch.float64))
+    assert big.numel() == 2_000 and "big" not in cache._entries
+    cache.set_budget(0)
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_cached_and_regenerated_matrices_are_the_same(monkeypatch):
+    monkeypatch.setattr(projection, "CACHE", ProjectionCache(budget_bytes=1 << 20))
+    kwargs = dict(seed=4, name="layer", dtype=torch.float64, device="cpu")
+    first = projection.gaussian_matrix(8, 30, **kwargs)
+    assert projection.gaussian_matrix(8, 30, **kwargs) is first  # from the cache
+    projection.CACHE.set_budget(0)
+    assert_close(projection.gaussian_matrix(8, 30, **kwargs), first, rtol=0, name="regenerated")
+
+
+def test_dense_projection_draws_fixed_column_blocks_only(monkeypatch):
+    widths = []
+    real = projection.gaussian_matrix
+
+    def recording(rows, cols, **kwargs):
+        widths.append(cols)
+        return real(rows, cols, **kwargs)
+
+    monkeypatch.setattr(projection, "gaussian_matrix", recording)
+    width = 2 * DENSE_BLOCK_COLUMNS + 7
+    flat = torch.randn(3, width, dtype=torch.float64)
+    got = dense_project(flat, 4, seed=1)
+    # never the whole [dim, P] matrix; ragged last block
+    assert widths == [DENSE_BLOCK_COLUMNS, DENSE_BLOCK_COLUMNS, 7]
+    blocks = [
+        real(
+            4, w, seed=1, name=f"dense:{i * DENSE_BLOCK_COLUMNS}", dtype=torch.float64, device="cpu"
+        )
+        for i, w in enumerate(widths)
+    ]
+    assert_close(got, flat @ torch.cat(blocks, dim=1).T, name="blockwise JL")
+
+
+@pytest.mark.parametrize("budget", [-1])
+def test_budget_must_be_nonnegative(budget):
+    with pytest.raises(ValueError, match="cache budget must be >= 0"):
+        ProjectionCache().set_budget(budget)
