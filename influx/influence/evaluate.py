@@ -337,9 +337,7 @@ def retrain_ground_truth(
     epsilon = -1.0 / n if epsilon is None else float(epsilon)
     pairs = torch.as_tensor(pairs, dtype=torch.long, device=inputs.device)
     points = torch.unique(pairs[:, 1])
-    weights = torch.full(
-        (points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype, device=inputs.device
-    )
+    weights = torch.full((points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype, device=inputs.device)
     weights[torch.arange(1, points.numel() + 1, device=inputs.device), points] += epsilon
     stacked = train_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
     losses = ensemble_losses(model, loss_fn, stacked, query)  # [1 + points, Q]

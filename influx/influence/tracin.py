@@ -95,9 +95,7 @@ def model_at(model: nn.Module, checkpoint) -> nn.Module:
 class TracInEstimator(Estimator):
     """sum_t eta_t over checkpoints; features: sqrt(eta_t) grad l(w_t, z) concatenated [B, T P]."""
 
-    def __init__(
-        self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TracInOptions
-    ):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TracInOptions):
         # Nothing is fitted: the training set (inputs, targets) is only scored against.
         check_model(model)
         checkpoints, self.learning_rates = resolve_checkpoints(

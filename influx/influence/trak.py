@@ -89,7 +89,9 @@ class TRAKEstimator(Estimator):
         )
         self.fitted_train_features = train_features
         self.factors, dampings = [], []
-        size = options.dim if options.projection == "dense" else self.layout.size // len(self.models)
+        size = (
+            options.dim if options.projection == "dense" else self.layout.size // len(self.models)
+        )
         for t in range(len(self.models)):
             phi = train_features[:, t * size : (t + 1) * size].to(torch.float64)
             factor, damping = self._fit_fisher(phi, t)
