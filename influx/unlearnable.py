@@ -230,6 +230,11 @@ def _fraction_ranks(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ranks)
 
 
+def _positions_by_score(score: torch.Tensor) -> torch.Tensor:
+    """Positions [N], highest score first (undefined scores last, ties in position order)."""
+    return torch.argsort(score.nan_to_num(-1.0), descending=True, stable=True)
+
+
 @dataclass(frozen=True)
 class Ranking:
     """Components [N] (raw values, high = resists), their fraction ranks [N], the combined
@@ -246,6 +251,11 @@ class Ranking:
     def top(self, k: int) -> torch.Tensor:
         """Dataset indices of the k highest-scoring examples."""
         return self.order[:k]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Like ``order``, as positions in the data the ranking was computed on."""
+        return _positions_by_score(self.score)
 
     def correlations(self) -> dict[tuple[str, str], float]:
         """Spearman correlation of every pair of components (over examples defined in both)."""
@@ -294,7 +304,7 @@ def rank(
     weights = {name: float((weights or {}).get(name, 1.0)) for name in components}
     if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
         raise InfluxValueError(f"weights must be >= 0 and not all 0; got {weights}")
-    inputs, targets, _ = as_tensors(train)
+    inputs, targets, indices = as_tensors(train)
     n = inputs.shape[0]
     if memorization_scores is not None and torch.as_tensor(memorization_scores).shape != (n,):
         raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
@@ -326,8 +336,7 @@ def rank(
     defined = torch.isfinite(stacked)
     weighted = (stacked.nan_to_num() * weight[:, None]).sum(0)
     score = weighted / (defined * weight[:, None]).sum(0)
-    _, _, indices = as_tensors(train)
-    order = indices[torch.argsort(score.nan_to_num(-1.0), descending=True, stable=True)]
+    order = indices[_positions_by_score(score)]
     config = dict(
         influence_method=influence_method, ood=ood, knn_k=knn_k, ascent_lr=ascent_lr,
         ascent_epochs=ascent_epochs, layer=layer or _last_linear(model),
@@ -486,7 +495,7 @@ def verify(
     """
     inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]
-    order = ranking.order if isinstance(ranking, Ranking) else torch.as_tensor(ranking)
+    order = ranking.positions if isinstance(ranking, Ranking) else torch.as_tensor(ranking)
     order = order.to(device="cpu", dtype=torch.long)
     if not isinstance(k, int) or not 1 <= k <= n // 2:
         raise InfluxValueError(f"k must lie in [1, N/2 = {n // 2}]; got {k!r}")
