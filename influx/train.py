@@ -377,7 +377,8 @@ def train(
     if micro_batches > 1 and aggregator is None:
         aggregator = _mean_aggregator()
     step_gradient = None
-    if gradient is not None or micro_batches > 1:
+    # Poisson batches can be empty: mean_gradient gives them a zero gradient instead of NaN
+    if gradient is not None or micro_batches > 1 or sampling == "poisson":
         step_gradient = _micro_batched(gradient or mean_gradient, aggregator, micro_batches)
 
     start = time.perf_counter()

@@ -338,3 +338,14 @@ def test_too_few_micro_batches_for_krum_fail_before_training():
     with pytest.raises(InfluxValueError, match=r"krum\(f=1\) needs at least 5 gradients"):
         train(small_model(), blobs(20), epochs=1, batch_size=10, micro_batches=4,
               aggregator=aggregate.krum(f=1), progress=False)  # fmt: skip
+
+
+def test_an_empty_poisson_batch_is_a_zero_gradient_step():
+    # rate 1/20 over 20 examples: P(empty) = 0.95^20 = 0.36, so some of 30 steps are empty
+    data = blobs(20)
+    model = small_model()
+    result = train(model, data, steps=30, batch_size=1, sampling="poisson", optimizer="sgd",
+                   lr=0.1, progress=False)  # fmt: skip
+    assert (result.batch_sizes == 0).any()
+    assert torch.isnan(result.losses[result.batch_sizes == 0]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
