@@ -38,7 +38,7 @@ COLUMNS = ["model", "batch", "method", "median_s", "x_floor", "vs_opacus_ghost",
            "rel_err", "timing", "note"]  # fmt: skip
 NOTES = (
     "One DP-SGD step on CIFAR ResNet-18 (GroupNorm), 3x32x32 inputs, noise multiplier 1, clipping "
-    "norm 1. Each row runs in its own subprocess: 2 warm-up steps, then the median of `repeats`. "
+    "norm 1. Each row runs in its own subprocess: 1 warm-up step, then the median of `repeats`. "
     "x_floor: time over the floor's (plain forward + backward of the summed loss) in the same run; "
     "vs_opacus_ghost: time over Opacus ghost clipping's. peak_mem_mb: peak resident memory above "
     "the state after building the model and batch. rel_err: max relative error of the clipped "
@@ -161,7 +161,7 @@ def run_one(args) -> int:
         else:
             base = current_rss_bytes()
         repeats = args.repeats or (2 if args.quick else 5)
-        row.update(time_call(step, device=device, repeats=repeats, warmup=2))
+        row.update(time_call(step, device=device, repeats=repeats, warmup=1))
         row["timing"] = f"median of {repeats}"
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
         row["peak_mem_mb"] = max(0, peak - base) / 2**20
