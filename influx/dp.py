@@ -77,7 +77,6 @@ def clipped_grad(
 @dataclass
 class _Clipped:
     losses: torch.Tensor  # [N], detached
-    norms: torch.Tensor  # [N], unclipped per-sample gradient norms
     grads: dict[str, torch.Tensor]  # the clipped sum
 
 
@@ -103,7 +102,7 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
     modules = {layer.name: layer.module for layer in layers}
     reference = next(iter(selected.values()))
     total: dict[str, torch.Tensor] = {}
-    losses, norms = [], []
+    losses = []
     n = inputs.shape[0]
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):
@@ -132,10 +131,8 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
                     if local in layer.params:
                         _accumulate(total, layer.params[local], g)
         losses.append(chunk_losses)
-        norms.append(chunk_norms)
     return _Clipped(
         torch.cat(losses) if losses else reference.new_zeros(0),
-        torch.cat(norms) if norms else reference.new_zeros(0),
         # a parameter that took no part in the forward (or an empty batch): zero
         {
             name: total[name] if name in total else torch.zeros_like(p)
