@@ -62,6 +62,17 @@ def test_scores_equal_a_per_example_loop():
     assert torch.equal(result.indices, torch.arange(29))
 
 
+def test_float32_data_draws_the_null_in_float32():
+    inputs, targets, noise = _points()
+    model = _model().float()
+    result = gus(model, LOSS, inputs.float(), targets, noise.float(), 0.4, null_seed=5)
+    fresh = 0.4 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(5))
+    expected = _loop_scores(model, inputs.float(), targets, fresh, 0.4)
+    # float32 scores of order 1 from sums over 10 products: within 1e-5 relative.
+    assert result.null_scores.dtype == torch.float32
+    assert_close(result.null_scores, expected, rtol=1e-5)
+
+
 def test_statistics_follow_their_definitions():
     inputs, targets, noise = _points(n=50, std=2.0)
     result = gus(_model(), LOSS, inputs, targets, noise, 2.0, fpr=0.05)
@@ -130,6 +141,7 @@ def test_non_finite_inputs_name_the_point():
         (dict(fpr=0.0), r"fpr must lie in \(0, 1\)"),
         (dict(fpr=1.0), r"fpr must lie in \(0, 1\)"),
         (dict(null_seed=-1), "null_seed must be an integer >= 0"),
+        (dict(indices=torch.arange(5)), r"indices must be a tensor of shape \[29\]"),
         (dict(base_inputs=torch.zeros(0, 2, 5, dtype=DTYPE)), "at least one poisoned point"),
         (dict(base_inputs=torch.zeros(29, 2, 5, dtype=torch.long)), "floating-point tensor"),
     ],
@@ -139,7 +151,7 @@ def test_bad_arguments_are_refused(change, message):
     inputs, targets, noise = _points()
     arguments = dict(base_inputs=inputs, targets=targets, noise=noise, noise_std=0.4)
     arguments.update(change)
-    keywords = {k: arguments.pop(k) for k in ("fpr", "null_seed") if k in arguments}
+    keywords = {k: arguments.pop(k) for k in ("fpr", "null_seed", "indices") if k in arguments}
     with pytest.raises(InfluxValueError, match=message):
         gus(
             _model(), LOSS, arguments["base_inputs"], arguments["targets"], arguments["noise"],
