@@ -401,7 +401,7 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, list[int]]:
         shown = ", ".join(f"#{i}: {label}" for i, label in bad[:5])
         raise _damaged(path, f"holds {len(bad)} labels outside 0..9 ({shown})")
     # Rows are 3,072 bytes: the red, green and blue 32x32 planes, in that order.
-    return torch.as_tensor(data).view(-1, 3, 32, 32), labels
+    return torch.as_tensor(data, device="cpu").view(-1, 3, 32, 32), labels
 
 
 def _cifar10(root, split: str) -> Cifar10Dataset:
@@ -426,7 +426,7 @@ def _cifar10(root, split: str) -> Cifar10Dataset:
     if meta.is_file():
         names = _unpickle(meta).get("label_names", [])
         classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names] or classes
-    return Cifar10Dataset(torch.cat(images), torch.tensor(labels), split, classes)
+    return Cifar10Dataset(torch.cat(images), torch.tensor(labels, device="cpu"), split, classes)
 
 
 def _synthetic(

@@ -65,8 +65,11 @@ def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.ones((1, 1))
     if matrix.shape[0] < 3:
         return np.full((len(names), len(names)), np.nan)
-    result = np.atleast_2d(spearmanr(matrix).statistic)
-    return np.asarray(result, dtype=np.float64)
+    result = np.asarray(spearmanr(matrix).statistic, dtype=np.float64)
+    if result.ndim == 0:
+        # Two columns: scipy returns their one coefficient.
+        result = np.array([[1.0, result], [result, 1.0]])
+    return result
 
 
 def tail_fits(values: np.ndarray) -> dict[str, Any] | None:

@@ -1,152 +1,431 @@
-"""influx-score end to end on digits: files, columns, gradient norms, resuming, errors."""
+"""influx-score as a user runs it: output files, scores against references, kill and resume,
+damaged files, refusals, and every bad input as one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from utils import assert_close
 
-from influx import cli, data
+from influx import cli, commutator, data, influence, store
 from influx.train import cross_entropy_per_example
 
-# One epoch, 4 chunks of 400 examples: small, yet enough chunks to interrupt and resume.
-ARGS = ["--dataset", "digits", "--model", "mlp", "--epochs", "1", "--chunk-size", "400",
-        "--no-progress"]  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
+# 300 digits, 2 epochs, 30 shards per score: small, yet enough shards to kill mid-run.
+ARGS = ["--max-examples", "300", "--epochs", "2", "--chunk-size", "10", "--no-progress"]
+# What a resumed or recomputed run must reproduce byte for byte (summary.json differs in timings).
+EXACT_FILES = (
+    "scores.parquet", "scores.csv", "report.md", "report/histograms.png",
+    "report/top_examples.png", "report/spearman.png", "report/per_class.png",
+    "store/model.safetensors", "store/training.safetensors", "store/manifest.json",
+)  # fmt: skip
 
 
-def read_scores(path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-    assert reader.fieldnames == ["index", "target", "loss", "grad_norm", "margin"]
-    return {name: np.array([float(row[name]) for row in rows]) for name in reader.fieldnames}
+def run_cli(args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "influx.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
-def naive_grad_norms(model, inputs, targets) -> torch.Tensor:
-    """Per-example gradient norms from one backward per example: [N]."""
-    norms = []
-    for x, y in zip(inputs, targets, strict=True):
-        model.zero_grad()
-        cross_entropy_per_example(model(x[None]), y[None]).sum().backward()
-        norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
-    return torch.stack(norms)
+def read_table(out: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in pq.read_table(out / "scores.parquet").to_pydict().items()}
+
+
+def error_line(err: str) -> str:
+    """The error: exactly one line of stderr, the last, starts with the command's name."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("influx-score:")] == lines[-1:], err
+    return lines[-1]
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    for name in EXACT_FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "digits-mlp"
-    assert cli.main([*ARGS, "--out", str(out)]) == 0
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "digits"
+    result = run_cli([*ARGS, "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "report: " + str(out / "report.md") in result.stdout
     return out
 
 
-def test_writes_scores_and_summary(finished_run):
-    scores = read_scores(finished_run / "scores.csv")
-    train = data.load("digits")
-    assert np.array_equal(scores["index"], np.arange(1600))
-    assert np.array_equal(scores["target"], train.targets.numpy())
-    assert (scores["loss"] >= 0).all() and (scores["grad_norm"] >= 0).all()
-    summary = json.loads((finished_run / "summary.json").read_text())
-    assert summary["dataset"] == "digits" and summary["model"] == "mlp"
-    assert summary["sizes"]["train"] == 1600 and summary["sizes"]["test"] == 197
-    assert summary["sizes"]["num_parameters"] == 4810
-    assert 0.5 < summary["accuracy"]["test"] <= 1.0
-    assert summary["config"]["epochs"] == 1 and summary["config"]["lr"] == 1e-2
-    assert {"torch", "numpy", "influx", "python"} <= set(summary["versions"])
-    assert summary["timing"]["total_seconds"] > 0 and summary["resumed_chunks"] == 0
+def test_writes_aligned_scores_summary_and_report(finished):
+    table = read_table(finished)
+    train = data.load("digits", max_examples=300)
+    assert list(table) == [
+        "index", "target", "loss", "margin", "grad_norm", "self_influence_ekfac", "tracin"
+    ]  # fmt: skip
+    assert np.array_equal(table["index"], np.arange(300))
+    assert np.array_equal(table["target"], train.targets.numpy())
+    with open(finished / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in ("loss", "tracin"):
+        csv_values = np.array([float(row[column]) for row in rows])
+        # 9 significant digits in the CSV.
+        assert_close(torch.tensor(csv_values), torch.tensor(table[column]), rtol=1e-8, name=column)
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["sizes"]["train"] == 300 and summary["sizes"]["num_parameters"] == 4810
+    assert summary["data"]["train"]["size"] == 300 and len(summary["data"]["train"]["sha256"]) == 64
+    assert {"torch", "numpy", "pyarrow", "influx"} <= set(summary["versions"])
+    assert summary["timing"]["total_seconds"] > 0 and summary["world_size"] == 1
+    assert len(summary["checkpoints"]) == 2, "TracIn over the end of each of the 2 epochs"
+    report = (finished / "report.md").read_text()
+    for figure in ("histograms", "top_examples", "spearman", "per_class"):
+        assert f"(report/{figure}.png)" in report and (finished / f"report/{figure}.png").is_file()
+    manifest = json.loads((finished / "store/manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 + 3 * 30, "model, record and 3 groups x 30 shards"
 
 
-def test_scores_match_a_per_example_loop(finished_run):
-    scores = read_scores(finished_run / "scores.csv")
-    train = data.load("digits")
+def test_scores_match_references(finished):
+    table = read_table(finished)
+    train = data.load("digits", max_examples=300)
     model = cli.build_model("mlp", train.input_shape, train.num_classes)
-    model.load_state_dict(torch.load(finished_run / "model.pt"))
+    state, _ = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())
+    model.load_state_dict(state)
     model.eval()
-    positions = torch.tensor([0, 1, 399, 400, 1234, 1599])
-    inputs, targets = train.inputs[positions], train.targets[positions]
-    as_float32 = lambda column: torch.tensor(scores[column][positions.numpy()], dtype=torch.float32)
+    positions = torch.tensor([0, 9, 10, 151, 299])
+    x, y = train.inputs[positions], train.targets[positions]
+    column = lambda name: torch.tensor(table[name][positions.numpy()], dtype=torch.float32)
 
-    expected_norms = naive_grad_norms(model, inputs, targets)
-    assert_close(as_float32("grad_norm"), expected_norms, rtol=1e-5, name="grad_norm")
+    def naive_norms(m) -> torch.Tensor:
+        norms = []
+        for xi, yi in zip(x, y, strict=True):
+            m.zero_grad()
+            cross_entropy_per_example(m(xi[None]), yi[None]).sum().backward()
+            norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.parameters())))
+        return torch.stack(norms)
+
+    # float32 engine vs a per-example loop: same sums in another order (utils.RTOL).
+    assert_close(column("grad_norm"), naive_norms(model), rtol=1e-5, name="grad_norm")
     with torch.no_grad():
-        logits = model(inputs)
-    assert_close(as_float32("loss"), cross_entropy_per_example(logits, targets), name="loss")
+        logits = model(x)
+    assert_close(column("loss"), cross_entropy_per_example(logits, y), name="loss")
     others = logits.clone()
-    others[torch.arange(len(targets)), targets] = -torch.inf
-    margins = logits[torch.arange(len(targets)), targets] - others.max(1).values
-    assert_close(as_float32("margin"), margins, name="margin")
+    others[torch.arange(5), y] = -torch.inf
+    assert_close(column("margin"), logits[torch.arange(5), y] - others.max(1).values, name="margin")
+
+    record, meta = cli._load_state_bytes((finished / "store/training.safetensors").read_bytes())
+    tracin = torch.zeros(5, dtype=torch.float64)
+    for state_t, lr in cli.checkpoints_of(record, meta):
+        at = cli.build_model("mlp", train.input_shape, train.num_classes)
+        at.load_state_dict(state_t)
+        tracin += lr * naive_norms(at).double().square()
+    assert_close(torch.tensor(table["tracin"][positions.numpy()]), tracin, rtol=1e-5, name="tracin")
+    assert [c["step"] for c in meta["checkpoints"]] == [5, 10] and len(meta["epoch_seeds"]) == 2
+    assert sorted(record["order.0"].tolist()) == list(range(300)), "each epoch's order recorded"
+
+    # The whole-set library call, with the run's seed, gives the sharded values.
+    torch.manual_seed(0)
+    fitted = influence.fit(model, cross_entropy_per_example,
+                           (train.inputs[:300], train.targets), method="ekfac")  # fmt: skip
+    expected = fitted.self_influence().double()
+    assert_close(torch.tensor(table["self_influence_ekfac"]), expected, rtol=1e-5, name="s(z)")
 
 
-def test_interrupted_run_resumes_without_recomputing_chunks(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    real_score_chunk = cli.score_chunk
+def test_commutator_statistic_is_the_bracket_with_the_reference_batch():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model = model.double()
+    inputs = torch.randn(6, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, (6,))
+    reference = (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    norms = cli.commutator_norms(model, cross_entropy_per_example, inputs, targets, reference)
+    expected = torch.tensor([
+        commutator.bracket(model, cross_entropy_per_example, (x[None], y[None]), reference).norm
+        for x, y in zip(inputs, targets)
+    ], dtype=torch.float64)  # fmt: skip
+    # float64, same HVPs in another arrangement: a few hundred ulps.
+    assert_close(norms, expected, rtol=1e-10, name="commutator")
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_files(finished, tmp_path):
+    out = tmp_path / "killed"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "influx.cli", *ARGS, "--out", str(out)],
+        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list((out / "store").glob("*-000*.npy.sha256"))) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "killed before it finished"
+    assert not (out / "summary.json").exists()
+    done = len(list((out / "store").glob("*.npy.sha256")))
+    assert 3 <= done < 120, done
+
+    result = run_cli([*ARGS, "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "shards were already done" in result.stderr
+    assert_same_files(out, finished)
+
+
+def test_interrupt_then_rerun_resumes_and_matches(finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "interrupted"
+    real = cli.Scorer.compute
     calls = []
 
-    def interrupted_on_third_chunk(*args, **kwargs):
-        calls.append(args[2][0].item())
-        if len(calls) == 3:
+    def interrupted_on_fifth_shard(self, group, positions):
+        calls.append((group, int(positions[0])))
+        if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_score_chunk(*args, **kwargs)
+        return real(self, group, positions)
 
-    monkeypatch.setattr(cli, "score_chunk", interrupted_on_third_chunk)
+    monkeypatch.setattr(cli.Scorer, "compute", interrupted_on_fifth_shard)
     assert cli.main([*ARGS, "--out", str(out)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / "parts").glob("chunk_*.npy")) == [
-        "chunk_00000.npy",
-        "chunk_00001.npy",
-    ]
-    model_bytes = (out / "model.pt").read_bytes()
-
-    calls.clear()
-    monkeypatch.setattr(cli, "score_chunk", lambda *a, **k: calls.append(a[2][0].item()) or
-                        real_score_chunk(*a, **k))  # fmt: skip
+    monkeypatch.setattr(cli.Scorer, "compute", real)
     assert cli.main([*ARGS, "--out", str(out)]) == 0
-    assert calls == [800, 1200], "only the chunks not yet on disk are scored"
-    assert "resuming" in capsys.readouterr().err
-    assert (out / "model.pt").read_bytes() == model_bytes, "the trained model is reused"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_chunks"] == 2
-    assert len(read_scores(out / "scores.csv")["index"]) == 1600
-
-    # A different configuration in the same folder starts over instead of mixing results.
-    calls.clear()
-    assert cli.main([*ARGS, "--out", str(out), "--seed", "1"]) == 0
-    assert calls == [0, 400, 800, 1200]
+    assert "4 shards were already done" in capsys.readouterr().err
+    assert_same_files(out, finished)
 
 
-def test_missing_cifar10_is_a_clean_error(tmp_path, capsys):
-    status = cli.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-progress",
-                       "--out", str(tmp_path / "out")])  # fmt: skip
-    assert status == 2
+def test_damaged_shards_and_model_are_named_and_recomputed(finished, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    shutil.copytree(finished, out)
+    shard = out / "store/basic-00003.npy"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
+    for suffix in ("", ".sha256"):
+        # A valid shard of chunk 0 copied over chunk 7, checksum record included.
+        source = out / f"store/tracin-00000.npy{suffix}"
+        (out / f"store/tracin-00007.npy{suffix}").write_bytes(source.read_bytes())
+    model = out / "store/model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("influx-score: error: CIFAR-10 not found")
-    assert "cifar-10-batches-py" in err and "--data-dir" in err
+    assert f"recomputing {shard}: checksum mismatch" in err
+    assert "tracin-00007.npy: it holds examples other than 70..79" in err
+    assert f"recomputing {model}: checksum mismatch" in err and "trained mlp" in err
+    assert_same_files(out, finished)
 
 
-def test_invalid_option_values_are_clean_errors(tmp_path, capsys):
-    assert cli.main([*ARGS, "--chunk-size", "0", "--out", str(tmp_path)]) == 2
-    assert "--chunk-size must be >= 1; got 0" in capsys.readouterr().err
-    assert cli.main([*ARGS, "--width", "8", "--out", str(tmp_path)]) == 2
-    assert "--width applies to the cnn and resnet models" in capsys.readouterr().err
+def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(finished, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main([*ARGS, "--out", str(out), "--epochs", "3", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "epochs: 2 -> 3" in err and "seed: 0 -> 1" in err
+    assert "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "untouched"
 
 
-def test_build_model_covers_every_choice():
-    for name in cli.MODELS:
-        model = cli.build_model(name, (1, 8, 8), 10, width=4 if name != "mlp" else None)
-        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+def test_another_data_dir_is_another_run(tmp_path, capsys):
+    from test_data import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "a")
+    write_tiny_cifar10(tmp_path / "b", images_per_batch=4)
+    common = ["--dataset", "cifar10", "--model", "mlp", "--epochs", "1", "--scores",
+              "loss,grad_norm", "--chunk-size", "4", "--no-progress", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main([*common, "--data-dir", str(tmp_path / "a")]) == 0
+    table = read_table(tmp_path / "out")
+    assert table["index"].tolist() == list(range(15)) and np.isfinite(table["grad_norm"]).all()
+    assert "report: " in capsys.readouterr().out
+    assert cli.main([*common, "--data-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of other settings (test_data:" in err and "train_data:" in err
+    assert cli.main([*common, "--data-dir", str(tmp_path / "b"), "--overwrite"]) == 0
+    assert read_table(tmp_path / "out")["index"].tolist() == list(range(20))
 
 
-def test_scores_a_cifar10_folder(tmp_path):
+def test_checkpoint_scores_an_existing_model(finished, tmp_path, capsys):
+    state, _ = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())
+    torch.save(state, tmp_path / "model.pt")
+    shutil.copy(finished / "store/model.safetensors", tmp_path / "model.safetensors")
+    for name in ("model.pt", "model.safetensors"):
+        out = tmp_path / f"from-{name}"
+        args = [*ARGS, "--checkpoint", str(tmp_path / name), "--out", str(out)]
+        assert cli.main(args) == 0, capsys.readouterr().err
+        table, reference = read_table(out), read_table(finished)
+        assert "tracin" not in table, "no training checkpoints: tracin left out of the default"
+        for column in ("loss", "margin", "grad_norm", "self_influence_ekfac"):
+            assert np.array_equal(table[column], reference[column]), column
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo payload ran",))
+
+
+def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
+    torch.save({"weights": _Payload()}, tmp_path / "payload.pt")
+    (tmp_path / "random.bin").write_bytes(os.urandom(256))
+    torch.save({"other.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    torch.save({"w": torch.full((2,), float("nan"))}, tmp_path / "nan.pt")
+    cases = {
+        "payload.pt": "loads with weights_only=True (UnpicklingError",
+        "random.bin": "neither a safetensors file nor a torch.save file",
+        "other.pt": "does not fit this --model: missing",
+        "missing.pt": "does not exist",
+    }
+    for name, message in cases.items():
+        out = tmp_path / f"out-{name}"
+        assert cli.main([*ARGS, "--checkpoint", str(tmp_path / name), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--out", ""], {}, "--out is empty"),
+        (["--device", "cuda"], {}, "CUDA is not available"),
+        ([], {"INFLUX_KERNELS": "foo"}, "INFLUX_KERNELS='foo' is not a backend"),
+    ],
+    ids=["empty-out", "cuda", "kernels-env"],
+)
+def test_bad_environment_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, env, message):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*ARGS, "--out", str(tmp_path / "o"), *args]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == [], "nothing written, not even into the current folder"
+
+
+BAD_OPTIONS = [
+    (["--lr", "inf"], "--lr must be a finite number > 0; got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1; got 0"),
+    (["--max-examples", "0"], "--max-examples must be >= 1"),
+    (["--width", "8"], "--width applies to the cnn and resnet models"),
+    (["--scores", "loss,bogus"], "unknown score 'bogus'"),
+    (["--scores", "self_influence:nope"], "unknown influence method 'nope'"),
+    (["--scores", "gus"], "needs Gaussian poisons: add --poison"),
+    (["--scores", ""], "--scores is empty"),
+    (["--poison", "gaussian:2:0.1"], "--poison fraction must be in (0, 1]"),
+    (["--poison", "uniform:0.1"], "--poison takes gaussian:FRACTION:STD"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    assert cli.main([*ARGS, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("influx-score: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists(), "refused before anything was written"
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert cli.main([*ARGS, "--out", str(out)]) == 2
+        assert "file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [(28, "no space left on the device while writing"), (13, "choose a writable --out")],
+    ids=["full-disk", "read-only"],
+)
+def test_write_failures_are_one_line_and_resume(finished, tmp_path, monkeypatch, capsys, code,
+                                                message):  # fmt: skip
+    out = tmp_path / "failing"
+    real = store.atomic_write_bytes
+    writes = []
+
+    def failing_after_twenty(path, payload):
+        writes.append(path)
+        if len(writes) > 20:
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, payload)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", failing_after_twenty)
+    assert cli.main([*ARGS, "--out", str(out)]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(store, "atomic_write_bytes", real)
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    assert_same_files(out, finished)
+
+
+def test_non_finite_scores_fail_with_advice(tmp_path, monkeypatch, capsys):
+    real = cli.Scorer.compute
+
+    def diverged(self, group, positions):
+        values = real(self, group, positions)
+        if group == "basic" and int(positions[0]) == 10:
+            values["loss"][3] = np.nan
+        return values
+
+    monkeypatch.setattr(cli.Scorer, "compute", diverged)
+    out = tmp_path / "nan"
+    assert cli.main([*ARGS, "--scores", "loss", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "score loss is NaN/inf for 1 of 10 examples (indices 13)" in err
+    assert "lower --lr" in err and not (out / "summary.json").exists()
+
+
+def test_damaged_cifar_file_is_named(tmp_path):
     from test_data import write_tiny_cifar10
 
     write_tiny_cifar10(tmp_path / "data")
-    out = tmp_path / "out"
-    status = cli.main(["--dataset", "cifar10", "--model", "cnn", "--width", "4", "--epochs", "1",
-                       "--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-progress"])  # fmt: skip
-    assert status == 0
-    scores = read_scores(out / "scores.csv")
-    assert len(scores["index"]) == 15 and np.isfinite(scores["grad_norm"]).all()
-    assert json.loads((out / "summary.json").read_text())["sizes"]["input_shape"] == [3, 32, 32]
+    damaged = tmp_path / "data/cifar-10-batches-py/data_batch_2"
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    result = run_cli(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                      "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert result.returncode == 2 and str(damaged) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_parse_scores_defaults_and_methods():
+    names = lambda text, **kw: [s.name for s in cli.parse_scores(text, checkpoint=False,
+                                                                 poison=False, **kw)]  # fmt: skip
+    assert names("default") == ["loss", "margin", "grad_norm", "self_influence:ekfac", "tracin"]
+    assert names("self_influence, self_influence:ekfac,loss") == ["self_influence:ekfac", "loss"]
+    specs = cli.parse_scores("grad_norm", checkpoint=False, poison=True)
+    assert [s.name for s in specs] == ["grad_norm", "gus"], "--poison adds its audit"
+    with_checkpoint = cli.parse_scores("default", checkpoint=True, poison=False)
+    assert "tracin" not in [s.name for s in with_checkpoint]
+
+
+def test_poisoning_study_scores(tmp_path, capsys):
+    out = tmp_path / "poison"
+    args = ["--max-examples", "60", "--epochs", "1", "--chunk-size", "30", "--no-progress",
+            "--poison", "gaussian:0.1:0.5", "--scores", "loss,memorization,unlearnable",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0, capsys.readouterr().err
+    table = read_table(out)
+    poisoned = table["poisoned"] > 0
+    assert poisoned.sum() == 6, "round(0.1 * 60) poisoned, gus added by --poison"
+    assert (
+        np.isfinite(table["gus_iz"][poisoned]).all() and np.isnan(table["gus_iz"][~poisoned]).all()
+    )
+    for column in ("mem_confidence", "mem_cumulative_loss", "mem_curvature", "unlearnable"):
+        assert np.isfinite(table[column]).all(), column
+    # The cumulative loss over the single checkpoint (the end of the only epoch) is the loss.
+    assert_close(torch.tensor(table["mem_cumulative_loss"]), torch.tensor(table["loss"]),
+                 rtol=1e-6, name="cumulative loss")  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    expected = table["gus_iz"][poisoned].mean()
+    assert summary["gus"]["poisoned"] == 6 and summary["gus"]["gus"] == pytest.approx(expected)

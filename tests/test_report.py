@@ -29,6 +29,9 @@ def test_spearman_is_the_pearson_correlation_of_ranks():
     expected = np.corrcoef(ranks, rowvar=False)
     np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-12)
     assert matrix[0, 1] < -0.9 and np.allclose(np.diag(matrix), 1.0)
+    pair = report.spearman_matrix({"a": cols["loss"], "b": cols["margin"]})
+    both = np.corrcoef(rankdata(cols["loss"]), rankdata(cols["margin"]))
+    np.testing.assert_allclose(pair, both, rtol=1e-12, atol=1e-12)
 
 
 def test_top_positions_are_largest_first_with_ties_by_position():
