@@ -13,9 +13,11 @@ subprocess, so its peak memory is its own):
 sequential ``influx.train.train`` throughput. Before timing, the vmapped ensemble is checked
 against one-model-at-a-time training with the same seeds (max relative parameter difference).
 
-Besides the timing rows, :func:`run` writes ``ensemble-<device>.proxies.{json,md}``: the
-Feldman–Zhang estimate from ``PROXY_MODELS`` vmapped models on digits, compared with the
-memorization proxies of one model trained on all of the training set (``memorization.compare``).
+``python -m benchmarks.suites.ensemble --proxies`` writes ``ensemble-<device>.proxies.{json,md}``
+instead: the Feldman–Zhang estimate from ``PROXY_MODELS`` vmapped models on digits, compared with
+the memorization proxies of one model trained on all of the training set
+(``memorization.compare``). It is a separate command so that neither run sees the other's fresh
+output as uncommitted changes.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ NOTES = (
     "range. speedup: throughput over the sequential influx.train.train row of the same run. peak_mem_mb: peak resident memory above the state "
     "after loading the data. The CPU is shared with other work while these rows run: absolute "
     "times are noisy (load_average_1m in the JSON), ratios less so. The memorization-vs-proxies "
-    "comparison is in ensemble-<device>.proxies.md."
+    "comparison (python -m benchmarks.suites.ensemble --proxies) is in "
+    "ensemble-<device>.proxies.md."
 )
 
 
@@ -276,17 +279,13 @@ def _combine(repeats: list[dict]) -> dict:
 def run(args) -> list[dict]:
     """Timing rows (each method in its own subprocess, the three methods run ``RUNS`` times
     interleaved so a busy phase of the machine hits all alike; speedups are taken within each
-    run); also writes the proxies comparison."""
-    device = getattr(args, "device", "cpu")
+    run)."""
     per_run = []
     for _ in range(1 if getattr(args, "quick", False) else RUNS):
         rows = [_child(args, method) for method in METHODS]
         _speedups(rows)
         per_run.append(rows)
-    rows = [_combine([run_rows[i] for run_rows in per_run]) for i in range(len(METHODS))]
-    proxies, summary = compare_proxies(device, getattr(args, "quick", False))
-    _write_proxies(device, proxies, summary)
-    return rows
+    return [_combine([run_rows[i] for run_rows in per_run]) for i in range(len(METHODS))]
 
 
 if __name__ == "__main__":
@@ -295,9 +294,15 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--proxies", action="store_true", help="write the memorization-vs-proxies comparison"
+    )
     parsed = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if parsed.one is not None:
         sys.exit(run_one(parsed))
+    if parsed.proxies:
+        _write_proxies(parsed.device, *compare_proxies(parsed.device, parsed.quick))
+        sys.exit(0)
     for row in run(parsed):
         print(row)
