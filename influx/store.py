@@ -3,8 +3,8 @@
 A store is a folder::
 
     manifest.json        the run's identity: {"format", "fingerprint", "meta", "shards"}
-    <name>.npy           one shard (any numpy array, structured arrays included)
-    <name>.npy.sha256    its record: the sha256 of the shard's bytes
+    <name>               one shard: a ``.npy`` array (structured arrays included) or any bytes
+    <name>.sha256        its record: the sha256 of the shard's bytes
 
 Every file is written atomically (temporary file, fsync, ``os.replace``, fsync of the folder), so
 a process killed at any point leaves each file either whole or absent. A shard counts as present
@@ -36,7 +36,6 @@ from influx.errors import InfluxRuntimeError, InfluxValueError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_SHARD_SUFFIX = ".npy"
 _RECORD_SUFFIX = ".sha256"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -219,10 +218,12 @@ class ShardStore:
             raise InfluxValueError(
                 f"shard name {name!r} must be letters, digits, '_', '.' or '-' (no folders)"
             )
-        return self.root / (name + _SHARD_SUFFIX)
+        if name == MANIFEST or name.endswith(_RECORD_SUFFIX):
+            raise InfluxValueError(f"shard name {name!r} is reserved")
+        return self.root / name
 
     def _record(self, name: str) -> Path:
-        return self.root / (name + _SHARD_SUFFIX + _RECORD_SUFFIX)
+        return self.root / (name + _RECORD_SUFFIX)
 
     def put_bytes(self, name: str, data: bytes) -> str:
         """Store ``data`` as shard ``name`` (file first, then its record); return its sha256."""
@@ -285,8 +286,7 @@ class ShardStore:
 
     def names(self) -> list[str]:
         """Names of the shards that have a record (present, not yet verified), sorted."""
-        suffix = _SHARD_SUFFIX + _RECORD_SUFFIX
-        return sorted(p.name[: -len(suffix)] for p in self.root.glob("*" + suffix))
+        return sorted(p.name[: -len(_RECORD_SUFFIX)] for p in self.root.glob("*" + _RECORD_SUFFIX))
 
     def finalize(self, names: list[str]) -> None:
         """Record the checksums of ``names`` (all verified by the caller) in the manifest."""
