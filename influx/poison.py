@@ -666,8 +666,9 @@ class BatchSchedule(Sampler):
     def __call__(self, epoch: int, epoch_seed: int) -> torch.Tensor:
         """The trainer's sampling hook: ``influx.train.train(..., sampling=schedule)`` asks for
         each epoch's order with its own epoch seed (recorded in ``TrainResult.epoch_seeds``, so
-        ``schedule.order(seed)`` replays the epoch). Train with ``batch_size=schedule.batch_size``:
-        the trainer cuts the order into chunks of its own batch size."""
+        ``schedule.order(seed)`` replays the epoch). The trainer cuts the order into chunks of its
+        own ``batch_size``: make it ``schedule.batch_size``, or ``M * schedule.batch_size`` with
+        ``micro_batches=M`` so that each micro-batch is one scheduled batch."""
         return self.order(epoch_seed)
 
     def __iter__(self) -> Iterator[list[int]]:
