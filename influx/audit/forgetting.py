@@ -346,7 +346,8 @@ def forgetting_quality(
 
     ``unlearned``, ``retrained``: [N, E] arrays (numpy or torch, any device) of the signal
     ``log p_y - log(1 - p_y)`` of the E forget examples under N unlearned and N retrained models
-    (:func:`influx.audit.mia.logit_confidence` per model, stacked). Per-example epsilons follow
+    (:func:`influx.audit.mia.logit_confidence` per model, stacked; it is exact where the kit's
+    ``log(p + 1e-45)`` form saturates near +-103.6, which only widens the single-threshold grid). Per-example epsilons follow
     :func:`example_epsilons`; an epsilon in ``[j/2, (j+1)/2)`` scores ``2^-j`` for
     ``j < B = 2 ceil(ln(N - 1))`` and 0 beyond (:func:`bucket_points`; N = 2 gives no bucket, so
     F = 0); ``F`` is the mean score. Identical distributions give epsilons near 0 and F near 1; a
