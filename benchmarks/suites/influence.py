@@ -1,6 +1,6 @@
 """Influence estimators on the digits-MLP reference task, influx and peers side by side.
 
-Task (``influx.influence.tasks.digits_mlp``): digits, 10% flipped labels, 1,600 train / 50 test
+Task (``benchmarks.tasks.digits_mlp``): digits, 10% flipped labels, 1,600 train / 50 test
 queries, a 64-64-10 tanh MLP (4,810 parameters), full-batch Adam, checkpoints at 100/200/300.
 
 For every method, rows report: time of pairwise scores 50 x 1,600 including the fit (one run,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from influx.audit.accuracy import accuracy, correct, splits_accuracy, tug_of_war
+from influx.audit.utility import accuracy, correct, splits_accuracy, tug_of_war
 from influx.errors import InfluxValueError
 
 
