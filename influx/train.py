@@ -441,7 +441,7 @@ def _epoch_batches(
     if sampling == "shuffle":
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed), device="cpu")
     else:
-        order = torch.as_tensor(sampling(epoch, epoch_seed), dtype=torch.long).cpu()
+        order = torch.as_tensor(sampling(epoch, epoch_seed), dtype=torch.long).to("cpu")
         if (
             order.dim() != 1
             or order.numel() != n
