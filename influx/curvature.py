@@ -509,20 +509,45 @@ def accumulate_ekfac_eigenvalues(
 ) -> None:
     """Add sum_n (Q_S^T G_n Q_A)^2 of one batch, with G_n = b_n^T a_n [d_out, d_in(+1)].
 
-    Computed in the capture's dtype, summed in the factors' dtype.
+    Computed in the capture's dtype (see :func:`eigenbasis_gradients`), summed in the factors'.
     """
     for name, cap in captures.items():
         f = factors[name]
-        a, b = cap.a, cap.b
-        q_a, q_s = f.activation_basis.to(a.dtype), f.gradient_basis.to(b.dtype)
-        tokens, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
-        if tokens * (d_in**2 + d_out**2) <= d_in * d_out * (d_in + d_out):
-            # Few tokens (Linear): rotate a and b, then contract over T.
-            rotated = (b @ q_s).transpose(1, 2) @ (a @ q_a)
-        else:
-            # Many tokens (Conv positions): contract to G_n first, then rotate the small matrix.
-            rotated = q_s.T @ (b.transpose(1, 2) @ a) @ q_a
+        rotated = eigenbasis_gradients(cap, f.gradient_basis, f.activation_basis)
         sums[name] = sums.get(name, 0) + rotated.square().sum(0).to(f.activation.dtype)
+
+
+def rotation_by_tokens_is_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether (b Q_S)^T (a Q_A) (cost T (d_in^2 + d_out^2 + d_in d_out) per example) is cheaper
+    than forming G = b^T a and rotating it (T d_in d_out + d_in d_out (d_in + d_out))."""
+    return tokens * (d_in**2 + d_out**2) <= d_in * d_out * (d_in + d_out)
+
+
+def eigenbasis_gradients(capture, gradient_basis, activation_basis) -> torch.Tensor:
+    """Per-example layer gradients in the Kronecker eigenbasis, Q_S^T (b_n^T a_n) Q_A [N, d_out,
+    d_in(+1)], by the cheaper route, in the capture's dtype (the bases are cast to it).
+
+    ``capture`` has ``.a`` [N, T, d_in(+1)] and ``.b`` [N, T, d_out]; when it also has
+    ``.gradients()`` (G_n computed without unfolding a conv's input) that serves the
+    contract-first route. With few tokens the per-example gradient is never formed: it is
+    (b Q_S)^T (a Q_A), a product of the rotated captures.
+    """
+    tokens, d_in, d_out = capture_dims(capture)
+    if rotation_by_tokens_is_cheaper(tokens, d_in, d_out):
+        a, b = capture.a, capture.b
+        q_a, q_s = activation_basis.to(a.dtype), gradient_basis.to(b.dtype)
+        return (b @ q_s).transpose(1, 2) @ (a @ q_a)
+    # Many tokens (conv positions): contract to G_n first, then rotate the small matrix.
+    grads = capture.gradients() if hasattr(capture, "gradients") else capture.b.mT @ capture.a
+    q_a, q_s = activation_basis.to(grads.dtype), gradient_basis.to(grads.dtype)
+    return q_s.T @ grads @ q_a
+
+
+def capture_dims(capture) -> tuple[int, int, int]:
+    """(T, d_in(+1), d_out) of a capture, from ``.dims`` when it has them (no unfolding)."""
+    if hasattr(capture, "dims"):
+        return capture.dims
+    return capture.a.shape[1], capture.a.shape[2], capture.b.shape[2]
 
 
 def finalize_ekfac_eigenvalues(
@@ -530,3 +555,87 @@ def finalize_ekfac_eigenvalues(
 ) -> None:
     for name, f in factors.items():
         f.eigenvalues = sums[name] / f.count
+
+
+def all_reduce_ekfac_sums(
+    sums: Mapping[str, torch.Tensor], reduce_sum: Callable[[torch.Tensor], None]
+) -> None:
+    """Sum the EK-FAC eigenvalue sums over ranks, in place (layers in sorted order)."""
+    for name in sorted(sums):
+        reduce_sum(sums[name])
+
+
+@dataclass
+class DiagonalFactors:
+    """A diagonal Fisher block for parameters outside Kronecker-factored layers (GroupNorm /
+    LayerNorm affine parameters, a bias whose weight is not selected, ...).
+
+    ``diagonal`` [numel] is (1/N) sum_n g_n^2 over the flat per-example gradients g_n of
+    ``names`` (concatenated in that order; ``numels`` are their sizes): the Fisher restricted to
+    its diagonal, which is also what EK-FAC's eigenvalue refit gives in the identity basis.
+    Before :func:`finalize_diagonal_factors` it holds the running sum.
+    """
+
+    names: tuple[str, ...]
+    numels: tuple[int, ...]
+    diagonal: torch.Tensor
+    count: int = 0
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.diagonal
+
+
+def accumulate_diagonal_factors(
+    factors: dict[str, DiagonalFactors],
+    name: str,
+    names: tuple[str, ...],
+    numels: tuple[int, ...],
+    grads: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> None:
+    """Add one batch's sum_n g_n^2 of the flat per-example gradients ``grads`` [N, numel] of
+    ``names`` (sizes ``numels``) to the block ``name`` (created on first use)."""
+    if name not in factors:
+        factors[name] = DiagonalFactors(
+            names, numels, grads.new_zeros(grads.shape[1], dtype=dtype), 0
+        )
+    factors[name].diagonal += grads.square().sum(0).to(dtype)
+    factors[name].count += grads.shape[0]
+
+
+def finalize_diagonal_factors(factors: Mapping[str, DiagonalFactors]) -> None:
+    """Divide the accumulated sums by the number of examples."""
+    for f in factors.values():
+        if not torch.isfinite(f.diagonal).all():
+            raise InfluxValueError(
+                f"the diagonal Fisher of {list(f.names)} holds NaN / inf: some example has a "
+                "non-finite input, loss or gradient; check the data and the model"
+            )
+        f.diagonal /= max(f.count, 1)
+
+
+def all_reduce_factor_sums(
+    kronecker: Mapping[str, KroneckerFactors],
+    diagonal: Mapping[str, DiagonalFactors],
+    reduce_sum: Callable[[torch.Tensor], None],
+) -> None:
+    """Sum the accumulated (not yet finalized) factors over ranks, in place.
+
+    Factors are sums over examples, so the sums of disjoint shards, reduced, then finalized,
+    equal the one-process fit (up to the order of float64 additions). ``reduce_sum`` is e.g.
+    ``torch.distributed.all_reduce`` (sum); layers are visited in sorted order on every rank.
+    """
+    for name in sorted(kronecker):
+        f = kronecker[name]
+        count = torch.tensor([float(f.count)], dtype=torch.float64, device=f.activation.device)
+        for tensor in (f.activation, f.gradient, count):
+            reduce_sum(tensor)
+        f.count = int(count.item())
+    for name in sorted(diagonal):
+        f = diagonal[name]
+        count = torch.tensor([float(f.count)], dtype=torch.float64, device=f.diagonal.device)
+        reduce_sum(f.diagonal)
+        reduce_sum(count)
+        f.count = int(count.item())

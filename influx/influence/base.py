@@ -106,6 +106,11 @@ class Estimator(abc.ABC):
     def precondition(self, features: torch.Tensor) -> torch.Tensor:
         """The symmetric preconditioner applied to rows: [M, K] -> [M, K]."""
 
+    def self_influence_of(self, features: torch.Tensor) -> torch.Tensor:
+        """<f, precondition(f)> per row, [M]; estimators override it where that is cheaper
+        than preconditioning (K-FAC: rotate once, no rotation back)."""
+        return (features * self.precondition(features).to(features.dtype)).sum(1)
+
 
 def per_example_gradients(
     model: nn.Module,

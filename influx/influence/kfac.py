@@ -16,33 +16,60 @@ the GGN of *softmax cross-entropy* (and only of that loss); ``"empirical"`` uses
 labels and fits any loss. ``"auto"`` checks the loss rather than assuming it: ``loss_fn`` is
 evaluated on the first batch and compared with ``F.cross_entropy``; when they agree it samples,
 with real-valued targets it takes the empirical Fisher, and with class targets under another loss
-it raises and asks for the choice. ``params=`` restricts the factors to the named Linear/Conv
-weights (and biases), as for every other method; a selected parameter outside Linear/Conv
-layers is refused. Damping ``"auto"`` is 0.1 times the mean eigenvalue of each layer's block.
-Scores are I_up,loss (sign -1), as for the other influence estimators.
+it raises and asks for the choice. Damping ``"auto"`` is 0.1 times the mean eigenvalue of each
+block. Scores are I_up,loss (sign -1), as for the other influence estimators.
+
+Coverage. Every selected parameter is scored (``params=``, default: all trainable). Linear / Conv
+weights (with their biases) get Kronecker blocks; every other parameter (GroupNorm / LayerNorm
+affine parameters, a bias whose weight is not selected, grouped convolutions, ...) gets a
+*diagonal* block per module, F = diag((1/N) sum_n g_n^2) from the same captured per-sample
+gradients (the engine's rules compute them from the same backward), for K-FAC and EK-FAC alike.
+``others="exclude"`` leaves those parameters out instead (Kronfluence's choice: Linear / Conv
+only). ``diagnostics["coverage"]`` names the parameters in each kind of block.
+
+Feature basis. Each Kronecker layer's features are its per-example gradients either in the
+parameter basis (G_n = b_n^T a_n; the preconditioner rotates, divides and rotates back) or in the
+Kronecker eigenbasis (Q_S^T G_n Q_A, computed from the captures as (b_n Q_S)^T (a_n Q_A) when a
+layer has few tokens, so G_n is never formed; the preconditioner only divides). Inner products
+are the same in both (the rotation is orthogonal), so scores, self-influence and per-layer shares
+do not depend on the choice, only the cost does: ``feature_basis="auto"`` takes the eigenbasis
+where it is cheaper for scoring one query per :data:`TRAIN_PER_QUERY` train examples.
+
+Saving and splitting. :meth:`KFACEstimator.state` / :meth:`KFACEstimator.from_state` hold
+everything a fit computed (see ``influx.influence.factors_io``). With ``split_ranks=True`` under
+torchrun, every rank passes the same train set, fits the factor batches ``i % world_size ==
+rank`` and the sums are all-reduced before finalizing: factors are sums over examples.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from influx.curvature import (
+    DiagonalFactors,
     KroneckerFactors,
     Spectrum,
+    accumulate_diagonal_factors,
     accumulate_ekfac_eigenvalues,
     accumulate_kronecker_factors,
+    all_reduce_ekfac_sums,
+    all_reduce_factor_sums,
     check_damped_spectrum,
+    eigenbasis_gradients,
+    finalize_diagonal_factors,
     finalize_ekfac_eigenvalues,
     finalize_kronecker_factors,
     resolve_damping,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
-from influx.grads import capture_matmul_layers
-from influx.grads.common import LossFn, check_finite, check_model, select_parameters
+from influx.grads.capture import capture
+from influx.grads.common import LossFn, check_finite, check_model, flat_rows, select_parameters
+from influx.grads.rules import rule_for
 from influx.influence.base import (
     Block,
     Estimator,
@@ -53,9 +80,16 @@ from influx.influence.base import (
     option,
 )
 
-# Layers whose weight gradient is b^T a per example (captured by capture_matmul_layers; the
-# engine's rules match exact types, so subclasses are not included).
+# Layers whose weight gradient is b^T a per example (the engine's rules match exact types, so
+# subclasses are not included). Grouped convolutions have no single Kronecker factorization.
 FACTORED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# feature_basis="auto" assumes one query per this many train examples: the query side is
+# preconditioned once, the train side is featurized per example.
+TRAIN_PER_QUERY = 20
+
+
+def _factored(module: nn.Module) -> bool:
+    return type(module) in FACTORED_LAYERS and getattr(module, "groups", 1) == 1
 
 
 def factored_parameters(model: nn.Module, names) -> tuple[str, ...]:
@@ -64,9 +98,138 @@ def factored_parameters(model: nn.Module, names) -> tuple[str, ...]:
     names, kept = set(names), []
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if type(module) in FACTORED_LAYERS and f"{prefix}weight" in names:
+        if _factored(module) and f"{prefix}weight" in names:
             kept += [n for n in (f"{prefix}weight", f"{prefix}bias") if n in names]
     return tuple(kept)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which selected parameters each kind of block covers.
+
+    ``kronecker``: layer -> (weight name, bias name or None); ``diagonal``: module -> parameter
+    names; ``excluded``: selected parameters left out (``others="exclude"``).
+    """
+
+    kronecker: dict[str, tuple[str, str | None]]
+    diagonal: dict[str, tuple[str, ...]]
+    excluded: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, params, others: str) -> Coverage:
+        selected = select_parameters(model, params)
+        full_name = {id(p): name for name, p in selected.items()}
+        kronecker, diagonal, excluded = {}, {}, []
+        for module_name, module in model.named_modules():
+            owned = {
+                local: full_name[id(p)]
+                for local, p in module.named_parameters(recurse=False)
+                if id(p) in full_name
+            }
+            if not owned:
+                continue
+            if _factored(module) and "weight" in owned:
+                kronecker[module_name] = (owned["weight"], owned.get("bias"))
+            elif others == "diagonal":
+                diagonal[module_name] = tuple(owned.values())
+            else:
+                excluded += owned.values()
+        if excluded and params is not None:
+            raise InfluxValueError(
+                f"others='exclude' leaves parameters outside Linear/Conv layers out, but params= "
+                f"names {excluded[:5]}: drop them from params=, or use others='diagonal'"
+            )
+        if not kronecker and not diagonal:
+            raise UnsupportedModelError(
+                f"others='exclude' leaves nothing to score: the selected parameters "
+                f"{excluded[:5]} are all outside Linear/Conv layers; use others='diagonal'"
+            )
+        return cls(kronecker, diagonal, tuple(excluded))
+
+    def names(self) -> dict[str, list[str]]:
+        return {
+            "kronecker": [n for pair in self.kronecker.values() for n in pair if n is not None],
+            "diagonal": [n for names in self.diagonal.values() for n in names],
+            "excluded": list(self.excluded),
+        }
+
+
+class _LayerCapture:
+    """One batch of one Kronecker layer: ``a`` [N, T, d_in(+1)] (a bias as a column of ones),
+    ``b`` [N, T, d_out], both built on first access; ``gradients()`` [N, d_out, d_in(+1)] by the
+    engine's rule (per kernel offset for wide convs: no unfolded patches)."""
+
+    def __init__(self, module, calls, weight_name: str, bias_name: str | None):
+        self.module, self.calls, self.rule = module, calls, rule_for(module)
+        self.weight_name, self.bias_name = weight_name, bias_name
+        d_in = module.weight[0].numel() + (bias_name is not None)
+        tokens = sum(c.grad_output[0].numel() // module.weight.shape[0] for c in calls)
+        self.dims = (tokens, d_in, module.weight.shape[0])
+
+    @cached_property
+    def _forms(self):
+        a, b = self.rule.forms(self.module, self.calls)
+        a, b = a[:, 0], b[:, 0]
+        if self.bias_name is not None:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a, b
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._forms[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self._forms[1]
+
+    def gradients(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example [weight | bias] gradients [N, d_out, d_in(+1)], written to ``out`` if given."""
+        weight = self.rule.weight_grads(self.module, self.calls)
+        n, d_out = weight.shape[0], weight.shape[1]
+        weight = weight.reshape(n, d_out, -1)
+        if self.bias_name is None:
+            if out is None:
+                return weight
+            out.copy_(weight)
+            return out
+        if out is None:
+            out = weight.new_empty(n, d_out, weight.shape[2] + 1)
+        out[:, :, :-1] = weight
+        out[:, :, -1] = self.rule.bias_grads(self.module, self.calls)
+        return out
+
+
+class _Batch:
+    """The captures of one batch (one forward + backward): Kronecker layers and diagonal blocks.
+
+    ``pop`` hands a layer's capture over and drops this batch's reference to it, so a caller that
+    goes through the layers one by one frees each layer's activations as it goes.
+    """
+
+    def __init__(self, model, loss_fn, inputs, targets, coverage: Coverage, offset: int):
+        modules = dict(model.named_modules())
+        watched = {name: modules[name] for name in (*coverage.kronecker, *coverage.diagonal)}
+        named = dict(model.named_parameters())
+        wanted = [named[n] for n in coverage.names()["kronecker"] + coverage.names()["diagonal"]]
+        _, calls = capture(model, loss_fn, inputs, targets, watched, wanted, offset=offset)
+        self.size = inputs.shape[0]
+        self.coverage, self.modules, self.calls = coverage, watched, calls
+
+    def called(self, name: str) -> bool:
+        return bool(self.calls.get(name))
+
+    def pop_layer(self, name: str) -> _LayerCapture:
+        weight, bias = self.coverage.kronecker[name]
+        return _LayerCapture(self.modules[name], self.calls.pop(name), weight, bias)
+
+    def pop_diagonal(self, name: str) -> torch.Tensor:
+        """Flat per-example gradients [N, numel] of the block's parameters, in coverage order."""
+        module, calls = self.modules[name], self.calls.pop(name)
+        grads = rule_for(module).grads(module, calls)
+        prefix = f"{name}." if name else ""
+        return torch.cat(
+            [flat_rows(grads[full[len(prefix) :]]) for full in self.coverage.diagonal[name]], dim=1
+        )
 
 
 @dataclass(frozen=True)
@@ -82,12 +245,29 @@ class KFACOptions:
     batch_size: int = option(512, "train examples per factor-estimation batch")
     seed: int = option(0, "seed for the sampled labels")
     params: tuple[str, ...] | None = option(
-        None, "Linear/Conv parameter names to differentiate (default: all trainable)"
+        None, "parameter names to differentiate (default: all trainable)"
+    )
+    others: str = option(
+        "diagonal",
+        "parameters outside Linear/Conv layers (norm affine, lone biases): 'diagonal' (a diagonal "
+        "Fisher block each) or 'exclude' (score Linear/Conv weights and biases only)",
+    )
+    feature_basis: str = option(
+        "auto",
+        "basis of each Kronecker layer's features: 'eigen', 'parameter' or 'auto' (the cheaper); "
+        "scores are the same",
+    )
+    split_ranks: bool = option(
+        False,
+        "under torchrun: each rank fits every world_size-th factor batch of the same train set "
+        "and the factor sums are all-reduced",
     )
 
     def __post_init__(self):
         check_damping(self.damping)
         check_choice("fisher", self.fisher, ("auto", "sampled", "empirical"))
+        check_choice("others", self.others, ("diagonal", "exclude"))
+        check_choice("feature_basis", self.feature_basis, ("auto", "eigen", "parameter"))
         check_positive("batch_size", self.batch_size)
 
 
@@ -138,7 +318,8 @@ def _sample_targets(model, inputs, targets, generator, offset: int) -> torch.Ten
 
 
 class KFACEstimator(Estimator):
-    """(K-FAC or EK-FAC + damping I)^-1 per layer; features: layer gradients [B, sum d_out d_in]."""
+    """(K-FAC or EK-FAC + damping I)^-1 per block; features: per-example gradients, one block per
+    Kronecker layer (in its parameter basis or its eigenbasis) and per diagonal module."""
 
     def __init__(
         self,
@@ -149,94 +330,274 @@ class KFACEstimator(Estimator):
         options: KFACOptions,
         *,
         eigen_corrected: bool,
+        _state: dict | None = None,
     ):
         check_model(model)
         self.model, self.loss_fn, self.params = model, loss_fn, options.params
-        self._check_parameters(model)
-        if inputs.shape[0] == 0:
-            raise InfluxValueError("the training set is empty: K-FAC needs at least one example")
-        batch_size = options.batch_size
-        fisher = resolve_fisher(
-            options.fisher, model, loss_fn, inputs[:batch_size], targets[:batch_size]
-        )
-        generator = torch.Generator().manual_seed(options.seed)
-        batches = []
-        for start in range(0, inputs.shape[0], batch_size):
-            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
-            if fisher == "sampled":
-                y = _sample_targets(model, x, y, generator, start)
-            batches.append((start, x, y))
-        self.factors: dict[str, KroneckerFactors] = {}
-        for start, x, y in batches:
-            accumulate_kronecker_factors(self.factors, self._capture(x, y, start))
-        finalize_kronecker_factors(self.factors)
-        if eigen_corrected:
-            sums: dict[str, torch.Tensor] = {}
-            for start, x, y in batches:
-                accumulate_ekfac_eigenvalues(self.factors, self._capture(x, y, start), sums)
-            finalize_ekfac_eigenvalues(self.factors, sums)
+        self.options, self.eigen_corrected = options, eigen_corrected
+        self.coverage = Coverage.of(model, options.params, options.others)
+        self._cast: dict = {}
+        if _state is not None:  # from_state: nothing to fit
+            self.factors, self.diagonal = _state["factors"], _state["diagonal"]
+            self.tokens, fisher = _state["tokens"], _state["fisher"]
+        else:
+            fisher = self._fit(inputs, targets, options)
         self.dampings = {}
-        for name, f in self.factors.items():
+        for name, f in (*self.factors.items(), *self.diagonal.items()):
             spectrum = Spectrum.of_eigenvalues(f.eigenvalues.flatten())
             self.dampings[name] = resolve_damping(options.damping, spectrum)
             check_damped_spectrum(spectrum, self.dampings[name], what=f"K-FAC block of {name}")
+        self.basis = {name: self._basis_of(name) for name in self.factors}
         self.layout, self.shapes = self._layout()
         self.diagnostics = {
             "fisher": fisher,
             "damping": self.dampings,
             "layers": list(self.factors),
+            "diagonal_blocks": list(self.diagonal),
+            "coverage": self.coverage.names(),
+            "feature_basis": dict(self.basis),
         }
 
-    def _capture(self, inputs, targets, offset: int = 0):
-        return capture_matmul_layers(
-            self.model, self.loss_fn, inputs, targets, params=self.params, offset=offset
-        )
+    # ---------------------------------------------------------------------------------- fitting
 
-    def _check_parameters(self, model: nn.Module) -> None:
-        """Before any work: every selected parameter is the weight (or the bias, with its
-        weight) of a Linear / Conv layer; K-FAC has no factors for anything else."""
-        selected = select_parameters(model, self.params)
-        covered = set(factored_parameters(model, selected))
-        others = [name for name in selected if name not in covered]
-        if others:
-            raise UnsupportedModelError(
-                f"K-FAC covers Linear/Conv weights (and their biases) only; selected parameters "
-                f"{others[:5]} are not: freeze them (requires_grad_(False)), leave them out with "
-                "params=[...], or use method='cg' / 'trak'"
-            )
+    def _fit(self, inputs, targets, options: KFACOptions) -> str:
+        if inputs.shape[0] == 0:
+            raise InfluxValueError("the training set is empty: K-FAC needs at least one example")
+        batch_size = options.batch_size
+        fisher = resolve_fisher(
+            options.fisher, self.model, self.loss_fn, inputs[:batch_size], targets[:batch_size]
+        )
+        rank, world, reduce_sum = _ranks(options.split_ranks)
+        generator = torch.Generator().manual_seed(options.seed)
+        batches = []
+        for number, start in enumerate(range(0, inputs.shape[0], batch_size)):
+            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+            if fisher == "sampled":
+                # Every rank draws every batch's labels: the draws do not depend on the split.
+                y = _sample_targets(self.model, x, y, generator, start)
+            if number % world == rank:
+                batches.append((start, x, y))
+        self.factors: dict[str, KroneckerFactors] = {}
+        self.diagonal: dict[str, DiagonalFactors] = {}
+        self.tokens: dict[str, int] = {}
+        for start, x, y in batches:
+            batch = self._capture(x, y, start)
+            for name in self.coverage.kronecker:
+                if batch.called(name):
+                    layer = batch.pop_layer(name)
+                    self.tokens[name] = layer.dims[0]
+                    accumulate_kronecker_factors(self.factors, {name: layer})
+            for name, names in self.coverage.diagonal.items():
+                if batch.called(name):
+                    grads = batch.pop_diagonal(name)
+                    numels = tuple(self.model.get_parameter(n).numel() for n in names)
+                    accumulate_diagonal_factors(self.diagonal, name, names, numels, grads)
+        if world > 1:
+            all_reduce_factor_sums(self.factors, self.diagonal, reduce_sum)
+        finalize_kronecker_factors(self.factors)
+        finalize_diagonal_factors(self.diagonal)
+        if self.eigen_corrected:
+            sums: dict[str, torch.Tensor] = {}
+            for start, x, y in batches:
+                batch = self._capture(x, y, start)
+                for name in self.factors:
+                    if batch.called(name):
+                        accumulate_ekfac_eigenvalues(
+                            self.factors, {name: batch.pop_layer(name)}, sums
+                        )
+            if world > 1:
+                for name, f in self.factors.items():  # a rank may have seen no call of a layer
+                    sums.setdefault(name, torch.zeros_like(f.eigenvalues))
+                all_reduce_ekfac_sums(sums, reduce_sum)
+            finalize_ekfac_eigenvalues(self.factors, sums)
+        return fisher
+
+    def _capture(self, inputs, targets, offset: int = 0) -> _Batch:
+        return _Batch(self.model, self.loss_fn, inputs, targets, self.coverage, offset)
+
+    def _basis_of(self, name: str) -> str:
+        """'eigen' or 'parameter' for a Kronecker layer's features (see the module docstring)."""
+        if self.options.feature_basis != "auto":
+            return self.options.feature_basis
+        d_out, d_in = self.factors[name].eigenvalues.shape
+        tokens = self.tokens.get(name, 1)
+        formed = tokens * d_in * d_out  # G_n = b_n^T a_n
+        turn = d_in * d_out * (d_in + d_out)  # Q_S^T G Q_A, or back
+        rotated = min(tokens * (d_in**2 + d_out**2 + d_in * d_out), formed + turn)
+        # Train examples are featurized one by one, queries also preconditioned: in the parameter
+        # basis that rotates there and back, in the eigenbasis it only divides.
+        eigen = (TRAIN_PER_QUERY + 1) * rotated
+        parameter = (TRAIN_PER_QUERY + 1) * formed + 2 * turn
+        return "eigen" if eigen < parameter else "parameter"
 
     def _layout(self):
         blocks, shapes, start = [], {}, 0
         for name, f in self.factors.items():
-            shape = (f.gradient.shape[0], f.activation.shape[0])
-            size = shape[0] * shape[1]
-            blocks.append(Block(name, start, start + size))
+            shape = tuple(f.eigenvalues.shape)
+            blocks.append(Block(name, start, start + shape[0] * shape[1]))
             shapes[name] = shape
-            start += size
+            start += shape[0] * shape[1]
+        for name, f in self.diagonal.items():
+            blocks.append(Block(name, start, start + f.diagonal.numel()))
+            shapes[name] = (f.diagonal.numel(),)
+            start += f.diagonal.numel()
         return FeatureLayout(start, tuple(blocks)), shapes
 
+    # ---------------------------------------------------------------------- features and solves
+
+    def _tensors(self, name: str, dtype, device):
+        """(Q_S, Q_A, 1 / (eigenvalues + damping)) of a block in ``dtype``, cast once."""
+        key = (name, dtype, device)
+        if key not in self._cast:
+            if name in self.factors:
+                f = self.factors[name]
+                bases = (f.gradient_basis, f.activation_basis)
+            else:
+                f, bases = self.diagonal[name], (None, None)
+            inverse = 1.0 / (f.eigenvalues + self.dampings[name])
+            self._cast[key] = tuple(
+                t if t is None else t.to(device=device, dtype=dtype) for t in (*bases, inverse)
+            )
+        return self._cast[key]
+
     def features(self, inputs, targets):
-        """Per-example layer gradients G_n = b_n^T a_n [d_out, d_in(+1)], flat, layer by layer."""
-        captures = self._capture(inputs, targets)
+        """Per-example gradients, flat, block by block: a Kronecker layer's [d_out, d_in(+1)]
+        in its feature basis, a diagonal block's parameters in coverage order."""
+        batch = self._capture(inputs, targets)
+        n = inputs.shape[0]
         out = None
         for blk in self.layout.blocks:
-            cap = captures[blk.layer]
             if out is None:
-                out = cap.a.new_empty(inputs.shape[0], self.layout.size)
-            out[:, blk.start : blk.stop] = (cap.b.transpose(1, 2) @ cap.a).flatten(1)
+                dtype = next(self.model.parameters()).dtype
+                out = inputs.new_zeros(n, self.layout.size, dtype=dtype)
+            if not batch.called(blk.layer):
+                continue  # a layer this batch does not use: zero gradient
+            view = out[:, blk.start : blk.stop]
+            if blk.layer in self.diagonal:
+                view.copy_(batch.pop_diagonal(blk.layer))
+            elif self.basis[blk.layer] == "eigen":
+                q_s, q_a, _ = self._tensors(blk.layer, out.dtype, out.device)
+                layer = batch.pop_layer(blk.layer)
+                view.copy_(eigenbasis_gradients(layer, q_s, q_a).flatten(1))
+            else:
+                batch.pop_layer(blk.layer).gradients(out=view.view(n, *self.shapes[blk.layer]))
         return out
+
+    def _rotated(self, features, blk):
+        """A parameter-basis block of ``features`` in the eigenbasis [M, d_out, d_in(+1)]."""
+        q_s, q_a, _ = self._tensors(blk.layer, features.dtype, features.device)
+        grads = features[:, blk.start : blk.stop].reshape(-1, *self.shapes[blk.layer])
+        return q_s.T @ grads @ q_a
 
     def precondition(self, features):
         out = torch.empty_like(features)
         for blk in self.layout.blocks:
-            f = self.factors[blk.layer]
-            grads = (
-                features[:, blk.start : blk.stop]
-                .reshape(-1, *self.shapes[blk.layer])
-                .to(f.activation.dtype)
-            )
-            rotated = f.rotate(grads) / (f.eigenvalues + self.dampings[blk.layer])
-            out[:, blk.start : blk.stop] = (
-                f.unrotate(rotated).reshape(features.shape[0], -1).to(features.dtype)
-            )
+            q_s, q_a, inverse = self._tensors(blk.layer, features.dtype, features.device)
+            block = features[:, blk.start : blk.stop]
+            if blk.layer in self.diagonal or self.basis[blk.layer] == "eigen":
+                out[:, blk.start : blk.stop] = block * inverse.flatten()
+            else:
+                solved = q_s @ (self._rotated(features, blk) * inverse) @ q_a.T
+                out[:, blk.start : blk.stop] = solved.flatten(1)
         return out
+
+    def self_influence_of(self, features):
+        """<f, precondition(f)> per row [M]: sum of rotated squares over (eigenvalue + damping)."""
+        total = features.new_zeros(features.shape[0])
+        for blk in self.layout.blocks:
+            _, _, inverse = self._tensors(blk.layer, features.dtype, features.device)
+            if blk.layer in self.diagonal or self.basis[blk.layer] == "eigen":
+                rotated = features[:, blk.start : blk.stop]
+            else:
+                rotated = self._rotated(features, blk).flatten(1)
+            total += rotated.square() @ inverse.flatten()
+        return total
+
+    # ------------------------------------------------------------------------------ save / load
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything the fit computed: tensors (name -> tensor) and JSON-able metadata."""
+        tensors, layers, diagonal = {}, {}, {}
+        for name, f in self.factors.items():
+            for field in (
+                "activation", "gradient", "activation_basis", "gradient_basis", "eigenvalues"
+            ):  # fmt: skip
+                tensors[f"kronecker/{name}/{field}"] = getattr(f, field)
+            layers[name] = {
+                "weight": f.weight_name,
+                "bias": f.bias_name,
+                "count": f.count,
+                "tokens": self.tokens.get(name, 1),
+            }
+        for name, f in self.diagonal.items():
+            tensors[f"diagonal/{name}/diagonal"] = f.diagonal
+            diagonal[name] = {"names": list(f.names), "numels": list(f.numels), "count": f.count}
+        meta = {
+            "eigen_corrected": self.eigen_corrected,
+            "options": {**asdict(self.options), "params": _listed(self.options.params)},
+            "fisher": self.diagnostics["fisher"],
+            "kronecker": layers,
+            "diagonal": diagonal,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(
+        cls, model: nn.Module, loss_fn: LossFn, tensors: dict, meta: dict
+    ) -> KFACEstimator:
+        """The estimator of a saved fit, without refitting (see :meth:`state`)."""
+        options = dict(meta["options"])
+        if options.get("params") is not None:
+            options["params"] = tuple(options["params"])
+        factors = {}
+        for name, layer in meta["kronecker"].items():
+            get = lambda field, name=name: tensors[f"kronecker/{name}/{field}"]  # noqa: E731
+            factors[name] = KroneckerFactors(
+                layer["weight"],
+                layer["bias"],
+                get("activation"),
+                get("gradient"),
+                layer["count"],
+                get("activation_basis"),
+                get("gradient_basis"),
+                get("eigenvalues"),
+            )
+        diagonal = {
+            name: DiagonalFactors(
+                tuple(block["names"]),
+                tuple(block["numels"]),
+                tensors[f"diagonal/{name}/diagonal"],
+                block["count"],
+            )
+            for name, block in meta["diagonal"].items()
+        }
+        state = {
+            "factors": factors,
+            "diagonal": diagonal,
+            "tokens": {name: layer["tokens"] for name, layer in meta["kronecker"].items()},
+            "fisher": meta["fisher"],
+        }
+        return cls(
+            model,
+            loss_fn,
+            None,
+            None,
+            KFACOptions(**options),
+            eigen_corrected=meta["eigen_corrected"],
+            _state=state,
+        )
+
+
+def _listed(params):
+    return None if params is None else list(params)
+
+
+def _ranks(split: bool):
+    """(rank, world size, all-reduce sum) for ``split_ranks``; one process when not split."""
+    if not split:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1, None
+    return dist.get_rank(), dist.get_world_size(), dist.all_reduce
