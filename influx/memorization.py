@@ -238,7 +238,7 @@ def subset_masks(n: int, model_ids: Sequence[int], subset_frac: float, seed: int
     masks = torch.zeros(len(model_ids), n, dtype=torch.bool, device="cpu")
     for row, model_id in enumerate(model_ids):
         generator = torch.Generator().manual_seed(_derived_seed(seed, model_id, _MASK))
-        masks[row, torch.randperm(n, generator=generator)[:size]] = True
+        masks[row, torch.randperm(n, generator=generator, device="cpu")[:size]] = True
     return masks
 
 

@@ -306,12 +306,14 @@ def rank(
         raise InfluxValueError(f"weights must be >= 0 and not all 0; got {weights}")
     inputs, targets, indices = as_tensors(train)
     n = inputs.shape[0]
-    if memorization_scores is not None and torch.as_tensor(memorization_scores).shape != (n,):
-        raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
+    if memorization_scores is not None:
+        memorization_scores = torch.as_tensor(memorization_scores, device=inputs.device)
+        if memorization_scores.shape != (n,):
+            raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
     found: dict[str, torch.Tensor] = {}
     if "memorization" in components:
         found["memorization"] = (
-            torch.as_tensor(memorization_scores)
+            memorization_scores
             if memorization_scores is not None
             else memorization.curvature(model, loss_fn, (inputs, targets), batch_size=batch_size)
         )
@@ -495,7 +497,11 @@ def verify(
     """
     inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]
-    order = ranking.positions if isinstance(ranking, Ranking) else torch.as_tensor(ranking)
+    order = (
+        ranking.positions
+        if isinstance(ranking, Ranking)
+        else torch.as_tensor(ranking, device="cpu")
+    )
     order = order.to(device="cpu", dtype=torch.long)
     if not isinstance(k, int) or not 1 <= k <= n // 2:
         raise InfluxValueError(f"k must lie in [1, N/2 = {n // 2}]; got {k!r}")
