@@ -62,7 +62,7 @@ METHODS: dict[str, dict] = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
+    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18 (= resnet)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256],
                         help="model widths of the GUS-vs-width sweep (ResNet: 8 16 32 64)")  # fmt: skip
@@ -83,7 +83,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    # "resnet" names the deepest CIFAR ResNet; --width / --widths set its base width (64 = ResNet-18).
+    args.model = "resnet18" if args.model == "resnet" else args.model
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,7 +250,9 @@ def main_run(args, train_set, train_xy, test_xy) -> dict:
     trajectories = {}
     for name, run in runs.items():
         rows[name] = {**run.trajectory[-1].metrics, "spent": run.spent, "steps": run.steps}
-        trajectories[name] = [{"step": p.step, "spent": p.spent, **p.metrics} for p in run.trajectory]
+        trajectories[name] = [
+            {"step": p.step, "spent": p.spent, **p.metrics} for p in run.trajectory
+        ]
     return {"budget": budget, "train_compute": train_compute, "n_train": n, "n_forget": n_forget,
             "train_seconds": train_seconds, "rows": rows, "trajectories": trajectories,
             "options": {name: run.options for name, run in runs.items()}}  # fmt: skip
@@ -266,7 +271,9 @@ def forgetting_runs(args, train_set, train_xy, test_xy) -> dict:
         fit(model, poisoned_xy, args, seed)
         budget = unlearn.resolve_budget(None, args.epochs * train_xy[0].shape[0],
                                         fraction=args.budget_fraction)  # fmt: skip
-        results = {name: r.model for name, r in unlearn_all(model, splits, args, budget, seed).items()}
+        results = {
+            name: r.model for name, r in unlearn_all(model, splits, args, budget, seed).items()
+        }
         results["retrain"] = unlearn.retrain(
             model, LOSS, splits["forget"], splits["retain"], epochs=args.epochs, init=init,
             lr=args.lr, batch_size=args.batch_size, seed=seed, progress=False,
@@ -317,7 +324,9 @@ def width_sweep(args, train_set, train_xy, test_xy) -> list[dict]:
 
 
 def gus_accuracy_relation(trajectories: dict) -> dict:
-    points = [(p["gus_z"], p["test_acc"], p["forget_acc"]) for t in trajectories.values() for p in t]
+    points = [
+        (p["gus_z"], p["test_acc"], p["forget_acc"]) for t in trajectories.values() for p in t
+    ]
     z, test_acc, forget_acc = map(np.asarray, zip(*points))
     return {"points": len(points),
             "spearman_gus_z_test_acc": float(stats.spearmanr(z, test_acc).statistic),
