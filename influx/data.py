@@ -53,13 +53,21 @@ class _IndexedDataset(Dataset):
         return _with_index(self.dataset[position], position)
 
 
+def _tensor(value, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a tensor: a tensor keeps its own device; lists and arrays land on the CPU,
+    never on a default device a user may have set (datasets live on the CPU)."""
+    if isinstance(value, torch.Tensor):
+        return value if dtype is None else value.to(dtype)
+    return torch.as_tensor(value, dtype=dtype, device="cpu")
+
+
 def _check_pair(data: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     if len(data) not in (2, 3):
         raise InfluxValueError(
             "data given as a tuple must be (inputs, targets) or (inputs, targets, indices); "
             f"got {len(data)} items"
         )
-    inputs, targets = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    inputs, targets = _tensor(data[0]), _tensor(data[1])
     if inputs.shape[0] != targets.shape[0]:
         raise InfluxValueError(
             "inputs and targets disagree on the number of examples: "
@@ -73,9 +81,9 @@ def as_tensors(data) -> Batch:
     if isinstance(data, (tuple, list)):
         inputs, targets = _check_pair(data)
         if len(data) == 3:
-            indices = torch.as_tensor(data[2], dtype=torch.long)
+            indices = _tensor(data[2], torch.long)
         else:
-            indices = torch.arange(inputs.shape[0])
+            indices = torch.arange(inputs.shape[0], device="cpu")
         return inputs, targets, indices
     if isinstance(data, Dataset):
         batches = list(iter_batches(data, batch_size=1024))
@@ -100,7 +108,7 @@ def iter_batches(data, batch_size: int) -> Iterator[Batch]:
     if isinstance(data, Dataset):
         loader = DataLoader(_IndexedDataset(data), batch_size=batch_size, shuffle=False)
         for inputs, targets, indices in loader:
-            yield inputs, targets, torch.as_tensor(indices, dtype=torch.long)
+            yield inputs, targets, _tensor(indices, torch.long)
         return
     raise InfluxValueError(
         f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
@@ -122,7 +130,7 @@ def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator
     """
     if batch_size < 1:
         raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
-    order = torch.as_tensor(order, dtype=torch.long)
+    order = _tensor(order, torch.long)
     if isinstance(data, (tuple, list)):
         inputs, targets, indices = as_tensors(data)
         for start in range(0, order.shape[0], batch_size):
@@ -132,7 +140,7 @@ def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator
     if isinstance(data, Dataset):
         loader = DataLoader(_IndexedDataset(data), batch_size=batch_size, sampler=order.tolist())
         for inputs, targets, indices in loader:
-            yield inputs, targets, torch.as_tensor(indices, dtype=torch.long)
+            yield inputs, targets, _tensor(indices, torch.long)
         return
     raise InfluxValueError(
         f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
@@ -167,12 +175,12 @@ class ClassificationDataset(Dataset):
     name: str = ""
 
     def __init__(self, targets: torch.Tensor, num_classes: int, input_shape, split: str):
-        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.targets = _tensor(targets, torch.long)
         self.clean_targets = self.targets.clone()
         self.num_classes = int(num_classes)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.split = split
-        self.flipped = torch.empty(0, dtype=torch.long)
+        self.flipped = torch.empty(0, dtype=torch.long, device="cpu")
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -217,8 +225,8 @@ class Cifar10Dataset(ClassificationDataset):
         super().__init__(targets, 10, images.shape[1:], split)
         self.images = images
         self.classes = classes
-        self._mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+        self._mean = torch.tensor(CIFAR10_MEAN, device="cpu").view(3, 1, 1)
+        self._std = torch.tensor(CIFAR10_STD, device="cpu").view(3, 1, 1)
 
     def _input(self, position: int) -> torch.Tensor:
         return (self.images[position].float() / 255.0 - self._mean) / self._std
@@ -243,7 +251,7 @@ class SyntheticDataset(ClassificationDataset):
 
     def _input(self, position: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.item_seed + position)
-        noise = torch.randn(self.input_shape, generator=generator)
+        noise = torch.randn(self.input_shape, generator=generator, device="cpu")
         return self.prototypes[self.targets[position]] + self.noise * noise
 
 
@@ -306,8 +314,9 @@ def _digits(split: str, split_seed: int) -> TensorClassificationDataset:
     train_positions, test_positions = stratified_split(labels, DIGITS_TEST_SIZE, split_seed)
     chosen = train_positions if split == "train" else test_positions
     # Pixel intensities are integers 0..16.
-    inputs = torch.as_tensor(images[chosen] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    targets = torch.as_tensor(labels[chosen], dtype=torch.long)
+    inputs = torch.as_tensor(images[chosen] / 16.0, dtype=torch.float32, device="cpu")
+    inputs = inputs.view(-1, 1, 8, 8)
+    targets = torch.as_tensor(labels[chosen], dtype=torch.long, device="cpu")
     return TensorClassificationDataset("digits", inputs, targets, 10, split)
 
 
@@ -453,15 +462,17 @@ def _synthetic(
     generator = torch.Generator().manual_seed(seed)
     # Prototypes are shared by both splits: the same seed gives one learnable task.
     coarse = torch.randn(
-        num_classes, channels, max(1, height // 4), max(1, width // 4), generator=generator
-    )
+        num_classes, channels, max(1, height // 4), max(1, width // 4), generator=generator,
+        device="cpu",
+    )  # fmt: skip
     prototypes = signal * torch.nn.functional.interpolate(
         coarse, size=(height, width), mode="bilinear", align_corners=False
     )
     split_offset = 0 if split == "train" else 1
     label_generator = torch.Generator().manual_seed(seed * 2 + split_offset)
     # Balanced classes in a seeded order.
-    targets = (torch.arange(size) % num_classes)[torch.randperm(size, generator=label_generator)]
+    order = torch.randperm(size, generator=label_generator, device="cpu")
+    targets = (torch.arange(size, device="cpu") % num_classes)[order]
     # Item seeds of the two splits never overlap (train < 2**40 <= test).
     item_seed = seed * 2**41 + split_offset * 2**40
     return SyntheticDataset(prototypes, targets, split, noise, item_seed)
@@ -479,8 +490,8 @@ def flip_labels(
         raise InfluxValueError(f"flip_fraction must be in [0, 1]; got {fraction}")
     count = round(fraction * len(dataset))
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(dataset), generator=generator)[:count].sort().values
-    shift = torch.randint(1, dataset.num_classes, (count,), generator=generator)
+    chosen = torch.randperm(len(dataset), generator=generator, device="cpu")[:count].sort().values
+    shift = torch.randint(1, dataset.num_classes, (count,), generator=generator, device="cpu")
     targets = dataset.clean_targets.clone()
     targets[chosen] = (targets[chosen] + shift) % dataset.num_classes
     dataset.targets = targets
