@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-micro clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --suite persample
+
+# Kernel micro-benchmarks (pytest-benchmark); never part of `make test` (testpaths = tests).
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/micro --benchmark-only
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

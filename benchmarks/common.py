@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import hashlib
 import json
 import os
 import platform
@@ -52,13 +55,114 @@ def time_call(
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process' resident memory (Linux reports KiB)."""
+    """High-water mark of this process' resident memory: VmHWM, which `memory_mark` can reset
+    (getrusage's ru_maxrss, in KiB on Linux, where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc ``malloc_trim``), so that
+    memory a previous step freed but malloc kept does not hide the next step's allocations."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_mark(device: str = "cpu") -> int:
+    """Start measuring a step's peak memory; return the baseline for ``peak_mem_mb``.
+
+    CUDA: the allocator's peak counter is reset and the baseline is the memory allocated now.
+    CPU: free heap is trimmed, the resident high-water mark is reset (``/proc/self/clear_refs``)
+    and the baseline is the resident size now, so the peak is the step's own even when building
+    its inputs went higher."""
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    _release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        # without the reset, the peak is the process' high-water mark since it started
+        pass
+    return current_rss_bytes()
+
+
+def peak_mem_mb(base: int, device: str = "cpu") -> float:
+    """Peak memory (MiB) above ``base`` from ``memory_mark``: resident (CPU) or allocated (CUDA)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = peak_rss_bytes()
+    return max(0, peak - base) / 2**20
+
+
+def timing_label(warmup: int, repeats: int) -> str:
+    """How a row was timed, for the ``timing`` column."""
+    if warmup == 0 and repeats == 1:
+        return "one cold run"
+    return f"{warmup} warm-up, median of {repeats}"
+
+
+def fingerprint(*objects) -> str:
+    """SHA-256 (first 16 hex digits) of tensors, nested in dicts / lists / tuples, in order: two
+    processes that built the same task get the same fingerprint."""
+    digest = hashlib.sha256()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                digest.update(str(key).encode())
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                feed(value)
+        else:
+            digest.update(repr(obj).encode())
+
+    for obj in objects:
+        feed(obj)
+    return digest.hexdigest()[:16]
+
+
+def run_child(suite: str, one: str, args, *, quick: bool | None = None) -> dict:
+    """Run one row of ``suite`` in a fresh process (``benchmarks/run.py --one``) and return the
+    JSON object the child printed on its last stdout line, or ``{"note": "failed: ..."}``."""
+    command = [
+        sys.executable, str(Path(__file__).resolve().parent / "run.py"), "--suite", suite,
+        "--device", getattr(args, "device", "cpu"), "--one", one,
+    ]  # fmt: skip
+    if getattr(args, "quick", False) if quick is None else quick:
+        command.append("--quick")
+    if getattr(args, "repeats", None):
+        command += ["--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"note": f"failed (exit {done.returncode}): {tail[:200]}"}
 
 
 def git_sha() -> str:
