@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from scipy import stats  # noqa: E402
 from influx import data, models, poison, train, unlearn  # noqa: E402
 from influx.audit.forgetting import final_score, forgetting_quality  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
+from influx.audit.mia import confidence_from_logits, loss_attack  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
@@ -131,22 +131,14 @@ def losses_and_signal(model, x, y, chunk: int = 1024) -> tuple[np.ndarray, np.nd
         logits = model(x[start : start + chunk]).double()
         target = y[start : start + chunk]
         losses.append(LOSS(logits, target))
-        true = logits.gather(1, target[:, None])[:, 0]
-        others = logits.scatter(1, target[:, None], -math.inf).logsumexp(1)
-        signals.append(true - others)
+        signals.append(confidence_from_logits(logits, target))
     return torch.cat(losses).cpu().numpy(), torch.cat(signals).cpu().numpy()
 
 
 def loss_mia(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
-    """Loss-threshold attack ("member" when the loss is below a threshold): the TPR at the
-    threshold whose FPR on the non-members is at most 0.01, and the AUC (Mann-Whitney)."""
-    allowed = int(math.floor(FPR * nonmember_losses.size))
-    # Members must have a loss strictly below the (allowed + 1)-th smallest non-member loss.
-    threshold = np.sort(nonmember_losses)[allowed]
-    ranks = stats.rankdata(np.r_[-member_losses, -nonmember_losses])
-    m, n = member_losses.size, nonmember_losses.size
-    auc = (ranks[:m].sum() - m * (m + 1) / 2) / (m * n)
-    return {"mia_tpr": float((member_losses < threshold).mean()), "mia_auc": float(auc)}
+    """Loss-threshold attack: TPR at FPR <= 0.01 and AUC (influx.audit.mia.loss_attack)."""
+    attack = loss_attack(member_losses, nonmember_losses, fprs=(FPR,))
+    return {"mia_tpr": attack.tpr_at_fpr[FPR], "mia_auc": attack.auc}
 
 
 class Auditor:
