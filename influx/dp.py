@@ -37,7 +37,7 @@ from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
 from influx.grads import LayerRule, select_parameters
 from influx.grads.capture import LayerCall, capture
-from influx.grads.engine import _plan, _tied
+from influx.grads.engine import plan_layers, tied_parameters
 from influx.train import LossFn, TrainResult, total_steps
 from influx.train import train as _train
 
@@ -97,8 +97,8 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
         bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
         raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
     selected = select_parameters(model)
-    layers = _plan(model, selected)
-    tied = _tied(layers)
+    layers = plan_layers(model, selected)
+    tied = tied_parameters(layers)
     modules = {layer.name: layer.module for layer in layers}
     reference = next(iter(selected.values()))
     total: dict[str, torch.Tensor] = {}
@@ -275,6 +275,20 @@ def _check_schedule(sample_rate: float, steps: int, delta: float) -> None:
         raise InfluxValueError(f"delta must lie in (0, 1); got {delta}")
 
 
+def _opacus():
+    """Opacus, whose accountants do the privacy accounting (influx writes none of its own)."""
+    try:
+        import opacus.accountants.utils  # noqa: F401
+    except ImportError as error:
+        raise InfluxRuntimeError(
+            "privacy accounting uses Opacus' accountants, which are not installed: "
+            "pip install 'influx[privacy]' (or pip install opacus)"
+        ) from error
+    import opacus
+
+    return opacus
+
+
 def epsilon(
     noise_multiplier: float,
     sample_rate: float,
@@ -287,8 +301,7 @@ def epsilon(
 
     ``noise_multiplier = 0`` (no noise) spends an infinite epsilon; ``steps = 0`` spends none.
     """
-    from opacus.accountants import create_accountant
-
+    create_accountant = _opacus().accountants.create_accountant
     _check_accountant(accountant)
     _check_schedule(sample_rate, steps, delta)
     if steps == 0:
@@ -314,8 +327,7 @@ def noise_multiplier_for(
 
     Opacus' ``get_noise_multiplier`` (a bisection over its accountant).
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
+    get_noise_multiplier = _opacus().accountants.utils.get_noise_multiplier
     _check_accountant(accountant)
     _check_schedule(sample_rate, steps, delta)
     if not target_epsilon > 0:

@@ -27,7 +27,7 @@ from influx.kernels import pairwise_grad_dot
 
 
 @dataclass
-class _Layer:
+class PlannedLayer:
     """A module that owns selected parameters, the rule that serves it, and their full names."""
 
     name: str
@@ -36,7 +36,8 @@ class _Layer:
     params: dict[str, str] = field(default_factory=dict)  # local name -> full name
 
 
-def _plan(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[_Layer]:
+def plan_layers(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[PlannedLayer]:
+    """Every module that owns selected parameters, in registration order, with its rule."""
     full_name_of = {id(p): name for name, p in selected.items()}
     layers = []
     for module_name, module in model.named_modules():
@@ -46,11 +47,11 @@ def _plan(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[_Layer]:
             if id(p) in full_name_of
         }
         if owned:
-            layers.append(_Layer(module_name, module, rule_for(module), owned))
+            layers.append(PlannedLayer(module_name, module, rule_for(module), owned))
     return layers
 
 
-def _tied(layers: list[_Layer]) -> set[str]:
+def tied_parameters(layers: list[PlannedLayer]) -> set[str]:
     """Full names of parameters registered in more than one module (weight tying)."""
     seen, tied = set(), set()
     for layer in layers:
@@ -124,7 +125,7 @@ def per_sample_grads(
     memory by processing that many examples per forward/backward.
     """
     selected = select_parameters(model, params)
-    layers = _plan(model, selected)
+    layers = plan_layers(model, selected)
     parts = [
         _grads_of_chunk(model, loss_fn, x, y, layers, selected, offset)
         for offset, x, y in _chunks(inputs, targets, chunk_size)
@@ -140,7 +141,7 @@ def _sqnorms_of_chunk(
     model, loss_fn, inputs, targets, layers, selected, offset
 ) -> dict[str, torch.Tensor]:
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
-    tied = _tied(layers)
+    tied = tied_parameters(layers)
     out: dict[str, torch.Tensor] = {}
     tied_grads: dict[str, torch.Tensor] = {}
     for layer in layers:
@@ -177,7 +178,7 @@ def per_sample_norms(
     the direct form, whichever is cheaper for that layer.
     """
     selected = select_parameters(model, params)
-    layers = _plan(model, selected)
+    layers = plan_layers(model, selected)
     parts = [
         _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected, offset)
         for offset, x, y in _chunks(inputs, targets, chunk_size)
@@ -229,10 +230,10 @@ def per_sample_projected(
         )
         flat = flatten_per_sample(grads)
         return dense_project(flat, dim, seed=seed)
-    layers = _plan(model, selected)
-    if _tied(layers):
+    layers = plan_layers(model, selected)
+    if tied_parameters(layers):
         raise UnsupportedModelError(
-            f"parameters {sorted(_tied(layers))} are shared between modules; Kronecker projection "
+            f"parameters {sorted(tied_parameters(layers))} are shared between modules; Kronecker projection "
             "needs one owner per weight: use kind='dense' or select the parameters with params="
         )
     reference = next(iter(selected.values()))
@@ -252,7 +253,7 @@ def per_sample_projected(
     return blocks if by_layer else torch.cat(list(blocks.values()), dim=1)
 
 
-def _project_layer(layer: _Layer, calls, projector: Projector, n: int) -> torch.Tensor:
+def _project_layer(layer: PlannedLayer, calls, projector: Projector, n: int) -> torch.Tensor:
     everything_selected = set(layer.params) == {
         local for local, _ in layer.module.named_parameters(recurse=False)
     }
@@ -287,12 +288,12 @@ def per_sample_gram(
     forming gradients; other layers are materialized one layer at a time.
     """
     selected = select_parameters(model, params)
-    layers = _plan(model, selected)
+    layers = plan_layers(model, selected)
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers)
     calls2 = calls if other is None else _capture_chunk(model, loss_fn, *other, layers)
     n, m = inputs.shape[0], (inputs if other is None else other[0]).shape[0]
     gram = next(iter(selected.values())).new_zeros(n, m)
-    tied = _tied(layers)
+    tied = tied_parameters(layers)
     # materialized per-parameter gradients; tied parameters sum their uses before the product
     left: dict[str, torch.Tensor] = {}
     right: dict[str, torch.Tensor] = {}
@@ -315,7 +316,7 @@ def per_sample_gram(
     return gram
 
 
-def _pairwise_without_grads(layer: _Layer, calls, tied: set[str]) -> bool:
+def _pairwise_without_grads(layer: PlannedLayer, calls, tied: set[str]) -> bool:
     module, rule = layer.module, layer.rule
     return (
         isinstance(rule, MatmulRule)
@@ -326,7 +327,7 @@ def _pairwise_without_grads(layer: _Layer, calls, tied: set[str]) -> bool:
     )
 
 
-def _with_bias_column(layer: _Layer, calls) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_bias_column(layer: PlannedLayer, calls) -> tuple[torch.Tensor, torch.Tensor]:
     # a bias is the weight of a constant-1 input: one more column of a covers it (when the
     # bias is among the selected parameters)
     a, b = layer.rule.forms(layer.module, calls)
@@ -369,7 +370,7 @@ def capture_matmul_layers(
     selected = select_parameters(model, params)
     layers = [
         layer
-        for layer in _plan(model, selected)
+        for layer in plan_layers(model, selected)
         if isinstance(layer.rule, MatmulRule) and "weight" in layer.params
     ]
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
@@ -390,7 +391,7 @@ class MatmulCaptures(Mapping):
     per access means a caller that goes through the layers one by one holds one layer's at a time.
     """
 
-    def __init__(self, layers: dict[str, _Layer], calls):
+    def __init__(self, layers: dict[str, PlannedLayer], calls):
         self._layers, self._calls = layers, calls
 
     def __getitem__(self, name: str) -> MatmulCapture:
