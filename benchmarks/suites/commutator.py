@@ -9,17 +9,20 @@ B x B matrix of commutator norms of single-example SGD steps:
 
 ``ratio`` is the method's median time over the naive loop's (lower is faster). The naive loop
 is timed on a seeded random subset of at most ``LOOP_PAIRS`` pairs and scaled linearly to all
-B (B - 1) / 2 pairs (every pair is one independent ``step`` call). The exact pairwise matrix is
-checked against the loop on those pairs before anything is timed.
+B (B - 1) / 2 pairs (every pair is one independent ``step`` call). Every row runs in its own fresh
+process (``run_one``): one warm-up call, then the median of ``REPEATS``, and its peak memory above
+the state after building the model and batch. The exact pairwise matrix is checked against the
+loop on those pairs after the timing, in the pairwise step's process.
 """
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 
 import torch
 
-from benchmarks.common import time_call
+from benchmarks.common import memory_mark, peak_mem_mb, run_child, time_call, timing_label
 from influx import commutator, models, train
 
 LOSS = train.cross_entropy_per_example
@@ -73,71 +76,95 @@ def _check_agreement(model, inputs, targets, pairs) -> float:
 
 # The naive loop visits at most this many pairs; its time is extrapolated linearly to all pairs.
 LOOP_PAIRS = 64
-COLUMNS = ["model", "batch", "pairs", "method", "median_s", "ratio", "note"]
+METHODS = ("loop of step pairs", "pairwise step", "pairwise bracket")
+WARMUP, REPEATS = 1, 5
+COLUMNS = [
+    "model", "batch", "pairs", "method", "median_s", "ratio", "peak_mem_mb", "timing", "note",
+]  # fmt: skip
 NOTES = (
+    "Each row runs in its own fresh process: one warm-up call, then the median of the timed "
+    "calls (`timing`); peak_mem_mb: peak resident (CPU) or allocated (CUDA) memory above the "
+    "state after building the model and batch. "
     "ratio: median time over the per-pair loop of exact step commutators (commutator.step) on the "
     "same batch (lower is faster). pairwise step is exact; pairwise bracket is the second-order "
     f"term. The loop is timed on a seeded random subset of at most {LOOP_PAIRS} of the pairs and "
     "its time scaled linearly to all pairs (each pair is an independent call of the same cost); "
     "its note says how many pairs were timed. The pairwise step matrix is checked against the "
-    "loop on those pairs before timing (max relative error in the note)."
+    "loop on those pairs after timing (max relative error in the note)."
 )
 
 
-def _time_methods(model, inputs, targets, pairs, repeats: int, device: str) -> dict[str, float]:
-    total = inputs.shape[0] * (inputs.shape[0] - 1) // 2
-    methods = {
+def _batch(quick: bool) -> int:
+    return 8 if quick else 32
+
+
+def _method(name: str, model, inputs, targets, pairs):
+    return {
         "loop of step pairs": lambda: _naive_step_norms(model, inputs, targets, pairs),
         "pairwise step": lambda: commutator.pairwise(model, LOSS, (inputs, targets), lr=LR),
         "pairwise bracket": lambda: commutator.pairwise(model, LOSS, (inputs, targets)),
-    }
-    # The agreement check has already run the loop and the pairwise step once (warm-up).
-    timings = {
-        method: time_call(fn, device=device, repeats=repeats, warmup=int("bracket" in method))[
-            "median_s"
-        ]
-        for method, fn in methods.items()
-    }
-    timings["loop of step pairs"] *= total / len(pairs)
-    return timings
+    }[name]
+
+
+def run_one(args: Namespace) -> int:
+    """Child process: one ``model:method`` row, printed as JSON on the last line."""
+    device = getattr(args, "device", "cpu")
+    quick = getattr(args, "quick", False)
+    name, method = args.one.split(":", 1)
+    batch = _batch(quick)
+    model = _models(device, quick)[name].to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(batch, 3, 32, 32, generator=generator, device="cpu").to(device)
+    targets = torch.randint(0, 10, (batch,), generator=generator, device="cpu").to(device)
+    pairs = _loop_pairs(batch, LOOP_PAIRS)
+    total = batch * (batch - 1) // 2
+    repeats = getattr(args, "repeats", None) or (1 if quick else REPEATS)
+    base = memory_mark(device)
+    seconds = time_call(
+        _method(method, model, inputs, targets, pairs),
+        device=device,
+        repeats=repeats,
+        warmup=WARMUP,
+    )["median_s"]
+    row = {
+        "suite": "commutator", "method": method, "model": name, "batch": batch, "pairs": total,
+        "device": device, "peak_mem_mb": peak_mem_mb(base, device),
+        "timing": timing_label(WARMUP, repeats), "loop_pairs_timed": len(pairs),
+        "params": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+    if method.startswith("loop"):
+        row["median_s"] = seconds * total / len(pairs)
+        row["note"] = (
+            f"timed on {len(pairs)} of {total} pairs, scaled x{total / len(pairs):.2f}"
+            if len(pairs) < total
+            else f"all {total} pairs"
+        )
+    else:
+        row["median_s"] = seconds
+        if method == "pairwise step":
+            error = _check_agreement(model, inputs, targets, pairs)
+            row["note"] = f"max rel err vs loop {error:.1e}"
+    print(json.dumps(row))
+    return 0
 
 
 def run(args: Namespace) -> list[dict]:
-    """Rows (method, model, batch, median_s, ratio) for batch 32 (8 with ``args.quick``)."""
-    device = getattr(args, "device", "cpu")
-    quick = getattr(args, "quick", False)
-    batch = 8 if quick else 32
-    repeats = getattr(args, "repeats", None) or (1 if quick else 3)
+    """Rows (method, model, batch, median_s, ratio, peak_mem_mb) for batch 32 (8 with --quick),
+    each in its own process."""
     rows = []
-    for name, model in _models(device, quick).items():
-        model = model.to(device).eval()
-        generator = torch.Generator().manual_seed(0)
-        inputs = torch.randn(batch, 3, 32, 32, generator=generator).to(device)
-        targets = torch.randint(0, 10, (batch,), generator=generator).to(device)
-        pairs = _loop_pairs(batch, LOOP_PAIRS)
-        error = _check_agreement(model, inputs, targets, pairs)
-        total = batch * (batch - 1) // 2
-        timings = _time_methods(model, inputs, targets, pairs, repeats, device)
-        baseline = timings["loop of step pairs"]
-        for method, seconds in timings.items():
-            if method.startswith("loop"):
-                note = (
-                    f"timed on {len(pairs)} of {total} pairs, scaled x{total / len(pairs):.2f}"
-                    if len(pairs) < total
-                    else f"all {total} pairs"
-                )
-            else:
-                note = f"max rel err vs loop {error:.1e}" if method == "pairwise step" else ""
-            rows.append({
-                "suite": "commutator", "method": method, "model": name, "batch": batch,
-                "pairs": total, "device": device, "median_s": seconds, "ratio": seconds / baseline,
-                "loop_pairs_timed": len(pairs), "params": sum(p.numel() for p in model.parameters()),
-                "note": note,
-            })  # fmt: skip
+    for name in ("cnn", "resnet8"):
+        block = []
+        for method in METHODS:
+            row = {
+                "model": name,
+                "method": method,
+                **run_child("commutator", f"{name}:{method}", args),
+            }
+            print(json.dumps(row))
+            block.append(row)
+        baseline = block[0].get("median_s")
+        for row in block:
+            if baseline and row.get("median_s"):
+                row["ratio"] = row["median_s"] / baseline
+        rows += block
     return rows
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(2)
-    for row in run(Namespace(device="cpu", quick=True)):
-        print(row)

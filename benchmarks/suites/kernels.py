@@ -2,14 +2,19 @@
 
 ``run(args)`` returns one dict per (kernel, shape, dtype, implementation) with the median time,
 achieved GB/s (minimum bytes: inputs read once, outputs written once) and TFLOP/s (of the algorithm
-that row runs), plus the error against the reference, checked before timing. Triton rows only run on
-CUDA; on CPU the suite times the references and the compositions. Provenance (machine, versions, git
-sha) and output files are added by ``benchmarks/run.py``.
+that row runs), its peak memory, and the error against the reference, checked after timing. Every
+row is timed alike: warm-up calls (which also absorb Triton compilation), then the median of the
+timed calls. Peak memory is each row's own: on CPU every row runs in its own fresh process
+(``run_one``); on CUDA rows share a process (one CUDA context) and the allocator's peak counter is
+reset before each row and read above the memory allocated then, with one case's inputs alive at a
+time. Triton rows only run on CUDA; on CPU the suite times the references and the compositions.
+Provenance (machine, versions, git sha) and output files are added by ``benchmarks/run.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +29,7 @@ from influx.kernels import (
 )
 from influx.kernels._dispatch import HAS_TRITON
 
-from benchmarks.common import time_call
+from benchmarks.common import memory_mark, peak_mem_mb, run_child, time_call, timing_label
 
 if HAS_TRITON:
     from influx.kernels.ghost_sqnorm import direct_sqnorm_triton, ghost_sqnorm_triton
@@ -36,14 +41,16 @@ SUITE = "kernels"
 # Columns of the markdown table written by benchmarks/run.py (the JSON rows carry every field).
 COLUMNS = [
     "kernel", "impl", "backend", "dtype", "shape", "median_s", "gbps", "tflops", "peak_mem_mb",
-    "max_rel_err", "matches_reference",
+    "timing", "max_rel_err", "matches_reference",
 ]  # fmt: skip
 NOTES = (
     "backend: triton (CUDA only), reference (the pure-torch `<name>_reference`), composition "
     "(the plain torch it replaces, e.g. materialize G then take norms). gbps: minimum bytes "
     "(inputs read once, outputs written once) over the median time. tflops: FLOPs of the "
-    "algorithm of that row over the median time. max_rel_err: max abs error over "
-    "max |reference|, checked before timing."
+    "algorithm of that row over the median time. timing: warm-up calls, then the median of the "
+    "timed calls. peak_mem_mb: peak resident (CPU: each row in its own fresh process) or "
+    "allocated (CUDA: allocator peak reset before each row) memory above the state after "
+    "building the inputs. max_rel_err: max abs error over max |reference|, checked after timing."
 )
 # Relative error (norm-wise, against the reference) above which a row is flagged as mismatching.
 MATCH_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -292,37 +299,31 @@ def relative_error(actual: Any, expected: Any) -> float:
     return error / scale if scale > 0 else error
 
 
-def measure(case: Case, device: str, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Check every implementation against the reference, then time it: one row each."""
-    reference = next(impl for impl in case.impls if impl.backend == "reference").fn()
-    rows = []
-    for impl in case.impls:
-        error = relative_error(impl.fn(), reference)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        # warmup calls also absorb Triton compilation
-        seconds = time_call(impl.fn, device=device, repeats=repeats, warmup=warmup)["median_s"]
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-        rows.append(
-            {
-                "suite": SUITE,
-                "kernel": case.kernel,
-                "impl": impl.name,
-                "backend": impl.backend,
-                "device": device,
-                "dtype": str(case.dtype).removeprefix("torch."),
-                "shape": " ".join(f"{key}={value}" for key, value in case.shape.items()),
-                "dims": dict(case.shape),
-                "median_s": seconds,
-                "repeats": repeats,
-                "gbps": case.min_bytes / seconds / 1e9,
-                "tflops": impl.flops / seconds / 1e12,
-                "peak_mem_mb": peak_mb,
-                "max_rel_err": error,
-                "matches_reference": error <= MATCH_RTOL[case.dtype],
-            }
-        )
-    return rows
+def measure(case: Case, impl: Impl, device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Time one implementation and take its peak memory, then check it against the reference."""
+    base = memory_mark(device)
+    seconds = time_call(impl.fn, device=device, repeats=repeats, warmup=warmup)["median_s"]
+    peak = peak_mem_mb(base, device)
+    reference = next(other for other in case.impls if other.backend == "reference").fn()
+    error = relative_error(impl.fn(), reference)
+    return {
+        "suite": SUITE,
+        "kernel": case.kernel,
+        "impl": impl.name,
+        "backend": impl.backend,
+        "device": device,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "shape": " ".join(f"{key}={value}" for key, value in case.shape.items()),
+        "dims": dict(case.shape),
+        "median_s": seconds,
+        "repeats": repeats,
+        "timing": timing_label(warmup, repeats),
+        "gbps": case.min_bytes / seconds / 1e9,
+        "tflops": impl.flops / seconds / 1e12,
+        "peak_mem_mb": peak,
+        "max_rel_err": error,
+        "matches_reference": error <= MATCH_RTOL[case.dtype],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,28 +331,59 @@ def measure(case: Case, device: str, warmup: int, repeats: int) -> list[dict[str
 # --------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the suite; ``args.device`` is "cpu" or "cuda", ``args.quick`` picks small shapes."""
+def case_specs(device: str, quick: bool) -> list[tuple[Callable[..., Case], dict, torch.dtype]]:
+    """Every (case builder, shape, dtype) of a run, in order; a case's inputs are built only when
+    it is measured (seeded, so a child process builds the same inputs)."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
+    specs = []
+    for dtype in dtypes:
+        for shape in layer_shapes(quick, device):
+            specs += [(sqnorm_case, shape, dtype), (kron_case, shape, dtype)]
+        specs += [(pairwise_case, shape, dtype) for shape in pairwise_shapes(quick, device)]
+        specs += [(topk_case, shape, dtype) for shape in score_shapes(quick, device)]
+    return specs
+
+
+def _settings(args: argparse.Namespace) -> tuple[str, bool, bool, int, int]:
     device = str(getattr(args, "device", "cpu"))
     quick = bool(getattr(args, "quick", False))
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but torch sees no CUDA device")
-    use_triton = HAS_TRITON and device == "cuda"
-    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     warmup, repeats = (1, 3) if quick else (3, 10)
     repeats = getattr(args, "repeats", None) or repeats
-    cases: list[Case] = []
-    for dtype in dtypes:
-        for shape in layer_shapes(quick, device):
-            cases.append(sqnorm_case(shape, dtype, device, use_triton))
-            cases.append(kron_case(shape, dtype, device, use_triton))
-        for shape in pairwise_shapes(quick, device):
-            cases.append(pairwise_case(shape, dtype, device, use_triton))
-        for shape in score_shapes(quick, device):
-            cases.append(topk_case(shape, dtype, device, use_triton))
+    return device, quick, HAS_TRITON and device == "cuda", warmup, repeats
+
+
+def _build(spec, device: str, use_triton: bool) -> Case:
+    builder, shape, dtype = spec
+    torch.manual_seed(0)
+    return builder(shape, dtype, device, use_triton)
+
+
+def run_one(args: argparse.Namespace) -> int:
+    """Child process: row ``<case index>:<impl name>``, printed as JSON on the last line."""
+    device, quick, use_triton, warmup, repeats = _settings(args)
+    index, name = args.one.split(":", 1)
+    case = _build(case_specs(device, quick)[int(index)], device, use_triton)
+    impl = next(impl for impl in case.impls if impl.name == name)
+    print(json.dumps(measure(case, impl, device, warmup, repeats)))
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the suite; ``args.device`` is "cpu" or "cuda", ``args.quick`` picks small shapes."""
+    device, quick, use_triton, warmup, repeats = _settings(args)
     rows = []
-    for case in cases:
-        rows.extend(measure(case, device, warmup, repeats))
+    for index, spec in enumerate(case_specs(device, quick)):
+        if device == "cuda":
+            case = _build(spec, device, use_triton)
+            rows += [measure(case, impl, device, warmup, repeats) for impl in case.impls]
+            del case  # one case's inputs alive at a time
+            continue
+        # the implementations' names, without allocating inputs
+        for impl in _build(spec, "meta", use_triton).impls:
+            row = run_child(SUITE, f"{index}:{impl.name}", args)
+            rows.append(row if "kernel" in row else {"impl": impl.name, **row})
     return rows
 
 
