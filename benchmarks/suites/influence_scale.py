@@ -3,21 +3,32 @@
 influx ``method="ekfac"`` against Kronfluence ``strategy="ekfac"`` (and K-FAC for both when asked),
 on the same trained model and the same data. Data: ``influx.data.load("synthetic")``, inputs
 [N, 3, 32, 32] in 10 balanced classes; the queries are the synthetic test split. The model is a
-CIFAR ResNet (``influx.models.resnet``, GroupNorm) briefly trained with Adam by ``influx.train``;
-its GroupNorm affine parameters are frozen before training, so both libraries see exactly the
-Conv2d / Linear weights (Kronfluence tracks only those, and influx's K-FAC refuses other trainable
-parameters).
+CIFAR ResNet (``influx.models.resnet``, GroupNorm, affine parameters trainable as users train it)
+briefly trained with Adam by ``influx.train``. Kronfluence scores the Conv2d / Linear weights
+only, so the matched influx row passes ``others="exclude"`` (the same parameters); the row
+``influx (+norms)`` scores every parameter (GroupNorm affine in diagonal blocks) for reference.
 
-Sizes by device (``--quick`` for a smoke run):
+Two kinds of work per configuration: ``pairwise`` (the Q x N matrix) and ``self`` (the
+self-influence of every train example; Kronfluence ``compute_self_scores``). Configurations
+(``INFLUX_SCALE_CONFIGS``, comma list; default ``resnet8,resnet18,series`` on CPU):
 
-- cpu: ResNet-8 width 16, 2,000 train x 100 queries, two threads;
-- cuda: ResNet-18 width 64, 50,000 train x 2,000 queries.
+- resnet8: ResNet-8 width 16, 2,000 train x 100 queries, 500 per batch on both sides;
+- resnet18: ResNet-18 width 64, 1,000 train x 100 queries, 50 per batch on both sides;
+- series: the resnet8 model with 500, 1,000, 2,000 and 4,000 train examples (pairwise), whose
+  time and peak memory are fitted linearly in N (slope per 1,000 examples in the notes);
+- cuda (the default on a GPU): ResNet-18 width 64, 50,000 train x 2,000 queries.
+
+Each (configuration, kind, library) row is run ``INFLUX_SCALE_RUNS`` times (default 3), each
+run in a fresh subprocess (its own peak memory); the table gives the median and, in
+``spread``, min..max of the total time and of the peak memory.
 
 Environment overrides: ``INFLUX_SCALE_TRAIN``, ``INFLUX_SCALE_QUERIES``, ``INFLUX_SCALE_DEPTH``
 (8 or 18), ``INFLUX_SCALE_WIDTH``, ``INFLUX_SCALE_QUERY_BATCH`` (queries per scoring pass, both
 libraries), ``INFLUX_SCALE_TRAIN_BATCH`` (train examples per scoring block, both libraries),
-``INFLUX_SCALE_STEPS`` (training steps), ``INFLUX_SCALE_METHODS`` (comma list of ekfac, kfac) and
-``INFLUX_SCALE_FISHER`` (empirical or sampled).
+``INFLUX_SCALE_STEPS`` (training steps), ``INFLUX_SCALE_METHODS`` (comma list of ekfac, kfac),
+``INFLUX_SCALE_FISHER`` (empirical or sampled), ``INFLUX_SCALE_KINDS`` (pairwise, self),
+``INFLUX_SCALE_RUNS`` and ``INFLUX_SCALE_SERIES`` (train sizes of the series). The size overrides
+apply to every configuration.
 
 Every (method, library) row runs in a fresh subprocess, so its peak memory is its own: peak RSS
 above the process' resident size before the row on CPU, ``torch.cuda.max_memory_allocated`` on
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +65,8 @@ from influx.train import cross_entropy_per_example, train
 from influx.train import evaluate as evaluate_model
 
 COLUMNS = [
+    "config",
+    "kind",
     "method",
     "impl",
     "model",
@@ -62,26 +76,32 @@ COLUMNS = [
     "score_s",
     "total_s",
     "peak_mem_mb",
+    "spread",
+    "runs",
+    "vs_kronfluence_time",
+    "vs_kronfluence_mem",
     "vs_kronfluence_pooled",
     "vs_kronfluence_per_query",
     "vs_kronfluence_top10",
     "notes",
 ]
 NOTES = (
-    "Scores follow influx's sign (I_up,loss; Kronfluence's are negated). `fit_s`: curvature "
-    "factors (and the EK-FAC eigenvalue refit); `score_s`: the pairwise Q x N matrix, queries in "
-    "passes of `query_batch`, each pass streaming all train examples; one run each, after a "
-    "one-batch warm-up. `peak_mem_mb`: peak RSS above the row's starting RSS (CPU) or "
-    "`torch.cuda.max_memory_allocated` (CUDA), one subprocess per row. Damping: influx 'auto' and "
-    "Kronfluence `damping_factor=None`, both 0.1 x the mean eigenvalue of each layer's block. "
-    "Fisher: the empirical one (training labels) for both by default, so they estimate the same "
-    "matrix; 'sampled' draws labels with each library's own generator. Factor batches and scoring "
-    "blocks are `train_batch` examples on both sides. The `vs_kronfluence_*` columns compare influx's scores with "
-    "Kronfluence's for the same method (Spearman pooled, mean per-query Spearman, top-10 overlap "
-    "by |score|). EK-FAC refits the eigenvalues per example, so the two should agree to rounding; "
-    "K-FAC differs by construction: Kronfluence divides both factors of a Conv2d by examples x "
-    "positions, influx follows KFC (activations summed over positions, output gradients "
-    "averaged), so each conv block differs by a factor of its positions, which reweights layers."
+    "Scores follow influx's sign (I_up,loss; Kronfluence's pairwise scores are negated; "
+    "self-influence is positive in both). `fit_s`: curvature factors and the EK-FAC eigenvalue "
+    "refit; `score_s`: the pairwise Q x N matrix (queries in passes of `query_batch`, each pass "
+    "streaming all train examples) or the self-influence of every train example. Times and "
+    "`peak_mem_mb` are medians over `runs` runs, each in a fresh subprocess after a one-batch "
+    "warm-up; `spread` is min..max of total_s / peak_mem_mb. `peak_mem_mb`: peak RSS above the "
+    "row's starting RSS (CPU) or `torch.cuda.max_memory_allocated` (CUDA). `vs_kronfluence_time` "
+    "/ `_mem`: influx's median total time / peak memory over Kronfluence's on the same work. "
+    "Damping: influx 'auto' and Kronfluence `damping_factor=None`, both 0.1 x the mean "
+    "eigenvalue of each layer's block. Fisher: the empirical one (training labels) for both, so "
+    "they estimate the same matrix. Factor batches and scoring blocks are `train_batch` examples "
+    "on both sides. `vs_kronfluence_*` agreement: Spearman pooled, mean per-query Spearman and "
+    "top-10 overlap by |score| (self-influence: one Spearman over train examples). The matched "
+    "influx row (`influx`) scores the Conv2d / Linear weights and biases as Kronfluence does "
+    "(`others='exclude'`); `influx (+norms)` adds the GroupNorm affine parameters in diagonal "
+    "blocks (different work, not compared)."
 )
 
 SEED = 0
@@ -98,21 +118,35 @@ class Sizes:
     steps: int  # Adam steps of 128 examples to train the model
     methods: tuple[str, ...] = ("ekfac",)
     fisher: str = "empirical"
+    kinds: tuple[str, ...] = ("pairwise", "self")
 
 
-DEFAULT_SIZES = {
+CONFIGS = {
     "quick": Sizes(
-        depth=8, width=8, train=256, queries=16, query_batch=16, train_batch=256, steps=20
+        depth=8, width=8, train=256, queries=16, query_batch=16, train_batch=128, steps=20
     ),
-    "cpu": Sizes(
+    "resnet8": Sizes(
         depth=8, width=16, train=2000, queries=100, query_batch=100, train_batch=500, steps=60
     ),
-    # One pass over the train set per 250 queries: influx holds the query features and their
-    # preconditioned copy, 2 x 250 x 11.2M floats = 22 GB, plus one train block of 128.
+    "resnet18": Sizes(
+        depth=18, width=64, train=1000, queries=100, query_batch=100, train_batch=50, steps=20
+    ),
+    "series": Sizes(
+        depth=8,
+        width=16,
+        train=2000,
+        queries=100,
+        query_batch=100,
+        train_batch=500,
+        steps=60,
+        kinds=("pairwise",),
+    ),  # fmt: skip
+    # One pass over the train set per 250 queries; one train block of 128.
     "cuda": Sizes(
         depth=18, width=64, train=50_000, queries=2000, query_batch=250, train_batch=128, steps=400
     ),
 }
+SERIES = (500, 1000, 2000, 4000)
 ENV = {
     "INFLUX_SCALE_DEPTH": "depth",
     "INFLUX_SCALE_WIDTH": "width",
@@ -122,17 +156,28 @@ ENV = {
     "INFLUX_SCALE_TRAIN_BATCH": "train_batch",
     "INFLUX_SCALE_STEPS": "steps",
 }
+IMPL_ROWS = (("influx", "exclude"), ("kronfluence", None), ("influx (+norms)", "diagonal"))
 
 
-def sizes_for(device: str, quick: bool) -> Sizes:
-    sizes = DEFAULT_SIZES["quick" if quick else "cuda" if device.startswith("cuda") else "cpu"]
+def _listed(name: str, allowed: set[str]) -> tuple[str, ...] | None:
+    if name not in os.environ:
+        return None
+    values = tuple(v.strip() for v in os.environ[name].split(",") if v.strip())
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"{name}: unknown {sorted(unknown)}; use {sorted(allowed)}")
+    return values
+
+
+def sizes_for(config: str) -> Sizes:
+    sizes = CONFIGS[config]
     changes = {field: int(os.environ[name]) for name, field in ENV.items() if name in os.environ}
-    if "INFLUX_SCALE_METHODS" in os.environ:
-        methods = tuple(m.strip() for m in os.environ["INFLUX_SCALE_METHODS"].split(",") if m)
-        unknown = set(methods) - {"ekfac", "kfac"}
-        if unknown:
-            raise ValueError(f"INFLUX_SCALE_METHODS: unknown {sorted(unknown)}; use ekfac, kfac")
+    methods = _listed("INFLUX_SCALE_METHODS", {"ekfac", "kfac"})
+    if methods:
         changes["methods"] = methods
+    kinds = _listed("INFLUX_SCALE_KINDS", {"pairwise", "self"})
+    if kinds and config != "series":
+        changes["kinds"] = kinds
     if "INFLUX_SCALE_FISHER" in os.environ:
         fisher = os.environ["INFLUX_SCALE_FISHER"]
         if fisher not in ("empirical", "sampled"):
@@ -144,13 +189,9 @@ def sizes_for(device: str, quick: bool) -> Sizes:
 
 
 def build_model(sizes: Sizes) -> nn.Module:
-    """The ResNet with its GroupNorm affine parameters frozen (only Conv2d / Linear train)."""
+    """The GroupNorm ResNet with every parameter trainable (affine GroupNorm included)."""
     torch.manual_seed(SEED)
-    model = models.resnet(sizes.depth, width=sizes.width, norm="group")
-    for module in model.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.requires_grad_(False)
-    return model
+    return models.resnet(sizes.depth, width=sizes.width, norm="group")
 
 
 def _describe(sizes: Sizes, model: nn.Module) -> str:
@@ -173,7 +214,7 @@ def _warm_up(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, devi
     synchronize(device)
 
 
-def _influx(model, train_set, query_set, sizes: Sizes, method: str, device: str):
+def _influx(model, train_set, query_set, sizes: Sizes, method, kind, device, others):
     start = time.perf_counter()
     model.to(device)
     inputs, targets = (t.to(device) for t in train_set)
@@ -185,25 +226,34 @@ def _influx(model, train_set, query_set, sizes: Sizes, method: str, device: str)
         batch_size=sizes.train_batch,
         fisher=sizes.fisher,
         seed=SEED,
+        others=others,
     )
     synchronize(device)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    query_inputs, query_targets = (t.to(device) for t in query_set)
-    parts = []
-    # All Q queries at once would hold Q x P features: one pass over the train set per chunk.
-    for begin in range(0, sizes.queries, sizes.query_batch):
-        chunk = slice(begin, begin + sizes.query_batch)
-        parts.append(fitted.scores((query_inputs[chunk], query_targets[chunk])).values.cpu())
-    scores = torch.cat(parts)
+    if kind == "self":
+        scores = fitted.self_influence().cpu()
+    else:
+        query_inputs, query_targets = (t.to(device) for t in query_set)
+        parts = []
+        # All Q queries at once would hold Q x P features: one pass over the train set per chunk.
+        for begin in range(0, sizes.queries, sizes.query_batch):
+            chunk = slice(begin, begin + sizes.query_batch)
+            parts.append(fitted.scores((query_inputs[chunk], query_targets[chunk])).values.cpu())
+        scores = torch.cat(parts)
     synchronize(device)
     score_seconds = time.perf_counter() - start
     dampings = list(fitted.diagnostics["damping"].values())
-    note = f"damping per layer {min(dampings):.3g}..{max(dampings):.3g}"
+    bases = list(fitted.diagnostics["feature_basis"].values())
+    note = (
+        f"damping per block {min(dampings):.3g}..{max(dampings):.3g}; feature basis: "
+        f"{bases.count('eigen')} eigen, {bases.count('parameter')} parameter; "
+        f"{len(fitted.diagnostics['coverage']['diagonal'])} parameters in diagonal blocks"
+    )
     return scores, fit_seconds, score_seconds, note
 
 
-def _kronfluence(model, train_set, query_set, sizes: Sizes, strategy: str, device: str):
+def _kronfluence(model, train_set, query_set, sizes: Sizes, strategy, kind, device, others):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -231,38 +281,49 @@ def _kronfluence(model, train_set, query_set, sizes: Sizes, strategy: str, devic
         synchronize(device)
         fit_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "factors",
-            query_data,
-            train_data,
-            per_device_query_batch_size=sizes.query_batch,
-            per_device_train_batch_size=sizes.train_batch,
-            # None = 0.1 x the mean eigenvalue per module, as influx's damping='auto'.
-            score_args=ScoreArguments(damping_factor=None),
-        )
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"].cpu()
+        # None = 0.1 x the mean eigenvalue per module, as influx's damping='auto'.
+        score_args = ScoreArguments(damping_factor=None)
+        if kind == "self":
+            analyzer.compute_self_scores(
+                "scores",
+                "factors",
+                train_data,
+                per_device_train_batch_size=sizes.train_batch,
+                score_args=score_args,
+            )
+            scores = analyzer.load_self_scores("scores")["all_modules"].cpu()
+        else:
+            analyzer.compute_pairwise_scores(
+                "scores",
+                "factors",
+                query_data,
+                train_data,
+                per_device_query_batch_size=sizes.query_batch,
+                per_device_train_batch_size=sizes.train_batch,
+                score_args=score_args,
+            )
+            # g_q^T H^-1 g_z (positive = helpful) for a summed loss: negate to I_up,loss.
+            scores = -analyzer.load_pairwise_scores("scores")["all_modules"].cpu()
         synchronize(device)
         score_seconds = time.perf_counter() - start
-    # Kronfluence reports g_q^T H^-1 g_z (positive = helpful) for a summed loss: negate to I_up,loss.
-    return -scores, fit_seconds, score_seconds, "damping_factor=None"
-
-
-IMPLS = {"influx": _influx, "kronfluence": _kronfluence}
+    return scores, fit_seconds, score_seconds, "damping_factor=None"
 
 
 def run_one(args: Namespace) -> int:
-    """Child process: one (method, impl) row; scores to ``<dir>/<method>-<impl>.pt``, row as JSON."""
-    method, impl, folder = args.one.split(":", 2)
+    """Child process: one run of one row; scores to ``<dir>/<tag>.pt``, the row as JSON."""
+    tag, impl, folder = args.one.split(":", 2)
+    method, kind, others = tag.split("-")
     device = args.device
     if not device.startswith("cuda"):
         torch.set_num_threads(2)
     setup = torch.load(Path(folder) / "setup.pt")
-    sizes = Sizes(**{**setup["sizes"], "methods": tuple(setup["sizes"]["methods"])})
+    sizes = Sizes(
+        **{**setup["sizes"], **{k: tuple(setup["sizes"][k]) for k in ("methods", "kinds")}}
+    )
     model = build_model(sizes)
     model.load_state_dict(setup["state"])
     train_set, query_set = setup["train"], setup["query"]
-    row = {"method": method, "impl": impl}
+    row = {}
     try:
         if impl == "kronfluence":
             import kronfluence.analyzer  # noqa: F401  (its import is not part of the row's memory)
@@ -272,8 +333,9 @@ def run_one(args: Namespace) -> int:
             base = torch.cuda.memory_allocated()
         else:
             base = current_rss_bytes()
-        scores, fit_s, score_s, note = IMPLS[impl](
-            model, train_set, query_set, sizes, method, device
+        work = _kronfluence if impl == "kronfluence" else _influx
+        scores, fit_s, score_s, note = work(
+            model, train_set, query_set, sizes, method, kind, device, others
         )
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
         row.update(
@@ -283,7 +345,7 @@ def run_one(args: Namespace) -> int:
             peak_mem_mb=max(0, peak - base) / 2**20,
             notes=note,
         )
-        torch.save(scores.float(), Path(folder) / f"{method}-{impl}.pt")
+        torch.save(scores.float(), Path(folder) / f"{tag}-{impl}.pt")
     except Exception as error:  # a library that fails on this configuration is a row, not a crash
         row["notes"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     print(json.dumps(row))
@@ -295,7 +357,7 @@ def run_one(args: Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _child(args: Namespace, method: str, impl: str, folder: str) -> dict:
+def _child(args: Namespace, tag: str, impl: str, folder: str) -> dict:
     root = Path(__file__).resolve().parents[2]
     command = [
         sys.executable,
@@ -305,22 +367,45 @@ def _child(args: Namespace, method: str, impl: str, folder: str) -> dict:
         "--device",
         args.device,
         "--one",
-        f"{method}:{impl}:{folder}",
+        f"{tag}:{impl}:{folder}",
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     try:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        return {"method": method, "impl": impl, "notes": f"failed: {last[0][:200]}"}
+        return {"notes": f"failed: {last[0][:200]}"}
 
 
-def run(args: Namespace) -> list[dict]:
+def _median_row(runs: list[dict]) -> dict:
+    """Median of each timing / memory over the runs that finished, with the spread."""
+    done = [r for r in runs if "total_s" in r]
+    if not done:
+        return {"runs": 0, "notes": runs[-1].get("notes")}
+    row = {k: statistics.median(r[k] for r in done) for k in ("fit_s", "score_s", "total_s")}
+    row["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in done)
+    totals, peaks = [r["total_s"] for r in done], [r["peak_mem_mb"] for r in done]
+    row["spread"] = f"{min(totals):.3g}..{max(totals):.3g} s; {min(peaks):.0f}..{max(peaks):.0f} MB"
+    row["runs"] = len(done)
+    row["notes"] = done[-1]["notes"]
+    return row
+
+
+def _agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    if ours.dim() == 1:  # self-influence: one ranking of the train examples
+        rho = evaluate.agreement(ours[None], theirs[None]).spearman_pooled
+        return {"vs_kronfluence_pooled": rho}
+    agree = evaluate.agreement(ours, theirs)
+    return {
+        "vs_kronfluence_pooled": agree.spearman_pooled,
+        "vs_kronfluence_per_query": agree.spearman_per_query,
+        "vs_kronfluence_top10": agree.top_k_overlap,
+    }
+
+
+def _configuration(args, config: str, sizes: Sizes, runs: int) -> list[dict]:
+    """Train the configuration's model, then every (kind, method, library) row, ``runs`` times."""
     device = args.device
-    if not device.startswith("cuda"):
-        # The reference timings (peer included) are for two CPU cores.
-        torch.set_num_threads(2)
-    sizes = sizes_for(device, getattr(args, "quick", False))
     train_set = as_tensors(load("synthetic", split="train", size=sizes.train, seed=SEED))[:2]
     query_set = as_tensors(load("synthetic", split="test", size=sizes.queries, seed=SEED))[:2]
     model = build_model(sizes)
@@ -336,12 +421,17 @@ def run(args: Namespace) -> list[dict]:
     )
     query_loss, query_accuracy = evaluate_model(model, query_set)
     model.to("cpu")
-    shared = {"model": _describe(sizes, model), "train": sizes.train, "queries": sizes.queries}
+    shared = {
+        "config": config,
+        "model": _describe(sizes, model),
+        "train": sizes.train,
+        "queries": sizes.queries,
+    }
     rows = [
         {
-            "method": "training",
-            "impl": "influx.train",
             **shared,
+            "kind": "training",
+            "impl": "influx.train",
             "total_s": trained.seconds,
             "notes": (
                 f"{sizes.steps} Adam steps of 128; train acc {trained.final_accuracy:.3f}, "
@@ -350,30 +440,86 @@ def run(args: Namespace) -> list[dict]:
             ),
         }
     ]
-    print(f"influence_scale: {rows[0]['notes']}, {trained.seconds:.1f}s", flush=True)
+    print(f"influence_scale {config}: {rows[0]['notes']}, {trained.seconds:.1f}s", flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(
-            {
-                "sizes": asdict(sizes),
-                "state": model.state_dict(),
-                "train": train_set,
-                "query": query_set,
-            },
-            Path(folder) / "setup.pt",
-        )
-        for method in sizes.methods:
-            pair = {}
-            for impl in IMPLS:
-                row = {**_child(args, method, impl, folder), **shared}
-                path = Path(folder) / f"{method}-{impl}.pt"
-                pair[impl] = torch.load(path) if path.exists() else None
-                rows.append(row)
-                print(f"influence_scale: {json.dumps(row)}", flush=True)
-            if pair["influx"] is not None and pair["kronfluence"] is not None:
-                agree = evaluate.agreement(pair["influx"], pair["kronfluence"])
-                rows[-2].update(
-                    vs_kronfluence_pooled=agree.spearman_pooled,
-                    vs_kronfluence_per_query=agree.spearman_per_query,
-                    vs_kronfluence_top10=agree.top_k_overlap,
-                )
+        setup = {"sizes": asdict(sizes), "state": model.state_dict(), "train": train_set}
+        torch.save({**setup, "query": query_set}, Path(folder) / "setup.pt")
+        for kind in sizes.kinds:
+            for method in sizes.methods:
+                pair = {}
+                for impl, others in IMPL_ROWS:
+                    if config == "series" and others == "diagonal":
+                        continue
+                    child = "kronfluence" if impl == "kronfluence" else "influx"
+                    tag = f"{method}-{kind}-{others or 'exclude'}"
+                    row = {**shared, "kind": kind, "method": method, "impl": impl}
+                    row.update(_median_row([_child(args, tag, child, folder) for _ in range(runs)]))
+                    path = Path(folder) / f"{tag}-{child}.pt"
+                    pair[impl] = (torch.load(path) if path.exists() else None, row)
+                    rows.append(row)
+                    print(f"influence_scale: {json.dumps(row)}", flush=True)
+                (ours, mine), (theirs, peer) = pair["influx"], pair["kronfluence"]
+                if ours is not None and theirs is not None:
+                    mine.update(_agreement(ours, theirs))
+                if "total_s" in mine and "total_s" in peer:
+                    mine["vs_kronfluence_time"] = mine["total_s"] / peer["total_s"]
+                    mine["vs_kronfluence_mem"] = mine["peak_mem_mb"] / max(
+                        peer["peak_mem_mb"], 1e-9
+                    )
+    return rows
+
+
+def _slopes(rows: list[dict]) -> list[dict]:
+    """Least-squares lines of total time and peak memory in N for each library of the series."""
+    import numpy as np
+
+    out = []
+    for impl in ("influx", "kronfluence"):
+        points = [r for r in rows if r.get("impl") == impl and "total_s" in r]
+        if len(points) < 2:
+            continue
+        n = np.array([r["train"] for r in points], dtype=float)
+        fits = {k: np.polyfit(n, [r[k] for r in points], 1) for k in ("total_s", "peak_mem_mb")}
+        residual = {
+            k: float(np.max(np.abs(np.polyval(fits[k], n) - [r[k] for r in points]))) for k in fits
+        }
+        out.append({
+            "config": "series",
+            "kind": "slope",
+            "impl": impl,
+            "total_s": 1000 * fits["total_s"][0],
+            "peak_mem_mb": 1000 * fits["peak_mem_mb"][0],
+            "notes": (
+                f"least-squares slope per 1,000 train examples over N = "
+                f"{[int(v) for v in n]}; intercepts {fits['total_s'][1]:.3g} s, "
+                f"{fits['peak_mem_mb'][1]:.0f} MB; max residuals {residual['total_s']:.3g} s, "
+                f"{residual['peak_mem_mb']:.0f} MB"
+            ),
+        })  # fmt: skip
+    return out
+
+
+def run(args: Namespace) -> list[dict]:
+    device = args.device
+    if not device.startswith("cuda"):
+        # The reference timings (peer included) are for two CPU cores.
+        torch.set_num_threads(2)
+    quick = getattr(args, "quick", False)
+    default = "cuda" if device.startswith("cuda") else "resnet8,resnet18,series"
+    configs = _listed("INFLUX_SCALE_CONFIGS", set(CONFIGS)) or tuple(default.split(","))
+    runs = int(os.environ.get("INFLUX_SCALE_RUNS", 1 if quick else 3))
+    rows = []
+    for config in configs:
+        sizes = sizes_for("quick" if quick else config)
+        if config != "series":
+            rows += _configuration(args, config, sizes, runs)
+            continue
+        series = _listed("INFLUX_SCALE_SERIES", {str(n) for n in range(1, 10**6)})
+        counts = [int(n) for n in series] if series else [n // (8 if quick else 1) for n in SERIES]
+        part = []
+        for count in counts:
+            part += _configuration(
+                args, "series", replace(sizes, train=count, kinds=("pairwise",)), runs
+            )
+        rows += part + _slopes(part)
     return rows
