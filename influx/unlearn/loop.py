@@ -303,6 +303,15 @@ class Session:
             self.model.train(self.was_training)
         return self.result(extra)
 
+    def finish_one_step(self, extra: dict[str, Any] | None = None) -> UnlearnResult:
+        """Close a one-shot method (Newton, SSD) after its single update: count the step, record
+        the model when ``record_every`` is set, restore the caller's train/eval mode."""
+        self.steps = 1
+        if self.options.record_every is not None:
+            self.record()
+        self.model.train(self.was_training)
+        return self.result(extra)
+
     def _affordable(self, plan: Iterable[Step]) -> Iterator[Step]:
         for step in plan:
             if self.options.max_steps is not None and self.steps >= self.options.max_steps:

@@ -39,17 +39,21 @@ def _descent(session: Session, which: str, sign: float = 1.0) -> Iterator[Step]:
         yield Step(stream.size, lambda batch=batch: sign * session.losses(batch).mean())
 
 
+def _one_set(method, which, sign, model, loss_fn, forget, retain, budget, train_compute, options):
+    """Plain steps on ``sign`` x the mean loss of the ``which`` set's batches."""
+    session = Session(method, model, loss_fn, forget, retain, budget=budget,
+                      train_compute=train_compute, options=options)  # fmt: skip
+    return session.run(_descent(session, which, sign), typical_cost=session.batch_size_of(which))
+
+
 def gradient_ascent(
     model: nn.Module, loss_fn: LossFn, forget, retain, *, budget=None, train_compute=None, **options
 ) -> UnlearnResult:
     """Gradient ascent on the forget set: ``theta <- theta + lr * grad L_forget(theta)`` (SGD),
     with ``L_forget`` the mean loss of a forget mini-batch. ``retain`` is not used (it is checked
     non-empty, as by every method). Cost per step: the forget batch size."""
-    session = Session("gradient_ascent", model, loss_fn, forget, retain, budget=budget,
-                      train_compute=train_compute, options=options)  # fmt: skip
-    return session.run(
-        _descent(session, "forget", -1.0), typical_cost=session.batch_size_of("forget")
-    )
+    return _one_set("gradient_ascent", "forget", -1.0, model, loss_fn, forget, retain, budget,
+                    train_compute, options)  # fmt: skip
 
 
 def fine_tune(
@@ -57,9 +61,8 @@ def fine_tune(
 ) -> UnlearnResult:
     """Gradient descent on the retain set (catastrophic forgetting of the forget set).
     Cost per step: the retain batch size."""
-    session = Session("fine_tune", model, loss_fn, forget, retain, budget=budget,
-                      train_compute=train_compute, options=options)  # fmt: skip
-    return session.run(_descent(session, "retain"), typical_cost=session.batch_size_of("retain"))
+    return _one_set("fine_tune", "retain", 1.0, model, loss_fn, forget, retain, budget,
+                    train_compute, options)  # fmt: skip
 
 
 def noisy_gd(

@@ -208,9 +208,5 @@ def newton(
         named = dict(work.named_parameters())
         for name, value in space.unflatten(theta - step).items():
             named[name].copy_(value)
-    session.steps = 1
     extra["step_norm"] = float(step.norm())
-    if record_every is not None:
-        session.record()
-    work.train(session.was_training)
-    return session.result(extra)
+    return session.finish_one_step(extra)

@@ -130,10 +130,6 @@ def ssd(
             ).clamp(max=1.0)
             named[name].mul_(torch.where(selected, factor, torch.ones_like(factor)))
             dampened += int(selected.sum())
-    session.steps = 1
-    if record_every is not None:
-        session.record()
-    work.train(session.was_training)
-    return session.result(
+    return session.finish_one_step(
         {"alpha": alpha, "dampening": dampening, "retain_used": used, "dampened": dampened}
     )
