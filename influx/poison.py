@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
+from influx.data import as_tensors, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.train import LossFn
 
@@ -57,13 +58,11 @@ __all__ = [
 
 
 def _num_examples(data) -> int:
-    if isinstance(data, (tuple, list)):
-        return _tensor_triple(data)[0].shape[0]
-    if isinstance(data, Dataset):
-        return len(data)  # type: ignore[arg-type]
-    raise InfluxValueError(
-        f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
-    )
+    if not isinstance(data, (tuple, list, Dataset)):
+        raise InfluxValueError(
+            f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
+        )
+    return num_examples(data)
 
 
 def _tensor(value) -> torch.Tensor:
@@ -72,22 +71,9 @@ def _tensor(value) -> torch.Tensor:
 
 
 def _tensor_triple(data: tuple | list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if len(data) not in (2, 3):
-        raise InfluxValueError(
-            "data given as a tuple must be (inputs, targets) or (inputs, targets, indices); "
-            f"got {len(data)} items"
-        )
-    inputs, targets = _tensor(data[0]), _tensor(data[1])
-    if inputs.shape[0] != targets.shape[0]:
-        raise InfluxValueError(
-            "inputs and targets disagree on the number of examples: "
-            f"{inputs.shape[0]} vs {targets.shape[0]}"
-        )
-    if len(data) == 3:
-        indices = _tensor(data[2]).to(device=inputs.device, dtype=torch.long)
-    else:
-        indices = torch.arange(inputs.shape[0], device=inputs.device)
-    return inputs, targets, indices
+    """:func:`influx.data.as_tensors` of a tuple, with the indices on the inputs' device."""
+    inputs, targets, indices = as_tensors(data)
+    return inputs, targets, indices.to(inputs.device)
 
 
 def _item(data, position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -306,6 +292,20 @@ def _base(dataset):
     return _tensor_triple(dataset) if isinstance(dataset, (tuple, list)) else dataset
 
 
+def _pick(dataset, n: int, k: int, seed: int):
+    """The seeded subset every poison starts from: ``(base, generator, positions, (inputs,
+    targets, indices) of the chosen examples)``; the generator goes on to draw any noise."""
+    base = _base(dataset)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    positions = _choose(n, k, generator)
+    return base, generator, positions, _gather(base, positions)
+
+
+def _common(poisoned: PoisonedDataset, device, indices: torch.Tensor, seed: int) -> dict:
+    """The :class:`Poison` fields every poison fills the same way."""
+    return dict(dataset=poisoned, mask=poisoned.mask.to(device), indices=indices, seed=seed)
+
+
 def gaussian(
     dataset,
     *,
@@ -325,10 +325,7 @@ def gaussian(
     if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
         raise InfluxValueError(f"noise_std must be a finite number > 0; got {noise_std!r}")
     seed = _check_seed(seed)
-    base = _base(dataset)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    positions = _choose(n, k, generator)
-    base_inputs, targets, indices = _gather(base, positions)
+    base, generator, positions, (base_inputs, targets, indices) = _pick(dataset, n, k, seed)
     if not base_inputs.is_floating_point():
         raise InfluxValueError(
             f"Gaussian poisons need floating-point inputs; got {base_inputs.dtype}. Convert the "
@@ -340,10 +337,7 @@ def gaussian(
     noise = noise.to(device=base_inputs.device, dtype=base_inputs.dtype)
     poisoned = PoisonedDataset(base, positions, inputs=base_inputs + noise)
     return GaussianPoison(
-        dataset=poisoned,
-        mask=poisoned.mask.to(base_inputs.device),
-        indices=indices,
-        seed=seed,
+        **_common(poisoned, base_inputs.device, indices, seed),
         base_inputs=base_inputs,
         targets=targets,
         noise=noise,
@@ -384,10 +378,7 @@ def label_flip(
     k = _poison_count(n, fraction, count)
     classes = _num_classes(dataset, num_classes)
     seed = _check_seed(seed)
-    base = _base(dataset)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    positions = _choose(n, k, generator)
-    _, targets, indices = _gather(base, positions)
+    base, generator, positions, (_, targets, indices) = _pick(dataset, n, k, seed)
     if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
         raise InfluxValueError(
             f"label flips need integer class targets of shape [N]; got {targets.dtype} of shape "
@@ -403,10 +394,7 @@ def label_flip(
     new_targets = (targets + shift.to(targets.device)) % classes
     poisoned = PoisonedDataset(base, positions, targets=new_targets)
     return LabelFlipPoison(
-        dataset=poisoned,
-        mask=poisoned.mask.to(targets.device),
-        indices=indices,
-        seed=seed,
+        **_common(poisoned, targets.device, indices, seed),
         targets=targets,
         new_targets=new_targets,
         num_classes=classes,
@@ -508,9 +496,7 @@ def adversarial(
     if clip is not None and not (len(clip) == 2 and clip[0] < clip[1]):
         raise InfluxValueError(f"clip must be (low, high) with low < high; got {clip!r}")
     seed = _check_seed(seed)
-    base = _base(dataset)
-    positions = _choose(n, k, torch.Generator(device="cpu").manual_seed(seed))
-    base_inputs, targets, indices = _gather(base, positions)
+    base, _, positions, (base_inputs, targets, indices) = _pick(dataset, n, k, seed)
     grads = input_gradients(model, loss_fn, base_inputs, targets, batch_size=batch_size)
     perturbation = eps * grads.sign()
     poisoned_inputs = base_inputs + perturbation
@@ -519,10 +505,7 @@ def adversarial(
         perturbation = poisoned_inputs - base_inputs
     poisoned = PoisonedDataset(base, positions, inputs=poisoned_inputs)
     return AdversarialPoison(
-        dataset=poisoned,
-        mask=poisoned.mask.to(base_inputs.device),
-        indices=indices,
-        seed=seed,
+        **_common(poisoned, base_inputs.device, indices, seed),
         base_inputs=base_inputs,
         targets=targets,
         perturbation=perturbation,
