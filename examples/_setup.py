@@ -1,5 +1,6 @@
-"""Setup shared by the example scripts: data on the requested device and dtype, seeded models,
-and a brief Adam pretraining so that examples start from a model with a spread of losses."""
+"""Setup shared by the example scripts: the common command-line flags, data on the requested
+device and dtype, seeded models, and a brief Adam pretraining so that examples start from a model
+with a spread of losses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ import argparse
 import torch
 
 from influx import data, models, train
+
+
+def example_parser(
+    description: str, *, width: int = 32, dtype: str = "float64"
+) -> argparse.ArgumentParser:
+    """A parser holding the flags every example takes: ``--dataset --model --width --data-dir
+    --device --dtype --seed`` (digits + MLP on the CPU by default); scripts add their own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
+    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
+    parser.add_argument("--width", type=int, default=width, help="hidden width / channels")
+    parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=dtype, help="float64 | float32")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def load_examples(args: argparse.Namespace, count: int):

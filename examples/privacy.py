@@ -6,9 +6,9 @@ half are non-members. A fraction of the members carry Gaussian poisons (``x + xi
 ``influx.poison.gaussian``). For each privacy level (no DP, then DP-SGD at decreasing target
 epsilon, ``influx.dp.train``: ghost-clipped per-example gradients, Poisson batches, Opacus' RDP
 accountant) we train the target and ``--shadows`` shadow models on balanced random halves of the
-pool (each example is IN exactly half of the shadows), all with the same recipe, and report:
+pool (each example is IN exactly half of the shadows), all with the same recipe, and report test
+accuracy and, from ``influx.audit.mia`` and ``influx.audit.gus``:
 
-- test accuracy;
 - loss-threshold MIA (Yeom et al. 2018): score -loss; TPR at FPR 0.01 and AUC, members (clean
   ones) vs non-members;
 - LiRA online (Carlini et al. 2022): per-example Gaussians of the logit-scaled confidence
@@ -36,10 +36,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import seeded_model  # noqa: E402
+from _setup import example_parser, seeded_model  # noqa: E402
 
 from influx import data, dp, poison, train  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
+from influx.audit.mia import (  # noqa: E402
+    lira_scores,
+    logit_confidence,
+    loss_attack,
+    membership_metrics,
+    per_example_losses,
+    shadow_masks,
+)
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
@@ -47,11 +55,7 @@ FPR = 0.01
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0], dtype="float32")
     parser.add_argument("--pool", type=int, default=800, help="members + non-members")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 2.0, 1.0],
                         help="target epsilons of the DP runs (a run without DP is always added)")  # fmt: skip
@@ -63,63 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------------
-# Membership scores
-# ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def logit_confidence(model, inputs, targets, batch_size: int = 512) -> torch.Tensor:
-    """phi = log p_y - log(1 - p_y) = z_y - logsumexp_{c != y} z_c, stable in float64: [N]."""
-    model.eval()
-    parts = []
-    for start in range(0, inputs.shape[0], batch_size):
-        logits = model(inputs[start : start + batch_size]).double()
-        y = targets[start : start + batch_size]
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], -math.inf).logsumexp(1)
-        parts.append(true - others)
-    return torch.cat(parts).cpu()
-
-
-@torch.no_grad()
-def losses_of(model, inputs, targets) -> torch.Tensor:
-    model.eval()
-    return LOSS(model(inputs), targets).double().cpu()
-
-
-def tpr_at_fpr(members: torch.Tensor, non_members: torch.Tensor, fpr: float = FPR) -> float:
-    """Fraction of members scoring strictly above the threshold that ``fpr`` of the non-members
-    exceed (the floor(fpr * n_out)-th largest non-member score)."""
-    ranked = non_members.sort(descending=True).values
-    k = math.floor(fpr * non_members.numel())
-    threshold = ranked[k] if k < ranked.numel() else -math.inf
-    return (members > threshold).double().mean().item()
-
-
-def auc(members: torch.Tensor, non_members: torch.Tensor) -> float:
-    """P(member score > non-member score) + P(tie) / 2 over all pairs."""
-    diff = members[:, None] - non_members[None, :]
-    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
-
-
-def lira_scores(target_phi, shadow_phi, shadow_in) -> torch.Tensor:
-    """Online LiRA with global variances: target_phi [N], shadow_phi [K, N], shadow_in [K, N]."""
-    inside, outside = shadow_in.double(), (~shadow_in).double()
-    mu_in = (shadow_phi * inside).sum(0) / inside.sum(0)
-    mu_out = (shadow_phi * outside).sum(0) / outside.sum(0)
-    residual_in = (shadow_phi - mu_in)[shadow_in]
-    residual_out = (shadow_phi - mu_out)[~shadow_in]
-    s_in, s_out = residual_in.std().clamp_min(1e-12), residual_out.std().clamp_min(1e-12)
-    log_in = -0.5 * ((target_phi - mu_in) / s_in) ** 2 - s_in.log()
-    log_out = -0.5 * ((target_phi - mu_out) / s_out) ** 2 - s_out.log()
-    return log_in - log_out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,13 +90,6 @@ def fit(args, dataset, train_data, noise_multiplier: float | None, seed: int):
     return model.eval(), result
 
 
-def balanced_halves(n: int, k: int, seed: int) -> torch.Tensor:
-    """[k, n] bool: each example IN exactly k / 2 of the k shadow sets, seeded."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    ranks = torch.rand(k, n, generator=generator, device="cpu").argsort(0)
-    return ranks < k // 2
-
-
 def one_level(args, dataset, pool, members, gaussian, test, epsilon):
     inputs, targets = pool
     start = time.perf_counter()
@@ -166,27 +107,32 @@ def one_level(args, dataset, pool, members, gaussian, test, epsilon):
     clean_member = members.clone()
     clean_member[members.nonzero().flatten()[gaussian.mask.cpu()]] = False
     non_member = ~members
-    losses = losses_of(target, inputs, targets)
+    losses = per_example_losses(target, LOSS, pool)
+    loss_mia = loss_attack(losses[clean_member], losses[non_member], fprs=(FPR,))
     row = {
         "epsilon_target": epsilon,
         "epsilon": None if result.privacy is None else result.privacy["epsilon"],
         "noise_multiplier": None if result.privacy is None else result.privacy["noise_multiplier"],
         "test_accuracy": accuracy,
         "train_accuracy": result.final_accuracy,
-        "loss_mia_tpr_at_fpr_0_01": tpr_at_fpr(-losses[clean_member], -losses[non_member]),
-        "loss_mia_auc": auc(-losses[clean_member], -losses[non_member]),
+        "loss_mia_tpr_at_fpr_0_01": loss_mia.tpr_at_fpr[FPR],
+        "loss_mia_auc": loss_mia.auc,
     }
-    shadow_in = balanced_halves(inputs.shape[0], args.shadows, args.seed + 1)
+    # each example IN exactly half of the shadows, which train like the target (same sigma)
+    shadow_in = shadow_masks(args.shadows, inputs.shape[0], seed=args.seed + 1)
     shadow_phi = []
     for k in range(args.shadows):
         chosen = shadow_in[k].nonzero().flatten().to(inputs.device)
         model, _ = fit(args, dataset, (inputs[chosen], targets[chosen]), sigma,
                        args.seed + 100 + k)  # fmt: skip
-        shadow_phi.append(logit_confidence(model, inputs, targets))
-    scores = lira_scores(logit_confidence(target, inputs, targets), torch.stack(shadow_phi),
-                         shadow_in)  # fmt: skip
-    row["lira_tpr_at_fpr_0_01"] = tpr_at_fpr(scores[clean_member], scores[non_member])
-    row["lira_auc"] = auc(scores[clean_member], scores[non_member])
+        shadow_phi.append(logit_confidence(model, pool))
+    # online LiRA with one global variance per side (few shadows)
+    scores = lira_scores(logit_confidence(target, pool), torch.stack(shadow_phi), shadow_in,
+                         online=True, global_variance=True).cpu()  # fmt: skip
+    assessed = clean_member | non_member
+    lira = membership_metrics(scores[assessed], clean_member[assessed], fprs=(FPR,))
+    row["lira_tpr_at_fpr_0_01"] = lira.tpr_at_fpr[FPR]
+    row["lira_auc"] = lira.auc
     g = gus_of(target, LOSS, gaussian)
     row.update(gus=g.gus, gus_z=g.z, gus_tpr_at_fpr_0_01=g.tpr_at_fpr, null_gus=g.null_gus,
                null_z=g.null_z, seconds=time.perf_counter() - start)  # fmt: skip
@@ -221,8 +167,9 @@ def plot(rows, args, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.shadows < 2 or args.shadows % 2:
-        raise SystemExit("--shadows must be an even number >= 2")
+    if args.shadows < 4 or args.shadows % 2:
+        # with 2 shadows each example has one IN and one OUT signal: no spread to fit
+        raise SystemExit("--shadows must be an even number >= 4")
     train_set = data.load(args.dataset, root=args.data_dir, split="train")
     dataset = train_set
     inputs, targets, _ = data.as_tensors(train_set)
