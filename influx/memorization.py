@@ -677,15 +677,10 @@ def tracin_self_influence(
 
 
 def _at(model: nn.Module, checkpoint) -> nn.Module:
-    if isinstance(checkpoint, nn.Module):
-        return checkpoint
-    if not isinstance(checkpoint, Mapping):
-        raise InfluxValueError(
-            f"a checkpoint must be a state dict or an nn.Module; got {type(checkpoint).__name__}"
-        )
-    at = copy.deepcopy(model)
-    at.load_state_dict(checkpoint)
-    return at
+    """:func:`influx.influence.tracin.model_at`, imported on first use (influence loads lazily)."""
+    from influx.influence.tracin import model_at
+
+    return model_at(model, checkpoint)
 
 
 @torch.no_grad()
