@@ -15,7 +15,7 @@ Every way is repeated ``--rounds`` times, interleaved; the ratio norms / floor i
 round and reported as its median with the min-max spread. Each process pins ``--threads`` torch
 threads (the suite's children use torch's default, recorded as ``default_threads``).
 
-    python benchmarks/floor_check.py                       # ResNet-18 (GroupNorm), batch 64, 2 threads
+    python benchmarks/floor_check.py        # ResNet-18 (GroupNorm), batch 64, 2 threads
     python benchmarks/floor_check.py --model cnn --batch 8 --rounds 1 --out /tmp/check.json
 
 Writes ``benchmarks/results/floor_check-cpu.json`` and ``.md`` (or only the JSON to ``--out``).

@@ -3,24 +3,36 @@
 Task (``benchmarks.tasks.digits_mlp``): digits, 10% flipped labels, 1,600 train / 50 test
 queries, a 64-64-10 tanh MLP (4,810 parameters), full-batch Adam, checkpoints at 100/200/300.
 
-For every method, rows report: time of pairwise scores 50 x 1,600 including the fit (one run,
-same machine), Spearman pooled and per query and top-10 overlap vs the exact-Hessian and the
-exact-GGN influence, self-influence mislabel AUC, sign agreement / Pearson with warm-start
-retraining on 60 (query, train) pairs, and the LDS with a 95% bootstrap interval. Peers
-(Kronfluence EK-FAC / K-FAC, TRAK, Captum TracInCP) run in the same process on the same data;
-their scores are converted to influx's sign (I_up,loss: negative = helpful).
+Every row (each influx method and each peer: Kronfluence EK-FAC / K-FAC, TRAK, Captum TracInCP)
+runs in its own fresh process (``run_one``), which rebuilds the deterministic task, times one cold
+run of fit + pairwise scores 50 x 1,600, measures its peak memory above the state after building
+the task, and writes its scores (and self-scores) to a temporary file. The parent checks that each
+child built the same task (a fingerprint of data, trained parameters and checkpoints), then
+evaluates every row the same way: Spearman pooled and per query and top-10 overlap vs the
+exact-Hessian and the exact-GGN influence, self-influence mislabel AUC, sign agreement / Pearson
+with warm-start retraining on 60 (query, train) pairs, and the LDS with a 95% bootstrap interval.
+Peers' scores are converted to influx's sign (I_up,loss: negative = helpful).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
 import time
 import warnings
 from argparse import Namespace
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import kronfluence_classification_task
+from benchmarks.common import (
+    fingerprint,
+    kronfluence_classification_task,
+    memory_mark,
+    peak_mem_mb,
+    run_child,
+)
 from benchmarks.tasks import InfluenceTask, digits_mlp
 from influx import influence
 from influx.influence import evaluate
@@ -29,6 +41,7 @@ COLUMNS = [
     "method",
     "impl",
     "seconds",
+    "peak_mem_mb",
     "vs_hessian_pooled",
     "vs_hessian_per_query",
     "vs_hessian_top10",
@@ -42,10 +55,16 @@ COLUMNS = [
     "lds_ci",
 ]
 TRAK_DIM = 1024
+THREADS = 2  # the reference timings (peers included) are for two CPU cores
 NOTES = (
     "Scores follow influx's sign (I_up,loss; TracIn-like scores are negated for comparisons). "
-    "`seconds` = fit + pairwise 50 x 1,600 scores, one cold run per row (the same for every "
-    "library). Headline rows run at each method's own defaults ('auto' damping for cg / lissa / "
+    "Every row runs in its own fresh process, which rebuilds the same task (checked by a "
+    "fingerprint of data, trained parameters and checkpoints). `seconds` = fit + pairwise "
+    "50 x 1,600 scores, one cold run per row, timed the same way for every library: imports and "
+    "inputs prepared before the clock starts, first-call costs included (rows take seconds to "
+    f"tens of seconds, so they are not repeated), {THREADS} threads. `peak_mem_mb`: peak resident "
+    "memory of that fit + scoring above the state after building the task, in the row's own "
+    "process. Headline rows run at each method's own defaults ('auto' damping for cg / lissa / "
     "arnoldi, with no information from the exact solve); rows marked [exact damping] are told the "
     "exact solve's damping. Kronfluence runs at its default damping (1e-8) and at its heuristic "
     "(0.1 x mean eigenvalue per module, influx's 'auto' rule). TRAK (both libraries) projects to "
@@ -118,7 +137,20 @@ NO_SELF_INFLUENCE = (
 )  # fmt: skip
 
 
-def _fit_and_score(task: InfluenceTask, name: str, dampings: dict[str, float]):
+class _Timed:
+    """Wall time and peak memory (above the state on entry) of the timed section of a row."""
+
+    def __enter__(self) -> _Timed:
+        self.base = memory_mark("cpu")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.peak_mem_mb = peak_mem_mb(self.base, "cpu")
+
+
+def _influx(task: InfluenceTask, name: str, dampings: dict[str, float]):
     method, options = INFLUX_METHODS[name]
     options = dict(options)
     if name.endswith("[exact damping]"):
@@ -128,22 +160,23 @@ def _fit_and_score(task: InfluenceTask, name: str, dampings: dict[str, float]):
         options.update(checkpoints=task.checkpoints, learning_rates=task.learning_rates)
     if method == "trak":
         options.update(checkpoints=task.checkpoints)
-    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fitted = influence.fit(task.model, task.loss_fn, task.train, method=method, **options)
-        scores = fitted.scores(task.query).values.double()
-    seconds = time.perf_counter() - start
+        with _Timed() as timed:
+            fitted = influence.fit(task.model, task.loss_fn, task.train, method=method, **options)
+            scores = fitted.scores(task.query).values.double()
     self_scores = None if name in NO_SELF_INFLUENCE else fitted.self_influence().double()
-    sign = fitted.sign
+    damping = fitted.diagnostics.get("damping")
+    if not isinstance(damping, (int, float, type(None))):
+        # per-layer dampings (kfac, ekfac, trak) travel as text
+        damping = str(damping)[:200]
+    facts = {
+        "damping": damping,
+        "curvature": fitted.diagnostics.get("curvature"),
+        "notes": [str(w.message)[:160] for w in caught],
+    }
     # Compare everything in the I_up,loss convention: negate TracIn-like scores.
-    return (
-        scores * -sign,
-        self_scores,
-        seconds,
-        [str(w.message)[:160] for w in caught],
-        fitted.diagnostics,
-    )
+    return scores * -fitted.sign, self_scores, timed, facts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,35 +196,32 @@ class _Pairs(torch.utils.data.Dataset):
 
 
 def _kronfluence(task: InfluenceTask, strategy: str, damping_factor: float | None):
-    import copy
-
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     kronfluence_task = kronfluence_classification_task()
     model = prepare_model(copy.deepcopy(task.model), kronfluence_task)
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        analyzer = Analyzer(
-            "digits", model, kronfluence_task, cpu=True, output_dir=out, disable_tqdm=True
-        )
-        analyzer.fit_all_factors(
-            strategy,
-            _Pairs(task.train),
-            per_device_batch_size=1600,
-            factor_args=FactorArguments(strategy=strategy),
-        )
-        analyzer.compute_pairwise_scores(
-            "pair",
-            strategy,
-            _Pairs(task.query),
-            _Pairs(task.train),
-            per_device_query_batch_size=50,
-            per_device_train_batch_size=1600,
-            score_args=ScoreArguments(damping_factor=damping_factor),
-        )
-        scores = analyzer.load_pairwise_scores("pair")["all_modules"].double()
-        seconds = time.perf_counter() - start
+        with _Timed() as timed:
+            analyzer = Analyzer(
+                "digits", model, kronfluence_task, cpu=True, output_dir=out, disable_tqdm=True
+            )
+            analyzer.fit_all_factors(
+                strategy,
+                _Pairs(task.train),
+                per_device_batch_size=1600,
+                factor_args=FactorArguments(strategy=strategy),
+            )
+            analyzer.compute_pairwise_scores(
+                "pair",
+                strategy,
+                _Pairs(task.query),
+                _Pairs(task.train),
+                per_device_query_batch_size=50,
+                per_device_train_batch_size=1600,
+                score_args=ScoreArguments(damping_factor=damping_factor),
+            )
+            scores = analyzer.load_pairwise_scores("pair")["all_modules"].double()
         analyzer.compute_self_scores(
             "self",
             strategy,
@@ -201,19 +231,16 @@ def _kronfluence(task: InfluenceTask, strategy: str, damping_factor: float | Non
         )
         self_scores = analyzer.load_self_scores("self")["all_modules"].double()
     # Kronfluence reports g_q^T H^-1 g_z (positive = helpful) for a summed loss: negate to I_up,loss.
-    return -scores, self_scores, seconds
+    return -scores, self_scores, timed, {}
 
 
 def _trak(task: InfluenceTask):
-    import copy
-
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
     model = copy.deepcopy(task.model)
     count = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out, _Timed() as timed:
         projector = BasicProjector(
             grad_dim=count,
             proj_dim=TRAK_DIM,
@@ -241,13 +268,10 @@ def _trak(task: InfluenceTask):
             traker.start_scoring_checkpoint("q", state, model_id=model_id, num_targets=50)
             traker.score(batch=(task.query[0], task.query[1]), num_samples=50)
         scores = torch.as_tensor(traker.finalize_scores("q")).T.double()  # [Q, N]
-        seconds = time.perf_counter() - start
-    return -scores, None, seconds
+    return -scores, None, timed, {}
 
 
 def _captum_tracin(task: InfluenceTask):
-    import copy
-
     from captum.influence import TracInCP
 
     model = copy.deepcopy(task.model)
@@ -263,21 +287,20 @@ def _captum_tracin(task: InfluenceTask):
             m.load_state_dict(saved["state"])
             return saved["lr"]
 
-        start = time.perf_counter()
-        tracin = TracInCP(
-            model,
-            _Pairs(task.train),
-            paths,
-            checkpoints_load_func=load,
-            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
-            batch_size=1600,
-        )
-        scores = tracin.influence((task.query[0], task.query[1])).double()
-        seconds = time.perf_counter() - start
+        with _Timed() as timed:
+            tracin = TracInCP(
+                model,
+                _Pairs(task.train),
+                paths,
+                checkpoints_load_func=load,
+                loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+                batch_size=1600,
+            )
+            scores = tracin.influence((task.query[0], task.query[1])).double()
         self_scores = tracin.self_influence(
             torch.utils.data.DataLoader(_Pairs(task.train), batch_size=1600)
         )
-    return -scores, self_scores.double(), seconds
+    return -scores, self_scores.double(), timed, {}
 
 
 # Kronfluence's own default damping is 1e-8; its heuristic (damping_factor=None: 0.1 x the mean
@@ -301,33 +324,76 @@ PEERS = {
 # --------------------------------------------------------------------------------------------------
 
 
-def run(args: Namespace) -> list[dict]:
+def task_fingerprint(task: InfluenceTask) -> str:
+    """Fingerprint of what every row depends on: data, trained parameters and checkpoints."""
+    return fingerprint(
+        task.train, task.query, task.flipped, task.model.state_dict(), task.checkpoints,
+        task.learning_rates, task.initial_state,
+    )  # fmt: skip
+
+
+def _build_task() -> InfluenceTask:
+    """The same task in every process: same seed, same thread count (reductions depend on it)."""
     torch.manual_seed(0)
-    # The reference timings (peers included) are for two CPU cores.
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
+    return digits_mlp()
+
+
+def run_one(args: Namespace) -> int:
+    """Child process: one row, given as JSON ``{"method", "impl", "out", "dampings"}``; writes
+    the scores and self-scores to ``out`` and prints the row as JSON on its last line."""
+    spec = json.loads(args.one)
+    name, impl = spec["method"], spec["impl"]
+    task = _build_task()
+    row = {"method": name, "impl": impl, "task": task_fingerprint(task)}
+    try:
+        if impl == "influx":
+            scores, self_scores, timed, facts = _influx(task, name, spec["dampings"])
+        else:
+            scores, self_scores, timed, facts = PEERS[(name, impl)](task)
+        row.update(facts, seconds=timed.seconds, peak_mem_mb=timed.peak_mem_mb)
+        torch.save({"scores": scores, "self_scores": self_scores}, spec["out"])
+    except Exception as error:  # a peer that fails is reported, not fatal
+        row["notes"] = [f"{type(error).__name__}: {error}"[:200]]
+    print(json.dumps(row))
+    return 0
+
+
+def run(args: Namespace) -> list[dict]:
     quick = getattr(args, "quick", False)
-    task = digits_mlp()
+    task = _build_task()
+    expected = task_fingerprint(task)
     names = (
         list(INFLUX_METHODS)
         if not quick
         else ["exact-hessian", "exact-ggn", "cg", "ekfac", "tracin", "grad_dot"]
     )
+    keys = [(name, "influx") for name in names] + ([] if quick else list(PEERS))
     results, dampings = {}, {}
-    for name in names:
-        scores, self_scores, seconds, caught, diagnostics = _fit_and_score(task, name, dampings)
-        if name in ("exact-hessian", "exact-ggn"):
-            dampings[diagnostics["curvature"]] = diagnostics["damping"]
-        results[(name, "influx")] = (scores, self_scores, seconds, caught)
-        print(f"influence: {name} {seconds:.1f}s {diagnostics.get('damping', '')}", flush=True)
-    for key, peer in PEERS.items():
-        if quick:
-            break
-        try:
-            results[key] = (*peer(task), [])
-            print(f"influence: {key} {results[key][2]:.1f}s", flush=True)
-        except Exception as error:  # a peer that fails is reported, not fatal
-            results[key] = (None, None, float("nan"), [f"{type(error).__name__}: {error}"[:200]])
-    hessian, ggn = results[("exact-hessian", "influx")][0], results[("exact-ggn", "influx")][0]
+    with tempfile.TemporaryDirectory() as scratch:
+        # The exact rows come first: the [exact damping] rows are told their damping.
+        for i, (name, impl) in enumerate(keys):
+            out = Path(scratch) / f"row{i}.pt"
+            spec = {"method": name, "impl": impl, "out": str(out), "dampings": dampings}
+            row = run_child("influence", json.dumps(spec), args)
+            if row.get("task", expected) != expected:
+                raise RuntimeError(
+                    f"the child for {name} ({impl}) built a different task "
+                    f"(fingerprint {row['task']} != {expected}): its scores cannot be compared"
+                )
+            if name in ("exact-hessian", "exact-ggn") and row.get("damping") is not None:
+                dampings[row["curvature"]] = row["damping"]
+            saved = torch.load(out, weights_only=True) if out.exists() else {}
+            results[(name, impl)] = (row, saved.get("scores"), saved.get("self_scores"))
+            print(
+                f"influence: {name} ({impl}) {row.get('seconds', float('nan')):.1f}s "
+                f"{row.get('peak_mem_mb', float('nan')):.0f} MB {row.get('damping') or ''}",
+                flush=True,
+            )
+    for reference in (("exact-hessian", "influx"), ("exact-ggn", "influx")):
+        if results[reference][1] is None:
+            raise RuntimeError(f"the reference row {reference[0]} failed: {results[reference][0]}")
+    hessian, ggn = results[("exact-hessian", "influx")][1], results[("exact-ggn", "influx")][1]
     retrain = evaluate.retrain_ground_truth(
         task.model,
         task.loss_fn,
@@ -355,8 +421,9 @@ def run(args: Namespace) -> list[dict]:
             "mislabel_auc": evaluate.mislabel_auc(losses, task.flipped).auc,
         }
     ]
-    for (name, impl), (scores, self_scores, seconds, caught) in results.items():
-        row = {"method": name, "impl": impl, "seconds": seconds}
+    for (name, impl), (child, scores, self_scores) in results.items():
+        row = {"method": name, "impl": impl, "seconds": child.get("seconds")}
+        row["peak_mem_mb"] = child.get("peak_mem_mb")
         if scores is not None:
             for label, reference in (("hessian", hessian), ("ggn", ggn)):
                 agree = evaluate.agreement(scores, reference)
@@ -372,7 +439,7 @@ def run(args: Namespace) -> list[dict]:
             )
         if self_scores is not None:
             row["mislabel_auc"] = evaluate.mislabel_auc(self_scores, task.flipped).auc
-        if caught:
-            row["notes"] = "; ".join(dict.fromkeys(caught))
+        if child.get("notes"):
+            row["notes"] = "; ".join(dict.fromkeys(child["notes"]))
         rows.append(row)
     return rows
