@@ -369,14 +369,20 @@ class KFACEstimator(Estimator):
         )
         rank, world, reduce_sum = _ranks(options.split_ranks)
         generator = torch.Generator().manual_seed(options.seed)
-        batches = []
-        for number, start in enumerate(range(0, inputs.shape[0], batch_size)):
-            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
-            if fisher == "sampled":
-                # Every rank draws every batch's labels: the draws do not depend on the split.
-                y = _sample_targets(self.model, x, y, generator, start)
-            if number % world == rank:
-                batches.append((start, x, y))
+
+        def draw() -> list:
+            """This rank's batches, with labels drawn from the model when the Fisher is sampled."""
+            batches = []
+            for number, start in enumerate(range(0, inputs.shape[0], batch_size)):
+                x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+                if fisher == "sampled":
+                    # Every rank draws every batch's labels: the draws do not depend on the split.
+                    y = _sample_targets(self.model, x, y, generator, start)
+                if number % world == rank:
+                    batches.append((start, x, y))
+            return batches
+
+        batches = draw()
         self.factors: dict[str, KroneckerFactors] = {}
         self.diagonal: dict[str, DiagonalFactors] = {}
         self.tokens: dict[str, int] = {}
@@ -397,8 +403,13 @@ class KFACEstimator(Estimator):
         finalize_kronecker_factors(self.factors)
         finalize_diagonal_factors(self.diagonal)
         if self.eigen_corrected:
+            # The refit draws labels of its own. Refitted on the draws that chose the eigenbasis,
+            # the eigenvalues re-measure those draws' noise (the top ones too large, the bottom
+            # ones too small: a sample covariance's eigenvalues are spread wider than the
+            # Fisher's) and EK-FAC scores stayed at K-FAC's; fresh draws give unbiased
+            # eigenvalues in that basis (Kronfluence resamples each pass too).
             sums: dict[str, torch.Tensor] = {}
-            for start, x, y in batches:
+            for start, x, y in draw() if fisher == "sampled" else batches:
                 batch = self._capture(x, y, start)
                 for name in self.factors:
                     if batch.called(name):
