@@ -12,13 +12,15 @@ from influx import data, models, train
 
 
 def example_parser(
-    description: str, *, width: int = 32, dtype: str = "float64"
+    description: str, *, width: int = 32, dtype: str = "float64", model: bool = True
 ) -> argparse.ArgumentParser:
     """A parser holding the flags every example takes: ``--dataset --model --width --data-dir
-    --device --dtype --seed`` (digits + MLP on the CPU by default); scripts add their own."""
+    --device --dtype --seed`` (digits + MLP on the CPU by default; ``model=False`` leaves out
+    ``--model`` for a script that takes several); scripts add their own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
+    if model:
+        parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
     parser.add_argument("--width", type=int, default=width, help="hidden width / channels")
     parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py")
     parser.add_argument("--device", default="cpu")

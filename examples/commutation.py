@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import load_examples, pretrain, seeded_model  # noqa: E402
+from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import commutator, train  # noqa: E402
@@ -39,11 +39,8 @@ def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
+    parser = example_parser(__doc__.split("\n\n")[0], model=False)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], help="for H2")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--pair-batch", type=int, default=64, help="batch for pairwise norms")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
@@ -52,9 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--perms", type=int, default=4)
     parser.add_argument("--gd-steps", type=int, default=400, help="O3 gradient-descent steps")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 

@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import seeded_model  # noqa: E402
+from _setup import example_parser, seeded_model  # noqa: E402
 from torch.func import functional_call, grad  # noqa: E402
 
 from influx import data, shift, train, unlearn  # noqa: E402
@@ -39,11 +39,7 @@ LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--retain", type=int, default=300)
     parser.add_argument("--poisons", type=int, default=30)
     parser.add_argument("--noise-std", type=float, default=0.5)
@@ -55,9 +51,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--craft-lr", type=float, default=0.05)
     parser.add_argument("--budget-fraction", type=float, default=0.1)
     parser.add_argument("--newton-damping", type=float, default=1.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
@@ -140,7 +133,9 @@ def evaluate_poison(name, delta, unrolled, reference_params, args, init):
         ("newton", dict(damping=args.newton_damping, solver="cg")),
     ):
         if kwargs is None:
-            unlearned = flat({k: v.detach() for k, v in unrolled.unlearn(poisoned_params, delta).items()})
+            unlearned = flat(
+                {k: v.detach() for k, v in unrolled.unlearn(poisoned_params, delta).items()}
+            )
         else:
             fn = unlearn.METHODS[method]
             b = math.inf if method == "newton" else budget

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import load_examples, pretrain, seeded_model  # noqa: E402
+from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 from torch.func import grad, jvp, vmap  # noqa: E402
 
@@ -35,11 +35,7 @@ LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32, help="hidden width / channels")
-    parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py")
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=512, help="training examples used")
     parser.add_argument("--points", type=int, default=256, help="points for the per-point study")
     parser.add_argument("--pretrain-epochs", type=int, default=5, help="Adam epochs before")
@@ -47,9 +43,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of GD and GA")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--power-iters", type=int, default=20, help="for the top eigenvalue")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64", help="float64 | float32")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 

@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _setup import example_parser  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import data, models, poison, train, unlearn  # noqa: E402
@@ -60,13 +61,9 @@ METHODS: dict[str, dict] = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18 (= resnet)")
-    parser.add_argument("--width", type=int, default=64)
+    parser = example_parser(__doc__.split("\n\n")[0], width=64, dtype="float32")
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256],
                         help="model widths of the GUS-vs-width sweep (ResNet: 8 16 32 64)")  # fmt: skip
-    parser.add_argument("--data-dir", default=None)
     parser.add_argument("--train-size", type=int, default=None, help="first N training examples")
     parser.add_argument("--fraction", type=float, default=0.02, help="poisoned fraction")
     parser.add_argument("--noise-std", type=float, default=0.3)
@@ -80,9 +77,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=4,
                         help="independently trained models for the forgetting quality")  # fmt: skip
     parser.add_argument("--points", type=int, default=5, help="trajectory records per method")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     # "resnet" names the deepest CIFAR ResNet; --width / --widths set its base width (64 = ResNet-18).
     args.model = "resnet18" if args.model == "resnet" else args.model

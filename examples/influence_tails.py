@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _setup import seeded_model  # noqa: E402
+from _setup import example_parser, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import data, influence, poison, tails, train  # noqa: E402
@@ -44,11 +44,7 @@ LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=1600, help="training examples")
     parser.add_argument("--poisons", type=int, default=160, help="poisoned examples")
     parser.add_argument("--noise-std", type=float, default=0.5, help="Gaussian poison sigma")
@@ -56,9 +52,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--influence", default="ekfac", help="influx.influence method")
     parser.add_argument("--bootstrap", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
@@ -77,7 +70,9 @@ def tail_membership(scores: np.ndarray, mask: np.ndarray, k: int) -> dict:
     """Where the poisons sit: share among the k largest |scores|, AUC of the score (and of |score|)."""
     order = np.argsort(-np.abs(scores))
     top = mask[order[:k]]
-    auc = lambda s: float(stats.mannwhitneyu(s[mask], s[~mask]).statistic / (mask.sum() * (~mask).sum()))
+    auc = lambda s: float(
+        stats.mannwhitneyu(s[mask], s[~mask]).statistic / (mask.sum() * (~mask).sum())
+    )
     return {
         "k": int(k),
         "poisons_in_tail": int(top.sum()),
@@ -154,7 +149,9 @@ def summary_figure(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
     for ax, (condition, score) in zip(axes, panels):
         r = results[condition][score]
-        alphas = {n: f["aic"] - min(g["aic"] for g in r["fits"].values()) for n, f in r["fits"].items()}
+        alphas = {
+            n: f["aic"] - min(g["aic"] for g in r["fits"].values()) for n, f in r["fits"].items()
+        }
         ax.bar(list(alphas), list(alphas.values()), color="C0")
         ax.set_yscale("symlog", linthresh=1)
         ax.set_title(f"{condition}: {score}\nbest {r['best_aic']}, Hill {r['hill']['alpha']:.2f}",

@@ -36,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import seeded_model  # noqa: E402
+from _setup import example_parser, seeded_model  # noqa: E402
 
 from influx import aggregate, data, influence, poison, train  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
@@ -47,11 +47,7 @@ PLACEMENTS = ("concentrated", "interlaced")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0], dtype="float32")
     parser.add_argument("--train-size", type=int, default=None, help="default: all, rounded")
     parser.add_argument("--poison-fraction", type=float, default=0.125)
     parser.add_argument("--noise-std", type=float, default=1.0, help="Gaussian poison std")
@@ -61,9 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--influence", default="ekfac", help="self-influence method")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 

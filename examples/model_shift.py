@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import seeded_model  # noqa: E402
+from _setup import example_parser, seeded_model  # noqa: E402
 
 from influx import data, poison, shift, train, unlearn  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
@@ -41,11 +41,7 @@ METHODS = ["gradient_ascent", "neggrad_plus", "fine_tune", "noisy_gd", "eu_k", "
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=1000, help="training examples")
     parser.add_argument("--poisons", type=int, default=100, help="poisoned examples (forget set)")
     parser.add_argument("--noise-std", type=float, default=0.5, help="Gaussian poison sigma")
@@ -53,15 +49,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (training)")
     parser.add_argument("--unlearn-lr", type=float, default=0.05, help="SGD lr of unlearning")
     parser.add_argument("--budget-fraction", type=float, default=0.1)
-    parser.add_argument("--newton-damping", type=float, default=0.1,
-                        help="damping of Newton removal (the MLP's retain Hessian is indefinite)")
+    parser.add_argument(
+        "--newton-damping",
+        type=float,
+        default=0.1,
+        help="damping of Newton removal (the MLP's retain Hessian is indefinite)",
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--records", type=int, default=8, help="checkpoints per trajectory")
     parser.add_argument("--curvature", default="exact", help="exact | kfac | ekfac")
     parser.add_argument("--probe", type=int, default=500, help="train examples in the Fisher")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
@@ -223,7 +220,9 @@ def main() -> None:
     init = seeded_model(args.model, train_set, args)
     base = tensors(train_set, args)
     started = time.perf_counter()
-    results = {kind: experiment(kind, args, base, test, init) for kind in ("gaussian", "label_flip")}
+    results = {
+        kind: experiment(kind, args, base, test, init) for kind in ("gaussian", "label_flip")
+    }
     out = {
         "config": vars(args),
         "seconds": time.perf_counter() - started,

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import load_examples, pretrain, seeded_model  # noqa: E402
+from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 
 from influx import commutator, train  # noqa: E402
 
@@ -34,11 +34,7 @@ LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--data-dir", default=None)
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--retain", type=int, default=512, help="retain-set size")
     parser.add_argument("--forget", type=int, default=64, help="forget-set size")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -48,9 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--relative-target", type=float, default=0.25)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float64")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
