@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, time_call
+from benchmarks.common import memory_mark, peak_mem_mb, run_child, time_call
 
 BATCH_SIZES = (32, 64)
 METHODS = ("floor", "influx_ghost", "opacus_hooks", "opacus_ghost")
@@ -161,11 +158,7 @@ def run_one(args) -> int:
         # machine cannot skew. Its memory stays below any DP step's, so the peak is the method's.
         floor, _ = make_method("floor", copy.deepcopy(model), x, y)
         step, _ = make_method(method, model, x, y)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = current_rss_bytes()
+        base = memory_mark(device)
         repeats = args.repeats or (2 if args.quick else 5)
         timed = {"floor": [], "method": []}
         rounds = [("floor", floor)] + ([("method", step)] if method != "floor" else [])
@@ -178,8 +171,7 @@ def run_one(args) -> int:
         row["floor_median_s"] = statistics.median(timed["floor"])
         row["x_floor"] = row["median_s"] / row["floor_median_s"]
         row["timing"] = f"median of {repeats}, interleaved with the floor"
-        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
-        row["peak_mem_mb"] = max(0, peak - base) / 2**20
+        row["peak_mem_mb"] = peak_mem_mb(base, device)
         # correctness after timing and memory, on an untouched copy without noise
         _, clipped = make_method(method, copy.deepcopy(untouched), x, y, noise=0.0)
         if clipped is not None:
@@ -196,21 +188,8 @@ def run_one(args) -> int:
 
 
 def _child(args, batch: int, method: str) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    command = [
-        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", "dp",
-        "--device", args.device, "--one", f"{batch}:{method}",
-    ]  # fmt: skip
-    if args.quick:
-        command.append("--quick")
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = done.stderr.strip().splitlines()[-1:]
-        return {"model": "resnet18", "batch": batch, "method": method, "note": f"failed: {tail}"}
+    row = {"model": "resnet18", "batch": batch, "method": method}
+    return {**row, **run_child("dp", f"{batch}:{method}", args)}
 
 
 def run(args) -> list[dict]:

@@ -26,19 +26,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
     RESULTS,
-    current_rss_bytes,
     markdown_table,
-    peak_rss_bytes,
+    memory_mark,
+    peak_mem_mb,
     provenance,
+    run_child,
     time_call,
+    timing_label,
 )
 
 K = 32
@@ -136,15 +136,17 @@ def run_one(args) -> int:
     """Child process: one method's row, printed as JSON on the last line."""
     method = args.one
     device = args.device
+    # as when run as a module: one thread unless OMP_NUM_THREADS says otherwise
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     epochs = 1 if args.quick else EPOCHS
     inputs, targets, masks = _setup(device)
     fn = _methods(inputs, targets, masks, device, epochs)[method]
-    base = current_rss_bytes()
+    base = memory_mark(device)
     repeats = args.repeats or (1 if args.quick else 5)
     row = {"method": method, "models": K, "epochs": epochs}
     row.update(time_call(fn, device=device, repeats=repeats, warmup=1))
-    row["timing"] = f"median of {repeats} after 1 warm-up"
-    row["peak_mem_mb"] = max(0, peak_rss_bytes() - base) / 2**20
+    row["timing"] = timing_label(1, repeats)
+    row["peak_mem_mb"] = peak_mem_mb(base, device)
     if method == METHODS[0]:
         row["note"] = (
             f"max rel param diff vs one-at-a-time (float64) {_agreement(inputs, targets, masks, device):.1e}"
@@ -154,16 +156,7 @@ def run_one(args) -> int:
 
 
 def _child(args, method: str) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "benchmarks.suites.ensemble", "--one", method]
-    command += ["--device", args.device] + (["--quick"] if args.quick else [])
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=root, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"method": method, "note": f"failed: {done.stderr.strip().splitlines()[-1:]}"}
+    return {"method": method, **run_child("ensemble", method, args)}
 
 
 def compare_proxies(device: str, quick: bool) -> tuple[list[dict], dict]:

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, synchronize, time_call
+from benchmarks.common import (
+    memory_mark,
+    peak_mem_mb,
+    run_child,
+    synchronize,
+    time_call,
+    timing_label,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("mlp", "cnn")
@@ -133,41 +138,21 @@ def run_one(args) -> int:
         row["max_abs_diff"] = (fast - slow).abs().max().item()
         print(json.dumps(row))
         return 0
-    base = current_rss_bytes()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    base = memory_mark(device)
     repeats = args.repeats or (1 if args.quick else 5)
     row.update(time_call(method_fn(method, model, inputs, targets, noise), device=device,
                          repeats=repeats, warmup=1))  # fmt: skip
-    row["timing"] = f"1 warm-up, median of {repeats}"
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
-    row["peak_mem_mb"] = max(0, peak - base) / 2**20
+    row["timing"] = timing_label(1, repeats)
+    row["peak_mem_mb"] = peak_mem_mb(base, device)
     print(json.dumps(row))
     return 0
 
 
 def _child(args, spec: str) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.suites.gus",
-        "--one",
-        spec,
-        "--device",
-        args.device,
-    ]
-    if getattr(args, "quick", False):
-        command.append("--quick")
-    if getattr(args, "repeats", None):
-        command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), check=False
-    )
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError) as error:
-        raise RuntimeError(f"gus benchmark child {spec} failed:\n{done.stderr[-2000:]}") from error
+    row = run_child("gus", spec, args)
+    if "note" in row:
+        raise RuntimeError(f"gus benchmark child {spec} {row['note']}")
+    return row
 
 
 def run(args: Namespace) -> list[dict]:

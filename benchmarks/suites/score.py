@@ -17,17 +17,14 @@ median of ``--repeats`` (default 5) calls. Before timing, each row checks its va
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, time_call
+from benchmarks.common import memory_mark, peak_mem_mb, run_child, time_call, timing_label
 from influx import cli, data
 
 COLUMNS = [
@@ -68,9 +65,7 @@ def run_one(args: Namespace) -> int:
     scorer = cli.Scorer(model, dataset, config, [(state, 1e-3)] * copies)
     positions = torch.arange(len(dataset), device="cpu")
     row: dict = {"setting": setting, "examples": len(dataset), "score": score}
-    base = current_rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    base = memory_mark(device)
     try:
         if score.startswith("self_influence_"):
             started = time.perf_counter()
@@ -83,10 +78,9 @@ def run_one(args: Namespace) -> int:
         row.update(
             time_call(lambda: scorer.compute(score, positions), device=device, repeats=repeats)
         )
-        row["timing"] = f"warm-up + median of {repeats}"
+        row["timing"] = timing_label(1, repeats)
         row["examples_per_s"] = len(dataset) / row["median_s"]
-        peak = peak_rss_bytes() if device == "cpu" else torch.cuda.max_memory_allocated()
-        row["peak_mem_mb"] = max(0, peak - base) / 2**20
+        row["peak_mem_mb"] = peak_mem_mb(base, device)
     except Exception as error:  # a score this machine cannot run is a row, not a crash
         row["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     print(json.dumps(row))
@@ -94,22 +88,7 @@ def run_one(args: Namespace) -> int:
 
 
 def _child(args: Namespace, setting: str, score: str) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    # The child runs this module directly (its own small parser below), not benchmarks/run.py.
-    command = [
-        sys.executable, "-m", "benchmarks.suites.score", "--device", args.device,
-        "--one", f"{setting}:{score}",
-    ]  # fmt: skip
-    if args.quick:
-        command.append("--quick")
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), cwd=root)
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = done.stderr.strip().splitlines()[-1:]
-        return {"setting": setting, "score": score, "note": f"failed: {tail}"}
+    return {"setting": setting, "score": score, **run_child("score", f"{setting}:{score}", args)}
 
 
 def run(args: Namespace) -> list[dict]:
