@@ -157,10 +157,10 @@ def test_kfac_auto_fisher_checks_the_loss_instead_of_assuming_it():
     assert regression.diagnostics["fisher"] == "empirical"
 
 
-def test_kfac_refuses_other_layers_up_front_and_honours_params():
+def test_kfac_covers_norm_layers_diagonally_and_honours_params():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
-    with pytest.raises(UnsupportedModelError, match=r"\['1.weight', '1.bias'\].*params="):
-        influence.fit(model, ce, data(), method="kfac")
+    covered = influence.fit(model, ce, data(), method="kfac")
+    assert covered.diagnostics["coverage"]["diagonal"] == ["1.weight", "1.bias"]
     chosen = ("2.weight", "2.bias")
     fitted = influence.fit(model, ce, data(), method="ekfac", params=chosen)
     assert fitted.diagnostics["layers"] == ["2"]

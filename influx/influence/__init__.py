@@ -13,6 +13,7 @@ grad l(z)``. TracIn ``(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')``. 
 """
 
 from influx.influence.api import METHODS, Influence, describe, fit
+from influx.influence.factors_io import load
 from influx.influence.scores import Scores, TopK
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "describe",
     "fit",
     "lds",
+    "load",
     "mislabel_auc",
     "retrain_ground_truth",
     "strongest_pairs",

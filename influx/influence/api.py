@@ -170,21 +170,18 @@ class Influence:
             inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
         else:
             inputs, targets, indices = self._checked(train, "train")
-        # Keep the fitted set's blocks only while they fit in CACHE_BYTES: past that, the pass
-        # streams (memory stays one block) and the next one recomputes.
-        kept: list[torch.Tensor] | None = [] if train is None else None
-        kept_bytes = 0
+        # Keep the fitted set's features when all of them fit in CACHE_BYTES (decided up front,
+        # so a pass that cannot keep them never holds a partial list); otherwise every pass
+        # streams, one block in memory, and the next one recomputes.
+        whole = inputs.shape[0] * self.estimator.bytes_per_example()
+        kept: list[torch.Tensor] | None = [] if train is None and whole <= CACHE_BYTES else None
         for start in range(0, inputs.shape[0], self.batch_size):
             stop = start + self.batch_size
             block = self._feature_block(
                 inputs[start:stop], targets[start:stop], indices[start:stop], "train"
             )
             if kept is not None:
-                kept_bytes += block.numel() * block.element_size()
-                if kept_bytes <= CACHE_BYTES:
-                    kept.append(block)
-                else:
-                    kept = None
+                kept.append(block)
             yield block, indices[start:stop]
         if kept:
             self._train_features = torch.cat(kept)
@@ -222,6 +219,7 @@ class Influence:
         """
         query_features, query_indices = self._features(query)
         preconditioned = self.estimator.precondition(query_features)
+        del query_features  # Q x K: only the preconditioned copy is needed from here on
         num_train = self.train_indices.numel() if train is None else as_tensors(train)[0].shape[0]
         return stream_scores(
             self.method,
@@ -243,12 +241,16 @@ class Influence:
         For influence methods s(z) = grad l(z)^T (H + damping I)^-1 grad l(z) = -I_up,loss(z, z);
         for tracin / grad_dot / grad_cos it equals the score of z with itself.
         """
-        parts = []
-        for features, _ in self._blocks(train):
-            parts.append(
-                (features * self.estimator.precondition(features).to(features.dtype)).sum(1)
-            )
-        return torch.cat(parts)
+        return torch.cat(
+            [self.estimator.self_influence_of(features) for features, _ in self._blocks(train)]
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted K-FAC / EK-FAC factors and eigenbases to a safetensors file, so that
+        :func:`influx.influence.load` can score new queries without refitting."""
+        from influx.influence import factors_io
+
+        factors_io.save(self, path)
 
 
 def fit(

@@ -13,7 +13,7 @@ from utils import assert_close
 
 from influx import influence
 from influx.curvature import IllConditionedWarning, NonPositiveDefiniteWarning
-from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.errors import InfluxValueError
 from influx.grads.functional import naive_per_sample_grads
 
 # A damping that makes the tiny MLP's Hessian positive definite, shared by the comparisons.
@@ -282,8 +282,10 @@ def test_errors(tiny_mlp):
     with pytest.raises(InfluxValueError, match="fisher='sampled'"):
         influence.fit(model, loss_fn, (train[0], train[0][:, :3]), method="kfac", fisher="sampled")
     conv = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3)).double()
-    with pytest.raises(UnsupportedModelError, match="Linear/Conv weights"):
-        influence.fit(conv, loss_fn, train, method="ekfac")
+    with pytest.raises(InfluxValueError, match="others='exclude'"):
+        influence.fit(
+            conv, loss_fn, train, method="ekfac", others="exclude", params=["0.weight", "1.weight"]
+        )
     with pytest.raises(InfluxValueError, match="loss_fn must return per-example"):
         influence.fit(model, lambda o, t: F.cross_entropy(o, t), train, method="grad_dot").scores(
             query
