@@ -12,7 +12,7 @@
 # Every step has its own time limit and all of them share a deadline (DEADLINE seconds, 450 = 7.5
 # minutes), so the script ends in time even when a step hangs.
 # Usage: bash benchmarks/gpu_check.sh   (env: VENV=.venv PYTHON=python3 FORCE_BENCH=0 DEADLINE=450
-#        WITH_INFLUENCE=0)
+#        WITH_INFLUENCE=0 WITH_SCORE=0 WITH_ALL_TESTS=0; the optional steps need a larger DEADLINE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -105,5 +105,26 @@ if [ "${WITH_INFLUENCE:-0}" = "1" ]; then
     INFLUENCE_RC=$?
 fi
 
+# Optional (WITH_SCORE=1): influx-score on a CIFAR-10 training set with ResNet-18 end to end
+# (train, score, report). With CIFAR-10 under $INFLUX_DATA_DIR it scores all 50,000 examples;
+# without, the CIFAR-shaped synthetic set of the same size.
+SCORE_RC=0
+if [ "${WITH_SCORE:-0}" = "1" ]; then
+    DATASET=synthetic
+    [ -f "${INFLUX_DATA_DIR:-data}/cifar-10-batches-py/data_batch_1" ] && DATASET=cifar10
+    step influx-score 300 "$VENV/bin/influx-score" --dataset "$DATASET" --model resnet18 \
+        --device cuda --epochs "${SCORE_EPOCHS:-2}" --scores loss,margin,grad_norm,tracin \
+        --out "$LOGS/score-$DATASET-resnet18" --no-progress
+    SCORE_RC=$?
+fi
+
+# Optional (WITH_ALL_TESTS=1): the whole test suite with a GPU visible (CUDA-only cases run).
+ALL_RC=0
+if [ "${WITH_ALL_TESTS:-0}" = "1" ]; then
+    step all-tests 300 "$PY" -m pytest -q -p no:cacheprovider -x
+    ALL_RC=$?
+fi
+
+log "done: score rc=$SCORE_RC, all tests rc=$ALL_RC"
 log "done: tests rc=$TESTS_RC, device tests rc=$DEVICE_RC, kernels bench rc=$KERNELS_RC, persample bench rc=$PERSAMPLE_RC, influence rc=$INFLUENCE_RC"
-[ $TESTS_RC -eq 0 ] && [ $DEVICE_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ] && [ $INFLUENCE_RC -eq 0 ]
+[ $SCORE_RC -eq 0 ] && [ $ALL_RC -eq 0 ] && [ $TESTS_RC -eq 0 ] && [ $DEVICE_RC -eq 0 ] && [ $KERNELS_RC -eq 0 ] && [ $PERSAMPLE_RC -eq 0 ] && [ $INFLUENCE_RC -eq 0 ]
