@@ -5,10 +5,13 @@ with a spread of losses."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from influx import data, models, train
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def example_parser(
@@ -27,6 +30,27 @@ def example_parser(
     parser.add_argument("--dtype", default=dtype, help="float64 | float32")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def results_stem(name: str) -> Path:
+    """``examples/results/<name>`` (the folder created): add ``.json`` / ``.png``."""
+    RESULTS.mkdir(exist_ok=True)
+    return RESULTS / name
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure (the scripts have chosen the backend)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def limit_threads(args: argparse.Namespace) -> None:
+    """Two CPU threads for a run on the CPU (the default sizes gain nothing from more)."""
+    if args.device == "cpu":
+        torch.set_num_threads(2)
 
 
 def load_examples(args: argparse.Namespace, count: int):

@@ -23,14 +23,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import commutator, train  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CROSS_ENTROPY = train.cross_entropy_per_example
 
 
@@ -39,7 +38,7 @@ def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def parse_args() -> argparse.Namespace:
-    parser = example_parser(__doc__.split("\n\n")[0], model=False)
+    parser = _setup.example_parser(__doc__.split("\n\n")[0], model=False)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], help="for H2")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--pair-batch", type=int, default=64, help="batch for pairwise norms")
@@ -134,7 +133,7 @@ def asymptotic_commutation(dataset, inputs, targets, args) -> dict:
                                                 steps=args.gd_steps, every=every)  # fmt: skip
     batch = (inputs[: args.batch_size * 2], targets[: args.batch_size * 2])
     for name in ("linear", "mlp"):
-        model = seeded_model(name, dataset, args)
+        model = _setup.seeded_model(name, dataset, args)
         label = "softmax regression (digits)" if name == "linear" else f"{name} (digits)"
         runs[label] = commutation_along_training(model, CROSS_ENTROPY, batch, lr=0.5,
                                                  steps=args.gd_steps, every=every)  # fmt: skip
@@ -170,19 +169,17 @@ def plot(h2: dict, h3: list[dict], o3: dict, path: Path) -> None:
     axes[2].set(xlabel="GD step", ylabel="mean ||H_i g_j - H_j g_i||", title="O3: along training")
     axes[3].set(xlabel="GD step", ylabel="mean bracket / (mean ||g_i||)^2", title="O3: scale-free")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _setup.save_figure(fig, path)
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
-    dataset, inputs, targets = load_examples(args, args.examples)
+    _setup.limit_threads(args)
+    dataset, inputs, targets = _setup.load_examples(args, args.examples)
     trained = {}
     for name in args.models:
-        model = seeded_model(name, dataset, args)
-        trained[name] = pretrain(
+        model = _setup.seeded_model(name, dataset, args)
+        trained[name] = _setup.pretrain(
             model, (inputs, targets), args, lr=1e-2, epochs=args.pretrain_epochs
         )
     h2 = {
@@ -191,8 +188,7 @@ def main() -> None:
     }
     h3 = order_shift_vs_prediction(trained[args.models[0]], inputs, targets, args)
     o3 = asymptotic_commutation(dataset, inputs, targets, args)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"commutation_{args.dataset}"
+    stem = _setup.results_stem(f"commutation_{args.dataset}")
     stem.with_suffix(".json").write_text(
         json.dumps({"config": vars(args), "H2": h2, "H3": h3, "O3": o3}, indent=1)
     )

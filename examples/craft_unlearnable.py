@@ -22,19 +22,17 @@ import copy
 import json
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, seeded_model  # noqa: E402
+from _setup import example_parser, results_stem, seeded_model  # noqa: E402
 from torch.func import functional_call, grad  # noqa: E402
 
 from influx import data, shift, train, unlearn  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 
 
@@ -173,8 +171,7 @@ def main() -> None:
                for name, delta in (("gaussian", gaussian), ("crafted", crafted))}  # fmt: skip
     out = {"config": vars(args), "radius": radius, "craft_objective": history,
            "seconds": time.perf_counter() - started, "results": results}  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"craft_unlearnable_{args.dataset}_{args.model}"
+    stem = results_stem(f"craft_unlearnable_{args.dataset}_{args.model}")
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=float))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     axes[0].plot(history)

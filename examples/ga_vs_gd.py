@@ -22,20 +22,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 from torch.func import grad, jvp, vmap  # noqa: E402
 
 from influx import commutator, curvature, grads, train  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = example_parser(__doc__.split("\n\n")[0])
+    parser = _setup.example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=512, help="training examples used")
     parser.add_argument("--points", type=int, default=256, help="points for the per-point study")
     parser.add_argument("--pretrain-epochs", type=int, default=5, help="Adam epochs before")
@@ -48,10 +47,12 @@ def parse_args() -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """Pretrained model and (inputs, targets) of ``--examples`` training examples."""
-    dataset, inputs, targets = load_examples(args, args.examples)
-    model = seeded_model(args.model, dataset, args)
+    dataset, inputs, targets = _setup.load_examples(args, args.examples)
+    model = _setup.seeded_model(args.model, dataset, args)
     # A briefly trained model gives points a spread of losses (at init they are all about log C).
-    pretrain(model, (inputs, targets), args, lr=args.pretrain_lr, epochs=args.pretrain_epochs)
+    _setup.pretrain(
+        model, (inputs, targets), args, lr=args.pretrain_lr, epochs=args.pretrain_epochs
+    )
     return model, inputs, targets
 
 
@@ -162,20 +163,17 @@ def plot(linear: dict, modes: list[dict], points: dict, path: Path) -> None:
         ax.set(xscale="linear" if name == "loss" else "log", yscale="log")
         rho = points["spearman_with_residual"][name]
         ax.set(xlabel=name, ylabel="per-point residual", title=f"Spearman rho = {rho:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _setup.save_figure(fig, path)
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
+    _setup.limit_threads(args)
     model, inputs, targets = build(args)
     linear = linear_regression_check(args.lr, args.seed)
     modes = mode_comparison(model, inputs, targets, args)
     points = per_point_study(model, inputs, targets, args)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"ga_vs_gd_{args.dataset}_{args.model}"
+    stem = _setup.results_stem(f"ga_vs_gd_{args.dataset}_{args.model}")
     summary = {"config": vars(args), "linear_regression": linear, "modes": modes, "points": points}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     plot(linear, modes, points, stem.with_suffix(".png"))

@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser  # noqa: E402
+from _setup import example_parser, limit_threads, results_stem, save_figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import data, models, poison, train, unlearn  # noqa: E402
@@ -42,7 +42,6 @@ from influx.audit.forgetting import final_score, forgetting_quality  # noqa: E40
 from influx.audit.gus import gus_of  # noqa: E402
 from influx.audit.mia import confidence_from_logits, loss_attack  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 FPR = 0.01
 # Settings of each method at the shared budget (SGD unless stated; lr chosen for the digits MLP so
@@ -346,9 +345,7 @@ def plot(result: dict, path: Path) -> None:
             axes[3].plot(widths, [row[name]["gus_z"] for row in sweep], "o-", label=name)
     axes[3].set(xscale="log", xlabel="width", ylabel="GUS z", title="GUS vs model width")
     axes[3].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -356,13 +353,12 @@ def main() -> None:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
+    limit_threads(args)
     start = time.perf_counter()
     train_set, train_xy, test_xy = load(args)
     result = {"config": vars(args), "method_settings": {m: method_settings(m, args)
                                                         for m in args.methods}}  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"gaussian_poisoning_{args.dataset}_{args.model}"
+    stem = results_stem(f"gaussian_poisoning_{args.dataset}_{args.model}")
     phases = result["phase_seconds"] = {}
     for phase, run in (("main", main_run), ("forgetting_quality", forgetting_runs),
                        ("width_sweep", width_sweep)):  # fmt: skip

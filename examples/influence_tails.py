@@ -33,13 +33,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, seeded_model  # noqa: E402
+from _setup import RESULTS, example_parser, save_figure, seeded_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from influx import data, influence, poison, tails, train  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 
 
@@ -157,8 +156,7 @@ def summary_figure(results: dict, path: Path) -> None:
         ax.set_title(f"{condition}: {score}\nbest {r['best_aic']}, Hill {r['hill']['alpha']:.2f}",
                      fontsize=8)  # fmt: skip
         ax.set_ylabel("AIC - min AIC")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, seeded_model  # noqa: E402
+from _setup import example_parser, results_stem, save_figure, seeded_model  # noqa: E402
 
 from influx import aggregate, data, influence, poison, train  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 PLACEMENTS = ("concentrated", "interlaced")
 
@@ -195,8 +194,7 @@ def plot(rows, args, path: Path) -> None:
         f"{args.dataset} {args.model}: {args.micro_batches} micro-batches of {args.micro_batch}, "
         f"{args.poison_fraction:.1%} Gaussian poisons (std {args.noise_std:g})", fontsize=10
     )  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -213,8 +211,7 @@ def main(argv=None) -> None:
         for name, make_rule in rules.items():
             rows.append(one_run(args, dataset, train_data, test_data, placement, name,
                                 make_rule, gaussian))  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"interlacing_{args.dataset}_{args.model}"
+    stem = results_stem(f"interlacing_{args.dataset}_{args.model}")
     summary = answer(rows, args)
     stem.with_suffix(".json").write_text(
         json.dumps({"config": vars(args), "poisons": gaussian.count, "num_train":

@@ -29,12 +29,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, seeded_model  # noqa: E402
+from _setup import example_parser, results_stem, save_figure, seeded_model  # noqa: E402
 
 from influx import data, poison, shift, train, unlearn  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 METHODS = ["gradient_ascent", "neggrad_plus", "fine_tune", "noisy_gd", "eu_k", "cf_k", "scrub",
            "ssd", "newton"]  # fmt: skip
@@ -208,8 +207,7 @@ def plot(results: dict, path: Path) -> None:
                xlabel="unlearning step")  # fmt: skip
         ax.set_xscale("symlog", linthresh=1)
     axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -229,8 +227,7 @@ def main() -> None:
         "summary": summary_table(results),
         "results": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"model_shift_{args.dataset}_{args.model}"
+    stem = results_stem(f"model_shift_{args.dataset}_{args.model}")
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=float))
     plot(results, stem.with_suffix(".png"))
     for r in out["summary"]:

@@ -36,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _setup import example_parser, seeded_model  # noqa: E402
+from _setup import example_parser, results_stem, save_figure, seeded_model  # noqa: E402
 
 from influx import data, dp, poison, train  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
@@ -49,7 +49,6 @@ from influx.audit.mia import (  # noqa: E402
     shadow_masks,
 )
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 FPR = 0.01
 
@@ -161,8 +160,7 @@ def plot(rows, args, path: Path) -> None:
         ax.set_xlabel("epsilon (spent)")
     fig.suptitle(f"{args.dataset} {args.model}: DP-SGD (C = {args.max_grad_norm:g}, "
                  f"delta = {args.delta:g}) vs membership inference and GUS", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -188,8 +186,7 @@ def main(argv=None) -> None:
     test = (test_inputs.to(args.device, dtype), test_targets.to(args.device))
     rows = [one_level(args, dataset, pool, members, gaussian, test, epsilon)
             for epsilon in [None, *sorted(args.epsilons, reverse=True)]]  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"privacy_{args.dataset}_{args.model}"
+    stem = results_stem(f"privacy_{args.dataset}_{args.model}")
     stem.with_suffix(".json").write_text(json.dumps(
         {"config": vars(args), "members": int(members.sum()), "poisons": gaussian.count,
          "runs": rows}, indent=1) + "\n")  # fmt: skip

@@ -23,18 +23,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from _setup import example_parser, load_examples, pretrain, seeded_model  # noqa: E402
 
 from influx import commutator, train  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LOSS = train.cross_entropy_per_example
 
 
 def parse_args() -> argparse.Namespace:
-    parser = example_parser(__doc__.split("\n\n")[0])
+    parser = _setup.example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--retain", type=int, default=512, help="retain-set size")
     parser.add_argument("--forget", type=int, default=64, help="forget-set size")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -49,10 +47,10 @@ def parse_args() -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """Model trained on the retain set (theta_0) and the forget set (inputs, targets)."""
-    dataset, inputs, targets = load_examples(args, args.retain + args.forget)
-    model = seeded_model(args.model, dataset, args)
+    dataset, inputs, targets = _setup.load_examples(args, args.retain + args.forget)
+    model = _setup.seeded_model(args.model, dataset, args)
     retain = (inputs[: args.retain], targets[: args.retain])
-    pretrain(model, retain, args, lr=1e-2, epochs=5)
+    _setup.pretrain(model, retain, args, lr=1e-2, epochs=5)
     return model, (inputs[args.retain :], targets[args.retain :])
 
 
@@ -114,18 +112,15 @@ def plot(rows: list[dict], args, path: Path) -> None:
         xlabel="training epochs E", ylabel="closest ||theta - theta_0||", title="residual floor"
     )
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _setup.save_figure(fig, path)
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2 if args.device == "cpu" else torch.get_num_threads())
+    _setup.limit_threads(args)
     model, forget = build(args)
     rows = unlearning_runs(model, forget, args)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"unlearning_cost_{args.dataset}_{args.model}"
+    stem = _setup.results_stem(f"unlearning_cost_{args.dataset}_{args.model}")
     stem.with_suffix(".json").write_text(json.dumps({"config": vars(args), "runs": rows}, indent=1))
     plot(rows, args, stem.with_suffix(".png"))
     for row in rows:
