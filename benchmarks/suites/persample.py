@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, time_call
+from benchmarks.common import memory_mark, peak_mem_mb, run_child, time_call, timing_label
 from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected, reference
 
 MODELS = ("mlp", "cnn", "resnet18")
@@ -37,13 +34,14 @@ METHODS = (
     "influx_projected",
 )
 PROJECTED_DIM = 4096
+THREADS = 2  # the reference CPU timings are for two cores
 COLUMNS = [
     "model", "batch", "method", "median_s", "median_s_range", "x_floor", "x_floor_range",
     "peak_mem_mb", "rel_err", "timing", "runs", "note",
 ]  # fmt: skip
 NOTES = (
-    "Each row runs in its own subprocess: 2 warm-up calls, then the median of 7 (one cold run where "
-    "`timing` says so). The grid is run `runs` times, interleaved; `median_s` and `x_floor` are "
+    "Each row runs in its own subprocess on 2 threads: 2 warm-up calls, then the median of 7 "
+    "(`timing` says where a slow row had fewer). The grid is run `runs` times, interleaved; `median_s` and `x_floor` are "
     "medians over the runs and `*_range` their min-max. "
     "x_floor: time over the floor's (plain forward+backward of the summed loss) in the same run. "
     "peak_mem_mb: peak resident (CPU) or allocated (CUDA) memory above the state after building the model "
@@ -137,29 +135,28 @@ def make_method(name: str, model, x, y):
 def run_one(args) -> int:
     """Child process: one (model, batch, method) row, printed as JSON on the last line.
 
-    Nothing runs before the timed calls but the method's own warm-up, so every row (the floor
-    included) is timed from the same state; the correctness check comes after timing and memory,
-    on an untouched copy of the model (peers wrap or extend the model they are given)."""
+    Threads are pinned (``--threads``, default 2) so every row runs alike whatever the
+    environment says. Nothing runs before the timed calls but the method's own warm-up, so every
+    row (the floor included) is timed from the same state; the correctness check comes after
+    timing and memory, on an untouched copy of the model (peers wrap or extend the model)."""
+    torch.set_num_threads(getattr(args, "threads", None) or THREADS)
     model_name, batch, method = args.one.split(":")
     device = args.device
     model, x, y = build(model_name, int(batch), device)
     untouched = copy.deepcopy(model)
     row = {"model": model_name, "batch": int(batch), "method": method}
+    row["threads"] = torch.get_num_threads()
     try:
         fn, norms_of = make_method(method, model, x, y)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = current_rss_bytes()
         slow = method == "naive_loop" or (
             model_name == "resnet18" and method in ("torch_func_vmap",)
         )
         repeats = args.repeats or (1 if slow or args.quick else 7)
-        row.update(time_call(fn, device=device, repeats=repeats, warmup=1 if slow else 2))
-        row["timing"] = "one cold run" if repeats == 1 and slow else f"median of {repeats}"
-        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
-        row["peak_mem_mb"] = max(0, peak - base) / 2**20
+        warmup = 1 if slow else 2
+        base = memory_mark(device)
+        row.update(time_call(fn, device=device, repeats=repeats, warmup=warmup))
+        row["peak_mem_mb"] = peak_mem_mb(base, device)
+        row["timing"] = timing_label(warmup, repeats)
         if norms_of is not None:
             expected = _norms(reference.per_sample_grads(untouched, loss_fn, x[:4], y[:4]))
             row["rel_err"] = ((norms_of(4) - expected).abs().max() / expected.abs().max()).item()
@@ -170,21 +167,8 @@ def run_one(args) -> int:
 
 
 def _child(args, model_name: str, batch: int, method: str) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    command = [
-        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", "persample",
-        "--device", args.device, "--one", f"{model_name}:{batch}:{method}",
-    ]  # fmt: skip
-    if args.quick:
-        command.append("--quick")
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = done.stderr.strip().splitlines()[-1:]
-        return {"model": model_name, "batch": batch, "method": method, "note": f"failed: {tail}"}
+    row = run_child("persample", f"{model_name}:{batch}:{method}", args)
+    return {"model": model_name, "batch": batch, "method": method, **row}
 
 
 def run(args) -> list[dict]:
