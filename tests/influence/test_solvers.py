@@ -1,4 +1,5 @@
-"""The linear solvers behind ``cg`` and ``lissa`` on explicit float64 matrices."""
+"""The linear solvers behind ``cg`` and ``lissa`` on explicit float64 matrices, their reaction
+to an indefinite matrix, and the Lanczos spectrum estimate behind ``damping="auto"``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from utils import assert_close
 
-from influx.influence.iterative import conjugate_gradients, largest_eigenvalue, lissa
+from influx.curvature import NonPositiveDefiniteWarning, estimate_spectrum, lanczos
+from influx.influence.iterative import (
+    NegativeCurvature,
+    conjugate_gradients,
+    largest_eigenvalue,
+    lissa,
+    solve_with_positive_damping,
+)
 
 SIZE, DAMPING = 40, 0.05
 
@@ -90,3 +98,92 @@ def test_preconditioned_lissa_converges_faster(problem):
         )
         errors[name] = float((solved - expected).norm() / expected.norm())
     assert errors["ekfac-like"] < 1e-8 < errors["plain"], errors
+
+
+def symmetric(eigenvalues: torch.Tensor, generator) -> torch.Tensor:
+    size = eigenvalues.numel()
+    basis, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return (basis * eigenvalues) @ basis.T
+
+
+@pytest.fixture
+def indefinite():
+    """A 40 x 40 matrix with 6 eigenvalues in [-0.3, -0.05] below 34 in [0.01, 2]."""
+    generator = torch.Generator().manual_seed(1)
+    eigenvalues = torch.cat(
+        [torch.linspace(-0.3, -0.05, 6), torch.logspace(-2, 0.3, SIZE - 6)]
+    ).double()
+    rhs = torch.randn(3, SIZE, generator=generator, dtype=torch.float64)
+    return symmetric(eigenvalues, generator), eigenvalues, rhs
+
+
+def _direct(a, rhs, damping):
+    return torch.linalg.solve(a + damping * torch.eye(a.shape[0], dtype=a.dtype), rhs.T).T
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+def test_solvers_meet_negative_curvature_and_solve_the_raised_damping(indefinite, solver):
+    a, eigenvalues, rhs = indefinite
+    top = float(eigenvalues.max())
+    margin = 0.2
+
+    def solve_at(damping):
+        if solver == "cg":
+            return conjugate_gradients(
+                lambda v: v @ a, rhs, damping=damping, max_iterations=200, tolerance=1e-13
+            )[0]
+        # scale 10% above the top damped eigenvalue; the damped minimum is >= ~margin once
+        # raised, so the error contracts by <= 1 - 0.2 / 2.6 per step: 600 steps reach 1e-20.
+        return lissa(
+            lambda v: v @ a,
+            rhs,
+            damping=damping,
+            scale=1.1 * (top + damping),
+            max_iterations=600,
+            tolerance=1e-16,
+        )[0]
+
+    # At damping 0.01 the matrix is indefinite: the solver refuses to go on silently.
+    with pytest.raises(NegativeCurvature) as met:
+        solve_at(0.01)
+    # The witness is a Rayleigh quotient of A: between lambda_min and -damping.
+    assert float(eigenvalues.min()) - 1e-12 <= met.value.rayleigh <= -0.01
+    with pytest.warns(NonPositiveDefiniteWarning, match="damping raised to"):
+        solved, damping = solve_with_positive_damping(solve_at, 0.01, margin=margin, what=solver)
+    # The system solved is the damped one, positive definite, and solved to full precision
+    # (forward error <= cond(A + damping I) ~ 1e2 x the 1e-13 residual).
+    assert float(eigenvalues.min()) + damping > 0
+    assert damping <= -float(eigenvalues.min()) + margin + 1e-12
+    assert_close(solved, _direct(a, rhs, damping), rtol=1e-9, name=f"{solver} raised damping")
+
+
+def test_positive_definite_problems_keep_their_damping(problem):
+    a, rhs, expected, _ = problem
+    solve_at = lambda d: conjugate_gradients(
+        lambda v: v @ a, rhs, damping=d, max_iterations=SIZE + 10, tolerance=1e-12
+    )[0]
+    solved, damping = solve_with_positive_damping(solve_at, DAMPING, margin=0.1, what="cg")
+    assert damping == DAMPING
+    assert_close(solved, expected, rtol=1e-10, name="cg, no raise")
+
+
+def test_spectrum_estimate_resolves_a_cluster_of_small_negative_eigenvalues():
+    """The digits-MLP shape: ~30% of the spectrum in [-1e-3, 0) below a spectrum reaching 2.
+    30 Lanczos steps leave lambda_min far too high (the damping then leaves H indefinite); the
+    estimate runs until its Ritz residual is 5% of the damping, which bounds the error here."""
+    generator = torch.Generator().manual_seed(2)
+    size = 300
+    eigenvalues = torch.cat(
+        [-torch.logspace(-3, -5, 90), torch.logspace(-5, 0.3, size - 90)]
+    ).double()
+    h = symmetric(eigenvalues, generator)
+    block = lambda v: v @ h
+    true_damping = -float(eigenvalues.min()) + 0.1 * float(eigenvalues.mean())
+    short, _ = lanczos(block, size, iterations=30)
+    assert float(short.min()) > 0.5 * float(eigenvalues.min())  # 30 steps: off by > 50%
+    spectrum = estimate_spectrum(block, size, trace_samples=64)
+    assert spectrum.resolved and spectrum.steps < size
+    # the residual margin keeps the estimate at or below lambda_min, within 5% of the damping
+    assert spectrum.minimum <= float(eigenvalues.min()) + 1e-12
+    assert float(eigenvalues.min()) - spectrum.minimum <= 0.05 * true_damping
+    assert spectrum.maximum == pytest.approx(float(eigenvalues.max()), rel=1e-6)
