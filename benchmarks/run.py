@@ -2,7 +2,8 @@
 
 python benchmarks/run.py --suite persample [--device cpu|cuda] [--quick]
 python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | gus | dp
-                              | ensemble | score | all
+                              | ensemble | score
+                              | defaults | all
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUITES = (
     "dp",
     "ensemble",
     "score",
+    "defaults",
 )
 
 
