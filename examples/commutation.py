@@ -1,4 +1,4 @@
-"""Do gradient steps commute? (DESIGN.md section 5.2: H2, H3, O3.)
+"""Do gradient steps commute? (examples/README.md)
 
 - H2: pairwise bracket norms ``||H_i g_j - H_j g_i||`` over a batch: do same-label pairs commute
   better than different-label pairs? (raw and normalized by ``||g_i|| ||g_j||``)

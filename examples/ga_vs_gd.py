@@ -1,4 +1,4 @@
-"""Gradient ascent does not reverse gradient descent (DESIGN.md section 5.1).
+"""Gradient ascent does not reverse gradient descent (examples/README.md).
 
 Descend on some examples, then ascend on the same examples, and measure how far the parameters
 land from where they started: for one point, one batch and the whole dataset, ascending in the

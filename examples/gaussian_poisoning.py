@@ -1,4 +1,4 @@
-"""Gaussian poisoning vs unlearning at equal compute (DESIGN.md section 5.4; Pawelczyk et al. 2024).
+"""Gaussian poisoning vs unlearning at equal compute (examples/README.md; Pawelczyk et al. 2024).
 
 A fraction of the training set gets Gaussian noise added to its inputs (labels kept); a model is
 trained on it; every unlearning method of :mod:`influx.unlearn` then tries to remove the poisons

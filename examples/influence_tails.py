@@ -1,4 +1,4 @@
-"""Which distribution do per-example scores follow, with and without poisoning? (DESIGN.md §5.6)
+"""Which distribution do per-example scores follow, with and without poisoning? (examples/README.md)
 
 A model is trained on clean data, on data with Gaussian poisons and on data with label flips.
 For each we fit normal / Laplace / Student-t / Cauchy laws (``influx.tails``: MLE, AIC/BIC, LR

@@ -1,5 +1,5 @@
 """Batch interlacing vs robust aggregation: is data poisoning a Byzantine attack in disguise?
-(DESIGN.md section 5.5)
+(examples/README.md)
 
 Each training batch is split into M micro-batches (the "clients" of federated learning); their
 mean gradients are combined by an aggregation rule (mean, coordinate median, trimmed mean, Krum,

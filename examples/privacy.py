@@ -1,5 +1,5 @@
 """Privacy vs usefulness: DP-SGD at several epsilons against membership inference and GUS
-(DESIGN.md section 5.8).
+(examples/README.md).
 
 A pool of training examples is split in half: the target model trains on the members, the other
 half are non-members. A fraction of the members carry Gaussian poisons (``x + xi``, labels kept;

@@ -1,4 +1,4 @@
-"""The cost of ascent-based unlearning grows with the training to unlearn (DESIGN.md section 5.3).
+"""The cost of ascent-based unlearning grows with the training to unlearn (examples/README.md).
 
 A model is trained on a retain set (theta_0), then trained E more epochs of SGD on a forget set
 (theta_E). Unlearning runs gradient ascent on the forget set, epoch by epoch (reversed batch

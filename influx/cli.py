@@ -1272,7 +1272,7 @@ def _gus_summary(table: dict[str, np.ndarray]) -> dict[str, Any] | None:
 
     values = values[np.isfinite(values)]
     gus = float(values.mean())
-    # The per-point test of DESIGN.md: I_z ~ N(0, 1) when theta is independent of the noise.
+    # The per-point test of docs/architecture.md: I_z ~ N(0, 1) when theta is independent of the noise.
     threshold = float(norm.ppf(0.99))
     return {
         "gus": gus,

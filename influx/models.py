@@ -1,7 +1,7 @@
 """Small models for per-example analytics: MLP, a small CNN and CIFAR ResNets.
 
 Every model normalizes with GroupNorm by default: per-sample gradients are ill-defined with
-BatchNorm in train mode, because BatchNorm mixes the examples of a batch (DESIGN.md section 2).
+BatchNorm in train mode, because BatchNorm mixes the examples of a batch (docs/architecture.md, Conventions).
 :func:`convert_batchnorm` turns an existing BatchNorm model into a GroupNorm one.
 
 No activation is in-place: the per-sample gradient hooks read the input activations of each layer

@@ -13,7 +13,7 @@
   ``(z - mu_y)^T (Sigma + r I)^-1 (z - mu_y)`` with ridge ``r = 1e-6 tr(Sigma) / D``;
   ``"knn"`` (Sun et al. 2022) the distance to the k-th nearest retain neighbour of the
   L2-normalized embedding (the example itself excluded);
-- ``entanglement``: the entanglement score of Zhao et al. (2024) (DESIGN.md §3) between the
+- ``entanglement``: the entanglement score of Zhao et al. (2024) (docs/architecture.md) between the
   retain set and the one-example forget set ``{z_i}``. With ``F = {z_i}`` the within-F variance
   is 0 and ``mu = (mu_R + z_i) / 2``, so ``ES(R, {z_i})`` reduces to
 
@@ -112,7 +112,7 @@ def embeddings(model: nn.Module, data, *, layer: str | None = None, batch_size: 
 
 
 def entanglement_score(retain: torch.Tensor, forget: torch.Tensor) -> float:
-    """ES between retain [R, D] and forget [F, D] embeddings (Zhao et al. 2024, DESIGN.md §3):
+    """ES between retain [R, D] and forget [F, D] embeddings (Zhao et al. 2024, docs/architecture.md):
 
     ``(mean_R ||z - mu_R||^2 + mean_F ||z - mu_F||^2) / (0.5 (||mu_R - mu||^2 +
     ||mu_F - mu||^2))`` with ``mu = (mu_R + mu_F) / 2``.

@@ -1,4 +1,4 @@
-"""The dependency arrows of DESIGN.md §1 point one way; only the CLI prints or exits."""
+"""The dependency arrows of docs/architecture.md point one way; only the CLI prints or exits."""
 
 from __future__ import annotations
 

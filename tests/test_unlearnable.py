@@ -26,7 +26,7 @@ def _embeddings(n=40, d=5, classes=3, seed=0):
 
 
 def _design_es(retain: torch.Tensor, forget: torch.Tensor) -> float:
-    """DESIGN.md §3, written out term by term."""
+    """docs/architecture.md (Formulas), written out term by term."""
     mu_r, mu_f = retain.mean(0), forget.mean(0)
     mu = (mu_r + mu_f) / 2
     within_r = sum(float((z - mu_r) @ (z - mu_r)) for z in retain) / len(retain)

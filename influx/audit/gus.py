@@ -9,8 +9,8 @@ input,
 
 is exactly N(0, 1) when theta is independent of xi (``<xi, u>`` is N(0, sigma^2) for any fixed
 unit vector u). A model that fit ``x + xi`` has a lower loss along xi, ``<xi, g> < 0``, so I_z
-shifts up. Sign: the printed formula ``<xi, g> / (sigma ||g||)`` of the paper (and of
-DESIGN.md) is ``-I_z``; it has the same null, and a model trained on the poisons drives it below
+shifts up. Sign: the formula as usually written, ``<xi, g> / (sigma ||g||)``, is ``-I_z``
+(docs/architecture.md); it has the same null, and a model trained on the poisons drives it below
 0 (measured on a digits MLP: mean -0.26 at sigma = 0.3, -0.34 at sigma = 1). influx orients the
 score so that "the poison is still there" reads as positive.
 

@@ -286,7 +286,7 @@ def test_ghost_launcher_rejects_a_sequence_beyond_the_grid(monkeypatch):
 
 
 def test_kernels_package_imports_nothing_from_influx():
-    # kernels/ sits below everything in the dependency order (DESIGN.md section 1).
+    # kernels/ sits below everything in the dependency order (docs/architecture.md).
     package_dir = Path(_dispatch.__file__).parent
     offenders = [
         f"{path.name}:{number}"
