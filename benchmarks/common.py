@@ -280,3 +280,51 @@ def kronfluence_classification_task():
             return torch.nn.functional.cross_entropy(model(inputs), targets, reduction="sum")
 
     return ClassificationTask()
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(inputs, targets) tensors as the map-style Dataset of pairs that the peers' loaders take."""
+
+    def __init__(self, data):
+        self.inputs, self.targets = data[0], data[1]
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+    def __getitem__(self, i):
+        return self.inputs[i], self.targets[i]
+
+
+def kronfluence_pairwise(
+    model, train, query, out: str, *, strategy: str, damping_factor, train_batch: int,
+    query_batch: int,
+):  # fmt: skip
+    """Fit Kronfluence's ``strategy`` factors on ``train`` and score ``query`` x ``train`` at its
+    recommended settings, outputs under ``out``. Returns ``(analyzer, scores)``: scores [Q, N]
+    float64 in Kronfluence's sign (g_q^T H^-1 g_z, positive = helpful); the analyzer for more."""
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    task = kronfluence_classification_task()
+    analyzer = Analyzer(
+        "digits", prepare_model(copy.deepcopy(model), task), task, cpu=True, output_dir=out,
+        disable_tqdm=True,
+    )  # fmt: skip
+    analyzer.fit_all_factors(
+        strategy,
+        PairDataset(train),
+        per_device_batch_size=train_batch,
+        factor_args=FactorArguments(strategy=strategy),
+    )
+    analyzer.compute_pairwise_scores(
+        "pair",
+        strategy,
+        PairDataset(query),
+        PairDataset(train),
+        per_device_query_batch_size=query_batch,
+        per_device_train_batch_size=train_batch,
+        score_args=ScoreArguments(damping_factor=damping_factor),
+    )
+    return analyzer, analyzer.load_pairwise_scores("pair")["all_modules"].double()

@@ -23,7 +23,6 @@ pairwise scores in its own analyzer), in the same process as the other rows of i
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 import warnings
@@ -31,7 +30,7 @@ from argparse import Namespace
 
 import torch
 
-from benchmarks.common import kronfluence_classification_task
+from benchmarks.common import kronfluence_pairwise
 from benchmarks.tasks import InfluenceTask, digits_mlp
 from influx import influence
 from influx.influence import evaluate
@@ -83,46 +82,15 @@ def _influx(task: InfluenceTask, method: str, options: dict):
     return scores, seconds, fitted.diagnostics, messages
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, data):
-        self.inputs, self.targets = data
-
-    def __len__(self):
-        return self.inputs.shape[0]
-
-    def __getitem__(self, i):
-        return self.inputs[i], self.targets[i]
-
-
 def _kronfluence(task: InfluenceTask, strategy: str, damping_factor: float | None):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-
     torch.manual_seed(0)  # its label sampling draws from the global generator
-    kronfluence_task = kronfluence_classification_task()
-    model = prepare_model(copy.deepcopy(task.model), kronfluence_task)
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        analyzer = Analyzer(
-            "digits", model, kronfluence_task, cpu=True, output_dir=out, disable_tqdm=True
-        )
-        analyzer.fit_all_factors(
-            strategy,
-            _Pairs(task.train),
-            per_device_batch_size=512,
-            factor_args=FactorArguments(strategy=strategy),
-        )
-        analyzer.compute_pairwise_scores(
-            "pair",
-            strategy,
-            _Pairs(task.query),
-            _Pairs(task.train),
-            per_device_query_batch_size=50,
-            per_device_train_batch_size=512,
-            score_args=ScoreArguments(damping_factor=damping_factor),
-        )
-        scores = analyzer.load_pairwise_scores("pair")["all_modules"].double()
+        _, scores = kronfluence_pairwise(
+            task.model, task.train, task.query, out, strategy=strategy,
+            damping_factor=damping_factor, train_batch=512, query_batch=50,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
     # Kronfluence reports g_q^T H^-1 g_z (positive = helpful): negated to I_up,loss.
     return -scores, seconds

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    PairDataset,
     fingerprint,
-    kronfluence_classification_task,
+    kronfluence_pairwise,
     memory_mark,
     peak_mem_mb,
     run_child,
@@ -184,48 +185,19 @@ def _influx(task: InfluenceTask, name: str, dampings: dict[str, float]):
 # --------------------------------------------------------------------------------------------------
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, data):
-        self.inputs, self.targets = data
-
-    def __len__(self):
-        return self.inputs.shape[0]
-
-    def __getitem__(self, i):
-        return self.inputs[i], self.targets[i]
-
-
 def _kronfluence(task: InfluenceTask, strategy: str, damping_factor: float | None):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.arguments import ScoreArguments
 
-    kronfluence_task = kronfluence_classification_task()
-    model = prepare_model(copy.deepcopy(task.model), kronfluence_task)
     with tempfile.TemporaryDirectory() as out:
         with _Timed() as timed:
-            analyzer = Analyzer(
-                "digits", model, kronfluence_task, cpu=True, output_dir=out, disable_tqdm=True
-            )
-            analyzer.fit_all_factors(
-                strategy,
-                _Pairs(task.train),
-                per_device_batch_size=1600,
-                factor_args=FactorArguments(strategy=strategy),
-            )
-            analyzer.compute_pairwise_scores(
-                "pair",
-                strategy,
-                _Pairs(task.query),
-                _Pairs(task.train),
-                per_device_query_batch_size=50,
-                per_device_train_batch_size=1600,
-                score_args=ScoreArguments(damping_factor=damping_factor),
-            )
-            scores = analyzer.load_pairwise_scores("pair")["all_modules"].double()
+            analyzer, scores = kronfluence_pairwise(
+                task.model, task.train, task.query, out, strategy=strategy,
+                damping_factor=damping_factor, train_batch=1600, query_batch=50,
+            )  # fmt: skip
         analyzer.compute_self_scores(
             "self",
             strategy,
-            _Pairs(task.train),
+            PairDataset(task.train),
             per_device_train_batch_size=1600,
             score_args=ScoreArguments(damping_factor=damping_factor),
         )
@@ -290,7 +262,7 @@ def _captum_tracin(task: InfluenceTask):
         with _Timed() as timed:
             tracin = TracInCP(
                 model,
-                _Pairs(task.train),
+                PairDataset(task.train),
                 paths,
                 checkpoints_load_func=load,
                 loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
@@ -298,7 +270,7 @@ def _captum_tracin(task: InfluenceTask):
             )
             scores = tracin.influence((task.query[0], task.query[1])).double()
         self_scores = tracin.self_influence(
-            torch.utils.data.DataLoader(_Pairs(task.train), batch_size=1600)
+            torch.utils.data.DataLoader(PairDataset(task.train), batch_size=1600)
         )
     return -scores, self_scores.double(), timed, {}
 
