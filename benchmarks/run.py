@@ -1,8 +1,8 @@
 """Run a benchmark suite side by side with the peers; write JSON + markdown to benchmarks/results.
 
 python benchmarks/run.py --suite persample [--device cpu|cuda] [--quick]
-python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | gus | dp
-                              | ensemble | score
+python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | trak_scale
+                              | gus | dp | ensemble | score
                               | defaults | all
 """
 
@@ -24,6 +24,7 @@ SUITES = (
     "commutator",
     "influence",
     "influence_scale",
+    "trak_scale",
     "gus",
     "dp",
     "ensemble",
