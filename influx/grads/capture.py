@@ -13,9 +13,10 @@ what was recorded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -104,3 +105,84 @@ def capture(
     for (name, args, _, output), g in zip(pending, grads):
         calls[name].append(LayerCall(args, torch.zeros_like(output) if g is None else g))
     return losses.detach(), calls
+
+
+def capture_streaming(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    modules: Mapping[str, nn.Module],
+    on_module: Callable[[str, list[LayerCall]], None],
+    parameters=(),
+    *,
+    offset: int = 0,
+) -> torch.Tensor:
+    """:func:`capture`, but each module's calls go to ``on_module(name, calls)`` *during* the
+    backward, as soon as the last of them has its output gradient, and are not kept.
+
+    :func:`capture` holds every watched layer's inputs and output gradients until the backward
+    ends (about twice the forward's activations); here a layer's inputs are released once its
+    gradient has arrived and been handed over, so the peak is the forward's activations plus
+    one layer's work. Returns the per-example losses [N].
+
+    The backward asks for the gradient of the inputs (when they are floating point; every layer
+    that depends on them is reached on the way) and of the outputs of calls whose inputs need no
+    gradient (an embedding of token ids). A call that still got no gradient (its output reaches
+    the loss only through parameters, or not at all) is handed over after the backward, by one
+    more :func:`capture` of its modules.
+    """
+    check_batch(inputs, targets)
+    check_model(model)
+    pending: dict[str, list] = {name: [] for name in modules}  # per call: args, then its gradient
+    roots: list[torch.autograd.graph.GradientEdge] = []
+
+    def arrived(name: str, index: int, output_nr: int, grad_outputs) -> None:
+        calls = pending[name]
+        grad = grad_outputs[output_nr]
+        calls[index] = LayerCall(calls[index][0], grad if grad is not None else calls[index][1]())
+        if all(isinstance(call, LayerCall) for call in calls):
+            del pending[name]
+            on_module(name, calls)
+
+    def watch(name: str):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
+                    "per-sample rules need a single tensor output: wrap the module so it returns one"
+                )
+            if not output.requires_grad or name not in pending:
+                return
+            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            zeros = partial(torch.zeros, output.shape, dtype=output.dtype, device=output.device)
+            pending[name].append((detached, zeros))
+            edge = get_gradient_edge(output)
+            edge.node.register_prehook(
+                partial(arrived, name, len(pending[name]) - 1, edge.output_nr)
+            )
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                roots.append(edge)
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
+    leaf = inputs.detach().requires_grad_() if inputs.is_floating_point() else None
+    try:
+        with torch.enable_grad(), _requiring_grad(list(parameters)):
+            losses = loss_fn(model(inputs if leaf is None else leaf), targets)
+            check_per_example_losses(losses, inputs.shape[0])
+            check_finite(losses.detach(), "losses", offset=offset)
+            wanted = ([] if leaf is None else [leaf]) + roots
+            if wanted and any(pending.values()):
+                torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unreached = {name: modules[name] for name, calls in pending.items() if calls}
+    if unreached:
+        for name, calls in capture(
+            model, loss_fn, inputs, targets, unreached, parameters, offset=offset
+        )[1].items():
+            on_module(name, calls)
+    return losses.detach()

@@ -24,6 +24,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from influx.grads.common import (
     select_parameters,
 )
 from influx.influence.base import Estimator, default_batch_size, options_with_batch_size
-from influx.influence.scores import Scores, stream_scores
+from influx.influence.scores import Scores, TrainBlock, stream_scores
 
 # Train features are kept in memory after the first pass when they fit in this many bytes.
 CACHE_BYTES = 1 << 30
@@ -157,6 +158,29 @@ class Influence:
         check_finite(block, f"{what} gradients", indices=indices)
         return block
 
+    def _batches(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(inputs, targets, dataset indices) of each ``batch_size`` block of train examples."""
+        if train is None:
+            inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
+        else:
+            inputs, targets, indices = self._checked(train, "train")
+        for start in range(0, inputs.shape[0], self.batch_size):
+            stop = start + self.batch_size
+            yield inputs[start:stop], targets[start:stop], indices[start:stop]
+
+    def _cacheable(self) -> bool:
+        """Whether all the fitted set's features fit in :data:`CACHE_BYTES` (decided up front,
+        so a pass that cannot keep them never holds a partial list)."""
+        whole = self.train_indices.numel() * self.estimator.bytes_per_example()
+        return whole <= CACHE_BYTES
+
+    def _contracts(self, train) -> bool:
+        """Whether a pass over ``train`` contracts layer by layer without forming its features:
+        for estimators that can, unless the fitted set's features are (or will be) kept."""
+        if not self.estimator.contracts_layers:
+            return False
+        return train is not None or (self._train_features is None and not self._cacheable())
+
     def _blocks(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Feature blocks [B, K] with dataset indices [B]; the fitted set's are cached when small."""
         if train is None and self._train_features is not None:
@@ -166,38 +190,46 @@ class Influence:
                     self.train_indices[start : start + self.batch_size],
                 )
             return
-        if train is None:
-            inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
-        else:
-            inputs, targets, indices = self._checked(train, "train")
-        # Keep the fitted set's features when all of them fit in CACHE_BYTES (decided up front,
-        # so a pass that cannot keep them never holds a partial list); otherwise every pass
-        # streams, one block in memory, and the next one recomputes.
-        whole = inputs.shape[0] * self.estimator.bytes_per_example()
-        kept: list[torch.Tensor] | None = [] if train is None and whole <= CACHE_BYTES else None
-        for start in range(0, inputs.shape[0], self.batch_size):
-            stop = start + self.batch_size
-            block = self._feature_block(
-                inputs[start:stop], targets[start:stop], indices[start:stop], "train"
-            )
+        # Otherwise every pass streams, one block in memory, and the next one recomputes.
+        kept: list[torch.Tensor] | None = [] if train is None and self._cacheable() else None
+        for inputs, targets, indices in self._batches(train):
+            block = self._feature_block(inputs, targets, indices, "train")
             if kept is not None:
                 kept.append(block)
-            yield block, indices[start:stop]
+            yield block, indices
         if kept:
             self._train_features = torch.cat(kept)
 
-    def _features(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_blocks(self, train, queries, *, per_layer: bool) -> Iterator[TrainBlock]:
+        """What :func:`stream_scores` consumes: feature blocks, or score slabs [Q, B] from an
+        estimator that contracts layer by layer (see :meth:`_contracts`)."""
+        if not self._contracts(train):
+            for features, indices in self._blocks(train):
+                yield TrainBlock(indices, features=features)
+            return
+        for inputs, targets, indices in self._batches(train):
+            slab, shares = self.estimator.score_batch(queries, inputs, targets, per_layer=per_layer)
+            # The queries are finite (checked), so a train gradient's NaN / inf shows in its column.
+            check_finite(slab.T, "train gradients", indices=indices)
+            yield TrainBlock(indices, slab=slab, per_layer=shares)
+
+    def _preconditioned_queries(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        """precondition(f(q)) [Q, K] of every query, and their dataset indices [Q]; the raw
+        features of one batch at a time at most are alive next to the result."""
         inputs, targets, indices = self._checked(data, "query")
-        blocks = [
-            self._feature_block(
-                inputs[s : s + self.batch_size],
-                targets[s : s + self.batch_size],
-                indices[s : s + self.batch_size],
-                "query",
+        out = None
+        for start in range(0, inputs.shape[0], self.batch_size):
+            stop = start + self.batch_size
+            check = partial(check_finite, what="query gradients", indices=indices[start:stop])
+            block = self.estimator.preconditioned_features(
+                inputs[start:stop], targets[start:stop], check
             )
-            for s in range(0, inputs.shape[0], self.batch_size)
-        ]
-        return torch.cat(blocks), indices
+            if stop >= inputs.shape[0] and out is None:
+                return block, indices  # one batch: no copy
+            if out is None:
+                out = block.new_empty(inputs.shape[0], block.shape[1])
+            out[start:stop] = block
+        return out, indices
 
     def scores(
         self,
@@ -217,15 +249,13 @@ class Influence:
         ``per_layer=True`` adds each layer's share (the shares sum to the total). Everything but
         the stored file stays on the device of the model and data.
         """
-        query_features, query_indices = self._features(query)
-        preconditioned = self.estimator.precondition(query_features)
-        del query_features  # Q x K: only the preconditioned copy is needed from here on
+        preconditioned, query_indices = self._preconditioned_queries(query)
         num_train = self.train_indices.numel() if train is None else as_tensors(train)[0].shape[0]
         return stream_scores(
             self.method,
             preconditioned,
             query_indices,
-            self._blocks(train),
+            self._train_blocks(train, preconditioned, per_layer=per_layer),
             num_train,
             sign=self.sign,
             layout=self.estimator.layout,
@@ -241,9 +271,16 @@ class Influence:
         For influence methods s(z) = grad l(z)^T (H + damping I)^-1 grad l(z) = -I_up,loss(z, z);
         for tracin / grad_dot / grad_cos it equals the score of z with itself.
         """
-        return torch.cat(
-            [self.estimator.self_influence_of(features) for features, _ in self._blocks(train)]
-        )
+        if not self._contracts(train):
+            return torch.cat(
+                [self.estimator.self_influence_of(features) for features, _ in self._blocks(train)]
+            )
+        parts = []
+        for inputs, targets, indices in self._batches(train):
+            values = self.estimator.self_influence_batch(inputs, targets)
+            check_finite(values, "train gradients", indices=indices)
+            parts.append(values)
+        return torch.cat(parts)
 
     def save(self, path: str | Path) -> None:
         """Write the fitted K-FAC / EK-FAC factors and eigenbases to a safetensors file, so that

@@ -18,7 +18,7 @@ of a pair sum to its score exactly.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -93,6 +93,10 @@ class Estimator(abc.ABC):
     layout: FeatureLayout
     #: numbers a user wants to see after fitting: damping, spectrum, iterations, timings.
     diagnostics: dict
+    #: True when the estimator scores a train batch block by block without forming its [B, K]
+    #: features (``score_batch``, ``self_influence_batch``), which bounds a pass's memory by one
+    #: block instead of all of them.
+    contracts_layers: bool = False
 
     def bytes_per_example(self) -> int:
         """Memory of one example's features (float64 bound), which sets default batch sizes."""
@@ -105,6 +109,16 @@ class Estimator(abc.ABC):
     @abc.abstractmethod
     def precondition(self, features: torch.Tensor) -> torch.Tensor:
         """The symmetric preconditioner applied to rows: [M, K] -> [M, K]."""
+
+    def preconditioned_features(
+        self, inputs: torch.Tensor, targets: torch.Tensor, check: Callable = lambda rows: None
+    ) -> torch.Tensor:
+        """``precondition(features(batch))`` [B, K], ``check`` (a finiteness guard naming rows)
+        applied to the features before a solve can mix rows. Estimators that precondition block
+        by block as the features arrive override it, so the raw features are never held whole."""
+        features = self.features(inputs, targets)
+        check(features)
+        return self.precondition(features)
 
     def self_influence_of(self, features: torch.Tensor) -> torch.Tensor:
         """<f, precondition(f)> per row, [M]; estimators override it where that is cheaper

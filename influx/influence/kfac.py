@@ -35,6 +35,13 @@ are the same in both (the rotation is orthogonal), so scores, self-influence and
 do not depend on the choice, only the cost does: ``feature_basis="auto"`` takes the eigenbasis
 where it is cheaper for scoring one query per :data:`TRAIN_PER_QUERY` train examples.
 
+Streaming. Every pass (factors, eigenvalue refit, features) hands each block over *during* the
+backward (``influx.grads.capture.capture_streaming``), so a layer's inputs and output gradients
+are dropped as soon as its block is done. Scoring a train set too large to cache contracts each
+block with the preconditioned queries right there (:meth:`KFACEstimator.score_batch`), and
+self-influence sums each block's squares (:meth:`KFACEstimator.self_influence_batch`): no train
+features [B, K] are formed. The queries are preconditioned block by block as they arrive.
+
 Saving and splitting. :meth:`KFACEstimator.state` / :meth:`KFACEstimator.from_state` hold
 everything a fit computed (see ``influx.influence.factors_io``). With ``split_ranks=True`` under
 torchrun, every rank passes the same train set, fits the factor batches ``i % world_size ==
@@ -67,7 +74,7 @@ from influx.curvature import (
     resolve_damping,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
-from influx.grads.capture import capture
+from influx.grads.capture import capture_streaming
 from influx.grads.common import LossFn, check_finite, check_model, flat_rows, select_parameters
 from influx.grads.rules import rule_for
 from influx.influence.base import (
@@ -206,36 +213,44 @@ class _LayerCapture:
         return out
 
 
-class _Batch:
-    """The captures of one batch (one forward + backward): Kronecker layers and diagonal blocks.
+class _Stream:
+    """One forward + backward over a batch, handing each block's captures to a callback *as the
+    backward produces them* (``influx.grads.capture.capture_streaming``): a Kronecker layer as a
+    :class:`_LayerCapture`, a diagonal block as its flat per-example gradients [N, numel] in
+    coverage order. A block is dropped once handled, so no batch ever holds every layer's inputs
+    and output gradients at once."""
 
-    ``pop`` hands a layer's capture over and drops this batch's reference to it, so a caller that
-    goes through the layers one by one frees each layer's activations as it goes.
-    """
-
-    def __init__(self, model, loss_fn, inputs, targets, coverage: Coverage, offset: int):
+    def __init__(self, model: nn.Module, loss_fn, coverage: Coverage):
         modules = dict(model.named_modules())
-        watched = {name: modules[name] for name in (*coverage.kronecker, *coverage.diagonal)}
+        self.modules = {name: modules[name] for name in (*coverage.kronecker, *coverage.diagonal)}
         named = dict(model.named_parameters())
-        wanted = [named[n] for n in coverage.names()["kronecker"] + coverage.names()["diagonal"]]
-        _, calls = capture(model, loss_fn, inputs, targets, watched, wanted, offset=offset)
-        self.size = inputs.shape[0]
-        self.coverage, self.modules, self.calls = coverage, watched, calls
+        kinds = coverage.names()
+        self.parameters = [named[n] for n in kinds["kronecker"] + kinds["diagonal"]]
+        self.model, self.loss_fn, self.coverage = model, loss_fn, coverage
 
-    def called(self, name: str) -> bool:
-        return bool(self.calls.get(name))
+    def run(self, inputs, targets, on_block, *, offset: int = 0) -> None:
+        """``on_block(name, captured)`` for every block the batch uses."""
 
-    def pop_layer(self, name: str) -> _LayerCapture:
-        weight, bias = self.coverage.kronecker[name]
-        return _LayerCapture(self.modules[name], self.calls.pop(name), weight, bias)
+        def on_module(name: str, calls) -> None:
+            module = self.modules[name]
+            if name in self.coverage.kronecker:
+                weight, bias = self.coverage.kronecker[name]
+                on_block(name, _LayerCapture(module, calls, weight, bias))
+                return
+            grads = rule_for(module).grads(module, calls)
+            prefix = f"{name}." if name else ""
+            names = self.coverage.diagonal[name]
+            on_block(name, torch.cat([flat_rows(grads[n[len(prefix) :]]) for n in names], dim=1))
 
-    def pop_diagonal(self, name: str) -> torch.Tensor:
-        """Flat per-example gradients [N, numel] of the block's parameters, in coverage order."""
-        module, calls = self.modules[name], self.calls.pop(name)
-        grads = rule_for(module).grads(module, calls)
-        prefix = f"{name}." if name else ""
-        return torch.cat(
-            [flat_rows(grads[full[len(prefix) :]]) for full in self.coverage.diagonal[name]], dim=1
+        capture_streaming(
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            self.modules,
+            on_module,
+            self.parameters,
+            offset=offset,
         )
 
 
@@ -412,18 +427,22 @@ class KFACEstimator(Estimator):
         self.factors: dict[str, KroneckerFactors] = {}
         self.diagonal: dict[str, DiagonalFactors] = {}
         self.tokens: dict[str, int] = {}
+        stream = _Stream(self.model, self.loss_fn, self.coverage)
+
+        def accumulate(name: str, captured) -> None:
+            if name in self.coverage.kronecker:
+                self.tokens[name] = captured.dims[0]
+                accumulate_kronecker_factors(self.factors, {name: captured})
+            else:
+                names = self.coverage.diagonal[name]
+                numels = tuple(self.model.get_parameter(n).numel() for n in names)
+                accumulate_diagonal_factors(self.diagonal, name, names, numels, captured)
+
         for start, x, y in batches:
-            batch = self._capture(x, y, start)
-            for name in self.coverage.kronecker:
-                if batch.called(name):
-                    layer = batch.pop_layer(name)
-                    self.tokens[name] = layer.dims[0]
-                    accumulate_kronecker_factors(self.factors, {name: layer})
-            for name, names in self.coverage.diagonal.items():
-                if batch.called(name):
-                    grads = batch.pop_diagonal(name)
-                    numels = tuple(self.model.get_parameter(n).numel() for n in names)
-                    accumulate_diagonal_factors(self.diagonal, name, names, numels, grads)
+            stream.run(x, y, accumulate, offset=start)
+        # Blocks arrive in backward order: keep the coverage's (module) order for the layout.
+        self.factors = {n: self.factors[n] for n in self.coverage.kronecker if n in self.factors}
+        self.diagonal = {n: self.diagonal[n] for n in self.coverage.diagonal if n in self.diagonal}
         if world > 1:
             all_reduce_factor_sums(self.factors, self.diagonal, reduce_sum)
         # Sums over examples and draws -> sums over examples (``count`` stays the examples).
@@ -441,22 +460,19 @@ class KFACEstimator(Estimator):
             # Fisher's) and EK-FAC scores stayed at K-FAC's; fresh draws give unbiased
             # eigenvalues in that basis (Kronfluence resamples each pass too).
             sums: dict[str, torch.Tensor] = {}
+
+            def refit(name: str, captured) -> None:
+                if name in self.factors:
+                    accumulate_ekfac_eigenvalues(self.factors, {name: captured}, sums)
+
             for start, x, y in draw() if fisher == "sampled" else batches:
-                batch = self._capture(x, y, start)
-                for name in self.factors:
-                    if batch.called(name):
-                        accumulate_ekfac_eigenvalues(
-                            self.factors, {name: batch.pop_layer(name)}, sums
-                        )
+                stream.run(x, y, refit, offset=start)
             if world > 1:
                 for name, f in self.factors.items():  # a rank may have seen no call of a layer
                     sums.setdefault(name, torch.zeros_like(f.eigenvalues))
                 all_reduce_ekfac_sums(sums, reduce_sum)
             finalize_ekfac_eigenvalues(self.factors, {k: v / draws for k, v in sums.items()})
         return fisher
-
-    def _capture(self, inputs, targets, offset: int = 0) -> _Batch:
-        return _Batch(self.model, self.loss_fn, inputs, targets, self.coverage, offset)
 
     def _basis_of(self, name: str) -> str:
         """'eigen' or 'parameter' for a Kronecker layer's features (see the module docstring)."""
@@ -503,28 +519,67 @@ class KFACEstimator(Estimator):
             )
         return self._cast[key]
 
+    def _block_features(self, name: str, captured, dtype) -> torch.Tensor:
+        """One block's per-example features [N, block size] in its feature basis."""
+        if name in self.diagonal:
+            return captured.to(dtype)
+        if self.basis[name] == "eigen":
+            q_s, q_a, _ = self._tensors(name, dtype, captured.b.device)
+            return eigenbasis_gradients(captured, q_s, q_a).to(dtype).flatten(1)
+        return captured.gradients().to(dtype).flatten(1)
+
     def features(self, inputs, targets):
         """Per-example gradients, flat, block by block: a Kronecker layer's [d_out, d_in(+1)]
         in its feature basis, a diagonal block's parameters in coverage order."""
-        batch = self._capture(inputs, targets)
-        n = inputs.shape[0]
-        out = None
-        for blk in self.layout.blocks:
-            if out is None:
-                dtype = next(self.model.parameters()).dtype
-                out = inputs.new_zeros(n, self.layout.size, dtype=dtype)
-            if not batch.called(blk.layer):
-                continue  # a layer this batch does not use: zero gradient
-            view = out[:, blk.start : blk.stop]
-            if blk.layer in self.diagonal:
-                view.copy_(batch.pop_diagonal(blk.layer))
-            elif self.basis[blk.layer] == "eigen":
-                q_s, q_a, _ = self._tensors(blk.layer, out.dtype, out.device)
-                layer = batch.pop_layer(blk.layer)
-                view.copy_(eigenbasis_gradients(layer, q_s, q_a).flatten(1))
-            else:
-                batch.pop_layer(blk.layer).gradients(out=view.view(n, *self.shapes[blk.layer]))
+        dtype = next(self.model.parameters()).dtype
+        # A block the batch does not use keeps its zero gradient.
+        out = inputs.new_zeros(inputs.shape[0], self.layout.size, dtype=dtype)
+        blocks = {blk.layer: blk for blk in self.layout.blocks}
+
+        def write(name: str, captured) -> None:
+            blk = blocks[name]
+            out[:, blk.start : blk.stop] = self._block_features(name, captured, dtype)
+
+        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, write)
         return out
+
+    contracts_layers = True
+
+    def score_batch(self, queries, inputs, targets, *, per_layer: bool = False):
+        """<queries, f(z)> for the batch's examples z, [Q, B], contracted block by block while
+        the backward produces each block's gradients: no [B, K] features are formed. With
+        ``per_layer`` also each block's share {layer: [Q, B]}."""
+        total = queries.new_zeros(queries.shape[0], inputs.shape[0])
+        shares: dict[str, torch.Tensor] | None = {} if per_layer else None
+        blocks = {blk.layer: blk for blk in self.layout.blocks}
+
+        def contract(name: str, captured) -> None:
+            blk = blocks[name]
+            block = self._block_features(name, captured, queries.dtype)
+            share = queries[:, blk.start : blk.stop] @ block.T
+            total.add_(share)
+            if shares is not None:
+                shares[name] = share
+
+        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, contract)
+        return total, shares
+
+    def self_influence_batch(self, inputs, targets) -> torch.Tensor:
+        """:meth:`self_influence_of` the batch's features, block by block as the backward
+        produces them (rotated into the eigenbasis whatever the feature basis): [B]."""
+        dtype = next(self.model.parameters()).dtype
+        total = inputs.new_zeros(inputs.shape[0], dtype=dtype)
+
+        def add(name: str, captured) -> None:
+            q_s, q_a, inverse = self._tensors(name, dtype, total.device)
+            if name in self.diagonal:
+                rotated = captured.to(dtype)
+            else:
+                rotated = eigenbasis_gradients(captured, q_s, q_a).flatten(1)
+            total.add_(rotated.square() @ inverse.flatten())
+
+        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, add)
+        return total
 
     def _rotated(self, features, blk):
         """A parameter-basis block of ``features`` in the eigenbasis [M, d_out, d_in(+1)]."""
@@ -532,16 +587,37 @@ class KFACEstimator(Estimator):
         grads = features[:, blk.start : blk.stop].reshape(-1, *self.shapes[blk.layer])
         return q_s.T @ grads @ q_a
 
+    def _precondition_block(self, name: str, block: torch.Tensor) -> torch.Tensor:
+        """One block [M, size] of features, in its feature basis, times its damped inverse."""
+        q_s, q_a, inverse = self._tensors(name, block.dtype, block.device)
+        if name in self.diagonal or self.basis[name] == "eigen":
+            return block * inverse.flatten()
+        grads = block.reshape(-1, *self.shapes[name])
+        return (q_s @ ((q_s.T @ grads @ q_a) * inverse) @ q_a.T).flatten(1)
+
     def precondition(self, features):
         out = torch.empty_like(features)
         for blk in self.layout.blocks:
-            q_s, q_a, inverse = self._tensors(blk.layer, features.dtype, features.device)
-            block = features[:, blk.start : blk.stop]
-            if blk.layer in self.diagonal or self.basis[blk.layer] == "eigen":
-                out[:, blk.start : blk.stop] = block * inverse.flatten()
-            else:
-                solved = q_s @ (self._rotated(features, blk) * inverse) @ q_a.T
-                out[:, blk.start : blk.stop] = solved.flatten(1)
+            out[:, blk.start : blk.stop] = self._precondition_block(
+                blk.layer, features[:, blk.start : blk.stop]
+            )
+        return out
+
+    def preconditioned_features(self, inputs, targets, check=lambda rows: None):
+        """``precondition(features(batch))``, each block preconditioned as the backward produces
+        it: one [B, K] buffer instead of features and their preconditioned copy. The blocks act
+        on each row alone, so ``check`` sees a bad gradient's row in the result."""
+        dtype = next(self.model.parameters()).dtype
+        out = inputs.new_zeros(inputs.shape[0], self.layout.size, dtype=dtype)
+        blocks = {blk.layer: blk for blk in self.layout.blocks}
+
+        def write(name: str, captured) -> None:
+            blk = blocks[name]
+            block = self._block_features(name, captured, dtype)
+            out[:, blk.start : blk.stop] = self._precondition_block(name, block)
+
+        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, write)
+        check(out)
         return out
 
     def self_influence_of(self, features):

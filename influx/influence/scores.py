@@ -1,9 +1,11 @@
 """Streaming scorer: Q x N scores in train blocks, dense, top-k only, per layer, or on disk.
 
-The preconditioned query features [Q, K] are computed once; train features arrive in blocks
-[B, K]. Each block is handed to the *sinks* that were asked for, one job each: a dense [Q, N]
-matrix, a ``.npy`` memmap on disk, a running top-k, per-layer shares. Peak memory is
-O(Q K + B K + Q B) unless a dense in-memory matrix is asked for.
+The preconditioned query features [Q, K] are computed once; train examples arrive in blocks of
+B, as features [B, K] or, from an estimator that contracts layer by layer (K-FAC / EK-FAC), as
+their scores [Q, B] already. Each block is handed to the *sinks* that were asked for, one job
+each: a dense [Q, N] matrix, a ``.npy`` memmap on disk, a running top-k, per-layer shares. Peak
+memory is O(Q K + B K + Q B), with B K one layer's share when contracted layer by layer, unless
+a dense in-memory matrix is asked for.
 
 Devices and dtypes: everything stays on the device and in the dtype of the preconditioned
 queries (the data's device, see :mod:`influx.influence.api`); only the stored file is in host
@@ -81,6 +83,19 @@ class Scores:
         if self.path is not None:
             parts.append(f"path={self.path!r}")
         return f"Scores({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class TrainBlock:
+    """One block of train examples for :func:`stream_scores`: their dataset ``indices`` [B] and
+    either their ``features`` [B, K] or, from an estimator that contracts layer by layer, their
+    unsigned scores ``slab`` = <queries, f(z)> [Q, B] (with each layer's share in ``per_layer``
+    when asked)."""
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+    slab: torch.Tensor | None = None
+    per_layer: dict[str, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,7 +181,12 @@ class _PerLayer:
             name: queries.new_zeros(queries.shape[0], num_train) for name in layout.layers
         }
 
-    def add(self, start: int, stop: int, features: torch.Tensor) -> None:
+    def add(self, start: int, stop: int, block: TrainBlock) -> None:
+        if block.per_layer is not None:
+            for layer, share in block.per_layer.items():
+                self.values[layer][:, start:stop] += self.sign * share
+            return
+        features = block.features.to(self.queries.dtype)
         for blk in self.layout.blocks:
             sl = slice(blk.start, blk.stop)
             self.values[blk.layer][:, start:stop] += self.sign * (
@@ -186,7 +206,7 @@ def stream_scores(
     method: str,
     preconditioned_queries: torch.Tensor,
     query_indices: torch.Tensor,
-    train_blocks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    train_blocks: Iterable[TrainBlock],
     num_train: int,
     *,
     sign: float,
@@ -196,7 +216,8 @@ def stream_scores(
     per_layer: bool = False,
     store: str | Path | None = None,
 ) -> Scores:
-    """Score ``preconditioned_queries`` [Q, K] against train feature blocks ([B, K], indices [B])."""
+    """Score ``preconditioned_queries`` [Q, K] against train blocks (features [B, K] or score
+    slabs [Q, B], with dataset indices [B])."""
     if top_k is not None and top_k < 1:
         raise InfluxValueError(f"top_k must be >= 1 or None; got {top_k}")
     if per_layer and not layout.layered:
@@ -213,22 +234,26 @@ def stream_scores(
     layers = _PerLayer(queries, num_train, layout, sign) if per_layer else None
     train_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
     start = 0
-    for features, indices in train_blocks:
-        stop = start + features.shape[0]
-        features = features.to(queries.dtype)
+    for block in train_blocks:
+        indices = block.indices
+        stop = start + indices.shape[0]
         train_indices[start:stop] = indices.to(train_indices.device)
-        if matrix is None and stored is None:
+        if block.slab is None and matrix is None and stored is None:
             # Top-k only: the kernel scores tile by tile and keeps the [Q, B] slab out of memory.
+            features = block.features.to(queries.dtype)
             ranking.add(score_topk(sign * queries, features, top_k), indices)
         else:
-            slab = sign * (queries @ features.T)  # [Q, B]
+            if block.slab is None:
+                slab = sign * (queries @ block.features.to(queries.dtype).T)  # [Q, B]
+            else:
+                slab = sign * block.slab.to(queries.dtype)
             for sink in (matrix, stored):
                 if sink is not None:
                     sink.add(start, stop, slab)
             if ranking is not None:
                 ranking.add(_slab_topk(slab, top_k), indices)
         if layers is not None:
-            layers.add(start, stop, features)
+            layers.add(start, stop, block)
         start = stop
     if start != num_train:
         raise InfluxValueError(f"train blocks held {start} examples; expected {num_train}")

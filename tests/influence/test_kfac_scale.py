@@ -132,3 +132,56 @@ def test_split_ranks_without_a_process_group_is_one_process():
     plain = influence.fit(model, loss_fn, train, method="ekfac", batch_size=7)
     split = influence.fit(model, loss_fn, train, method="ekfac", batch_size=7, split_ranks=True)
     assert torch.equal(split.scores(query).values, plain.scores(query).values)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("basis", ["eigen", "parameter"])
+def test_layer_by_layer_scores_equal_the_feature_path(monkeypatch, method, basis):
+    """A pass that contracts each block as the backward produces it (no [B, K] features: what
+    a train set too large to cache gets) gives the feature path's scores, per-layer shares, top-k
+    and self-influence, to float64 rounding."""
+    model, train, query = _setup(torch.float64)
+    fitted = influence.fit(
+        model, loss_fn, train, method=method, batch_size=8, fisher="sampled", feature_basis=basis
+    )
+    estimator = fitted.estimator
+    assert_close(
+        estimator.preconditioned_features(*query),
+        estimator.precondition(estimator.features(*query)),
+        rtol=1e-12,
+    )
+    cached = fitted.scores(query, per_layer=True, top_k=3)  # a small set: features, cached
+    cached_self = fitted.self_influence()
+    assert fitted._train_features is not None
+
+    featurized = []
+    features = fitted.estimator.features
+    monkeypatch.setattr(
+        fitted.estimator, "features", lambda x, y: featurized.append(len(x)) or features(x, y)
+    )
+    streamed = fitted.scores(query, train, per_layer=True, top_k=3)  # train= is never cached
+    assert featurized == []  # queries are preconditioned as they arrive, train contracted
+    assert_close(streamed.values, cached.values, rtol=1e-12)
+    assert set(streamed.per_layer) == set(cached.per_layer)
+    for layer, share in cached.per_layer.items():
+        assert_close(streamed.per_layer[layer], share, rtol=1e-12, atol=1e-14, name=layer)
+    assert torch.equal(streamed.top_k.largest_indices, cached.top_k.largest_indices)
+    assert torch.equal(streamed.top_k.smallest_indices, cached.top_k.smallest_indices)
+    assert_close(fitted.self_influence(train), cached_self, rtol=1e-12)
+    assert featurized == []
+
+
+def test_layer_by_layer_pass_names_a_train_example_with_nan_gradients(monkeypatch):
+    model, train, query = _setup(torch.float64)
+    fitted = influence.fit(model, loss_fn, train, method="ekfac", batch_size=8, fisher="sampled")
+    score_batch = fitted.estimator.score_batch
+
+    def poisoned(queries, inputs, targets, **kwargs):  # the gradient of train example 13 is NaN
+        slab, shares = score_batch(queries, inputs, targets, **kwargs)
+        if len(inputs) == 8 and torch.equal(inputs[5], train[0][13]):
+            slab[:, 5] = float("nan")
+        return slab, shares
+
+    monkeypatch.setattr(fitted.estimator, "score_batch", poisoned)
+    with pytest.raises(InfluxValueError, match=r"train gradients .* example indices \[13\]"):
+        fitted.scores(query, train)
