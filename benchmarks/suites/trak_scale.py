@@ -16,9 +16,10 @@ classes); 1,000 train examples x 100 queries (the synthetic test split). Two kin
 
 K: traker's recommended ``proj_dim`` is its default 2,048, or, when that is not below N (its
 recommended ``lambda_reg`` is 0, so X^T X of [N, K] features must be invertible), the largest
-power of two below N: 512 at N = 1,000. Every dense projection on the CPU redraws its Gaussian
-matrix, K x 11.2M numbers, once per batch of examples (neither library can keep 23 GB of it), so
-at K = 512 one dense row takes about 45 min (influx) or 10 min (traker) on two cores; the matched
+power of two below N: 512 at N = 1,000. A dense projection redraws its Gaussian matrix, K x
+11.2M numbers, once per batch of examples (influx: its 1 GiB projection cache cannot hold it;
+traker: whenever K > 100, its block), so at K = 512 one dense row takes about 45 min (influx) or
+10 min (traker) on two cores; the matched
 rows (influx dense, influx kronecker, traker) run at ``dim`` = 64 instead, and one more influx
 Kronecker TRAK row runs at traker's recommended K (``kron_dim``).
 
@@ -73,29 +74,35 @@ COLUMNS = [
     "notes",
 ]
 NOTES = (
-    "CPU, two threads per process (fewer if OMP_NUM_THREADS says so); each (row, run) in a fresh subprocess, after a one-batch "
-    "forward + backward warm-up that is not timed. `fit_s` (trak rows): wall time from the "
-    "call that fits (influx `influence.fit(method='trak')`; traker `TRAKer(...)` construction, "
-    "which draws its first projection block, `load_checkpoint`, `featurize` of every train "
-    "batch and `finalize_features`) until it returns; `score_s`: the Q x N scores (influx "
-    "`scores(queries)`; traker `start_scoring_checkpoint`, `score` per query batch and "
-    "`finalize_scores`). `project` rows: `fit_s` is the per-sample projection of the N train "
-    "examples batch by batch ([N, K] features, gradients included), with no scoring step "
-    "(`score_s` 0). `total_s` = fit_s + score_s. `peak_mem_mb`: the process' peak resident "
-    "memory (VmHWM, reset just before the row) above its resident size at that moment, so the "
-    "model, the data and imported libraries are not counted. Times and memory are medians over "
-    "`runs`; `spread` is min..max of total_s and of peak_mem_mb. `vs_traker_time` / `_mem`: "
-    "the influx row's median total time / peak memory over traker's row of the same kind and "
-    "K. `vs_traker_pooled` / `_per_query`: Spearman between influx's and traker's trak scores "
-    "(pooled over all Q x N pairs / mean over queries), traker's negated to influx's sign "
-    "(I_up,loss: helpful is negative). The two use different random projections, different "
-    "normalisations (traker rescales by 1 - p of each train example and uses no damping; influx "
-    "uses loss gradients and 'auto' damping) and, for the extra Kronecker row, a different K, "
-    "so agreement is only approximate. Batches: `batch` examples per forward/backward and per "
-    "projection on both sides (a dense row redraws its K x P Gaussian once per batch). traker "
-    "runs in float32 (`use_half_precision=False`): its default float16 matmul on the CPU takes "
-    "about 3 minutes for 5 examples at K = 512, which no CPU run can afford. Timings taken on a "
-    "shared machine are noisy."
+    "CPU, two threads per process (fewer if OMP_NUM_THREADS says so); each (row, run) in a fresh "
+    "subprocess, after a one-batch forward + backward warm-up that is not timed. `fit_s` (trak "
+    "rows): wall time from the call that fits (influx `influence.fit(method='trak')`; traker "
+    "`TRAKer(...)` construction, which draws its first projection block, `load_checkpoint`, "
+    "`featurize` of every train batch and `finalize_features`) until it returns; `score_s`: the Q "
+    "x N scores (influx `scores(queries)`; traker `start_scoring_checkpoint`, `score` per query "
+    "batch and `finalize_scores`). `project` rows: `fit_s` is the per-sample projection of the N "
+    "train examples batch by batch ([N, K] features, gradients included), with no scoring step "
+    "(`score_s` 0). `total_s` = fit_s + score_s. `peak_mem_mb`: the process' peak resident memory "
+    "(VmHWM, reset just before the row) above its resident size at that moment, so the model, the "
+    "data and imported libraries are not counted. Times and memory are medians over `runs`; "
+    "`spread` is min..max of total_s and of peak_mem_mb. `vs_traker_time` / `_mem`: the influx "
+    "row's median total time / peak memory over traker's row of the same kind and K. "
+    "`vs_traker_pooled` / `_per_query`: Spearman between influx's and traker's trak scores (pooled "
+    "over all Q x N pairs / mean over queries), traker's negated to influx's sign (I_up,loss: "
+    "helpful is negative). The two use different random projections, different normalisations "
+    "(traker rescales by 1 - p of each train example and uses no damping; influx uses loss "
+    "gradients and 'auto' damping) and, for the extra Kronecker row, a different K, so agreement "
+    "is only approximate. Batches: `batch` examples per forward/backward and per projection on "
+    "both sides (influx's dense rows redraw their K x P Gaussian once per batch; traker's "
+    "BasicProjector keeps its one block when K <= 100). traker runs in float32 "
+    "(`use_half_precision=False`): its default float16 matmul on the CPU takes about 3 minutes for "
+    "5 examples at K = 512, which no CPU run can afford. K: traker's recommended K at N = 1,000 is "
+    "512 (its default 2,048 is not below N), run here by the extra influx Kronecker row only; the "
+    "matched rows use K = 64 because at K = 512 both redraw the K x 11.2M Gaussian per batch "
+    "(influx draws in float64, about 230 s per redraw at K = 512; traker about 45 s), which would "
+    "take about 45 min (influx) or 10 min (traker) per run at K = 512. Even at K = 64 a dense row "
+    "takes minutes: most of it is materializing 1,100 full-width per-sample gradients, [100, "
+    "11.2M] per batch on both sides. Timings taken on a shared machine are noisy."
 )
 
 SEED = 0
@@ -236,8 +243,9 @@ def _traker_trak(model: nn.Module, train_set, query_set, sizes: Sizes, projectio
             traker.score(batch=batch, num_samples=batch[0].shape[0])
         scores = np.array(traker.finalize_scores(exp_name="queries"))  # [N, Q], helpful > 0
         score_seconds = time.perf_counter() - start
-    name = type(traker.projector).__name__
-    note = f"{name} ({traker.projector.proj_type}, float32), lambda_reg 0"
+    projector = traker.projector
+    kind = getattr(projector.proj_type, "value", projector.proj_type)
+    note = f"{type(projector).__name__} ({kind}, float32), lambda_reg 0"
     return -torch.from_numpy(scores).T, fit_seconds, score_seconds, note
 
 
