@@ -27,7 +27,8 @@ Environment overrides: ``INFLUX_SCALE_TRAIN``, ``INFLUX_SCALE_QUERIES``, ``INFLU
 libraries), ``INFLUX_SCALE_TRAIN_BATCH`` (train examples per scoring block, both libraries),
 ``INFLUX_SCALE_STEPS`` (training steps), ``INFLUX_SCALE_METHODS`` (comma list of ekfac, kfac),
 ``INFLUX_SCALE_FISHER`` (empirical or sampled), ``INFLUX_SCALE_KINDS`` (pairwise, self),
-``INFLUX_SCALE_RUNS`` and ``INFLUX_SCALE_SERIES`` (train sizes of the series). The size overrides
+``INFLUX_SCALE_RUNS``, ``INFLUX_SCALE_SERIES`` (train sizes of the series) and
+``INFLUX_SCALE_NORMS=0`` (no "influx (+norms)" row). The size overrides
 apply to every configuration.
 
 Every (method, library) row runs in a fresh subprocess, so its peak memory is its own: peak RSS
@@ -157,6 +158,8 @@ ENV = {
     "INFLUX_SCALE_STEPS": "steps",
 }
 IMPL_ROWS = (("influx", "exclude"), ("kronfluence", None), ("influx (+norms)", "diagonal"))
+# INFLUX_SCALE_NORMS=0 leaves out the reference row "influx (+norms)" (never run in the series).
+NORMS_ROW = os.environ.get("INFLUX_SCALE_NORMS", "1") != "0"
 
 
 def _listed(name: str, allowed: set[str]) -> tuple[str, ...] | None:
@@ -448,7 +451,7 @@ def _configuration(args, config: str, sizes: Sizes, runs: int) -> list[dict]:
             for method in sizes.methods:
                 pair = {}
                 for impl, others in IMPL_ROWS:
-                    if config == "series" and others == "diagonal":
+                    if others == "diagonal" and (config == "series" or not NORMS_ROW):
                         continue
                     child = "kronfluence" if impl == "kronfluence" else "influx"
                     tag = f"{method}-{kind}-{others or 'exclude'}"

@@ -214,16 +214,20 @@ class Influence:
             yield TrainBlock(indices, slab=slab, per_layer=shares)
 
     def _preconditioned_queries(self, data) -> tuple[torch.Tensor, torch.Tensor]:
-        """precondition(f(q)) [Q, K] of every query, and their dataset indices [Q]; the raw
-        features of one batch at a time at most are alive next to the result."""
+        """precondition(f(q)) [Q, K] of every query, and their dataset indices [Q]. Estimators
+        that contract layer by layer write each batch straight into one [Q, K] buffer; others
+        hold one batch's features next to it at most."""
         inputs, targets, indices = self._checked(data, "query")
-        out = None
+        streamed = self.estimator.contracts_layers
+        out = self.estimator.new_features(inputs.shape[0], inputs) if streamed else None
         for start in range(0, inputs.shape[0], self.batch_size):
             stop = start + self.batch_size
+            x, y = inputs[start:stop], targets[start:stop]
             check = partial(check_finite, what="query gradients", indices=indices[start:stop])
-            block = self.estimator.preconditioned_features(
-                inputs[start:stop], targets[start:stop], check
-            )
+            if streamed:
+                self.estimator.preconditioned_features(x, y, check, out=out[start:stop])
+                continue
+            block = self.estimator.preconditioned_features(x, y, check)
             if stop >= inputs.shape[0] and out is None:
                 return block, indices  # one batch: no copy
             if out is None:

@@ -95,7 +95,8 @@ class Estimator(abc.ABC):
     diagnostics: dict
     #: True when the estimator scores a train batch block by block without forming its [B, K]
     #: features (``score_batch``, ``self_influence_batch``), which bounds a pass's memory by one
-    #: block instead of all of them.
+    #: block instead of all of them, and preconditions queries into one buffer
+    #: (``new_features``, ``preconditioned_features(..., out=)``).
     contracts_layers: bool = False
 
     def bytes_per_example(self) -> int:

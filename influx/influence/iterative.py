@@ -393,7 +393,7 @@ class FactoredPreconditioner:
                 b0, b1 = self.offsets[factors.bias_name]
                 parts.append(vectors[:, b0:b1].reshape(m, d_out, 1))
             grads = torch.cat(parts, dim=2).to(factors.activation.dtype)
-            rotated = factors.rotate(grads) / (factors.eigenvalues + self.damping)
+            rotated = factors.rotate(grads) / (factors.eigenvalues + self.damping).to(grads.dtype)
             solved = factors.unrotate(rotated).to(vectors.dtype)
             weight_columns = d_in - 1 if factors.bias_name is not None else d_in
             out[:, w0:w1] = solved[:, :, :weight_columns].reshape(m, -1)

@@ -182,15 +182,28 @@ class _LayerCapture:
 
     @cached_property
     def _forms(self):
+        """(a [N, T, d_in] without the bias column, b [N, T, d_out])."""
         a, b = self.rule.forms(self.module, self.calls)
-        a, b = a[:, 0], b[:, 0]
-        if self.bias_name is not None:
-            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-        return a, b
+        return a[:, 0], b[:, 0]
 
     @property
     def a(self) -> torch.Tensor:
-        return self._forms[0]
+        a = self._forms[0]
+        if self.bias_name is None:
+            return a
+        return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+
+    def activation_gram(self) -> torch.Tensor:
+        """sum over examples and tokens of a^T a [d_in(+1), d_in(+1)]; the bias column of ones
+        enters the product, not a copy of the (unfolded, large) inputs."""
+        a = self._forms[0].reshape(-1, self._forms[0].shape[-1])
+        gram = a.T @ a
+        if self.bias_name is None:
+            return gram
+        d, sums = a.shape[1], a.sum(0)
+        out = gram.new_empty(d + 1, d + 1)
+        out[:d, :d], out[:d, d], out[d, :d], out[d, d] = gram, sums, sums, a.shape[0]
+        return out
 
     @property
     def b(self) -> torch.Tensor:
@@ -453,6 +466,8 @@ class KFACEstimator(Estimator):
             f.diagonal, f.count = f.diagonal / draws, f.count // draws
         finalize_kronecker_factors(self.factors)
         finalize_diagonal_factors(self.diagonal)
+        for f in self.factors.values():
+            f.compact(next(self.model.parameters()).dtype)
         if self.eigen_corrected:
             # The refit draws labels of its own. Refitted on the draws that chose the eigenbasis,
             # the eigenvalues re-measure those draws' noise (the top ones too large, the bottom
@@ -603,12 +618,17 @@ class KFACEstimator(Estimator):
             )
         return out
 
-    def preconditioned_features(self, inputs, targets, check=lambda rows: None):
+    def new_features(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Zero features [rows, K] in the model's dtype on ``like``'s device."""
+        return like.new_zeros(rows, self.layout.size, dtype=next(self.model.parameters()).dtype)
+
+    def preconditioned_features(self, inputs, targets, check=lambda rows: None, out=None):
         """``precondition(features(batch))``, each block preconditioned as the backward produces
-        it: one [B, K] buffer instead of features and their preconditioned copy. The blocks act
-        on each row alone, so ``check`` sees a bad gradient's row in the result."""
-        dtype = next(self.model.parameters()).dtype
-        out = inputs.new_zeros(inputs.shape[0], self.layout.size, dtype=dtype)
+        it into ``out`` (zeros from :meth:`new_features`; allocated when not given): no second
+        [B, K] buffer. The blocks act on each row alone, so ``check`` sees a bad gradient's row
+        in the result."""
+        out = self.new_features(inputs.shape[0], inputs) if out is None else out
+        dtype = out.dtype
         blocks = {blk.layer: blk for blk in self.layout.blocks}
 
         def write(name: str, captured) -> None:
