@@ -609,8 +609,12 @@ def accumulate_kronecker_factors(
         factors[name].count += cap.b.shape[0]
 
 
-def finalize_kronecker_factors(factors: Mapping[str, KroneckerFactors]) -> None:
-    """Divide the accumulated sums by the number of examples and eigendecompose each factor."""
+def finalize_kronecker_factors(
+    factors: Mapping[str, KroneckerFactors], *, compact: torch.dtype | None = None
+) -> None:
+    """Divide the accumulated sums by the number of examples and eigendecompose each factor;
+    with ``compact`` each layer is :meth:`KroneckerFactors.compact`-ed right after, so no more
+    than one layer's float64 eigenbases are alive at a time."""
     for f in factors.values():
         if f.count == 0:
             raise InfluxValueError(f"no examples were accumulated for layer {f.weight_name}")
@@ -622,6 +626,8 @@ def finalize_kronecker_factors(factors: Mapping[str, KroneckerFactors]) -> None:
         f.activation /= f.count
         f.gradient /= f.count
         f.eigendecompose()
+        if compact is not None:
+            f.compact(compact)
 
 
 def accumulate_ekfac_eigenvalues(

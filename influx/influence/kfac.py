@@ -464,10 +464,8 @@ class KFACEstimator(Estimator):
             f.count //= draws
         for f in self.diagonal.values():
             f.diagonal, f.count = f.diagonal / draws, f.count // draws
-        finalize_kronecker_factors(self.factors)
+        finalize_kronecker_factors(self.factors, compact=next(self.model.parameters()).dtype)
         finalize_diagonal_factors(self.diagonal)
-        for f in self.factors.values():
-            f.compact(next(self.model.parameters()).dtype)
         if self.eigen_corrected:
             # The refit draws labels of its own. Refitted on the draws that chose the eigenbasis,
             # the eigenvalues re-measure those draws' noise (the top ones too large, the bottom

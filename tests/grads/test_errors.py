@@ -90,3 +90,21 @@ def test_embedding_scale_grad_by_freq_is_refused():
         per_sample_grads(
             model, cross_entropy, torch.randint(0, 5, (3, 2)), torch.randint(0, 2, (3,))
         )
+
+
+def test_nonfinite_rows_screens_by_sums_without_false_alarms():
+    from influx.grads.common import nonfinite_rows
+
+    x = torch.randn(6, 5, 3)
+    x[1, 0, 0], x[4, 2, 1] = float("nan"), float("inf")
+    assert nonfinite_rows(x).tolist() == [1, 4]
+    big = torch.full((3, 4), 3e38)  # rows 0 and 1 are finite, their float32 sums overflow
+    big[2, 0] = float("-inf")
+    assert nonfinite_rows(big).tolist() == [2]
+    half = torch.full((2, 10_000), 60_000.0, dtype=torch.float16)  # sums beyond float16's range
+    half[1, 5] = float("nan")
+    assert nonfinite_rows(half).tolist() == [1]
+    cancelling = torch.tensor([[float("inf"), float("-inf")], [1.0, 2.0]])  # inf - inf = nan
+    assert nonfinite_rows(cancelling).tolist() == [0]
+    assert nonfinite_rows(torch.zeros(0, 3)).tolist() == []
+    assert nonfinite_rows(torch.arange(4)).tolist() == []
