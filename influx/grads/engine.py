@@ -212,8 +212,10 @@ def per_sample_projected(
     weight (with its bias, as the weight of a constant-1 input) is projected as
     ``P_out G_i P_in^T`` (LoGra-style) without forming ``G_i``; other parameters are projected
     densely, or kept whole when they are smaller than their share. K is the sum of the shares
-    actually used (<= dim). ``kind="dense"``: one Gaussian JL matrix [dim, P] applied to the
-    materialized flat gradient (K = dim); the reference. Same ``seed``, same projection.
+    actually used: at most ``dim``, or the number of modules when ``dim`` is smaller (each
+    module keeps at least one dim). ``kind="dense"``: one Gaussian JL matrix [dim, P] applied
+    to the materialized flat gradient (K = dim), ``chunk_size`` examples at a time; the
+    reference. Same ``seed``, same projection.
     ``by_layer=True`` (Kronecker only) returns module name -> [N, k_module] instead, in the order
     of the columns of the [N, K] result.
     """
@@ -225,11 +227,18 @@ def per_sample_projected(
     if kind == "dense":
         if by_layer:
             raise InfluxValueError("by_layer=True needs kind='kronecker' (a dense JL mixes layers)")
-        grads = per_sample_grads(
-            model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size
-        )
-        flat = flatten_per_sample(grads)
-        return dense_project(flat, dim, seed=seed)
+        if inputs.shape[0] == 0:
+            return next(iter(selected.values())).new_zeros(0, dim)
+        # Chunk by chunk, so memory holds one chunk's [chunk, P] gradients, not all N of them
+        # (the matrix is regenerated per chunk: the same seed gives the same projection).
+        return torch.cat([
+            dense_project(
+                flatten_per_sample(per_sample_grads(model, loss_fn, x, y, params=params)),
+                dim,
+                seed=seed,
+            )
+            for _, x, y in _chunks(inputs, targets, chunk_size)
+        ])  # fmt: skip
     layers = plan_layers(model, selected)
     if tied_parameters(layers):
         raise UnsupportedModelError(

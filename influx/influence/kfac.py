@@ -371,6 +371,8 @@ class KFACEstimator(Estimator):
     """(K-FAC or EK-FAC + damping I)^-1 per block; features: per-example gradients, one block per
     Kronecker layer (in its parameter basis or its eigenbasis) and per diagonal module."""
 
+    contracts_layers = True  # see ``score_batch`` / ``self_influence_batch``
+
     def __init__(
         self,
         model: nn.Module,
@@ -386,6 +388,7 @@ class KFACEstimator(Estimator):
         self.model, self.loss_fn, self.params = model, loss_fn, options.params
         self.options, self.eigen_corrected = options, eigen_corrected
         self.coverage = Coverage.of(model, options.params, options.others)
+        self._stream = _Stream(model, loss_fn, self.coverage)
         self._cast: dict = {}
         if _state is not None:  # from_state: nothing to fit
             self.factors, self.diagonal = _state["factors"], _state["diagonal"]
@@ -399,6 +402,7 @@ class KFACEstimator(Estimator):
             check_damped_spectrum(spectrum, self.dampings[name], what=f"K-FAC block of {name}")
         self.basis = {name: self._basis_of(name) for name in self.factors}
         self.layout, self.shapes = self._layout()
+        self._blocks = {blk.layer: blk for blk in self.layout.blocks}
         self.diagnostics = {
             "fisher": fisher,
             "damping": self.dampings,
@@ -440,7 +444,6 @@ class KFACEstimator(Estimator):
         self.factors: dict[str, KroneckerFactors] = {}
         self.diagonal: dict[str, DiagonalFactors] = {}
         self.tokens: dict[str, int] = {}
-        stream = _Stream(self.model, self.loss_fn, self.coverage)
 
         def accumulate(name: str, captured) -> None:
             if name in self.coverage.kronecker:
@@ -452,7 +455,7 @@ class KFACEstimator(Estimator):
                 accumulate_diagonal_factors(self.diagonal, name, names, numels, captured)
 
         for start, x, y in batches:
-            stream.run(x, y, accumulate, offset=start)
+            self._stream.run(x, y, accumulate, offset=start)
         # Blocks arrive in backward order: keep the coverage's (module) order for the layout.
         self.factors = {n: self.factors[n] for n in self.coverage.kronecker if n in self.factors}
         self.diagonal = {n: self.diagonal[n] for n in self.coverage.diagonal if n in self.diagonal}
@@ -464,7 +467,7 @@ class KFACEstimator(Estimator):
             f.count //= draws
         for f in self.diagonal.values():
             f.diagonal, f.count = f.diagonal / draws, f.count // draws
-        finalize_kronecker_factors(self.factors, compact=next(self.model.parameters()).dtype)
+        finalize_kronecker_factors(self.factors, compact=self.dtype)
         finalize_diagonal_factors(self.diagonal)
         if self.eigen_corrected:
             # The refit draws labels of its own. Refitted on the draws that chose the eigenbasis,
@@ -479,7 +482,7 @@ class KFACEstimator(Estimator):
                     accumulate_ekfac_eigenvalues(self.factors, {name: captured}, sums)
 
             for start, x, y in draw() if fisher == "sampled" else batches:
-                stream.run(x, y, refit, offset=start)
+                self._stream.run(x, y, refit, offset=start)
             if world > 1:
                 for name, f in self.factors.items():  # a rank may have seen no call of a layer
                     sums.setdefault(name, torch.zeros_like(f.eigenvalues))
@@ -544,19 +547,15 @@ class KFACEstimator(Estimator):
     def features(self, inputs, targets):
         """Per-example gradients, flat, block by block: a Kronecker layer's [d_out, d_in(+1)]
         in its feature basis, a diagonal block's parameters in coverage order."""
-        dtype = next(self.model.parameters()).dtype
-        # A block the batch does not use keeps its zero gradient.
-        out = inputs.new_zeros(inputs.shape[0], self.layout.size, dtype=dtype)
-        blocks = {blk.layer: blk for blk in self.layout.blocks}
+        out = self.new_features(inputs.shape[0], inputs)  # a block the batch skips stays 0
+        dtype = out.dtype
 
         def write(name: str, captured) -> None:
-            blk = blocks[name]
+            blk = self._blocks[name]
             out[:, blk.start : blk.stop] = self._block_features(name, captured, dtype)
 
-        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, write)
+        self._stream.run(inputs, targets, write)
         return out
-
-    contracts_layers = True
 
     def score_batch(self, queries, inputs, targets, *, per_layer: bool = False):
         """<queries, f(z)> for the batch's examples z, [Q, B], contracted block by block while
@@ -564,23 +563,22 @@ class KFACEstimator(Estimator):
         ``per_layer`` also each block's share {layer: [Q, B]}."""
         total = queries.new_zeros(queries.shape[0], inputs.shape[0])
         shares: dict[str, torch.Tensor] | None = {} if per_layer else None
-        blocks = {blk.layer: blk for blk in self.layout.blocks}
 
         def contract(name: str, captured) -> None:
-            blk = blocks[name]
+            blk = self._blocks[name]
             block = self._block_features(name, captured, queries.dtype)
             share = queries[:, blk.start : blk.stop] @ block.T
             total.add_(share)
             if shares is not None:
                 shares[name] = share
 
-        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, contract)
+        self._stream.run(inputs, targets, contract)
         return total, shares
 
     def self_influence_batch(self, inputs, targets) -> torch.Tensor:
         """:meth:`self_influence_of` the batch's features, block by block as the backward
         produces them (rotated into the eigenbasis whatever the feature basis): [B]."""
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.dtype
         total = inputs.new_zeros(inputs.shape[0], dtype=dtype)
 
         def add(name: str, captured) -> None:
@@ -591,7 +589,7 @@ class KFACEstimator(Estimator):
                 rotated = eigenbasis_gradients(captured, q_s, q_a).flatten(1)
             total.add_(rotated.square() @ inverse.flatten())
 
-        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, add)
+        self._stream.run(inputs, targets, add)
         return total
 
     def _rotated(self, features, blk):
@@ -616,9 +614,14 @@ class KFACEstimator(Estimator):
             )
         return out
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: features, factors and eigenbases are held in it."""
+        return next(self.model.parameters()).dtype
+
     def new_features(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """Zero features [rows, K] in the model's dtype on ``like``'s device."""
-        return like.new_zeros(rows, self.layout.size, dtype=next(self.model.parameters()).dtype)
+        return like.new_zeros(rows, self.layout.size, dtype=self.dtype)
 
     def preconditioned_features(self, inputs, targets, check=lambda rows: None, out=None):
         """``precondition(features(batch))``, each block preconditioned as the backward produces
@@ -627,14 +630,13 @@ class KFACEstimator(Estimator):
         in the result."""
         out = self.new_features(inputs.shape[0], inputs) if out is None else out
         dtype = out.dtype
-        blocks = {blk.layer: blk for blk in self.layout.blocks}
 
         def write(name: str, captured) -> None:
-            blk = blocks[name]
+            blk = self._blocks[name]
             block = self._block_features(name, captured, dtype)
             out[:, blk.start : blk.stop] = self._precondition_block(name, block)
 
-        _Stream(self.model, self.loss_fn, self.coverage).run(inputs, targets, write)
+        self._stream.run(inputs, targets, write)
         check(out)
         return out
 
