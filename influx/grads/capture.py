@@ -40,6 +40,14 @@ class LayerCall:
     grad_output: torch.Tensor  # [N, *output.shape[1:]], d(sum of losses)/d(output)
 
 
+def _check_output(name: str, module: nn.Module, output) -> None:
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedModelError(
+            f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
+            "per-sample rules need a single tensor output: wrap the module so it returns one"
+        )
+
+
 @contextmanager
 def _requiring_grad(parameters):
     """Temporarily make the selected parameters require grad (a frozen one may be selected)."""
@@ -75,11 +83,7 @@ def capture(
 
     def watch(name: str):
         def hook(module, args, output):
-            if not isinstance(output, torch.Tensor):
-                raise UnsupportedModelError(
-                    f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
-                    "per-sample rules need a single tensor output: wrap the module so it returns one"
-                )
+            _check_output(name, module, output)
             if output.requires_grad:
                 detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
                 pending.append((name, detached, get_gradient_edge(output), output))
@@ -147,11 +151,7 @@ def capture_streaming(
 
     def watch(name: str):
         def hook(module, args, output):
-            if not isinstance(output, torch.Tensor):
-                raise UnsupportedModelError(
-                    f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
-                    "per-sample rules need a single tensor output: wrap the module so it returns one"
-                )
+            _check_output(name, module, output)
             if not output.requires_grad or name not in pending:
                 return
             detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
