@@ -406,9 +406,10 @@ def _agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
     }
 
 
-def _configuration(args, config: str, sizes: Sizes, runs: int) -> list[dict]:
-    """Train the configuration's model, then every (kind, method, library) row, ``runs`` times."""
-    device = args.device
+def trained_setup(sizes, device: str, details: str, folder: str):
+    """The synthetic train / test data of ``sizes``, its model trained with Adam, and
+    ``<folder>/setup.pt`` holding both for the row processes. Returns (model on the CPU, the
+    training row: kind, impl, total_s and notes ending in ``details``)."""
     train_set = as_tensors(load("synthetic", split="train", size=sizes.train, seed=SEED))[:2]
     query_set = as_tensors(load("synthetic", split="test", size=sizes.queries, seed=SEED))[:2]
     model = build_model(sizes)
@@ -424,29 +425,38 @@ def _configuration(args, config: str, sizes: Sizes, runs: int) -> list[dict]:
     )
     query_loss, query_accuracy = evaluate_model(model, query_set)
     model.to("cpu")
-    shared = {
-        "config": config,
-        "model": _describe(sizes, model),
-        "train": sizes.train,
-        "queries": sizes.queries,
+    setup = {"sizes": asdict(sizes), "state": model.state_dict(), "train": train_set}
+    torch.save({**setup, "query": query_set}, Path(folder) / "setup.pt")
+    row = {
+        "kind": "training",
+        "impl": "influx.train",
+        "total_s": trained.seconds,
+        "notes": (
+            f"{sizes.steps} Adam steps of 128; train acc {trained.final_accuracy:.3f}, "
+            f"query acc {query_accuracy:.3f} (loss {query_loss:.3g}); {details}"
+        ),
     }
-    rows = [
-        {
-            **shared,
-            "kind": "training",
-            "impl": "influx.train",
-            "total_s": trained.seconds,
-            "notes": (
-                f"{sizes.steps} Adam steps of 128; train acc {trained.final_accuracy:.3f}, "
-                f"query acc {query_accuracy:.3f} (loss {query_loss:.3g}); fisher {sizes.fisher}, "
-                f"query_batch {sizes.query_batch}, train_batch {sizes.train_batch}"
-            ),
-        }
-    ]
-    print(f"influence_scale {config}: {rows[0]['notes']}, {trained.seconds:.1f}s", flush=True)
+    return model, row
+
+
+def _configuration(args, config: str, sizes: Sizes, runs: int) -> list[dict]:
+    """Train the configuration's model, then every (kind, method, library) row, ``runs`` times."""
     with tempfile.TemporaryDirectory() as folder:
-        setup = {"sizes": asdict(sizes), "state": model.state_dict(), "train": train_set}
-        torch.save({**setup, "query": query_set}, Path(folder) / "setup.pt")
+        details = (
+            f"fisher {sizes.fisher}, query_batch {sizes.query_batch}, "
+            f"train_batch {sizes.train_batch}"
+        )
+        model, training = trained_setup(sizes, args.device, details, folder)
+        shared = {
+            "config": config,
+            "model": _describe(sizes, model),
+            "train": sizes.train,
+            "queries": sizes.queries,
+        }
+        rows = [{**shared, **training}]
+        print(
+            f"influence_scale {config}: {training['notes']}, {training['total_s']:.1f}s", flush=True
+        )
         for kind in sizes.kinds:
             for method in sizes.methods:
                 pair = {}

@@ -38,20 +38,25 @@ import os
 import tempfile
 import time
 from argparse import Namespace
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks.common import memory_mark, peak_mem_mb, run_child
-from benchmarks.suites.influence_scale import CONFIGS, _describe, _median_row, _warm_up, build_model
+from benchmarks.suites.influence_scale import (
+    CONFIGS,
+    _describe,
+    _median_row,
+    _warm_up,
+    build_model,
+    trained_setup,
+)
 from influx import influence
-from influx.data import as_tensors, load
 from influx.grads import per_sample_projected
 from influx.influence import evaluate
-from influx.train import cross_entropy_per_example, train
-from influx.train import evaluate as evaluate_model
+from influx.train import cross_entropy_per_example
 
 COLUMNS = [
     "kind",
@@ -371,30 +376,11 @@ def run(args: Namespace) -> list[dict]:
     quick = getattr(args, "quick", False)
     sizes = sizes_for(quick)
     runs = int(os.environ.get("INFLUX_TRAK_SCALE_RUNS", 1 if quick else 3))
-    train_set = as_tensors(load("synthetic", split="train", size=sizes.train, seed=SEED))[:2]
-    query_set = as_tensors(load("synthetic", split="test", size=sizes.queries, seed=SEED))[:2]
-    model = build_model(sizes)
-    trained = train(
-        model, train_set, steps=sizes.steps, batch_size=128, lr=3e-3, seed=SEED, progress=False
-    )
-    query_loss, query_accuracy = evaluate_model(model, query_set)
-    shared = {"model": _describe(sizes, model), "train": sizes.train, "queries": sizes.queries}
-    rows = [
-        {
-            **shared,
-            "kind": "training",
-            "impl": "influx.train",
-            "total_s": trained.seconds,
-            "notes": (
-                f"{sizes.steps} Adam steps of 128; train acc {trained.final_accuracy:.3f}, "
-                f"query acc {query_accuracy:.3f} (loss {query_loss:.3g}); batch {sizes.batch}"
-            ),
-        }
-    ]
-    print(f"trak_scale: {rows[0]['notes']}, {trained.seconds:.1f}s", flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        setup = {"sizes": asdict(sizes), "state": model.state_dict(), "train": train_set}
-        torch.save({**setup, "query": query_set}, Path(folder) / "setup.pt")
+        model, training = trained_setup(sizes, "cpu", f"batch {sizes.batch}", folder)
+        shared = {"model": _describe(sizes, model), "train": sizes.train, "queries": sizes.queries}
+        rows = [{**shared, **training}]
+        print(f"trak_scale: {training['notes']}, {training['total_s']:.1f}s", flush=True)
         for kind, impl, projection, dim in plan(sizes):
             one = f"{kind}:{impl}:{projection}:{dim}:{folder}"
             results = [run_child("trak_scale", one, args) for _ in range(runs)]
