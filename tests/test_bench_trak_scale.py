@@ -20,7 +20,7 @@ TINY = {
     "INFLUX_TRAK_SCALE_QUERIES": "8",
     "INFLUX_TRAK_SCALE_STEPS": "2",
     "INFLUX_TRAK_SCALE_PROJ_DIM": "32",
-    "INFLUX_TRAK_SCALE_KRON_DIM": "16",  # exercises the extra Kronecker row
+    "INFLUX_TRAK_SCALE_RECOMMENDED_DIM": "16",  # exercises the second K of the trak rows
     "INFLUX_TRAK_SCALE_BATCH": "32",
     "INFLUX_TRAK_SCALE_RUNS": "1",
 }
@@ -48,7 +48,9 @@ def test_every_row_finishes(rows):
         ("trak", "influx", "dense", 32),
         ("trak", "influx", "kronecker", 32),
         ("trak", "traker", "dense", 32),
+        ("trak", "influx", "dense", 16),
         ("trak", "influx", "kronecker", 16),
+        ("trak", "traker", "dense", 16),
         ("project", "influx", "dense", 32),
         ("project", "influx", "kronecker", 32),
         ("project", "traker", "dense", 32),
@@ -64,7 +66,7 @@ def test_every_row_finishes(rows):
 def test_influx_rows_are_compared_with_traker(rows):
     by_key = {(r["kind"], r["projection"], r["dim"]): r for r in rows if r["impl"] == "influx"}
     for key, row in by_key.items():
-        same_k = key[2] == 32  # the traker rows run at K = 32
+        same_k = key[0] == "trak" or key[2] == 32  # traker's trak rows run at K = 32 and 16
         assert ("vs_traker_time" in row) == same_k
         assert ("vs_traker_mem" in row) == same_k
         assert ("vs_traker_pooled" in row) == (key[0] == "trak")

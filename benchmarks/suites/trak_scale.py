@@ -16,18 +16,17 @@ classes); 1,000 train examples x 100 queries (the synthetic test split). Two kin
 
 K: traker's recommended ``proj_dim`` is its default 2,048, or, when that is not below N (its
 recommended ``lambda_reg`` is 0, so X^T X of [N, K] features must be invertible), the largest
-power of two below N: 512 at N = 1,000. A dense projection redraws its Gaussian matrix, K x
-11.2M numbers, once per batch of examples (influx: its 1 GiB projection cache cannot hold it;
-traker: whenever K > 100, its block), so at K = 512 one dense row takes about 45 min (influx) or
-10 min (traker) on two cores; the matched
-rows (influx dense, influx kronecker, traker) run at ``dim`` = 64 instead, and one more influx
-Kronecker TRAK row runs at traker's recommended K (``kron_dim``).
+power of two below N: 512 at N = 1,000. The trak rows (influx dense, influx kronecker, traker)
+run at that K (``recommended_dim``) and at a small ``dim`` = 64; the projection rows at ``dim``.
+A dense projection redraws its Gaussian matrix, K x 11.2M numbers, once per batch of examples
+(influx: its 1 GiB projection cache cannot hold it; traker: whenever K > 100, its block), so the
+dense rows at K = 512 are dominated by drawing Gaussians (both libraries draw in float32).
 
 Each (row, run) runs in a fresh subprocess (``benchmarks/run.py --one``), so its peak memory is
 its own; ``INFLUX_TRAK_SCALE_RUNS`` runs per row (default 3). Environment overrides:
 ``INFLUX_TRAK_SCALE_TRAIN``, ``_QUERIES``, ``_DEPTH`` (8 or 18), ``_WIDTH``, ``_STEPS`` (training
-steps), ``_PROJ_DIM`` (K of the matched rows), ``_KRON_DIM`` (K of the extra Kronecker row; 0 or
-equal to ``_PROJ_DIM``: none), ``_BATCH`` (examples per batch, both libraries) and ``_RUNS``.
+steps), ``_PROJ_DIM`` (the small K), ``_RECOMMENDED_DIM`` (the second K of the trak rows; 0 or
+equal to ``_PROJ_DIM``: none; default traker's recommendation), ``_BATCH`` (examples per batch, both libraries) and ``_RUNS``.
 """
 
 from __future__ import annotations
@@ -98,16 +97,14 @@ NOTES = (
     "(traker rescales by 1 - p of each train example and uses no damping; influx uses loss "
     "gradients and 'auto' damping) and, for the extra Kronecker row, a different K, so agreement "
     "is only approximate. Batches: `batch` examples per forward/backward and per projection on "
-    "both sides (influx's dense rows redraw their K x P Gaussian once per batch; traker's "
-    "BasicProjector keeps its one block when K <= 100). traker runs in float32 "
-    "(`use_half_precision=False`): its default float16 matmul on the CPU takes about 3 minutes for "
-    "5 examples at K = 512, which no CPU run can afford. K: traker's recommended K at N = 1,000 is "
-    "512 (its default 2,048 is not below N), run here by the extra influx Kronecker row only; the "
-    "matched rows use K = 64 because at K = 512 both redraw the K x 11.2M Gaussian per batch "
-    "(influx draws in float64, about 230 s per redraw at K = 512; traker about 45 s), which would "
-    "take about 45 min (influx) or 10 min (traker) per run at K = 512. Even at K = 64 a dense row "
-    "takes minutes: most of it is materializing 1,100 full-width per-sample gradients, [100, "
-    "11.2M] per batch on both sides. Timings taken on a shared machine are noisy."
+    "both sides (the dense rows of both redraw their K x P Gaussian once per batch, in float32, "
+    "except traker's BasicProjector at K <= 100, which keeps its one block). traker runs in "
+    "float32 (`use_half_precision=False`): its default float16 matmul on the CPU takes about 3 "
+    "minutes for 5 examples at K = 512, which no CPU run can afford. K: the trak rows run at "
+    "traker's recommended K (512 at N = 1,000: its default 2,048 is not below N, and its "
+    "lambda_reg 0 needs an invertible X^T X) and at K = 64; the projection rows at K = 64. At "
+    "K = 64 most of a dense row is materializing 1,100 full-width per-sample gradients, [100, "
+    "11.2M] per batch on both sides."
 )
 
 SEED = 0
@@ -120,8 +117,8 @@ class Sizes:
     train: int  # N train examples
     queries: int  # Q query examples
     steps: int  # Adam steps of 128 examples to train the model
-    dim: int  # K of the matched rows (influx dense and kronecker, traker)
-    kron_dim: int  # K of one more influx Kronecker TRAK row (traker's recommended K); 0: none
+    dim: int  # the small K of every row (influx dense and kronecker, traker)
+    recommended_dim: int  # the second K of the trak rows (traker's recommendation); 0: none
     batch: int  # examples per forward/backward and per projection, both libraries
 
 
@@ -139,10 +136,10 @@ FULL = Sizes(
     queries=_RESNET18.queries,
     steps=_RESNET18.steps,
     dim=64,
-    kron_dim=traker_dim(_RESNET18.train),
+    recommended_dim=traker_dim(_RESNET18.train),
     batch=100,
 )
-QUICK = Sizes(depth=8, width=8, train=64, queries=8, steps=5, dim=32, kron_dim=0, batch=32)
+QUICK = Sizes(depth=8, width=8, train=64, queries=8, steps=5, dim=32, recommended_dim=0, batch=32)
 ENV = {
     "INFLUX_TRAK_SCALE_DEPTH": "depth",
     "INFLUX_TRAK_SCALE_WIDTH": "width",
@@ -150,7 +147,7 @@ ENV = {
     "INFLUX_TRAK_SCALE_QUERIES": "queries",
     "INFLUX_TRAK_SCALE_STEPS": "steps",
     "INFLUX_TRAK_SCALE_PROJ_DIM": "dim",
-    "INFLUX_TRAK_SCALE_KRON_DIM": "kron_dim",
+    "INFLUX_TRAK_SCALE_RECOMMENDED_DIM": "recommended_dim",
     "INFLUX_TRAK_SCALE_BATCH": "batch",
 }
 
@@ -160,20 +157,21 @@ def sizes_for(quick: bool) -> Sizes:
         QUICK if quick else FULL,
         **{field: int(os.environ[name]) for name, field in ENV.items() if name in os.environ},
     )
-    if not quick and "INFLUX_TRAK_SCALE_KRON_DIM" not in os.environ:
-        sizes = replace(sizes, kron_dim=traker_dim(sizes.train))
+    if not quick and "INFLUX_TRAK_SCALE_RECOMMENDED_DIM" not in os.environ:
+        sizes = replace(sizes, recommended_dim=traker_dim(sizes.train))
     return sizes
 
 
 def plan(sizes: Sizes) -> list[tuple[str, str, str, int]]:
     """(kind, impl, projection, K) of every row, in table order."""
+    dims = [sizes.dim] + (
+        [sizes.recommended_dim] if sizes.recommended_dim not in (0, sizes.dim) else []
+    )
     rows = [
-        ("trak", "influx", "dense", sizes.dim),
-        ("trak", "influx", "kronecker", sizes.dim),
-        ("trak", "traker", "dense", sizes.dim),
+        ("trak", impl, projection, dim)
+        for dim in dims
+        for impl, projection in (("influx", "dense"), ("influx", "kronecker"), ("traker", "dense"))
     ]
-    if sizes.kron_dim not in (0, sizes.dim):
-        rows.append(("trak", "influx", "kronecker", sizes.kron_dim))
     return rows + [
         ("project", "influx", "dense", sizes.dim),
         ("project", "influx", "kronecker", sizes.dim),
@@ -353,7 +351,8 @@ def _compare(rows: list[dict], folder: str) -> None:
     for row in rows:
         if row.get("impl") != "influx":
             continue
-        peer = next(r for r in rows if r.get("impl") == "traker" and r["kind"] == row["kind"])
+        peers = [r for r in rows if r.get("impl") == "traker" and r["kind"] == row["kind"]]
+        peer = next((r for r in peers if r["dim"] == row["dim"]), peers[0])
         if "total_s" in row and "total_s" in peer and row["dim"] == peer["dim"]:
             row["vs_traker_time"] = row["total_s"] / peer["total_s"]
             row["vs_traker_mem"] = row["peak_mem_mb"] / max(peer["peak_mem_mb"], 1e-9)
