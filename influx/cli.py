@@ -84,7 +84,7 @@ COMMUTATOR_REFERENCE = 32
 # Per-example [B, P] buffers of the commutator statistic stay under this many floats.
 COMMUTATOR_FLOATS = 1 << 25
 # Bumped whenever the stored layout or a score's definition changes: old stores are refused.
-STORE_FORMAT = 2
+STORE_FORMAT = 3  # 3: projection matrices drawn in float32 (self_influence:trak changed)
 
 # Requestable scores: name -> (columns it writes, what it is).
 SCORES: dict[str, tuple[tuple[str, ...], str]] = {
