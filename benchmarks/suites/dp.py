@@ -41,8 +41,7 @@ NOTES = (
     "method once; median_s and floor_median_s are the medians, x_floor their ratio. "
     "vs_opacus_ghost: x_floor over Opacus ghost clipping's x_floor. peak_mem_mb: peak resident memory above "
     "the state after building the model and batch. rel_err: max relative error of the clipped "
-    "summed gradient (noise 0) on 4 examples against a per-example loop. The CPU was shared with "
-    "other work while this ran (see load in the header): ratios are indicative."
+    "summed gradient (noise 0) on 4 examples against a per-example loop."
 )
 
 

@@ -65,8 +65,7 @@ NOTES = (
     "subprocess: one warm-up call, then the median of 5 timed calls; the three rows run "
     f"{RUNS} times, interleaved, and the table gives the median over the runs with the min-max "
     "range. speedup: throughput over the sequential influx.train.train row of the same run. peak_mem_mb: peak resident memory above the state "
-    "after loading the data. The CPU is shared with other work while these rows run: absolute "
-    "times are noisy (load_average_1m in the JSON), ratios less so. The memorization-vs-proxies "
+    "after loading the data. The memorization-vs-proxies "
     "comparison (python -m benchmarks.suites.ensemble --proxies) is in "
     "ensemble-<device>.proxies.md."
 )

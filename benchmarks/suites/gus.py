@@ -55,9 +55,7 @@ NOTES = (
     "median of the timed runs (`timing`); peak_mem_mb is the peak resident memory above the state "
     "after loading the model and data. max_abs_diff: influx scores vs the loop's, checked in a "
     "separate process before timing. speedup_vs_loop: loop time over the row's time (medians; "
-    "_min: the same with the fastest runs, which other load on the machine can only slow down). "
-    "The CPU was shared with other work during the run (see load_average_1m in the JSON): times "
-    "are noisy."
+    "_min: the same with the fastest runs, which other load on the machine can only slow down)."
 )
 
 

@@ -32,11 +32,7 @@ COLUMNS = [
     "note",
 ]  # fmt: skip
 SCORES = ("basic", "self_influence_ekfac", "tracin", "commutator", "memorization")
-NOTES = (
-    "`basic` is loss, margin and grad_norm together (one forward and one batched backward). "
-    "Timings on a shared 2-core CPU are noisy: other jobs ran on the machine during the "
-    "measurements (see load_average_1m in the JSON)."
-)
+NOTES = "`basic` is loss, margin and grad_norm together (one forward and one batched backward)."
 
 
 def _setting(name: str, device: str, quick: bool):
