@@ -103,8 +103,8 @@ NOTES = (
     "minutes for 5 examples at K = 512, which no CPU run can afford. K: the trak rows run at "
     "traker's recommended K (512 at N = 1,000: its default 2,048 is not below N, and its "
     "lambda_reg 0 needs an invertible X^T X) and at K = 64; the projection rows at K = 64. At "
-    "K = 64 most of a dense row is materializing 1,100 full-width per-sample gradients, [100, "
-    "11.2M] per batch on both sides."
+    "K = 64 most of a dense row is materializing 1,100 full-width per-sample gradients: traker "
+    "holds [100, 11.2M] per batch, influx one layer's [100, p] at a time."
 )
 
 SEED = 0

@@ -18,7 +18,6 @@ from influx.grads.common import (
     LossFn,
     check_batch,
     flat_rows,
-    flatten_per_sample,
     select_parameters,
 )
 from influx.grads.projection import Projector, dense_project
@@ -214,8 +213,9 @@ def per_sample_projected(
     densely, or kept whole when they are smaller than their share. K is the sum of the shares
     actually used: at most ``dim``, or the number of modules when ``dim`` is smaller (each
     module keeps at least one dim). ``kind="dense"``: one Gaussian JL matrix [dim, P] applied
-    to the materialized flat gradient (K = dim), ``chunk_size`` examples at a time; the
-    reference. Same ``seed``, same projection.
+    to the flat gradient (K = dim), ``chunk_size`` examples at a time, each layer's columns
+    as soon as they are formed: memory holds one layer's per-sample gradients, never the flat
+    [N, P]. Same ``seed``, same projection.
     ``by_layer=True`` (Kronecker only) returns module name -> [N, k_module] instead, in the order
     of the columns of the [N, K] result.
     """
@@ -229,15 +229,12 @@ def per_sample_projected(
             raise InfluxValueError("by_layer=True needs kind='kronecker' (a dense JL mixes layers)")
         if inputs.shape[0] == 0:
             return next(iter(selected.values())).new_zeros(0, dim)
-        # Chunk by chunk, so memory holds one chunk's [chunk, P] gradients, not all N of them
-        # (the matrix is regenerated per chunk: the same seed gives the same projection).
+        # Chunk by chunk (the matrix is regenerated per chunk: the same seed gives the same
+        # projection), each chunk one layer at a time.
+        layers = plan_layers(model, selected)
         return torch.cat([
-            dense_project(
-                flatten_per_sample(per_sample_grads(model, loss_fn, x, y, params=params)),
-                dim,
-                seed=seed,
-            )
-            for _, x, y in _chunks(inputs, targets, chunk_size)
+            _dense_projected_chunk(model, loss_fn, x, y, layers, selected, offset, dim, seed)
+            for offset, x, y in _chunks(inputs, targets, chunk_size)
         ])  # fmt: skip
     layers = plan_layers(model, selected)
     if tied_parameters(layers):
@@ -260,6 +257,40 @@ def per_sample_projected(
         return {} if by_layer else reference.new_zeros(0, 0)
     blocks = {name: torch.cat(chunks) for name, chunks in parts.items()}
     return blocks if by_layer else torch.cat(list(blocks.values()), dim=1)
+
+
+def _dense_projected_chunk(
+    model, loss_fn, inputs, targets, layers, selected, offset, dim: int, seed: int
+) -> torch.Tensor:
+    """``dense_project(flatten_per_sample(per_sample_grads(...)))`` of one chunk, [n, dim], with
+    each layer's gradients projected as soon as they are formed and then dropped (with the
+    layer's captured inputs): memory holds one layer's [n, p] gradients, never the flat [n, P].
+    Tied parameters add up over their modules first."""
+    columns, width = {}, 0
+    for name, param in selected.items():
+        columns[name], width = width, width + param.numel()
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
+    tied = tied_parameters(layers)
+    out = next(iter(selected.values())).new_zeros(inputs.shape[0], dim)
+    pending: dict[str, torch.Tensor] = {}
+
+    def add(name: str, grads: torch.Tensor) -> None:
+        out.add_(dense_project(flat_rows(grads), dim, seed=seed, start=columns[name], width=width))
+
+    for layer in layers:
+        layer_calls = calls.pop(layer.name)
+        if not layer_calls:
+            continue  # no gradient: contributes nothing
+        for local, grads in layer.rule.grads(layer.module, layer_calls).items():
+            full = layer.params.get(local)
+            if full in tied:
+                _accumulate(pending, full, grads)
+            elif full is not None:
+                add(full, grads)
+        del layer_calls
+    for name, grads in pending.items():
+        add(name, grads)
+    return out
 
 
 def _project_layer(layer: PlannedLayer, calls, projector: Projector, n: int) -> torch.Tensor:

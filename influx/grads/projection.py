@@ -133,23 +133,37 @@ class Projector:
 DENSE_BLOCK_COLUMNS = 4096
 
 
-def dense_project(flat_grads: torch.Tensor, dim: int, *, seed: int) -> torch.Tensor:
+def dense_project(
+    flat_grads: torch.Tensor, dim: int, *, seed: int, start: int = 0, width: int | None = None
+) -> torch.Tensor:
     """Project [N, P] per-sample gradients to [N, dim] with one seeded Gaussian matrix [dim, P].
 
     The matrix is drawn column block by column block (:data:`DENSE_BLOCK_COLUMNS`), never whole,
-    so memory stays O(dim * DENSE_BLOCK_COLUMNS) plus what the bounded cache keeps.
+    so memory stays O(dim * DENSE_BLOCK_COLUMNS) plus what the bounded cache keeps. Given columns
+    [start, start + w) of a flat gradient ``width`` columns wide, it returns their share of that
+    gradient's projection: the shares of any split of the columns add up to the whole, so a
+    gradient can be projected one parameter at a time and never held flat.
     """
-    n, width = flat_grads.shape
+    n, columns = flat_grads.shape
+    width = start + columns if width is None else width
+    stop = start + columns
+    if start < 0 or stop > width:
+        raise InfluxValueError(f"columns [{start}, {stop}) lie outside a gradient of {width}")
     out = flat_grads.new_zeros(n, dim)
-    for start in range(0, width, DENSE_BLOCK_COLUMNS):
-        stop = min(width, start + DENSE_BLOCK_COLUMNS)
+    first = start - start % DENSE_BLOCK_COLUMNS
+    for block_start in range(first, stop, DENSE_BLOCK_COLUMNS):
+        block_stop = min(width, block_start + DENSE_BLOCK_COLUMNS)
+        low, high = max(start, block_start), min(stop, block_stop)
         block = gaussian_matrix(
             dim,
-            stop - start,
+            block_stop - block_start,
             seed=seed,
-            name=f"dense:{start}",
+            name=f"dense:{block_start}",
             dtype=flat_grads.dtype,
             device=flat_grads.device,
         )
-        out += flat_grads[:, start:stop] @ block.T
+        out += (
+            flat_grads[:, low - start : high - start]
+            @ block[:, low - block_start : high - block_start].T
+        )
     return out

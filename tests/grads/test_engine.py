@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from torch import nn
 from utils import assert_close
 
-from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected, reference, rules
+from influx.grads import (
+    per_sample_grads,
+    per_sample_norms,
+    per_sample_projected,
+    projection,
+    reference,
+    rules,
+)
 from influx.grads.projection import Projector, dense_project
 
 
@@ -267,6 +274,32 @@ def test_dense_projection_is_jl_of_the_flat_gradient():
     )
     got = per_sample_projected(model, cross_entropy, x, y, dim=32, seed=1, kind="dense")
     assert_close(got, dense_project(flat, 32, seed=1))
+
+
+@pytest.mark.parametrize("case", ["tied", "partial", "chunked"])
+def test_dense_projection_layer_by_layer_is_the_flat_one(case, monkeypatch):
+    # The dense path projects each layer's columns as it goes and drops them; the shares must add
+    # up to the projection of the whole flat gradient, with blocks small enough here to straddle
+    # parameters. float64 both sides: the same products summed in another order.
+    monkeypatch.setattr(projection, "DENSE_BLOCK_COLUMNS", 16)
+    params, chunk_size = None, None
+    if case == "tied":
+        model = TiedLM().double()
+        x, y = torch.randint(0, 9, (5, 6)), torch.randint(0, 9, (5,))
+    else:
+        model = Mixed().double()
+        x, y = mixed_batch(5)
+        names = [name for name, _ in model.named_parameters()]
+        params = names[1::2] if case == "partial" else None
+        chunk_size = 2 if case == "chunked" else None
+    flat = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, x, y, params=params)
+    )
+    got = per_sample_projected(
+        model, cross_entropy, x, y, dim=24, seed=3, kind="dense", params=params,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    assert_close(got, dense_project(flat, 24, seed=3), rtol=1e-12, name=case)
 
 
 def test_kronecker_factors_preserve_inner_products_on_average():

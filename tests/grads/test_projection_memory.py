@@ -6,6 +6,7 @@ import pytest
 import torch
 from utils import assert_close
 
+from influx.errors import InfluxValueError
 from influx.grads import projection
 from influx.grads.projection import DENSE_BLOCK_COLUMNS, ProjectionCache, dense_project
 
@@ -63,3 +64,19 @@ def test_dense_projection_draws_fixed_column_blocks_only(monkeypatch):
 def test_budget_must_be_nonnegative(budget):
     with pytest.raises(ValueError, match="cache budget must be >= 0"):
         ProjectionCache().set_budget(budget)
+
+
+def test_shares_of_any_column_split_add_up_to_the_projection():
+    width = 2 * DENSE_BLOCK_COLUMNS + 7
+    flat = torch.randn(3, width, dtype=torch.float64)
+    whole = dense_project(flat, 5, seed=2)
+    # cuts inside blocks, on a block boundary, and a one-column piece
+    cuts = [0, 100, DENSE_BLOCK_COLUMNS, DENSE_BLOCK_COLUMNS + 1, width - 3, width]
+    shares = sum(
+        dense_project(flat[:, a:b], 5, seed=2, start=a, width=width)
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    )
+    # float64, a few thousand products per entry summed in another order
+    assert_close(shares, whole, rtol=1e-12, name="sum of column shares")
+    with pytest.raises(InfluxValueError, match="outside"):
+        dense_project(flat[:, :10], 5, seed=2, start=width - 5, width=width)
