@@ -287,7 +287,6 @@ def _dense_projected_chunk(
                 _accumulate(pending, full, grads)
             elif full is not None:
                 add(full, grads)
-        del layer_calls
     for name, grads in pending.items():
         add(name, grads)
     return out

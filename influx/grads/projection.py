@@ -3,7 +3,7 @@
 Entries are N(0, 1/k), so E||P g||^2 = ||g||^2 and inner products are preserved in expectation.
 Matrices are drawn in float32 on the CPU from a generator seeded by (seed, name) and then cast, so
 a run in float32 and one in float64, or on CPU and GPU, use the same projection (float32 because
-its draw is vectorized: about 5x the float64 rate on CPU, which is what a dense projection of a
+its draw is vectorized: about 6x the float64 rate on CPU, which is what a dense projection of a
 large network spends its time on).
 """
 

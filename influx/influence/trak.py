@@ -78,7 +78,9 @@ class TRAKEstimator(Estimator):
             else resolve_checkpoints(options.checkpoints, None)[0]
         )
         self.models = [model_at(model, c) for c in checkpoints]
-        self.num_parameters = ParamSpace.of(model, options.params).size
+        # A dense projection forms one parameter's per-example gradients at a time (plus a
+        # transient copy in the conv rule): the largest parameter bounds its memory.
+        self.largest_parameter = max(ParamSpace.of(model, options.params).numels)
         self.layout = self._layout(inputs[:1], targets[:1])
         batch_size = options.batch_size or default_batch_size(self.bytes_per_example())
         train_features = torch.cat(
@@ -169,9 +171,8 @@ class TRAKEstimator(Estimator):
         return torch.linalg.cholesky(fisher + damping * eye), damping
 
     def bytes_per_example(self) -> int:
-        # A dense projection materializes each example's full gradient [P] first.
         if self.options.projection == "dense":
-            return 8 * max(self.layout.size, self.num_parameters)
+            return 8 * max(self.layout.size, 2 * self.largest_parameter)
         return 8 * self.layout.size
 
     def features(self, inputs, targets):

@@ -9,12 +9,17 @@ from influx.influence import base
 
 
 @pytest.mark.parametrize(
-    ("method", "options"), [("grad_dot", {}), ("ekfac", {}), ("trak", {"dim": 8})]
+    ("method", "options", "per_example"),
+    [
+        ("grad_dot", {}, 8 * 57),  # 57 parameters: float64 gradients
+        ("ekfac", {}, 8 * 57),
+        # dense projection: the largest parameter's gradient (6 x 5) and one copy of it
+        ("trak", {"dim": 8}, 8 * 2 * 30),
+    ],
 )
-def test_default_batches_fit_the_budget(tiny_mlp, monkeypatch, method, options):
+def test_default_batches_fit_the_budget(tiny_mlp, monkeypatch, method, options, per_example):
     model, loss_fn, train, query = tiny_mlp
-    # 57 parameters: 456 bytes per example of float64 gradients; a budget of three examples
-    monkeypatch.setattr(base, "FEATURE_BATCH_BYTES", 3 * 8 * 57)
+    monkeypatch.setattr(base, "FEATURE_BATCH_BYTES", 3 * per_example)  # three examples
     seen = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda x: seen.append(x.shape[0]) or real_forward(x))
