@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from utils import assert_close
 
 from influx import cli, commutator, data, influence, store
+from influx.errors import InfluxValueError
 from influx.train import cross_entropy_per_example
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +274,7 @@ class _Payload:
 
 def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
     torch.save({"weights": _Payload()}, tmp_path / "payload.pt")
-    (tmp_path / "random.bin").write_bytes(os.urandom(256))
+    (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(256))
     torch.save({"other.weight": torch.zeros(2)}, tmp_path / "other.pt")
     torch.save({"w": torch.full((2,), float("nan"))}, tmp_path / "nan.pt")
     cases = {
@@ -287,6 +289,16 @@ def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not (out / "summary.json").exists()
+
+
+def test_any_random_bytes_are_refused_with_the_checkpoint_message(tmp_path):
+    # Random input can fail anywhere in the weights-only unpickler (UnpicklingError, EOFError,
+    # IndexError, KeyError, ...): every failure is the same one-line InfluxValueError.
+    path = tmp_path / "random.bin"
+    for seed in range(200):
+        path.write_bytes(random.Random(seed).randbytes(64 + seed))
+        with pytest.raises(InfluxValueError, match="neither a safetensors file nor a torch.save"):
+            cli.read_state_dict(path)
 
 
 @pytest.mark.parametrize(

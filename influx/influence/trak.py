@@ -80,7 +80,8 @@ class TRAKEstimator(Estimator):
         self.models = [model_at(model, c) for c in checkpoints]
         # A dense projection forms one parameter's per-example gradients at a time (plus a
         # transient copy in the conv rule): the largest parameter bounds its memory.
-        self.largest_parameter = max(ParamSpace.of(model, options.params).numels)
+        space = ParamSpace.of(model, options.params)
+        self.num_parameters, self.largest_parameter = space.size, max(space.numels)
         self.layout = self._layout(inputs[:1], targets[:1])
         batch_size = options.batch_size or default_batch_size(self.bytes_per_example())
         train_features = torch.cat(
