@@ -26,7 +26,8 @@ Each (row, run) runs in a fresh subprocess (``benchmarks/run.py --one``), so its
 its own; ``INFLUX_TRAK_SCALE_RUNS`` runs per row (default 3). Environment overrides:
 ``INFLUX_TRAK_SCALE_TRAIN``, ``_QUERIES``, ``_DEPTH`` (8 or 18), ``_WIDTH``, ``_STEPS`` (training
 steps), ``_PROJ_DIM`` (the small K), ``_RECOMMENDED_DIM`` (the second K of the trak rows; 0 or
-equal to ``_PROJ_DIM``: none; default traker's recommendation), ``_BATCH`` (examples per batch, both libraries) and ``_RUNS``.
+equal to ``_PROJ_DIM``: none; default traker's recommendation), ``_BATCH`` (examples per batch,
+both libraries) and ``_RUNS``.
 """
 
 from __future__ import annotations

@@ -90,17 +90,26 @@ def _empty_grads(selected) -> dict[str, torch.Tensor]:
     return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
 
 
+def _layer_grads(layers, calls) -> Iterator[tuple[str, torch.Tensor]]:
+    """(full name, [N, *shape]) of each selected parameter, layer by layer, for the layers that
+    took part; a layer's captured calls are released once its gradients are formed. A tied
+    parameter comes once per module that uses it."""
+    for layer in layers:
+        layer_calls = calls.pop(layer.name)
+        if not layer_calls:
+            continue
+        for local, g in layer.rule.grads(layer.module, layer_calls).items():
+            if local in layer.params:
+                yield layer.params[local], g
+
+
 def _grads_of_chunk(
     model, loss_fn, inputs, targets, layers, selected, offset
 ) -> dict[str, torch.Tensor]:
     calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
     out: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        if not calls[layer.name]:
-            continue
-        for local, g in layer.rule.grads(layer.module, calls[layer.name]).items():
-            if local in layer.params:
-                _accumulate(out, layer.params[local], g)
+    for name, g in _layer_grads(layers, calls):
+        _accumulate(out, name, g)
     n = inputs.shape[0]
     # a selected parameter that did not take part in this forward has zero gradient
     return {
@@ -277,16 +286,11 @@ def _dense_projected_chunk(
     def add(name: str, grads: torch.Tensor) -> None:
         out.add_(dense_project(flat_rows(grads), dim, seed=seed, start=columns[name], width=width))
 
-    for layer in layers:
-        layer_calls = calls.pop(layer.name)
-        if not layer_calls:
-            continue  # no gradient: contributes nothing
-        for local, grads in layer.rule.grads(layer.module, layer_calls).items():
-            full = layer.params.get(local)
-            if full in tied:
-                _accumulate(pending, full, grads)
-            elif full is not None:
-                add(full, grads)
+    for name, grads in _layer_grads(layers, calls):  # a layer that took no part adds nothing
+        if name in tied:
+            _accumulate(pending, name, grads)
+        else:
+            add(name, grads)
     for name, grads in pending.items():
         add(name, grads)
     return out
