@@ -184,7 +184,10 @@ def git_sha() -> str:
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without its git metadata (a lent machine): the sender names the
+        # commit it copied; whether that copy was clean is checked where it was sent from.
+        source = os.environ.get("INFLUX_SOURCE_SHA")
+        return f"{source} (copied tree, no git)" if source else "unknown"
 
 
 def versions() -> dict[str, str]:
