@@ -166,6 +166,11 @@ def run_child(suite: str, one: str, args, *, quick: bool | None = None) -> dict:
 
 
 def git_sha() -> str:
+    # A copy of the tree on another machine (a lent GPU) may carry stale git metadata or none: its
+    # sender names the commit it copied in INFLUX_SOURCE_SHA and checks there that it was clean.
+    source = os.environ.get("INFLUX_SOURCE_SHA")
+    if source:
+        return f"{source} (copied tree)"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -184,10 +189,7 @@ def git_sha() -> str:
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without its git metadata (a lent machine): the sender names the
-        # commit it copied; whether that copy was clean is checked where it was sent from.
-        source = os.environ.get("INFLUX_SOURCE_SHA")
-        return f"{source} (copied tree, no git)" if source else "unknown"
+        return "unknown"
 
 
 def versions() -> dict[str, str]:

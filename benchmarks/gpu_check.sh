@@ -13,6 +13,8 @@
 #   6. logs and the results written by this run packed into $OUT/gpu_check.tar.gz when OUT is set.
 # Every step has its own time limit and all of them share a deadline (DEADLINE seconds, 450 = 7.5
 # minutes), so the script ends in time even when a step hangs; the optional steps take what is left.
+# On a copy of the tree (a lent machine), commit first and pass INFLUX_SOURCE_SHA=<that commit>: the
+# copy's own git metadata may be stale, and the results record the sha they were measured at.
 # Usage: bash benchmarks/gpu_check.sh   (env: VENV=.venv|system PYTHON=python3 WHEELS=.whl
 #        FORCE_BENCH=0 DEADLINE=450 PERSAMPLE_RUNS=1 WITH_INFLUENCE=0 WITH_SCORE=0 WITH_ALL_TESTS=0)
 set -uo pipefail

@@ -148,8 +148,9 @@ def run_one(args) -> int:
     row["threads"] = torch.get_num_threads()
     try:
         fn, norms_of = make_method(method, model, x, y)
+        # seconds per call on a CPU: one timed call (the row's `timing` says so)
         slow = method == "naive_loop" or (
-            model_name == "resnet18" and method in ("torch_func_vmap",)
+            model_name == "resnet18" and method == "torch_func_vmap" and device == "cpu"
         )
         repeats = args.repeats or (1 if slow or args.quick else 7)
         warmup = 1 if slow else 2
