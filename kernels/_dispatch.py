@@ -3,7 +3,8 @@
 Each public kernel function validates its inputs here, then asks :func:`select_backend` whether to
 run the Triton launcher or the pure-torch ``<name>_reference``:
 
-* tensors on CUDA and Triton importable -> ``"triton"``; anything else -> ``"torch"``;
+* tensors on CUDA, Triton importable and a dtype where the kernel was measured faster than its
+  reference (:data:`TRITON_FASTER`) -> ``"triton"``; anything else -> ``"torch"``;
 * the environment variable ``INFLUX_KERNELS=torch|triton`` forces one. Triton on CPU tensors only
   works under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the tests exercise the
   kernels without a GPU.
@@ -36,6 +37,18 @@ BACKEND_ENV = "INFLUX_KERNELS"
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Dtypes the Triton launchers read; float64 falls back to the reference (see select_backend).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The dtypes in which each kernel beat its torch reference on an H200
+# (benchmarks/results/kernels-cuda.md). In float32 the kernels' tl.dot runs exact IEEE products
+# (see dot_precision) while cuBLAS' fp32 GEMM is far better tuned, so only direct_sqnorm, which
+# multiplies nothing, keeps Triton there; half precision takes the tensor cores and Triton wins.
+TRITON_FASTER: dict[str, tuple[torch.dtype, ...]] = {
+    "ghost_sqnorm": HALF_DTYPES,
+    "direct_sqnorm": TRITON_DTYPES,
+    "kron_project": HALF_DTYPES,
+    "pairwise_grad_dot": HALF_DTYPES,
+    "score_topk": HALF_DTYPES,
+}
 # CUDA limits grid axes 1 and 2 to 65535 programs; axis 0 allows 2**31 - 1.
 MAX_GRID_Y = 65535
 MAX_GRID_X = 2**31 - 1
@@ -67,7 +80,7 @@ def forced_backend() -> Backend | None:
     if value not in ("torch", "triton"):
         raise KernelBackendError(
             f"{BACKEND_ENV}={value!r} is not a backend: expected 'torch', 'triton' or unset "
-            f"(automatic: Triton on CUDA, torch elsewhere)."
+            f"(automatic: Triton on CUDA where it is faster, torch elsewhere)."
         )
     return value  # type: ignore[return-value]
 
@@ -75,9 +88,10 @@ def forced_backend() -> Backend | None:
 def select_backend(kernel: str, *tensors: torch.Tensor) -> Backend:
     """Pick the backend for ``kernel`` on these tensors.
 
-    Automatic choice: Triton when every tensor is on CUDA, Triton is importable and the dtype is one
-    the launchers read (fp32/fp16/bf16); the torch reference otherwise (float64 included: the
-    references compute in the input dtype, the Triton launchers accumulate in fp32).
+    Automatic choice (:func:`automatic_backend`): Triton when every tensor is on CUDA, Triton is
+    importable and every dtype is one where the kernel is faster than its reference; the torch
+    reference otherwise (float64 included: the references compute in the input dtype, the Triton
+    launchers accumulate in fp32). A forced Triton runs any dtype the launchers read.
     """
     forced = forced_backend()
     on_cuda = all(t.is_cuda for t in tensors)
@@ -88,7 +102,13 @@ def select_backend(kernel: str, *tensors: torch.Tensor) -> Backend:
         _require_triton(kernel, on_cuda)
         # float64 has no Triton path (fp32 accumulation would lose precision): use the reference.
         return "triton" if dtype_ok else "torch"
-    if HAS_TRITON and on_cuda and dtype_ok:
+    return automatic_backend(kernel, [t.dtype for t in tensors], on_cuda)
+
+
+def automatic_backend(kernel: str, dtypes: Sequence[torch.dtype], on_cuda: bool) -> Backend:
+    """The unforced choice for ``kernel`` on operands of ``dtypes``: see :data:`TRITON_FASTER`."""
+    faster = TRITON_FASTER.get(kernel, TRITON_DTYPES)
+    if HAS_TRITON and on_cuda and all(dtype in faster for dtype in dtypes):
         return "triton"
     return "torch"
 
