@@ -50,14 +50,15 @@ def test_mixed_model_float64(norm_form):
     check_all(model, cross_entropy, x, y, rtol=1e-10)
 
 
-@pytest.fixture(params=["ghost", "im2col", "per-offset"])
+@pytest.fixture(params=["ghost", "im2col", "per-offset", "grouped"])
 def norm_form(request, monkeypatch):
     """Force one form for every Linear/Conv layer whatever its size: ghost norms (Gram over
-    im2col patches), or direct norms and full gradients by im2col + bmm or by per-offset bmms."""
+    im2col patches), or direct norms and full gradients by im2col + bmm, by per-offset bmms or by
+    one convolution backward with the batch folded into its groups."""
     ghost = request.param == "ghost"
-    per_offset = request.param == "per-offset"
+    form = "im2col" if ghost else request.param
     monkeypatch.setattr(rules.MatmulRule, "ghost_is_cheaper", lambda self, m, c: ghost)
-    monkeypatch.setattr(rules.ConvRule, "_per_offset_is_faster", lambda self, m: per_offset)
+    monkeypatch.setattr(rules.ConvRule, "_weight_form", lambda self, m, c: form)
     return request.param
 
 
