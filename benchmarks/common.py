@@ -165,6 +165,15 @@ def run_child(suite: str, one: str, args, *, quick: bool | None = None) -> dict:
         return {"note": f"failed (exit {done.returncode}): {tail[:200]}"}
 
 
+def json_of_child(command: list[str]) -> dict:
+    """Run ``command`` and return the JSON object it printed last; raise with its stderr if none."""
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError) as error:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}") from error
+
+
 def git_sha() -> str:
     # A copy of the tree on another machine (a lent GPU) may carry stale git metadata or none: its
     # sender names the commit it copied in INFLUX_SOURCE_SHA and checks there that it was clean.
@@ -239,6 +248,19 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def report_cpu_check(
+    name: str, rows: list[dict], meta: dict, *, columns, notes: str, out: Path | None = None
+) -> None:
+    """Print a standalone CPU check's table, then write ``out`` (JSON alone) when given, else
+    ``benchmarks/results/<name>-cpu.json`` and ``.md``."""
+    print(markdown_table(rows, columns))
+    if out is not None:
+        out.write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=2))
+        print(f"-> {out}")
+    else:
+        print(f"-> {write_results(name, 'cpu', rows, meta, columns=columns, notes=notes)}")
 
 
 def write_results(

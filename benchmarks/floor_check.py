@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table, provenance, write_results  # noqa: E402
+from benchmarks.common import json_of_child, provenance, report_cpu_check  # noqa: E402
 
 METHODS = {"floor": "floor", "norms": "influx_norms"}  # our names -> the persample suite's
 MODES = ("separate", "alternating", "suite")
@@ -99,21 +97,13 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def _run(command: list[str]) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError) as error:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}") from error
-
-
 def _spawn(args: argparse.Namespace, what: str) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--child", what, "--model", args.model,
         "--batch", str(args.batch), "--threads", str(args.threads), "--warmup", str(args.warmup),
         "--repeats", str(args.repeats),
     ]  # fmt: skip
-    return _run(command)
+    return json_of_child(command)
 
 
 def _suite_child(args: argparse.Namespace, method: str) -> dict:
@@ -122,7 +112,7 @@ def _suite_child(args: argparse.Namespace, method: str) -> dict:
         sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "persample",
         "--device", "cpu", "--one", f"{args.model}:{args.batch}:{method}",
     ]  # fmt: skip
-    row = _run(command)
+    row = json_of_child(command)
     if row.get("median_s") is None:
         raise RuntimeError(f"the persample child for {method} returned no time: {row}")
     return row
@@ -202,12 +192,7 @@ def main(argv=None) -> int:
         "`alternating`: both in one process, calls alternating; `suite`: threads are torch's "
         "default in this environment (the suite's children do not pin them)."
     )
-    print(markdown_table(rows, COLUMNS))
-    if args.out is not None:
-        args.out.write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=2))
-        print(f"-> {args.out}")
-    else:
-        print(f"-> {write_results('floor_check', 'cpu', rows, meta, columns=COLUMNS, notes=notes)}")
+    report_cpu_check("floor_check", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table, provenance, write_results  # noqa: E402
+from benchmarks.common import json_of_child, provenance, report_cpu_check  # noqa: E402
 
 METHODS = ("floor", "influx_full", "backpack", "torch_func_vmap", "fill")
 COLUMNS = [
@@ -99,11 +98,7 @@ def _round(args: argparse.Namespace, model: str, batch: int) -> dict:
         "--threads", str(args.threads), "--warmup", str(args.warmup),
         "--repeats", str(args.repeats),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError) as error:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}") from error
+    return json_of_child(command)
 
 
 def _spread(values: list[float]) -> str:
@@ -146,13 +141,7 @@ def main(argv=None) -> int:
         "round. Medians over rounds, min-max in *_range. fill: writing N x P floats into fresh "
         "memory (P = parameters), the least that full per-sample gradients cost."
     )
-    print(markdown_table(rows, COLUMNS))
-    if args.out is not None:
-        args.out.write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=2))
-        print(f"-> {args.out}")
-    else:
-        path = write_results("same_process", "cpu", rows, meta, columns=COLUMNS, notes=notes)
-        print(f"-> {path}")
+    report_cpu_check("same_process", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
     return 0
 
 
