@@ -41,7 +41,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes in which each kernel beat its torch reference on an H200
 # (benchmarks/results/kernels-cuda.md). In float32 the kernels' tl.dot runs exact IEEE products
 # (see dot_precision) while cuBLAS' fp32 GEMM is far better tuned, so only direct_sqnorm, which
-# multiplies nothing, keeps Triton there; half precision takes the tensor cores and Triton wins.
+# squares each tile of G_i as it forms it where its reference writes every G_i, keeps Triton
+# there; half precision takes the tensor cores and Triton wins.
 TRITON_FASTER: dict[str, tuple[torch.dtype, ...]] = {
     "ghost_sqnorm": HALF_DTYPES,
     "direct_sqnorm": TRITON_DTYPES,
