@@ -348,7 +348,8 @@ class ConvRule(MatmulRule):
         if form == "im2col":
             return super().weight_sqnorms_direct(module, calls)
         if form == "grouped" or len(calls) > 1:
-            # shared weights: the offsets of all calls add up before squaring
+            # grouped: the gradients come whole; shared weights: the offsets of all calls add up
+            # before squaring
             return self.weight_grads(module, calls).flatten(1).square().sum(1)
         (call,) = calls
         total = 0
