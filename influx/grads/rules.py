@@ -188,13 +188,15 @@ def _explicit_padding(module: nn.Module, spatial_dims: int) -> list[int]:
 
 @dataclass
 class _ConvCall:
-    """A conv call as a Conv2d on explicitly padded input (Conv1d gets height 1)."""
+    """A conv call as a Conv2d (Conv1d gets height 1) on explicitly padded input, or on the input
+    as it came with the symmetric zero ``padding`` the convolution itself still applies."""
 
-    x: torch.Tensor  # [N, C_in, H, W], padded
+    x: torch.Tensor  # [N, C_in, H, W]
     b: torch.Tensor  # [N, C_out, H_out, W_out]
     kernel: tuple[int, int]
     dilation: tuple[int, int]
     stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
 
 
 def _patches(conv: _ConvCall) -> torch.Tensor:
@@ -257,8 +259,8 @@ def _grouped_weight_grads(conv: _ConvCall, groups: int, c_out: int) -> torch.Ten
     b = conv.b.reshape(1, n * c_out, *conv.b.shape[2:])
     weight = x.new_empty(n * c_out, c_in // groups, *conv.kernel)  # only its shape is read
     _, grad, _ = torch.ops.aten.convolution_backward(
-        b, x, weight, None, list(conv.stride), [0, 0], list(conv.dilation), False, [0, 0],
-        n * groups, [False, True, False],
+        b, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
+        [0, 0], n * groups, [False, True, False],
     )  # fmt: skip
     return grad.reshape(n, c_out, c_in // groups, *conv.kernel)
 
@@ -267,7 +269,9 @@ def _grouped_weight_grads(conv: _ConvCall, groups: int, c_out: int) -> torch.Ten
 class ConvRule(MatmulRule):
     """Conv1d/Conv2d with any stride, padding (incl. 'same' and non-zero modes), dilation, groups."""
 
-    def _as_conv2d(self, module, call) -> _ConvCall:
+    def _as_conv2d(self, module, call, *, pad: bool = True) -> _ConvCall:
+        """The call as a Conv2d; ``pad=False`` leaves symmetric zero padding to the convolution
+        (no padded copy of x)."""
         x, b = call.args[0], call.grad_output
         spatial = x.dim() - 2
         if spatial not in (1, 2) or x.dim() != b.dim():
@@ -280,9 +284,12 @@ class ConvRule(MatmulRule):
             kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
         pads = _explicit_padding(module, spatial) + ([0, 0] if spatial == 1 else [])
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        if any(pads):
+        (left, right, top, bottom), padding = pads, (0, 0)
+        if not pad and mode == "constant" and left == right and top == bottom:
+            padding = (top, left)
+        elif any(pads):
             x = F.pad(x, pads, mode=mode)
-        return _ConvCall(x, b, kernel, dilation, stride)
+        return _ConvCall(x, b, kernel, dilation, stride, padding)
 
     def matmul_form(self, module, call):
         conv = self._as_conv2d(module, call)
@@ -325,7 +332,7 @@ class ConvRule(MatmulRule):
         if form == "grouped":
             # a Conv1d as height 1: kernel (1, k); later calls (shared weights) add up
             grads = sum(
-                _grouped_weight_grads(self._as_conv2d(module, call), groups, c_out)
+                _grouped_weight_grads(self._as_conv2d(module, call, pad=False), groups, c_out)
                 for call in calls
             )
             return grads.reshape(n, *module.weight.shape)

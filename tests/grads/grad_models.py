@@ -60,12 +60,12 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.embedding(tokens))).mean(1))
 
 
-def conv_net(padding="same", padding_mode="zeros", groups=1, stride=1, dilation=1):
+def conv_net(padding="same", padding_mode="zeros", groups=1, stride=1, dilation=1, kernel_size=3):
     return nn.Sequential(
         nn.Conv2d(
             4,
             6,
-            3,
+            kernel_size,
             stride=stride,
             padding=padding if stride == 1 else 1,
             dilation=dilation,

@@ -95,6 +95,8 @@ def test_matches_torch_func_reference():
     [
         dict(),
         dict(padding="valid"),
+        dict(padding=(2, 1)),  # height and width padded differently
+        dict(kernel_size=4),  # 'same' pads one more on the right and bottom
         dict(padding_mode="reflect"),
         dict(padding_mode="circular"),
         dict(groups=2),
