@@ -250,17 +250,24 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_cpu_check(
-    name: str, rows: list[dict], meta: dict, *, columns, notes: str, out: Path | None = None
+def report_check(
+    name: str,
+    rows: list[dict],
+    meta: dict,
+    *,
+    columns,
+    notes: str,
+    out: Path | None = None,
+    device: str = "cpu",
 ) -> None:
-    """Print a standalone CPU check's table, then write ``out`` (JSON alone) when given, else
-    ``benchmarks/results/<name>-cpu.json`` and ``.md``."""
+    """Print a standalone check's table, then write ``out`` (JSON alone) when given, else
+    ``benchmarks/results/<name>-<device>.json`` and ``.md``."""
     print(markdown_table(rows, columns))
     if out is not None:
         out.write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=2))
         print(f"-> {out}")
     else:
-        print(f"-> {write_results(name, 'cpu', rows, meta, columns=columns, notes=notes)}")
+        print(f"-> {write_results(name, device, rows, meta, columns=columns, notes=notes)}")
 
 
 def write_results(

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 import torch  # noqa: E402
 
-from benchmarks.common import json_of_child, provenance, report_cpu_check  # noqa: E402
+from benchmarks.common import json_of_child, provenance, report_check  # noqa: E402
 
 METHODS = {"floor": "floor", "norms": "influx_norms"}  # our names -> the persample suite's
 MODES = ("separate", "alternating", "suite")
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         "`alternating`: both in one process, calls alternating; `suite`: threads are torch's "
         "default in this environment (the suite's children do not pin them)."
     )
-    report_cpu_check("floor_check", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
+    report_check("floor_check", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
     return 0
 
 

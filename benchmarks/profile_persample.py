@@ -18,7 +18,6 @@ Writes ``benchmarks/results/profile_persample-<device>.json`` and ``.md`` (or on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks.common import provenance, synchronize, write_results  # noqa: E402
+from benchmarks.common import provenance, report_check, synchronize  # noqa: E402
 from benchmarks.suites import persample  # noqa: E402
 
 COLUMNS = ["model", "batch", "method", "rank", "op", "calls", "ms_per_call", "share"]
@@ -52,14 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def profile_method(fn, device: str, steps: int) -> list[dict]:
     """Per operator: name, calls and self time in ms, summed over ``steps`` calls of ``fn``."""
-    activities = [ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
+    on_device = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         synchronize(device)
-    on_device = device.startswith("cuda")
     ops = []
     for event in prof.key_averages():
         self_us = event.self_device_time_total if on_device else event.self_cpu_time_total
@@ -117,19 +114,10 @@ def main(argv=None) -> None:
         "calls per call of the method. The profiler's own overhead inflates short operators; "
         "the persample suite, not this table, gives the methods' times."
     )
-    for r in rows:
-        print(
-            f"{r['method']:>16} {r['rank']!s:>5} {r['ms_per_call']:9.3f} ms {r['share']:6.1%} "
-            f"{r['calls']!s:>5}  {r['op']}"
-        )
-    if args.out is not None:
-        args.out.write_text(json.dumps({"meta": meta, "notes": notes, "rows": rows}, indent=2))
-        print(f"-> {args.out}")
-    else:
-        path = write_results(
-            "profile_persample", args.device, rows, meta, columns=COLUMNS, notes=notes
-        )
-        print(f"-> {path}")
+    report_check(
+        "profile_persample", rows, meta, columns=COLUMNS, notes=notes, out=args.out,
+        device=args.device,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

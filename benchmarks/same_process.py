@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` importable when run as a script
 
 import torch  # noqa: E402
 
-from benchmarks.common import json_of_child, provenance, report_cpu_check  # noqa: E402
+from benchmarks.common import json_of_child, provenance, report_check  # noqa: E402
 
 METHODS = ("floor", "influx_full", "backpack", "torch_func_vmap", "fill")
 COLUMNS = [
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         "round. Medians over rounds, min-max in *_range. fill: writing N x P floats into fresh "
         "memory (P = parameters), the least that full per-sample gradients cost."
     )
-    report_cpu_check("same_process", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
+    report_check("same_process", rows, meta, columns=COLUMNS, notes=notes, out=args.out)
     return 0
 
 
