@@ -115,9 +115,14 @@ def main(argv=None) -> None:
         "the persample suite, not this table, gives the methods' times."
     )
     report_check(
-        "profile_persample", rows, meta, columns=COLUMNS, notes=notes, out=args.out,
+        "profile_persample",
+        rows,
+        meta,
+        columns=COLUMNS,
+        notes=notes,
+        out=args.out,
         device=args.device,
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":
