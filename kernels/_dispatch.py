@@ -39,7 +39,8 @@ INTERPRET_ENV = "TRITON_INTERPRET"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes in which each kernel beat its torch reference on an H200
-# (benchmarks/results/kernels-cuda.md). In float32 the kernels' tl.dot runs exact IEEE products
+# (benchmarks/results/kernels-cuda.md, from a tree whose git metadata was stale; gpu_check.sh
+# remeasures it). In float32 the kernels' tl.dot runs exact IEEE products
 # (see dot_precision) while cuBLAS' fp32 GEMM is far better tuned, so only direct_sqnorm, which
 # squares each tile of G_i as it forms it where its reference writes every G_i, keeps Triton
 # there; half precision takes the tensor cores and Triton wins.
