@@ -10,8 +10,10 @@ large network spends its time on).
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,31 +32,36 @@ class ProjectionCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.bytes = 0
+        self._lock = threading.Lock()  # dense projections draw their blocks from worker threads
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget (0 disables caching), evicting what no longer fits."""
         if budget_bytes < 0:
             raise InfluxValueError(f"cache budget must be >= 0 bytes; got {budget_bytes}")
-        self.budget_bytes = budget_bytes
-        self._evict(0)
+        with self._lock:
+            self.budget_bytes = budget_bytes
+            self._evict(0)
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: tuple, make) -> torch.Tensor:
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        matrix = make()
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        matrix = make()  # outside the lock: threads draw different matrices at once
         size = matrix.numel() * matrix.element_size()
-        if size <= self.budget_bytes:
-            self._evict(size)
-            self._entries[key] = matrix
-            self.bytes += size
+        with self._lock:
+            if size <= self.budget_bytes and key not in self._entries:
+                self._evict(size)
+                self._entries[key] = matrix
+                self.bytes += size
         return matrix
 
     def _evict(self, incoming: int) -> None:
@@ -82,8 +89,11 @@ def _draw(rows: int, cols: int, seed: int, name: str, dtype, device) -> torch.Te
     generator = torch.Generator().manual_seed(
         (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
     )
-    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float32, device="cpu")
-    return matrix.mul_(rows**-0.5).to(dtype=dtype, device=device)
+    # scaled inside the draw: one single-threaded op per block (a separate mul_ would be a
+    # parallel op inside each drawing thread)
+    matrix = torch.empty(rows, cols, dtype=torch.float32, device="cpu")
+    matrix.normal_(0.0, rows**-0.5, generator=generator)
+    return matrix.to(dtype=dtype, device=device)
 
 
 def kronecker_sizes(target: int, d_in: int, d_out: int) -> tuple[int, int]:
@@ -131,6 +141,8 @@ class Projector:
 # block's seed name is its first column): part of the seeding rule, so the projection does not
 # depend on memory settings. One block is dim x 4,096 (32 MiB at dim = 2,048 in float32).
 DENSE_BLOCK_COLUMNS = 4096
+# Blocks drawn ahead of their matmuls, at most this many bytes of them (at least one block).
+DRAW_WINDOW_BYTES = 64 << 20
 
 
 def dense_project(
@@ -139,31 +151,59 @@ def dense_project(
     """Project [N, P] per-sample gradients to [N, dim] with one seeded Gaussian matrix [dim, P].
 
     The matrix is drawn column block by column block (:data:`DENSE_BLOCK_COLUMNS`), never whole,
-    so memory stays O(dim * DENSE_BLOCK_COLUMNS) plus what the bounded cache keeps. Given columns
-    [start, start + w) of a flat gradient ``width`` columns wide, it returns their share of that
-    gradient's projection: the shares of any split of the columns add up to the whole, so a
-    gradient can be projected one parameter at a time and never held flat.
+    so memory stays O(dim * DENSE_BLOCK_COLUMNS + DRAW_WINDOW_BYTES) plus what the bounded
+    cache keeps.
+    Given columns [start, start + w) of a flat gradient ``width`` columns wide, it returns their
+    share of that gradient's projection: the shares of any split of the columns add up to the
+    whole, so a gradient can be projected one parameter at a time and never held flat.
     """
     n, columns = flat_grads.shape
     width = start + columns if width is None else width
     stop = start + columns
     if start < 0 or stop > width:
         raise InfluxValueError(f"columns [{start}, {stop}) lie outside a gradient of {width}")
-    out = flat_grads.new_zeros(n, dim)
-    first = start - start % DENSE_BLOCK_COLUMNS
-    for block_start in range(first, stop, DENSE_BLOCK_COLUMNS):
+    spans = []  # (block_start, block width, the block's columns [low, high) within the call)
+    for block_start in range(start - start % DENSE_BLOCK_COLUMNS, stop, DENSE_BLOCK_COLUMNS):
         block_stop = min(width, block_start + DENSE_BLOCK_COLUMNS)
-        low, high = max(start, block_start), min(stop, block_stop)
-        block = gaussian_matrix(
+        spans.append(
+            (block_start, block_stop - block_start, max(start, block_start), min(stop, block_stop))
+        )
+    out = flat_grads.new_zeros(n, dim)
+
+    def draw(span):
+        block_start, block_width = span[:2]
+        return gaussian_matrix(
             dim,
-            block_stop - block_start,
+            block_width,
             seed=seed,
             name=f"dense:{block_start}",
             dtype=flat_grads.dtype,
             device=flat_grads.device,
         )
+
+    window = max(1, DRAW_WINDOW_BYTES // (dim * DENSE_BLOCK_COLUMNS * flat_grads.element_size()))
+    blocks = _drawn_in_parallel(draw, spans, window)
+    for (block_start, _, low, high), block in zip(spans, blocks):
         out += (
             flat_grads[:, low - start : high - start]
             @ block[:, low - block_start : high - block_start].T
         )
     return out
+
+
+def _drawn_in_parallel(draw, items, window: int):
+    """``draw(item)`` for each item, in order: ``window`` items at a time, drawn side by side
+    by one thread per intra-op thread, then handed out.
+
+    A generator's draw runs on one core, and drawing is what a dense projection of a large network
+    spends much of its time on; each block has its own generator, so blocks can be drawn at once.
+    Draws and the caller's matmuls alternate by whole windows: interleaved block by block, the
+    matmul's idle OpenMP threads spin on the cores the draws need.
+    """
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        yield from map(draw, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for first in range(0, len(items), window):
+            yield from list(pool.map(draw, items[first : first + window]))

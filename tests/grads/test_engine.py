@@ -58,7 +58,7 @@ def norm_form(request, monkeypatch):
     ghost = request.param == "ghost"
     form = "im2col" if ghost else request.param
     monkeypatch.setattr(rules.MatmulRule, "ghost_is_cheaper", lambda self, m, c: ghost)
-    monkeypatch.setattr(rules.ConvRule, "_weight_form", lambda self, m, c: form)
+    monkeypatch.setattr(rules.ConvRule, "_weight_form", lambda self, m, c, **_: form)
     return request.param
 
 
