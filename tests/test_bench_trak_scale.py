@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 
@@ -31,6 +32,16 @@ def test_traker_dim_follows_its_recommendation():
     assert trak_scale.traker_dim(64) == 32  # strictly below N: X^T X stays invertible
     assert trak_scale.traker_dim(2049) == 2048
     assert trak_scale.traker_dim(10**6) == 2048
+
+
+def test_the_plan_runs_only_the_kinds_asked_for():
+    sizes = replace(trak_scale.QUICK, dim=32, recommended_dim=16)
+    both = trak_scale.plan(sizes)
+    assert [row[0] for row in both] == ["trak"] * 6 + ["project"] * 3
+    assert trak_scale.plan(sizes, ("trak",)) == both[:6]
+    assert trak_scale.plan(sizes, ("project",)) == both[6:]
+    with pytest.raises(ValueError, match="unknown trak_scale row kinds"):
+        trak_scale.plan(sizes, ("trak", "projcet"))
 
 
 @pytest.fixture(scope="module")

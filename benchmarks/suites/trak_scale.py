@@ -20,14 +20,16 @@ power of two below N: 512 at N = 1,000. The trak rows (influx dense, influx kron
 run at that K (``recommended_dim``) and at a small ``dim`` = 64; the projection rows at ``dim``.
 A dense projection redraws its Gaussian matrix, K x 11.2M numbers, once per batch of examples
 (influx: its 1 GiB projection cache cannot hold it; traker: whenever K > 100, its block), so the
-dense rows at K = 512 are dominated by drawing Gaussians (both libraries draw in float32).
+dense rows at K = 512 are dominated by drawing Gaussians (both libraries draw in float32; influx
+draws blocks with their own generators on every thread at once, traker from one generator).
 
 Each (row, run) runs in a fresh subprocess (``benchmarks/run.py --one``), so its peak memory is
 its own; ``INFLUX_TRAK_SCALE_RUNS`` runs per row (default 3). Environment overrides:
 ``INFLUX_TRAK_SCALE_TRAIN``, ``_QUERIES``, ``_DEPTH`` (8 or 18), ``_WIDTH``, ``_STEPS`` (training
 steps), ``_PROJ_DIM`` (the small K), ``_RECOMMENDED_DIM`` (the second K of the trak rows; 0 or
 equal to ``_PROJ_DIM``: none; default traker's recommendation), ``_BATCH`` (examples per batch,
-both libraries) and ``_RUNS``.
+both libraries), ``_KINDS`` (the kinds of row, comma-separated; default ``trak,project``) and
+``_RUNS``.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ NOTES = (
     "gradients and 'auto' damping) and, for the extra Kronecker row, a different K, so agreement "
     "is only approximate. Batches: `batch` examples per forward/backward and per projection on "
     "both sides (the dense rows of both redraw their K x P Gaussian once per batch, in float32, "
-    "except traker's BasicProjector at K <= 100, which keeps its one block). traker runs in "
+    "except traker's BasicProjector at K <= 100, which keeps its one block; influx draws its "
+    "blocks, each from its own seeded generator, on both threads at once, traker from one "
+    "generator on one thread). traker runs in "
     "float32 (`use_half_precision=False`): its default float16 matmul on the CPU takes about 3 "
     "minutes for 5 examples at K = 512, which no CPU run can afford. K: the trak rows run at "
     "traker's recommended K (512 at N = 1,000: its default 2,048 is not below N, and its "
@@ -163,21 +167,21 @@ def sizes_for(quick: bool) -> Sizes:
     return sizes
 
 
-def plan(sizes: Sizes) -> list[tuple[str, str, str, int]]:
-    """(kind, impl, projection, K) of every row, in table order."""
+KINDS = ("trak", "project")
+
+
+def plan(sizes: Sizes, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, str, int]]:
+    """(kind, impl, projection, K) of every row of the given kinds, in table order."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown trak_scale row kinds {sorted(unknown)}; choose from {KINDS}")
     dims = [sizes.dim] + (
         [sizes.recommended_dim] if sizes.recommended_dim not in (0, sizes.dim) else []
     )
-    rows = [
-        ("trak", impl, projection, dim)
-        for dim in dims
-        for impl, projection in (("influx", "dense"), ("influx", "kronecker"), ("traker", "dense"))
-    ]
-    return rows + [
-        ("project", "influx", "dense", sizes.dim),
-        ("project", "influx", "kronecker", sizes.dim),
-        ("project", "traker", "dense", sizes.dim),
-    ]
+    impls = (("influx", "dense"), ("influx", "kronecker"), ("traker", "dense"))
+    rows = [("trak", impl, projection, dim) for dim in dims for impl, projection in impls]
+    rows += [("project", impl, projection, sizes.dim) for impl, projection in impls]
+    return [row for row in rows if row[0] in kinds]
 
 
 def _batches(data: tuple[torch.Tensor, torch.Tensor], size: int):
@@ -381,7 +385,8 @@ def run(args: Namespace) -> list[dict]:
         shared = {"model": _describe(sizes, model), "train": sizes.train, "queries": sizes.queries}
         rows = [{**shared, **training}]
         print(f"trak_scale: {training['notes']}, {training['total_s']:.1f}s", flush=True)
-        for kind, impl, projection, dim in plan(sizes):
+        kinds = tuple(os.environ.get("INFLUX_TRAK_SCALE_KINDS", ",".join(KINDS)).split(","))
+        for kind, impl, projection, dim in plan(sizes, kinds):
             one = f"{kind}:{impl}:{projection}:{dim}:{folder}"
             results = [run_child("trak_scale", one, args) for _ in range(runs)]
             for result in results:  # run_child reports its own failures as "note"
