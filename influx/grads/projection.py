@@ -151,11 +151,10 @@ def dense_project(
     """Project [N, P] per-sample gradients to [N, dim] with one seeded Gaussian matrix [dim, P].
 
     The matrix is drawn column block by column block (:data:`DENSE_BLOCK_COLUMNS`), never whole,
-    so memory stays O(dim * DENSE_BLOCK_COLUMNS + DRAW_WINDOW_BYTES) plus what the bounded
-    cache keeps.
-    Given columns [start, start + w) of a flat gradient ``width`` columns wide, it returns their
-    share of that gradient's projection: the shares of any split of the columns add up to the
-    whole, so a gradient can be projected one parameter at a time and never held flat.
+    so memory stays O(dim * DENSE_BLOCK_COLUMNS + DRAW_WINDOW_BYTES) plus what the bounded cache
+    keeps. Given columns [start, start + w) of a flat gradient ``width`` columns wide, it returns
+    their share of that gradient's projection: the shares of any split of the columns add up to
+    the whole, so a gradient can be projected one parameter at a time and never held flat.
     """
     n, columns = flat_grads.shape
     width = start + columns if width is None else width
@@ -198,7 +197,7 @@ def _drawn_in_parallel(draw, items, window: int):
     A generator's draw runs on one core, and drawing is what a dense projection of a large network
     spends much of its time on; each block has its own generator, so blocks can be drawn at once.
     Draws and the caller's matmuls alternate by whole windows: interleaved block by block, the
-    matmul's idle OpenMP threads spin on the cores the draws need.
+    threaded draws gained nothing on a 2-core CPU (the matmul's OpenMP threads hold the cores).
     """
     threads = min(torch.get_num_threads(), len(items))
     if threads <= 1:

@@ -37,9 +37,9 @@ def test_cached_and_regenerated_matrices_are_the_same(monkeypatch):
     assert_close(projection.gaussian_matrix(8, 30, **kwargs), first, rtol=0, name="regenerated")
 
 
-@pytest.mark.parametrize("window_bytes", [1, 2 * 4 * 4 * DENSE_BLOCK_COLUMNS, 64 << 20])
+@pytest.mark.parametrize("window_bytes", [1, 2 * 4 * 8 * DENSE_BLOCK_COLUMNS, 64 << 20])
 def test_dense_projection_draws_fixed_column_blocks_only(monkeypatch, window_bytes):
-    # windows of one block, of two (the last one ragged) and of all three, drawn by threads
+    # windows of one block, of two (dim 4 in float64; the last window ragged) and of all three
     monkeypatch.setattr(projection, "DRAW_WINDOW_BYTES", window_bytes)
     monkeypatch.setattr(projection, "CACHE", ProjectionCache(budget_bytes=0))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the threaded path on any machine
