@@ -20,8 +20,9 @@ power of two below N: 512 at N = 1,000. The trak rows (influx dense, influx kron
 run at that K (``recommended_dim``) and at a small ``dim`` = 64; the projection rows at ``dim``.
 A dense projection redraws its Gaussian matrix, K x 11.2M numbers, once per batch of examples
 (influx: its 1 GiB projection cache cannot hold it; traker: whenever K > 100, its block), so the
-dense rows at K = 512 are dominated by drawing Gaussians (both libraries draw in float32; influx
-draws blocks with their own generators on every thread at once, traker from one generator).
+dense rows at K = 512 are dominated by drawing the Gaussians and multiplying by them (both
+libraries in float32; influx draws blocks with their own generators on every thread at once,
+traker from one generator).
 
 Each (row, run) runs in a fresh subprocess (``benchmarks/run.py --one``), so its peak memory is
 its own; ``INFLUX_TRAK_SCALE_RUNS`` runs per row (default 3). Environment overrides:
