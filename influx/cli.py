@@ -449,7 +449,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# Settings that do not change the scores, so a rerun that changes only them still resumes.
+# Settings that do not change the scores, so a rerun that changes only them still resumes (the
+# device but for TRAK's projection: see run_identity).
 _NOT_FINGERPRINTED = ("out", "data_dir", "device", "progress", "threads", "overwrite", "top_k")
 
 
@@ -457,6 +458,10 @@ def run_identity(config: dict[str, Any], train_set, test_set) -> dict[str, Any]:
     """Everything that determines the scores: settings, data identity, checkpoint content."""
     identity = {k: v for k, v in sorted(config.items()) if k not in _NOT_FINGERPRINTED}
     identity["format"] = STORE_FORMAT
+    if "self_influence:trak" in config["scores"]:
+        # dense projections of CUDA gradients are drawn on the GPU (influx.grads.projection), so
+        # TRAK's scores depend on the kind of device
+        identity["projection_drawn_on"] = "cuda" if config["device"].startswith("cuda") else "cpu"
     identity["train_data"] = data_identity(train_set)
     identity["test_data"] = data_identity(test_set)
     if config["checkpoint"] is not None:

@@ -253,6 +253,20 @@ def test_another_data_dir_is_another_run(tmp_path, capsys):
     assert read_table(tmp_path / "out")["index"].tolist() == list(range(20))
 
 
+@pytest.mark.parametrize("scores", [["loss"], ["loss", "self_influence:trak"]])
+def test_the_device_is_part_of_a_run_only_through_dense_projections(scores, monkeypatch):
+    # a dense projection of CUDA gradients is drawn on the GPU: TRAK's scores depend on the kind
+    # of device, nothing else does
+    monkeypatch.setattr(cli, "data_identity", lambda dataset: {})
+    config = {"scores": scores, "checkpoint": None, "seed": 0}
+    prints = {
+        device: cli.fingerprint(cli.run_identity({**config, "device": device}, None, None))
+        for device in ("cpu", "cuda", "cuda:1")
+    }
+    assert prints["cuda"] == prints["cuda:1"]
+    assert (prints["cpu"] == prints["cuda"]) == ("self_influence:trak" not in scores)
+
+
 def test_checkpoint_scores_an_existing_model(finished, tmp_path, capsys):
     state, _ = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())
     torch.save(state, tmp_path / "model.pt")

@@ -261,6 +261,39 @@ def test_grads_engine_and_projections_stay_on_device(device):
     _on(device, norms, kron, dense, gram)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dense_projection_of_cuda_gradients_is_drawn_on_the_gpu(monkeypatch):
+    from influx.grads import projection
+
+    monkeypatch.setattr(projection, "CACHE", projection.ProjectionCache(budget_bytes=0))
+    width, dim = 2 * projection.DENSE_BLOCK_COLUMNS + 7, 64
+    flat = torch.randn(3, width, dtype=torch.float64, device="cuda")
+    with _default_device_trap("cuda"):
+        got = projection.dense_project(flat, dim, seed=1)
+    blocks = [
+        projection.gaussian_matrix(dim, min(projection.DENSE_BLOCK_COLUMNS, width - start),
+                                   seed=1, name=f"dense:{start}", dtype=torch.float64,
+                                   device="cuda", draw_on_device=True)
+        for start in range(0, width, projection.DENSE_BLOCK_COLUMNS)
+    ]  # fmt: skip
+    _on("cuda", got, *blocks)
+    matrix = torch.cat(blocks, dim=1)
+    # the same seeded draws, regenerated (no cache); float64 products summed in another order
+    torch.testing.assert_close(got, flat @ matrix.T, rtol=1e-12, atol=1e-12)
+    again = projection.gaussian_matrix(dim, projection.DENSE_BLOCK_COLUMNS, seed=1,
+                                       name="dense:0", dtype=torch.float64, device="cuda",
+                                       draw_on_device=True)  # fmt: skip
+    assert torch.equal(again, blocks[0])  # seeded: the same draw again
+    # N(0, 1/K) entries: 524,736 of them, so the mean is within 5 standard errors of 0 and the
+    # variance within 1% of 1/K
+    assert abs(float(matrix.mean())) < 5 * (1 / dim / matrix.numel()) ** 0.5
+    assert float(matrix.var()) * dim == pytest.approx(1.0, rel=0.01)
+    # a different stream from the CPU's (which is why influx-score fingerprints it)
+    cpu = projection.gaussian_matrix(dim, projection.DENSE_BLOCK_COLUMNS, seed=1,
+                                     name="dense:0", dtype=torch.float64, device="cpu")  # fmt: skip
+    assert not torch.equal(cpu, blocks[0].cpu())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("method", "options"),

@@ -87,3 +87,15 @@ def test_shares_of_any_column_split_add_up_to_the_projection():
     assert_close(shares, whole, rtol=1e-12, name="sum of column shares")
     with pytest.raises(InfluxValueError, match="outside"):
         dense_project(flat[:, :10], 5, seed=2, start=width - 5, width=width)
+
+
+def test_a_matrix_drawn_on_the_cpu_itself_is_the_cpu_draw(monkeypatch):
+    # draw_on_device names where the generator runs: for the CPU that is the default's generator
+    monkeypatch.setattr(projection, "CACHE", ProjectionCache(budget_bytes=0))
+    kwargs = dict(seed=5, name="dense:0", dtype=torch.float64, device="cpu")
+    assert_close(
+        projection.gaussian_matrix(6, 40, draw_on_device=True, **kwargs),
+        projection.gaussian_matrix(6, 40, **kwargs),
+        rtol=0,
+        name="CPU draw",
+    )
