@@ -8,8 +8,9 @@
 #      the solvers, the engine and the commutator keep their results on the GPU) and the input
 #      guards (tests/test_guards.py),
 #   4. the per-sample and kernel benchmark suites, only if the kernel tests passed
-#      (a speedup is never reported on a red gate; FORCE_BENCH=1 overrides), and a profile of the
-#      per-sample methods' kernels,
+#      (a speedup is never reported on a red gate; FORCE_BENCH=1 overrides), a profile of the
+#      per-sample methods' kernels, and a dense projection with its blocks drawn on the GPU
+#      against on the CPU,
 #   5. optional: EK-FAC influence vs Kronfluence, influx-score end to end, the whole test suite,
 #   6. logs and the results written by this run packed into $OUT/gpu_check.tar.gz when OUT is set.
 # Every step has its own time limit and all of them share a deadline (DEADLINE seconds, 450 = 7.5
@@ -118,6 +119,9 @@ KERNELS_RC=$?
 # where the per-sample time goes on the GPU (norms against full gradients): kernel time per operator
 step profile-persample 60 "$PY" benchmarks/profile_persample.py --device cuda --models resnet18 \
     --batches 64 128
+
+# dense projection of ResNet-18-sized gradients: blocks drawn on the GPU against on the CPU
+step bench-dense-draws 90 "$PY" benchmarks/dense_draws.py --device cuda
 
 # --- 5. optional steps, each taking what the deadline leaves ----------------------------------
 left() { echo $((DEADLINE - (SECONDS - START))); }

@@ -62,7 +62,7 @@ import influx
 from influx import curvature, distributed, models, store
 from influx import data as datasets
 from influx.errors import InfluxError, InfluxRuntimeError, InfluxValueError
-from influx.grads import per_sample_norms
+from influx.grads import per_sample_norms, projection
 from influx.train import cross_entropy_per_example, evaluate, train
 
 MODELS = ("mlp", "cnn", "resnet8", "resnet18")
@@ -461,7 +461,8 @@ def run_identity(config: dict[str, Any], train_set, test_set) -> dict[str, Any]:
     if "self_influence:trak" in config["scores"]:
         # dense projections of CUDA gradients are drawn on the GPU (influx.grads.projection), so
         # TRAK's scores depend on the kind of device
-        identity["projection_drawn_on"] = "cuda" if config["device"].startswith("cuda") else "cpu"
+        on_gpu = projection.DENSE_DRAWS_ON_GPU and config["device"].startswith("cuda")
+        identity["projection_drawn_on"] = "cuda" if on_gpu else "cpu"
     identity["train_data"] = data_identity(train_set)
     identity["test_data"] = data_identity(test_set)
     if config["checkpoint"] is not None:

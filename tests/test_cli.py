@@ -22,6 +22,7 @@ from utils import assert_close
 
 from influx import cli, commutator, data, influence, store
 from influx.errors import InfluxValueError
+from influx.grads import projection
 from influx.train import cross_entropy_per_example
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,6 +266,10 @@ def test_the_device_is_part_of_a_run_only_through_dense_projections(scores, monk
     }
     assert prints["cuda"] == prints["cuda:1"]
     assert (prints["cpu"] == prints["cuda"]) == ("self_influence:trak" not in scores)
+    monkeypatch.setattr(projection, "DENSE_DRAWS_ON_GPU", False)
+    assert (
+        cli.fingerprint(cli.run_identity({**config, "device": "cuda"}, None, None)) == prints["cpu"]
+    )
 
 
 def test_checkpoint_scores_an_existing_model(finished, tmp_path, capsys):

@@ -292,6 +292,11 @@ def test_dense_projection_of_cuda_gradients_is_drawn_on_the_gpu(monkeypatch):
     cpu = projection.gaussian_matrix(dim, projection.DENSE_BLOCK_COLUMNS, seed=1,
                                      name="dense:0", dtype=torch.float64, device="cpu")  # fmt: skip
     assert not torch.equal(cpu, blocks[0].cpu())
+    # switched off, the GPU uses the CPU's draws: the projection of the same gradients on the CPU
+    monkeypatch.setattr(projection, "DENSE_DRAWS_ON_GPU", False)
+    on_cpu = projection.dense_project(flat.cpu(), dim, seed=1)
+    torch.testing.assert_close(projection.dense_project(flat, dim, seed=1).cpu(), on_cpu,
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -192,10 +192,12 @@ def per_sample_norms(
         for offset, x, y in _chunks(inputs, targets, chunk_size)
     ]
     dtype = next(iter(selected.values())).dtype
-    sqnorms = {
-        name: torch.cat([p[name] for p in parts]) if parts else inputs.new_zeros(0, dtype=dtype)
-        for name in selected
-    }
+    if not parts:
+        sqnorms = {name: inputs.new_zeros(0, dtype=dtype) for name in selected}
+    elif len(parts) == 1:
+        sqnorms = parts[0]  # one chunk: no copies (a GPU launches each one)
+    else:
+        sqnorms = {name: torch.cat([p[name] for p in parts]) for name in selected}
     if by_layer:
         return {name: sq.sqrt() for name, sq in sqnorms.items()}
     return torch.stack(list(sqnorms.values())).sum(0).sqrt()

@@ -9,7 +9,8 @@ same ones. Dense JL blocks of CUDA gradients are drawn on the GPU, from a CUDA g
 same seed: a CPU draws about 0.26 G normals a second per core, and a dense projection of ResNet-18
 at K = 2,048 needs 23 G per batch of examples, which a GPU draws in place of shipping 92 GB over
 the bus. A seed then fixes the dense projection per kind of device (and, CUDA's generator
-spreading its stream over the GPU's cores, per GPU model), not across them.
+spreading its stream over the GPU's cores, per GPU model), not across them; set
+:data:`DENSE_DRAWS_ON_GPU` to False for the CPU's draws everywhere.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ class Projector:
         return grads @ self.matrix(name, budget, width).T
 
 
+# Dense blocks of CUDA gradients are drawn on the GPU (module doc); False: on the CPU, as every
+# other matrix, so that CPU and GPU runs share the dense projection too, at the CPU's drawing rate.
+DENSE_DRAWS_ON_GPU = True
 # The dense projection [dim, P] is defined block by block over this many parameter columns (the
 # block's seed name is its first column): part of the seeding rule, so the projection does not
 # depend on memory settings. One block is dim x 4,096 (32 MiB at dim = 2,048 in float32).
@@ -179,7 +183,7 @@ def dense_project(
             (block_start, block_stop - block_start, max(start, block_start), min(stop, block_stop))
         )
     out = flat_grads.new_zeros(n, dim)
-    on_gpu = flat_grads.device.type == "cuda"  # drawn there (module doc)
+    on_gpu = DENSE_DRAWS_ON_GPU and flat_grads.device.type == "cuda"
 
     def draw(span):
         block_start, block_width = span[:2]
