@@ -11,8 +11,11 @@ F_t = Phi_t^T Phi_t / N (the Gauss-Newton / Fisher of the mean loss in the proje
     score(z, z_test) = - (1/T) sum_t phi_t(z_test)^T (F_t + damping_t I)^-1 phi_t(z)
 
 so TRAK is I_up,loss (sign -1) with H replaced by the projected empirical Fisher, averaged over T
-checkpoints. Damping ``"auto"`` is 0.1 * tr(F_t) / K. Loss gradients are used directly (TRAK's
-margin-gradient and 1 - p reweighting are folded into the cross-entropy gradient).
+checkpoints. Damping ``"auto"`` is 0.1 * tr(F_t) / K. Loss gradients are used directly. For
+cross-entropy they are TRAK's margin gradients, f = log(p_y / (1 - p_y)), times -(1 - p_y), so the
+1 - p weight that TRAK applies to each train score separately sits here inside the features on
+both sides and inside F_t. The scores are therefore not traker's, even with one projection
+(``benchmarks/results/trak_scale*.md`` measures how far they agree).
 """
 
 from __future__ import annotations
