@@ -121,7 +121,9 @@ step profile-persample 60 "$PY" benchmarks/profile_persample.py --device cuda --
     --batches 64 128
 
 # dense projection of ResNet-18-sized gradients: blocks drawn on the GPU against on the CPU
-step bench-dense-draws 90 "$PY" benchmarks/dense_draws.py --device cuda
+# (K = 512 and 1,024, 2 timed calls each: the CPU-drawn rows take seconds per call)
+step bench-dense-draws 120 "$PY" benchmarks/dense_draws.py --device cuda --dims 512 1024 \
+    --repeats 2
 
 # --- 5. optional steps, each taking what the deadline leaves ----------------------------------
 left() { echo $((DEADLINE - (SECONDS - START))); }

@@ -8,8 +8,8 @@ on). Kronecker factors and per-parameter blocks are drawn on the CPU, so CPU and
 same ones. Dense JL blocks of CUDA gradients are drawn on the GPU, from a CUDA generator with the
 same seed: a CPU draws about 0.26 G normals a second per core, and a dense projection of ResNet-18
 at K = 2,048 needs 23 G per batch of examples, which a GPU draws in place of shipping 92 GB over
-the bus. A seed then fixes the dense projection per kind of device (and, CUDA's generator
-spreading its stream over the GPU's cores, per GPU model), not across them; set
+the bus. A seed then fixes the dense projection per kind of device (possibly per GPU model too:
+CUDA's generator spreads its stream over a grid sized by the GPU), not across them; set
 :data:`DENSE_DRAWS_ON_GPU` to False for the CPU's draws everywhere.
 """
 
