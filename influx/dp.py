@@ -107,7 +107,9 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):
         x, y = inputs[start : start + step], targets[start : start + step]
-        chunk_losses, calls = capture(model, loss_fn, x, y, modules, list(selected.values()))
+        chunk_losses, calls = capture(
+            model, loss_fn, x, y, modules, list(selected.values()), offset=start
+        )
         _check_finite_losses(chunk_losses, start)
         sqnorms, materialized = _sqnorms(layers, calls, tied, x.shape[0], reference)
         chunk_norms = sqnorms.sqrt()

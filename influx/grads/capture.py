@@ -14,13 +14,14 @@ what was recorded.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
 
 from influx.errors import UnsupportedModelError
 from influx.grads.common import (
@@ -40,12 +41,94 @@ class LayerCall:
     grad_output: torch.Tensor  # [N, *output.shape[1:]], d(sum of losses)/d(output)
 
 
-def _check_output(name: str, module: nn.Module, output) -> None:
+def _check_output(name: str, module: nn.Module, output, batch: int) -> None:
     if not isinstance(output, torch.Tensor):
         raise UnsupportedModelError(
             f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
             "per-sample rules need a single tensor output: wrap the module so it returns one"
         )
+    if output.dim() == 0 or output.shape[0] != batch:
+        # Rules read example i at index i of the output gradient: anything else (a weight
+        # computed by a parametrization, a sequence-first layout) would mix examples silently.
+        raise UnsupportedModelError(
+            f"module {name} ({type(module).__name__}) returned shape {tuple(output.shape)} for "
+            f"a batch of {batch}; per-sample rules need the batch first in every output of a "
+            "module that owns parameters: use batch-first layouts (e.g. batch_first=True), and "
+            "for a parametrized weight (torch.nn.utils.parametrize) remove the parametrization "
+            "or leave its parameters out with params="
+        )
+
+
+class _ParameterUseWatch(TorchFunctionMode):
+    """Refuses a selected parameter read by an operation while no module owning it is running.
+
+    Per-sample rules see the calls of the modules that own the parameters. A parameter read
+    elsewhere (``nn.MultiheadAttention`` hands ``out_proj.weight`` to a function instead of
+    calling ``out_proj``; an output layer computes ``F.linear(h, self.embedding.weight)``) has a
+    gradient the rules never see: its per-sample gradients would be silently wrong.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], parameters):
+        super().__init__()
+        self.modules = modules
+        selected = {id(p) for p in parameters}
+        self.owners: dict[int, list[str]] = {}  # id(parameter) -> the modules owning it
+        self.names: dict[int, str] = {}
+        for name, module in modules.items():
+            for local, p in module.named_parameters(recurse=False):
+                if id(p) in selected:
+                    self.owners.setdefault(id(p), []).append(name)
+                    self.names.setdefault(id(p), f"{name}.{local}" if name else local)
+        self.running = dict.fromkeys(modules, 0)
+
+    @contextmanager
+    def watching(self):
+        """The mode on, with each owner's running calls counted (its first pre-hook, so that
+        a pre-hook computing the weight, as weight_norm's does, counts as inside the call)."""
+
+        def enter(name, *_):
+            self.running[name] += 1
+
+        def leave(name, *_):
+            self.running[name] -= 1
+
+        handles = []
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_pre_hook(partial(enter, name), prepend=True))
+            handles.append(module.register_forward_hook(partial(leave, name)))
+        try:
+            with self:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, nn.Parameter) and id(t) in self.owners:
+                    self._check(id(t))
+        return func(*args, **kwargs)
+
+    def _check(self, key: int) -> None:
+        owners = self.owners[key]
+        if any(self.running[name] for name in owners):
+            return
+        owner = type(self.modules[owners[0]]).__name__
+        raise UnsupportedModelError(
+            f"parameter {self.names[key]!r} is read outside a call of the {owner} that owns it "
+            "(as nn.MultiheadAttention reads out_proj.weight, or an output layer reads an "
+            "embedding's weight), so per-sample rules would miss part of its gradient: call "
+            "the module instead (tie weights by sharing the Parameter between two modules, "
+            "e.g. out.weight = embedding.weight), or leave it out with params="
+        )
+
+
+def _watched(modules, parameters, offset: int):
+    """The parameter-use watch for the first chunk of a pass (offset 0): a model reads its
+    parameters the same way for every batch, and the watch costs Python work per operation."""
+    return _ParameterUseWatch(modules, parameters).watching() if offset == 0 else nullcontext()
 
 
 @contextmanager
@@ -83,7 +166,7 @@ def capture(
 
     def watch(name: str):
         def hook(module, args, output):
-            _check_output(name, module, output)
+            _check_output(name, module, output, inputs.shape[0])
             if output.requires_grad:
                 detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
                 pending.append((name, detached, get_gradient_edge(output), output))
@@ -93,7 +176,8 @@ def capture(
     handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):
-            losses = loss_fn(model(inputs), targets)
+            with _watched(modules, parameters, offset):
+                losses = loss_fn(model(inputs), targets)
             check_per_example_losses(losses, inputs.shape[0])
             check_finite(losses.detach(), "losses", offset=offset)
             if pending:
@@ -151,7 +235,7 @@ def capture_streaming(
 
     def watch(name: str):
         def hook(module, args, output):
-            _check_output(name, module, output)
+            _check_output(name, module, output, inputs.shape[0])
             if not output.requires_grad or name not in pending:
                 return
             detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -170,7 +254,8 @@ def capture_streaming(
     leaf = inputs.detach().requires_grad_() if inputs.is_floating_point() else None
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):
-            losses = loss_fn(model(inputs if leaf is None else leaf), targets)
+            with _watched(modules, parameters, offset):
+                losses = loss_fn(model(inputs if leaf is None else leaf), targets)
             check_per_example_losses(losses, inputs.shape[0])
             check_finite(losses.detach(), "losses", offset=offset)
             wanted = ([] if leaf is None else [leaf]) + roots

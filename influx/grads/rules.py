@@ -42,11 +42,20 @@ def register_rule(*module_types: type[nn.Module]):
 
 
 def rule_for(module: nn.Module) -> LayerRule:
-    return RULES.get(type(module), FUNCTIONAL_RULE)
+    """The rule registered for the module's exact type, or :class:`FunctionalRule` when there is
+    none or when the module holds parameters the rule does not know: under weight_norm or
+    pruning, a hook computes ``weight`` from ``weight_g`` / ``weight_v`` or ``weight_orig``, and
+    only a functional pass through the module's call differentiates those."""
+    rule = RULES.get(type(module))
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    return rule if rule is not None and own <= rule.parameters else FUNCTIONAL_RULE
 
 
 class LayerRule:
     """Base rule: everything derives from materialized per-sample gradients."""
+
+    #: the local parameter names the rule computes gradients for
+    parameters: frozenset[str] = frozenset({"weight", "bias"})
 
     def grads(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
         """Local parameter name -> [N, *param.shape]."""
@@ -405,6 +414,8 @@ class ConvRule(MatmulRule):
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     """Embedding: the gradient of row v is the sum of the output gradients at positions with index v."""
+
+    parameters = frozenset({"weight"})
 
     def _tokens(self, module, calls):
         idx = torch.cat([c.args[0].reshape(c.args[0].shape[0], -1) for c in calls], 1)  # [N, T]

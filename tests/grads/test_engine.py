@@ -406,3 +406,26 @@ def test_conv1d_both_norm_forms(norm_form):
     check_all(model, cross_entropy, x, torch.randint(0, 2, (4,)), rtol=1e-10)
     projected = per_sample_projected(model, cross_entropy, x, torch.randint(0, 2, (4,)), dim=24)
     assert projected.shape[0] == 4 and torch.isfinite(projected).all()
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "prune"])
+def test_a_weight_computed_by_a_hook_is_differentiated_through_it(reparametrize):
+    # weight_norm (weight from weight_g, weight_v) and pruning (weight_orig times a mask) compute
+    # the weight in a pre-hook: the Linear's own rule would differentiate the computed weight,
+    # so these layers take the functional rule, which runs the hook per example
+    import warnings
+
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated
+        if reparametrize == "weight_norm":
+            torch.nn.utils.weight_norm(model[0])
+        else:
+            prune.random_unstructured(model[0], "weight", amount=0.4)
+    assert not isinstance(rules.rule_for(model[0]), rules.LinearRule)
+    assert isinstance(rules.rule_for(model[2]), rules.LinearRule)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check_all(model, cross_entropy, x, y, rtol=1e-10)

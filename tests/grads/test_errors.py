@@ -108,3 +108,69 @@ def test_nonfinite_rows_screens_by_sums_without_false_alarms():
     assert nonfinite_rows(cancelling).tolist() == [0]
     assert nonfinite_rows(torch.zeros(0, 3)).tolist() == []
     assert nonfinite_rows(torch.arange(4)).tolist() == []
+
+
+class FunctionalTiedLM(nn.Module):
+    """The output layer reads the embedding's weight through F.linear, not a module call."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(9, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        hidden = torch.tanh(self.mix(self.embedding(tokens))).mean(1)
+        return torch.nn.functional.linear(hidden, self.embedding.weight)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(9, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.embedding(tokens)).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "parameter"),
+    [(FunctionalTiedLM, "embedding.weight"), (TinyTransformer, "block.self_attn.out_proj.weight")],
+)
+def test_a_parameter_read_outside_its_module_is_refused(model, parameter):
+    # Its module's rule would see only part of its gradient: refused on the first batch, by
+    # every path that captures (the engine, K-FAC's streaming capture, DP-SGD's clipping).
+    from influx import dp, influence
+
+    tokens, targets = torch.randint(0, 9, (5, 3)), torch.randint(0, 2, (5,))
+    calls = [
+        lambda m: per_sample_grads(m, cross_entropy, tokens, targets),
+        lambda m: per_sample_norms(m, cross_entropy, tokens, targets, chunk_size=2),
+        lambda m: influence.fit(m, cross_entropy, (tokens, targets), method="ekfac"),
+        lambda m: dp.clipped_grad(m, cross_entropy, tokens, targets, max_grad_norm=1.0),
+    ]
+    for call in calls:
+        with pytest.raises(UnsupportedModelError, match=f"'{parameter}' is read outside a call"):
+            call(model().eval())
+
+
+def test_outputs_without_the_batch_first_are_refused():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # [N, T, 4] -> a Linear on [T, N, 4]
+            return self.head(self.mix(x.transpose(0, 1)).mean(0))
+
+    with pytest.raises(UnsupportedModelError, match=r"mix \(Linear\) returned shape \(3, 5, 4\)"):
+        per_sample_grads(
+            SequenceFirst(), cross_entropy, torch.randn(5, 3, 4), torch.randint(0, 2, (5,))
+        )
+    # a parametrization computes the weight from its parameters, with no batch at all
+    model = small()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(UnsupportedModelError, match="parametrizations.weight.*batch first"):
+        per_sample_grads(model, cross_entropy, *batch())
