@@ -45,7 +45,10 @@ def _check_output(name: str, module: nn.Module, output, batch: int) -> None:
     if not isinstance(output, torch.Tensor):
         raise UnsupportedModelError(
             f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
-            "per-sample rules need a single tensor output: wrap the module so it returns one"
+            "per-sample rules need a single tensor output from each module that owns "
+            "parameters: make the module return one tensor, or leave its parameters out with "
+            "params= (torch's RNN, LSTM, GRU and MultiheadAttention return tuples and are not "
+            "supported)"
         )
     if output.dim() == 0 or output.shape[0] != batch:
         # Rules read example i at index i of the output gradient: anything else (a weight
