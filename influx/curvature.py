@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influx.errors import InfluxValueError
 from influx.grads.common import (
@@ -93,12 +94,31 @@ def batch_objective(
     fixed = fixed_state(model, space.names)
 
     def objective(theta: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**fixed, **space.unflatten(theta)}, (inputs,))
+        out = twice_differentiable_call(model, {**fixed, **space.unflatten(theta)}, inputs)
         losses = loss_fn(out, targets)
         check_per_example_losses(losses, inputs.shape[0])
         return losses.mean() if reduction == "mean" else losses.sum()
 
     return objective, space
+
+
+def twice_differentiable_call(model: nn.Module, state: Mapping, inputs: torch.Tensor):
+    """``functional_call(model, state, (inputs,))`` with attention on torch's math kernel.
+
+    Curvature products differentiate the forward twice (forward over reverse, or reverse over
+    reverse). torch's fused attention kernels support neither (no forward-mode derivative, no
+    double backward on the CPU's flash kernel), nor does the fused inference path of
+    ``nn.TransformerEncoderLayer`` (which parameters swapped in by torch.func can trigger in eval
+    mode), so a transformer's objective would fail there; the math kernel computes the same
+    attention from differentiable operations.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(model, state, (inputs,))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def gradient(model, loss_fn, batch, *, params=None, reduction="mean", theta=None) -> torch.Tensor:
@@ -139,7 +159,7 @@ def ggn_vp(
     scale = 1.0 / inputs.shape[0] if reduction == "mean" else 1.0
 
     def outputs_of(t: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**fixed, **space.unflatten(t)}, (inputs,))
+        return twice_differentiable_call(model, {**fixed, **space.unflatten(t)}, inputs)
 
     def output_loss(out: torch.Tensor) -> torch.Tensor:
         return loss_fn(out, targets).sum() * scale

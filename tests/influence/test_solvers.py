@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from utils import assert_close
 
 from influx.curvature import NonPositiveDefiniteWarning, estimate_spectrum, lanczos
@@ -187,3 +188,30 @@ def test_spectrum_estimate_resolves_a_cluster_of_small_negative_eigenvalues():
     assert spectrum.minimum <= float(eigenvalues.min()) + 1e-12
     assert float(eigenvalues.min()) - spectrum.minimum <= 0.05 * true_damping
     assert spectrum.maximum == pytest.approx(float(eigenvalues.max()), rel=1e-6)
+
+
+def test_curvature_products_of_a_transformer_match_finite_differences():
+    # torch's fused attention has no forward-mode derivative and no double backward on the CPU:
+    # the objectives run attention on the math kernel, and H v and G v must still be exact
+    from influx.curvature import batch_objective, ggn_vp, gradient, hvp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(5 * 8, 3),
+    ).double().eval()  # fmt: skip
+    batch = (torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    _, space = batch_objective(model, loss, batch)
+    theta = space.current(model)
+    v = torch.randn(theta.shape, dtype=torch.float64)
+    step = 1e-5
+    difference = (
+        gradient(model, loss, batch, theta=theta + step * v)
+        - gradient(model, loss, batch, theta=theta - step * v)
+    ) / (2 * step)
+    # central differences in float64: error O(step^2 |g'''|) + O(eps / step), about 1e-9 here
+    torch.testing.assert_close(hvp(model, loss, batch, v), difference, rtol=1e-6, atol=1e-8)
+    gv = ggn_vp(model, loss, batch, v)
+    assert torch.isfinite(gv).all() and float(v @ gv) >= 0  # G is PSD for cross-entropy
