@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import RTOL, assert_close
+from utils import RTOL, KeywordNet, assert_close
 
 from influx import data, dp, models
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
@@ -96,6 +97,15 @@ def case(name: str, dtype=torch.float64, n: int = 6):
     elif name == "tokens":
         model = TokenModel()
         x = torch.randint(0, 11, (n, 4), generator=generator)
+    elif name == "keywords":
+        model = KeywordNet(width=8)
+        x = torch.randn(n, 8, generator=generator)
+    elif name == "weight-norm":
+        model = nn.Sequential(nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm
+            torch.nn.utils.weight_norm(model[0])
+        x = torch.randn(n, 8, generator=generator)
     else:
         raise ValueError(name)
     model = model.to(dtype)
@@ -113,7 +123,9 @@ def loop_clipped_sum(model, x, y, max_grad_norm, loss_fn=ce):
     return {k: (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, norms
 
 
-MODELS = ["mlp", "cnn", "conv-variants", "conv1d", "resnet8", "tied", "tokens"]
+MODELS = [
+    "mlp", "cnn", "conv-variants", "conv1d", "resnet8", "tied", "tokens", "keywords", "weight-norm",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,4 +1,5 @@
-"""Shared test helpers: one comparison function and one tolerance table."""
+"""Shared test helpers: one comparison function, one tolerance table and a model that calls a
+module with keyword arguments."""
 
 from __future__ import annotations
 
@@ -44,3 +45,25 @@ def assert_close(
             f"{name}: max abs err {max_abs:.3e}, max rel err {rel:.3e} (rtol {rtol:.1e}, "
             f"atol {atol or 0.0:.1e}, scale {scale:.3e})"
         )
+
+
+class KeywordNet(torch.nn.Module):
+    """A parameter-owning block called with keyword arguments: a float and a per-example mask,
+    which per-sample rules must replay."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, width))
+
+        def forward(self, x, scale=1.0, mask=None):
+            out = torch.tanh(x * self.w) * scale
+            return out if mask is None else out * mask
+
+    def __init__(self, width: int = 5, classes: int = 3):
+        super().__init__()
+        self.block = self.Block(width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(x, scale=3.0, mask=(x > 0).to(x.dtype)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -39,6 +39,14 @@ class LayerCall:
 
     args: tuple  # the positional inputs, tensors detached
     grad_output: torch.Tensor  # [N, *output.shape[1:]], d(sum of losses)/d(output)
+    kwargs: dict = field(default_factory=dict)  # the keyword inputs, tensors detached
+
+
+def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def detach(value):
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    return tuple(map(detach, args)), {key: detach(value) for key, value in kwargs.items()}
 
 
 def _check_output(name: str, module: nn.Module, output, batch: int) -> None:
@@ -165,18 +173,21 @@ def capture(
     """
     check_batch(inputs, targets)
     check_model(model)
-    pending: list[tuple[str, tuple, torch.autograd.graph.GradientEdge, torch.Tensor]] = []
+    pending: list[tuple[str, tuple, dict, torch.autograd.graph.GradientEdge, torch.Tensor]] = []
 
     def watch(name: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             _check_output(name, module, output, inputs.shape[0])
             if output.requires_grad:
-                detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-                pending.append((name, detached, get_gradient_edge(output), output))
+                args, kwargs = _detached(args, kwargs)
+                pending.append((name, args, kwargs, get_gradient_edge(output), output))
 
         return hook
 
-    handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
+    handles = [
+        module.register_forward_hook(watch(name), with_kwargs=True)
+        for name, module in modules.items()
+    ]
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):
             with _watched(modules, parameters, offset):
@@ -184,7 +195,7 @@ def capture(
             check_per_example_losses(losses, inputs.shape[0])
             check_finite(losses.detach(), "losses", offset=offset)
             if pending:
-                edges = [edge for _, _, edge, _ in pending]
+                edges = [edge for *_, edge, _ in pending]
                 grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
             else:
                 grads = []
@@ -193,8 +204,8 @@ def capture(
             handle.remove()
 
     calls: dict[str, list[LayerCall]] = {name: [] for name in modules}
-    for (name, args, _, output), g in zip(pending, grads):
-        calls[name].append(LayerCall(args, torch.zeros_like(output) if g is None else g))
+    for (name, args, kwargs, _, output), g in zip(pending, grads):
+        calls[name].append(LayerCall(args, torch.zeros_like(output) if g is None else g, kwargs))
     return losses.detach(), calls
 
 
@@ -225,35 +236,40 @@ def capture_streaming(
     """
     check_batch(inputs, targets)
     check_model(model)
-    pending: dict[str, list] = {name: [] for name in modules}  # per call: args, then its gradient
+    # per call: (args, kwargs, zeros), then its LayerCall once the gradient has arrived
+    pending: dict[str, list] = {name: [] for name in modules}
     roots: list[torch.autograd.graph.GradientEdge] = []
 
     def arrived(name: str, index: int, output_nr: int, grad_outputs) -> None:
         calls = pending[name]
+        args, kwargs, zeros = calls[index]
         grad = grad_outputs[output_nr]
-        calls[index] = LayerCall(calls[index][0], grad if grad is not None else calls[index][1]())
+        calls[index] = LayerCall(args, grad if grad is not None else zeros(), kwargs)
         if all(isinstance(call, LayerCall) for call in calls):
             del pending[name]
             on_module(name, calls)
 
     def watch(name: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             _check_output(name, module, output, inputs.shape[0])
             if not output.requires_grad or name not in pending:
                 return
-            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             zeros = partial(torch.zeros, output.shape, dtype=output.dtype, device=output.device)
-            pending[name].append((detached, zeros))
+            pending[name].append((*_detached(args, kwargs), zeros))
             edge = get_gradient_edge(output)
             edge.node.register_prehook(
                 partial(arrived, name, len(pending[name]) - 1, edge.output_nr)
             )
-            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            inputs_of_call = (*args, *kwargs.values())
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs_of_call):
                 roots.append(edge)
 
         return hook
 
-    handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
+    handles = [
+        module.register_forward_hook(watch(name), with_kwargs=True)
+        for name, module in modules.items()
+    ]
     leaf = inputs.detach().requires_grad_() if inputs.is_floating_point() else None
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):

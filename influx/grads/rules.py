@@ -518,6 +518,8 @@ class FunctionalRule(LayerRule):
     """Any other module with parameters: ``vmap`` of the module's own VJP, one example at a time.
 
     Exact for modules whose examples do not interact; costs one extra forward of that module.
+    The call is replayed with its keyword arguments: positional tensors and keyword tensors with
+    one row per example (first dimension N) are split by example, other values are passed whole.
     """
 
     def grads(self, module, calls):
@@ -528,21 +530,31 @@ class FunctionalRule(LayerRule):
         }
         per_call = []
         for call in calls:
-            tensor_positions = [i for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+            n = call.grad_output.shape[0]
+            # (position or keyword, tensor) of every input that is split by example
+            split = [(i, a) for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+            split += [
+                (key, value)
+                for key, value in call.kwargs.items()
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+            ]
 
-            def example_grad(weights, b_i, *tensors_i, call=call, positions=tensor_positions):
-                args = list(call.args)
-                for pos, t in zip(positions, tensors_i):
-                    args[pos] = t.unsqueeze(0)
+            def example_grad(weights, b_i, *tensors_i, call=call, where=tuple(w for w, _ in split)):
+                args, kwargs = list(call.args), dict(call.kwargs)
+                for place, t in zip(where, tensors_i):
+                    if isinstance(place, int):
+                        args[place] = t.unsqueeze(0)
+                    else:
+                        kwargs[place] = t.unsqueeze(0)
 
                 def forward(w):
-                    return functional_call(module, {**state, **w}, tuple(args))
+                    return functional_call(module, {**state, **w}, tuple(args), kwargs)
 
                 _, pullback = vjp(forward, weights)
                 return pullback(b_i.unsqueeze(0))[0]
 
             weights = {k: p.detach() for k, p in own.items()}
-            tensors = [call.args[i] for i in tensor_positions]
+            tensors = [t for _, t in split]
             in_dims = (None, 0, *([0] * len(tensors)))
             per_call.append(
                 vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)

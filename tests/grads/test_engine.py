@@ -13,7 +13,7 @@ from grad_models import Mixed, TiedLM, conv_net, cross_entropy, mixed_batch, squ
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from utils import assert_close
+from utils import KeywordNet, assert_close
 
 from influx.grads import (
     per_sample_grads,
@@ -429,3 +429,10 @@ def test_a_weight_computed_by_a_hook_is_differentiated_through_it(reparametrize)
     assert isinstance(rules.rule_for(model[2]), rules.LinearRule)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     check_all(model, cross_entropy, x, y, rtol=1e-10)
+
+
+def test_keyword_arguments_of_a_call_are_replayed():
+    # the functional rule replays the block's call with scale=3.0 and the per-example mask
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check_all(KeywordNet().double(), cross_entropy, x, y, rtol=1e-10)
