@@ -212,9 +212,10 @@ def _weighted_grads(module: nn.Module, call: LayerCall, scale: torch.Tensor) -> 
             out["bias"] = b.transpose(0, 1).flatten(1).sum(1)
         return out
     # Any other module: re-run it alone on its recorded inputs and pull c b back to its parameters.
-    own = dict(module.named_parameters(recurse=False))
+    own = rule_for(module).owned_parameters(module)
     with torch.enable_grad():
         output = module(*call.args, **call.kwargs)
+        output = output[0] if isinstance(output, tuple) else output  # as the functional rule
         grads = torch.autograd.grad(output, list(own.values()), b, allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(own.items(), grads)

@@ -63,6 +63,19 @@ class TokenModel(nn.Module):
         return self.head(torch.tanh(self.norm(self.embed(tokens)))).mean(1)
 
 
+class AttentionModel(nn.Module):
+    """Embedding, then a Transformer encoder layer (its attention reads out_proj's weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
 def case(name: str, dtype=torch.float64, n: int = 6):
     """(model, inputs, targets) of one model family, seeded."""
     torch.manual_seed(0)
@@ -97,6 +110,9 @@ def case(name: str, dtype=torch.float64, n: int = 6):
     elif name == "tokens":
         model = TokenModel()
         x = torch.randint(0, 11, (n, 4), generator=generator)
+    elif name == "attention":
+        model = AttentionModel().eval()
+        x = torch.randint(0, 11, (n, 4), generator=generator)
     elif name == "keywords":
         model = KeywordNet(width=8)
         x = torch.randn(n, 8, generator=generator)
@@ -124,7 +140,8 @@ def loop_clipped_sum(model, x, y, max_grad_norm, loss_fn=ce):
 
 
 MODELS = [
-    "mlp", "cnn", "conv-variants", "conv1d", "resnet8", "tied", "tokens", "keywords", "weight-norm",
+    "mlp", "cnn", "conv-variants", "conv1d", "resnet8", "tied", "tokens", "attention", "keywords",
+    "weight-norm",
 ]  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from influx.errors import UnsupportedModelError
 from influx.grads.common import (
@@ -49,14 +50,21 @@ def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(map(detach, args)), {key: detach(value) for key, value in kwargs.items()}
 
 
-def _check_output(name: str, module: nn.Module, output, batch: int) -> None:
+def _outputs(name: str, module: nn.Module, output, batch: int):
+    """(the output the rules differentiate, the other tensors of a tuple output that carry
+    gradients): a tuple's first element is the output, and the loss must not depend on the rest
+    (checked after the backward, see :func:`_check_unused`)."""
+    others = []
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        others = [t for t in tree_leaves(output[1:]) if isinstance(t, torch.Tensor)]
+        others = [t for t in others if t.requires_grad]
+        output = output[0]
     if not isinstance(output, torch.Tensor):
         raise UnsupportedModelError(
             f"module {name} ({type(module).__name__}) returns {type(output).__name__}; "
-            "per-sample rules need a single tensor output from each module that owns "
-            "parameters: make the module return one tensor, or leave its parameters out with "
-            "params= (torch's RNN, LSTM, GRU and MultiheadAttention return tuples and are not "
-            "supported)"
+            "per-sample rules need a tensor output (or a tuple whose first element is one) from "
+            "each module that owns parameters: make the module return one, or leave its "
+            "parameters out with params="
         )
     if output.dim() == 0 or output.shape[0] != batch:
         # Rules read example i at index i of the output gradient: anything else (a weight
@@ -68,28 +76,51 @@ def _check_output(name: str, module: nn.Module, output, batch: int) -> None:
             "for a parametrized weight (torch.nn.utils.parametrize) remove the parametrization "
             "or leave its parameters out with params="
         )
+    return output, [(name, module, get_gradient_edge(t)) for t in others]
+
+
+def _check_unused(others, grads) -> None:
+    """Refuse a tuple output other than the first that the loss depends on."""
+    for (name, module, _), grad in zip(others, grads):
+        if grad is not None:
+            raise UnsupportedModelError(
+                f"the loss depends on an output of module {name} ({type(module).__name__}) "
+                "other than its first; per-sample rules differentiate a module through its "
+                "first output only: use only that one, or leave its parameters out with params="
+            )
 
 
 class _ParameterUseWatch(TorchFunctionMode):
     """Refuses a selected parameter read by an operation while no module owning it is running.
 
     Per-sample rules see the calls of the modules that own the parameters. A parameter read
-    elsewhere (``nn.MultiheadAttention`` hands ``out_proj.weight`` to a function instead of
-    calling ``out_proj``; an output layer computes ``F.linear(h, self.embedding.weight)``) has a
-    gradient the rules never see: its per-sample gradients would be silently wrong.
+    elsewhere (an output layer computing ``F.linear(h, self.embedding.weight)``, a parent module
+    reading a child's weight) has a gradient the rules never see: its per-sample gradients would
+    be silently wrong. A module whose rule covers its submodules (nn.MultiheadAttention and its
+    ``out_proj``) owns their parameters here too.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], parameters):
         super().__init__()
         self.modules = modules
         selected = {id(p) for p in parameters}
-        self.owners: dict[int, list[str]] = {}  # id(parameter) -> the modules owning it
+        # id(parameter) -> the watched modules owning it: on each path from a watched module
+        # down to the parameter, the nearest watched module above it (a module whose rule covers
+        # its submodules is watched in their place)
+        self.owners: dict[int, list[str]] = {}
         self.names: dict[int, str] = {}
         for name, module in modules.items():
-            for local, p in module.named_parameters(recurse=False):
-                if id(p) in selected:
+            prefix = f"{name}." if name else ""
+            for local, p in module.named_parameters(remove_duplicate=False):
+                path = (prefix + local).split(".")[:-1]
+                nearest = next(
+                    ".".join(path[:k])
+                    for k in range(len(path), -1, -1)
+                    if ".".join(path[:k]) in modules
+                )
+                if id(p) in selected and nearest == name:
                     self.owners.setdefault(id(p), []).append(name)
-                    self.names.setdefault(id(p), f"{name}.{local}" if name else local)
+                    self.names.setdefault(id(p), prefix + local)
         self.running = dict.fromkeys(modules, 0)
 
     @contextmanager
@@ -129,8 +160,8 @@ class _ParameterUseWatch(TorchFunctionMode):
         owner = type(self.modules[owners[0]]).__name__
         raise UnsupportedModelError(
             f"parameter {self.names[key]!r} is read outside a call of the {owner} that owns it "
-            "(as nn.MultiheadAttention reads out_proj.weight, or an output layer reads an "
-            "embedding's weight), so per-sample rules would miss part of its gradient: call "
+            "(as an output layer reading an embedding's weight, or a parent module reading a "
+            "child's), so per-sample rules would miss part of its gradient: call "
             "the module instead (tie weights by sharing the Parameter between two modules, "
             "e.g. out.weight = embedding.weight), or leave it out with params="
         )
@@ -174,10 +205,12 @@ def capture(
     check_batch(inputs, targets)
     check_model(model)
     pending: list[tuple[str, tuple, dict, torch.autograd.graph.GradientEdge, torch.Tensor]] = []
+    others: list = []  # (name, module, edge) of tuple outputs past the first
 
     def watch(name: str):
         def hook(module, args, kwargs, output):
-            _check_output(name, module, output, inputs.shape[0])
+            output, more = _outputs(name, module, output, inputs.shape[0])
+            others.extend(more)
             if output.requires_grad:
                 args, kwargs = _detached(args, kwargs)
                 pending.append((name, args, kwargs, get_gradient_edge(output), output))
@@ -194,9 +227,10 @@ def capture(
                 losses = loss_fn(model(inputs), targets)
             check_per_example_losses(losses, inputs.shape[0])
             check_finite(losses.detach(), "losses", offset=offset)
-            if pending:
-                edges = [edge for *_, edge, _ in pending]
+            if pending or others:
+                edges = [edge for *_, edge, _ in pending] + [edge for *_, edge in others]
                 grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+                _check_unused(others, grads[len(pending) :])
             else:
                 grads = []
     finally:
@@ -239,6 +273,7 @@ def capture_streaming(
     # per call: (args, kwargs, zeros), then its LayerCall once the gradient has arrived
     pending: dict[str, list] = {name: [] for name in modules}
     roots: list[torch.autograd.graph.GradientEdge] = []
+    others: list = []  # (name, module, edge) of tuple outputs past the first
 
     def arrived(name: str, index: int, output_nr: int, grad_outputs) -> None:
         calls = pending[name]
@@ -251,8 +286,11 @@ def capture_streaming(
 
     def watch(name: str):
         def hook(module, args, kwargs, output):
-            _check_output(name, module, output, inputs.shape[0])
-            if not output.requires_grad or name not in pending:
+            if name not in pending:  # handed over already: a rule replaying the module
+                return
+            output, more = _outputs(name, module, output, inputs.shape[0])
+            others.extend(more)
+            if not output.requires_grad:
                 return
             zeros = partial(torch.zeros, output.shape, dtype=output.dtype, device=output.device)
             pending[name].append((*_detached(args, kwargs), zeros))
@@ -277,9 +315,10 @@ def capture_streaming(
                 losses = loss_fn(model(inputs if leaf is None else leaf), targets)
             check_per_example_losses(losses, inputs.shape[0])
             check_finite(losses.detach(), "losses", offset=offset)
-            wanted = ([] if leaf is None else [leaf]) + roots
-            if wanted and any(pending.values()):
-                torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+            wanted = ([] if leaf is None else [leaf]) + roots + [edge for *_, edge in others]
+            if wanted and (any(pending.values()) or others):
+                grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+                _check_unused(others, grads[len(wanted) - len(others) :])
     finally:
         for handle in handles:
             handle.remove()

@@ -36,17 +36,25 @@ class PlannedLayer:
 
 
 def plan_layers(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[PlannedLayer]:
-    """Every module that owns selected parameters, in registration order, with its rule."""
+    """Every module that owns selected parameters, in registration order, with its rule. A rule
+    for a whole module (``LayerRule.whole_module``) owns the parameters of its submodules too,
+    which are then not planned on their own (nn.MultiheadAttention reads ``out_proj``'s weight
+    without calling it)."""
     full_name_of = {id(p): name for name, p in selected.items()}
-    layers = []
+    layers, claimed = [], []
     for module_name, module in model.named_modules():
+        if any(module_name.startswith(prefix) for prefix in claimed):
+            continue
+        rule = rule_for(module)
+        if rule.whole_module:
+            claimed.append(f"{module_name}." if module_name else "")
         owned = {
             local: full_name_of[id(p)]
-            for local, p in module.named_parameters(recurse=False)
+            for local, p in rule.owned_parameters(module).items()
             if id(p) in full_name_of
         }
         if owned:
-            layers.append(PlannedLayer(module_name, module, rule_for(module), owned))
+            layers.append(PlannedLayer(module_name, module, rule, owned))
     return layers
 
 
@@ -299,9 +307,7 @@ def _dense_projected_chunk(
 
 
 def _project_layer(layer: PlannedLayer, calls, projector: Projector, n: int) -> torch.Tensor:
-    everything_selected = set(layer.params) == {
-        local for local, _ in layer.module.named_parameters(recurse=False)
-    }
+    everything_selected = set(layer.params) == set(layer.rule.owned_parameters(layer.module))
     if calls and everything_selected:
         return torch.cat(
             layer.rule.project(layer.module, calls, projector, layer.name + "."), dim=1
@@ -311,7 +317,7 @@ def _project_layer(layer: PlannedLayer, calls, projector: Projector, n: int) -> 
     grads = layer.rule.grads(layer.module, calls) if calls else {}
     share = max(1, projector.budget // len(layer.params))
     for local, full in layer.params.items():
-        param = getattr(layer.module, local)
+        param = layer.module.get_parameter(local)
         g = flat_rows(grads.get(local, param.new_zeros(n, *param.shape)))
         blocks.append(projector.dense_block(full, g, share))
     return torch.cat(blocks, dim=1)

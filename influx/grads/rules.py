@@ -56,6 +56,12 @@ class LayerRule:
 
     #: the local parameter names the rule computes gradients for
     parameters: frozenset[str] = frozenset({"weight", "bias"})
+    #: whether the rule covers the parameters of the module's submodules too
+    whole_module: bool = False
+
+    def owned_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """Local name -> parameter of everything the rule differentiates in ``module``."""
+        return dict(module.named_parameters(recurse=self.whole_module))
 
     def grads(self, module: nn.Module, calls: Sequence[LayerCall]) -> dict[str, torch.Tensor]:
         """Local parameter name -> [N, *param.shape]."""
@@ -520,27 +526,36 @@ class FunctionalRule(LayerRule):
     Exact for modules whose examples do not interact; costs one extra forward of that module.
     The call is replayed with its keyword arguments: positional tensors and keyword tensors with
     one row per example (first dimension N) are split by example, other values are passed whole.
+    A module returning a tuple is differentiated through its first output (the capture checks
+    that the loss depends on no other).
     """
 
+    def split(self, call: LayerCall, n: int) -> list[tuple[int | str, torch.Tensor]]:
+        """(position or keyword, tensor) of every input of the call that is split by example."""
+        split = [(i, a) for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+        return split + [
+            (key, value)
+            for key, value in call.kwargs.items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+        ]
+
+    def replayed_kwargs(self, call: LayerCall) -> dict:
+        return dict(call.kwargs)
+
     def grads(self, module, calls):
-        own = dict(module.named_parameters(recurse=False))
+        own = self.owned_parameters(module)
         state = {
             **{k: v.detach() for k, v in module.named_parameters()},
             **dict(module.named_buffers()),
         }
         per_call = []
         for call in calls:
-            n = call.grad_output.shape[0]
-            # (position or keyword, tensor) of every input that is split by example
-            split = [(i, a) for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
-            split += [
-                (key, value)
-                for key, value in call.kwargs.items()
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
-            ]
+            split = self.split(call, call.grad_output.shape[0])
+            where = tuple(place for place, _ in split)
+            base_kwargs = self.replayed_kwargs(call)
 
-            def example_grad(weights, b_i, *tensors_i, call=call, where=tuple(w for w, _ in split)):
-                args, kwargs = list(call.args), dict(call.kwargs)
+            def example_grad(weights, b_i, *tensors_i, call=call, where=where, base=base_kwargs):
+                args, kwargs = list(call.args), dict(base)
                 for place, t in zip(where, tensors_i):
                     if isinstance(place, int):
                         args[place] = t.unsqueeze(0)
@@ -548,7 +563,8 @@ class FunctionalRule(LayerRule):
                         kwargs[place] = t.unsqueeze(0)
 
                 def forward(w):
-                    return functional_call(module, {**state, **w}, tuple(args), kwargs)
+                    out = functional_call(module, {**state, **w}, tuple(args), kwargs)
+                    return out[0] if isinstance(out, tuple) else out
 
                 _, pullback = vjp(forward, weights)
                 return pullback(b_i.unsqueeze(0))[0]
@@ -556,10 +572,51 @@ class FunctionalRule(LayerRule):
             weights = {k: p.detach() for k, p in own.items()}
             tensors = [t for _, t in split]
             in_dims = (None, 0, *([0] * len(tensors)))
-            per_call.append(
-                vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)
-            )
+            try:
+                per_call.append(
+                    vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)
+                )
+            except RuntimeError as error:  # e.g. torch's recurrent layers under vmap
+                raise UnsupportedModelError(
+                    f"per-sample gradients of {type(module).__name__} by torch.func.vmap of its "
+                    f"call failed ({str(error).splitlines()[0]}): leave its parameters out with "
+                    "params="
+                ) from error
         return _sum_calls(per_call)
+
+
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(FunctionalRule):
+    """nn.MultiheadAttention (batch first): the functional rule over all its parameters, those
+    of ``out_proj`` included (the module hands them to a function instead of calling out_proj).
+    Query, key, value and ``key_padding_mask`` are split by example; a 2-D ``attn_mask`` is shared.
+    """
+
+    whole_module = True
+    parameters = frozenset(
+        {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+         "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"}
+    )  # fmt: skip
+    PER_EXAMPLE = ("query", "key", "value", "key_padding_mask")
+
+    def split(self, call, n):
+        mask = call.kwargs.get("attn_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+            raise UnsupportedModelError(
+                "nn.MultiheadAttention with a 3-D attn_mask (one mask per example and head): "
+                "per-sample gradients support a 2-D attn_mask shared by the batch and "
+                "key_padding_mask [N, S] per example"
+            )
+        split = [(i, a) for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+        return split + [
+            (key, call.kwargs[key])
+            for key in self.PER_EXAMPLE
+            if isinstance(call.kwargs.get(key), torch.Tensor)
+        ]
+
+    def replayed_kwargs(self, call):
+        # the attention weights are not differentiated: skip computing them
+        return {**call.kwargs, "need_weights": False}
 
 
 FUNCTIONAL_RULE = FunctionalRule()

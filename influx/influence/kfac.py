@@ -76,6 +76,7 @@ from influx.curvature import (
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import capture_streaming
 from influx.grads.common import LossFn, check_finite, check_model, flat_rows, select_parameters
+from influx.grads.engine import plan_layers
 from influx.grads.rules import rule_for
 from influx.influence.base import (
     Block,
@@ -106,17 +107,6 @@ def _factored(module: nn.Module) -> bool:
     return type(module) in FACTORED_LAYERS and getattr(module, "groups", 1) == 1
 
 
-def factored_parameters(model: nn.Module, names) -> tuple[str, ...]:
-    """The names among ``names`` that K-FAC factors: Linear/Conv weights, and their biases when
-    the weight is among ``names`` too."""
-    names, kept = set(names), []
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        if _factored(module) and f"{prefix}weight" in names:
-            kept += [n for n in (f"{prefix}weight", f"{prefix}bias") if n in names]
-    return tuple(kept)
-
-
 @dataclass(frozen=True)
 class Coverage:
     """Which selected parameters each kind of block covers.
@@ -131,21 +121,14 @@ class Coverage:
 
     @classmethod
     def of(cls, model: nn.Module, params, others: str) -> Coverage:
-        selected = select_parameters(model, params)
-        full_name = {id(p): name for name, p in selected.items()}
         kronecker, diagonal, excluded = {}, {}, []
-        for module_name, module in model.named_modules():
-            owned = {
-                local: full_name[id(p)]
-                for local, p in module.named_parameters(recurse=False)
-                if id(p) in full_name
-            }
-            if not owned:
-                continue
-            if _factored(module) and "weight" in owned:
-                kronecker[module_name] = (owned["weight"], owned.get("bias"))
+        # the engine's plan: each selected parameter with the module whose rule covers it
+        for layer in plan_layers(model, select_parameters(model, params)):
+            owned = layer.params
+            if _factored(layer.module) and "weight" in owned:
+                kronecker[layer.name] = (owned["weight"], owned.get("bias"))
             elif others == "diagonal":
-                diagonal[module_name] = tuple(owned.values())
+                diagonal[layer.name] = tuple(owned.values())
             else:
                 excluded += owned.values()
         if excluded and params is not None:

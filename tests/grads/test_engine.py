@@ -436,3 +436,57 @@ def test_keyword_arguments_of_a_call_are_replayed():
     torch.manual_seed(0)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     check_all(KeywordNet().double(), cross_entropy, x, y, rtol=1e-10)
+
+
+class Attention(nn.Module):
+    """Token embedding -> a Transformer encoder layer -> nn.MultiheadAttention called directly
+    with a padding mask per example and a causal mask shared by the batch -> head."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.embedding = nn.Embedding(11, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        causal = torch.triu(torch.ones(tokens, tokens, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal", causal)
+
+    def forward(self, ids):
+        h = self.encoder(self.embedding(ids))
+        padding = ids == 0
+        out, _ = self.attention(h, h, h, key_padding_mask=padding, attn_mask=self.causal)
+        return self.head(out.mean(1))
+
+
+def test_multihead_attention_per_sample_gradients_norms_and_projections():
+    # N = T = 6: the shared [T, T] mask has one row per example by coincidence and must still
+    # be shared, while the [N, T] padding mask is split by example
+    torch.manual_seed(0)
+    model = Attention(tokens=6).double().eval()
+    ids, y = torch.randint(1, 11, (6, 6)), torch.randint(0, 3, (6,))
+    ids[:, -2:] = 0  # padded tail
+    check_all(model, cross_entropy, ids, y, rtol=1e-10)
+    flat = reference.flatten_per_sample(
+        reference.naive_per_sample_grads(model, cross_entropy, ids, y)
+    )
+    got = per_sample_projected(model, cross_entropy, ids, y, dim=32, seed=1, kind="dense")
+    assert_close(got, dense_project(flat, 32, seed=1), name="dense projection")
+    kron = per_sample_projected(model, cross_entropy, ids, y, dim=64, seed=1, by_layer=True)
+    assert "attention" in kron and "attention.out_proj" not in kron  # one block per planned layer
+
+
+def test_an_lstm_through_its_first_output_in_float32():
+    # torch.func replays nn.LSTM per example in float32 (in float64 torch's vmap of it fails,
+    # which the engine reports as unsupported); the loss reads only the output sequence
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
+    check_all(Recurrent(), cross_entropy, x, y, rtol=1e-5)
