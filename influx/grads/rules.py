@@ -618,5 +618,14 @@ class MultiheadAttentionRule(FunctionalRule):
         # the attention weights are not differentiated: skip computing them
         return {**call.kwargs, "need_weights": False}
 
+    def grads(self, module, calls):
+        if not module.batch_first:
+            # [L, N, E] outputs: refused by the capture unless L = N, where they would mix examples
+            raise UnsupportedModelError(
+                "nn.MultiheadAttention(batch_first=False) puts the sequence first; per-sample "
+                "gradients need batch_first=True"
+            )
+        return super().grads(module, calls)
+
 
 FUNCTIONAL_RULE = FunctionalRule()

@@ -185,3 +185,20 @@ def test_outputs_without_the_batch_first_are_refused():
     torch.nn.utils.parametrizations.weight_norm(model[0])
     with pytest.raises(UnsupportedModelError, match="parametrizations.weight.*batch first"):
         per_sample_grads(model, cross_entropy, *batch())
+
+
+def test_sequence_first_attention_is_refused_even_when_length_equals_batch():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2)  # batch_first=False
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # [N, T, 4] with T = N: the [T, N, 4] output passes a shape check
+            h = x.transpose(0, 1)
+            return self.head(self.attention(h, h, h)[0].mean(0))
+
+    with pytest.raises(UnsupportedModelError, match="batch_first=True"):
+        per_sample_grads(
+            SequenceFirst(), cross_entropy, torch.randn(5, 5, 4), torch.randint(0, 2, (5,))
+        )
