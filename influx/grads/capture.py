@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from influx.errors import UnsupportedModelError
 from influx.grads.common import (
@@ -56,8 +55,7 @@ def _outputs(name: str, module: nn.Module, output, batch: int):
     (checked after the backward, see :func:`_check_unused`)."""
     others = []
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        others = [t for t in tree_leaves(output[1:]) if isinstance(t, torch.Tensor)]
-        others = [t for t in others if t.requires_grad]
+        others = [t for t in _tensors(output[1:]) if t.requires_grad]
         output = output[0]
     if not isinstance(output, torch.Tensor):
         raise UnsupportedModelError(
@@ -77,6 +75,15 @@ def _outputs(name: str, module: nn.Module, output, batch: int):
             "or leave its parameters out with params="
         )
     return output, [(name, module, get_gradient_edge(t)) for t in others]
+
+
+def _tensors(value):
+    """The tensors in nested tuples and lists (an LSTM returns (output, (h, c)))."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def _check_unused(others, grads) -> None:

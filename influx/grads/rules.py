@@ -597,17 +597,20 @@ class MultiheadAttentionRule(FunctionalRule):
         {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
          "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"}
     )  # fmt: skip
+    # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...): the first four
+    # hold one row per example, attn_mask is shared
     PER_EXAMPLE = ("query", "key", "value", "key_padding_mask")
 
     def split(self, call, n):
-        mask = call.kwargs.get("attn_mask")
+        mask = call.args[5] if len(call.args) > 5 else call.kwargs.get("attn_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 3:
             raise UnsupportedModelError(
                 "nn.MultiheadAttention with a 3-D attn_mask (one mask per example and head): "
                 "per-sample gradients support a 2-D attn_mask shared by the batch and "
                 "key_padding_mask [N, S] per example"
             )
-        split = [(i, a) for i, a in enumerate(call.args) if isinstance(a, torch.Tensor)]
+        per_example = call.args[: len(self.PER_EXAMPLE)]
+        split = [(i, a) for i, a in enumerate(per_example) if isinstance(a, torch.Tensor)]
         return split + [
             (key, call.kwargs[key])
             for key in self.PER_EXAMPLE
