@@ -349,3 +349,27 @@ def test_factored_methods_cover_convolutions(method):
     scores = fitted.scores((x, y), per_layer=True)
     assert set(scores.per_layer) == {"0", "3"}
     assert_close(fitted.self_influence(), -torch.diagonal(scores.values), rtol=1e-8, name=method)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "trak"])
+def test_factored_methods_cover_a_transformer_layer(method):
+    # nn.MultiheadAttention reads out_proj's weight without calling out_proj: its rule owns all
+    # its parameters, which K-FAC puts in one diagonal block (out_proj is not a Kronecker layer)
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(4 * 8, 3),
+    ).double().eval()  # fmt: skip
+    x, y = torch.randn(20, 4, 8, dtype=torch.float64), torch.randint(0, 3, (20,))
+    options = {"projection": "kronecker", "dim": 32} if method == "trak" else {}
+    loss_fn = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    fitted = influence.fit(model, loss_fn, (x, y), method=method, **options)
+    scores = fitted.scores((x, y), per_layer=True)
+    assert "0.self_attn" in scores.per_layer and "0.self_attn.out_proj" not in scores.per_layer
+    if method != "trak":
+        coverage = fitted.diagnostics["coverage"]
+        assert "0.self_attn.out_proj.weight" in coverage["diagonal"]
+        assert "0.linear1.weight" in coverage["kronecker"]
+    assert_close(sum(scores.per_layer.values()), scores.values, rtol=1e-10, name=method)
+    assert_close(fitted.self_influence(), -torch.diagonal(scores.values), rtol=1e-8, name=method)
