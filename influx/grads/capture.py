@@ -154,23 +154,31 @@ class _ParameterUseWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for value in (*args, *kwargs.values()):
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, nn.Parameter) and id(t) in self.owners:
-                    self._check(id(t))
-        return func(*args, **kwargs)
+        outside = [
+            id(t)
+            for value in (*args, *kwargs.values())
+            for t in (value if isinstance(value, (list, tuple)) else (value,))
+            if isinstance(t, nn.Parameter) and id(t) in self.owners and not self._running(id(t))
+        ]
+        result = func(*args, **kwargs)
+        # only a read that carries gradient back to the parameter escapes the rules: its shape,
+        # dtype or device, a detached copy or a computation under no_grad do not
+        if outside and any(t.requires_grad for t in _tensors(result)):
+            self._refuse(outside[0])
+        return result
 
-    def _check(self, key: int) -> None:
-        owners = self.owners[key]
-        if any(self.running[name] for name in owners):
-            return
-        owner = type(self.modules[owners[0]]).__name__
+    def _running(self, key: int) -> bool:
+        return any(self.running[name] for name in self.owners[key])
+
+    def _refuse(self, key: int) -> None:
+        owner = type(self.modules[self.owners[key][0]]).__name__
         raise UnsupportedModelError(
             f"parameter {self.names[key]!r} is read outside a call of the {owner} that owns it "
             "(as an output layer reading an embedding's weight, or a parent module reading a "
             "child's), so per-sample rules would miss part of its gradient: call "
             "the module instead (tie weights by sharing the Parameter between two modules, "
-            "e.g. out.weight = embedding.weight), or leave it out with params="
+            "e.g. out.weight = embedding.weight), or leave it out with params= (a read that "
+            "does not feed the loss can go under torch.no_grad())"
         )
 
 

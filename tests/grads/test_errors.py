@@ -166,6 +166,26 @@ def test_a_parameter_read_outside_its_module_is_refused(model, parameter):
             call(model().eval())
 
 
+def test_reads_of_a_parameter_that_carry_no_gradient_are_allowed():
+    # metadata, detached copies and no_grad computations outside the owning module are common
+    # (a device for new tensors, a norm for logging) and escape nothing
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            weight = self.fc.weight
+            shift = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                scale = weight.norm()
+            return self.head(self.fc(x) + shift + 0 * scale + 0 * weight.detach().sum())
+
+    grads = per_sample_grads(Reads(), cross_entropy, *batch())
+    assert grads["fc.weight"].shape == (5, 4, 4)
+
+
 def test_outputs_without_the_batch_first_are_refused():
     class SequenceFirst(nn.Module):
         def __init__(self):
