@@ -69,10 +69,11 @@ def _outputs(name: str, module: nn.Module, output, batch: int):
         # computed by a parametrization, a sequence-first layout) would mix examples silently.
         raise UnsupportedModelError(
             f"module {name} ({type(module).__name__}) returned shape {tuple(output.shape)} for "
-            f"a batch of {batch}; per-sample rules need the batch first in every output of a "
-            "module that owns parameters: use batch-first layouts (e.g. batch_first=True), and "
-            "for a parametrized weight (torch.nn.utils.parametrize) remove the parametrization "
-            "or leave its parameters out with params="
+            f"a batch of {batch}; per-sample rules need one row per example in every output of a "
+            "module that owns parameters: use batch-first layouts (e.g. batch_first=True), "
+            "compute an output shared by the batch per example (a positional embedding as "
+            "wpe(positions.expand(N, -1)), not wpe(positions)), remove a parametrization "
+            "(torch.nn.utils.parametrize), or leave the parameters out with params="
         )
     return output, [(name, module, get_gradient_edge(t)) for t in others]
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads import per_sample_grads, per_sample_norms, per_sample_projected
+from influx.grads.reference import naive_per_sample_grads
 
 
 def small():
@@ -203,7 +204,7 @@ def test_outputs_without_the_batch_first_are_refused():
     # a parametrization computes the weight from its parameters, with no batch at all
     model = small()
     torch.nn.utils.parametrizations.weight_norm(model[0])
-    with pytest.raises(UnsupportedModelError, match="parametrizations.weight.*batch first"):
+    with pytest.raises(UnsupportedModelError, match="parametrizations.weight.*one row per example"):
         per_sample_grads(model, cross_entropy, *batch())
 
 
@@ -222,3 +223,26 @@ def test_sequence_first_attention_is_refused_even_when_length_equals_batch():
         per_sample_grads(
             SequenceFirst(), cross_entropy, torch.randn(5, 5, 4), torch.randint(0, 2, (5,))
         )
+
+
+def test_a_positional_embedding_shared_by_the_batch_is_refused_and_per_example_works():
+    class Positional(nn.Module):
+        def __init__(self, expand: bool):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(10, 4), nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 2)
+            self.expand = expand
+
+        def forward(self, ids):
+            at = torch.arange(ids.shape[1])
+            shared = self.positions(at.expand(ids.shape[0], -1) if self.expand else at)
+            return self.head((self.tokens(ids) + shared).mean(1))
+
+    ids, targets = torch.randint(0, 10, (5, 6)), torch.randint(0, 2, (5,))
+    with pytest.raises(UnsupportedModelError, match=r"positions \(Embedding\).*expand\(N, -1\)"):
+        per_sample_grads(Positional(False), cross_entropy, ids, targets)
+    model = Positional(True).double()
+    got = per_sample_grads(model, cross_entropy, ids, targets)
+    expected = naive_per_sample_grads(model, cross_entropy, ids, targets)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
