@@ -1,5 +1,5 @@
-"""Shared test helpers: one comparison function, one tolerance table and a model that calls a
-module with keyword arguments."""
+"""Shared test helpers: one comparison function, one tolerance table, a model that calls a
+module with keyword arguments and a tiny Transformer."""
 
 from __future__ import annotations
 
@@ -67,3 +67,12 @@ class KeywordNet(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.block(x, scale=3.0, mask=(x > 0).to(x.dtype)))
+
+
+def tiny_transformer(tokens: int, width: int = 8, classes: int = 3) -> torch.nn.Module:
+    """A Transformer encoder layer on [N, tokens, width] inputs, then a linear head (float64, eval)."""
+    return torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, batch_first=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(tokens * width, classes),
+    ).double().eval()  # fmt: skip

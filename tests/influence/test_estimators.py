@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
-from utils import assert_close
+from utils import assert_close, tiny_transformer
 
 from influx import influence
 from influx.curvature import IllConditionedWarning, NonPositiveDefiniteWarning
@@ -356,11 +356,7 @@ def test_factored_methods_cover_a_transformer_layer(method):
     # nn.MultiheadAttention reads out_proj's weight without calling out_proj: its rule owns all
     # its parameters, which K-FAC puts in one diagonal block (out_proj is not a Kronecker layer)
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
-        nn.Flatten(),
-        nn.Linear(4 * 8, 3),
-    ).double().eval()  # fmt: skip
+    model = tiny_transformer(tokens=4)
     x, y = torch.randn(20, 4, 8, dtype=torch.float64), torch.randint(0, 3, (20,))
     options = {"projection": "kronecker", "dim": 32} if method == "trak" else {}
     loss_fn = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
