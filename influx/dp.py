@@ -36,7 +36,7 @@ from torch import nn
 from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
 from influx.grads import LayerRule, select_parameters
-from influx.grads.capture import LayerCall, capture
+from influx.grads.capture import LayerCall, capture, first_output
 from influx.grads.engine import plan_layers, tied_parameters
 from influx.grads.rules import FUNCTIONAL_RULE, rule_for
 from influx.train import LossFn, TrainResult, total_steps
@@ -195,8 +195,9 @@ def _weighted_grads(module: nn.Module, call: LayerCall, scale: torch.Tensor) -> 
         -1, *[1] * (call.grad_output.dim() - 1)
     )
     x = call.args[0] if call.args else None
+    rule = rule_for(module)
     # the closed forms below are those of the Linear / Conv rules (not of a weight_norm'd layer)
-    kind = type(module) if rule_for(module) is not FUNCTIONAL_RULE else None
+    kind = type(module) if rule is not FUNCTIONAL_RULE else None
     if kind is nn.Linear:
         b_flat = b.reshape(-1, module.out_features)  # [N*T, d_out]
         out = {"weight": b_flat.T @ x.reshape(-1, module.in_features)}
@@ -212,10 +213,9 @@ def _weighted_grads(module: nn.Module, call: LayerCall, scale: torch.Tensor) -> 
             out["bias"] = b.transpose(0, 1).flatten(1).sum(1)
         return out
     # Any other module: re-run it alone on its recorded inputs and pull c b back to its parameters.
-    own = rule_for(module).owned_parameters(module)
+    own = rule.owned_parameters(module)
     with torch.enable_grad():
-        output = module(*call.args, **call.kwargs)
-        output = output[0] if isinstance(output, tuple) else output  # as the functional rule
+        output = first_output(module(*call.args, **call.kwargs))
         grads = torch.autograd.grad(output, list(own.values()), b, allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(own.items(), grads)

@@ -49,6 +49,12 @@ def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(map(detach, args)), {key: detach(value) for key, value in kwargs.items()}
 
 
+def first_output(output):
+    """A module's output as the rules differentiate it: a tuple's first element (the capture
+    refuses a loss that depends on the others)."""
+    return output[0] if isinstance(output, tuple) and output else output
+
+
 def _outputs(name: str, module: nn.Module, output, batch: int):
     """(the output the rules differentiate, the other tensors of a tuple output that carry
     gradients): a tuple's first element is the output, and the loss must not depend on the rest

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from influx.errors import UnsupportedModelError
-from influx.grads.capture import LayerCall
+from influx.grads.capture import LayerCall, first_output
 from influx.grads.common import flat_rows
 from influx.grads.projection import Projector
 from influx.kernels import direct_sqnorm, ghost_sqnorm, kron_project
@@ -563,8 +563,9 @@ class FunctionalRule(LayerRule):
                         kwargs[place] = t.unsqueeze(0)
 
                 def forward(w):
-                    out = functional_call(module, {**state, **w}, tuple(args), kwargs)
-                    return out[0] if isinstance(out, tuple) else out
+                    return first_output(
+                        functional_call(module, {**state, **w}, tuple(args), kwargs)
+                    )
 
                 _, pullback = vjp(forward, weights)
                 return pullback(b_i.unsqueeze(0))[0]
