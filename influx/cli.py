@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 import influx
@@ -700,10 +700,10 @@ def commutator_norms(
         return single(t)
 
     per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    gradients, h_i_g_reference = jvp(
+    gradients, h_i_g_reference = curvature.jvp(
         lambda t: per_example_grad(t, inputs, targets), (theta,), (g_reference,)
     )
-    h_reference_g_i = vmap(lambda v: jvp(grad(objective), (theta,), (v,))[1])(gradients)
+    h_reference_g_i = vmap(lambda v: curvature.jvp(grad(objective), (theta,), (v,))[1])(gradients)
     return (h_i_g_reference - h_reference_g_i).norm(dim=1)
 
 

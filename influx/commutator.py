@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from influx import curvature
 from influx.data import as_tensors, iter_batches
@@ -260,8 +260,8 @@ def _descent_step(objective: FlatObjective, theta: torch.Tensor, lr: float) -> t
 def _bracket_vector(obj_1: FlatObjective, obj_2: FlatObjective, theta: torch.Tensor):
     """``(H_1 g_2 - H_2 g_1, g_1, g_2)`` at theta, by forward-over-reverse HVPs."""
     g_1, g_2 = grad(obj_1)(theta), grad(obj_2)(theta)
-    h1_g2 = jvp(grad(obj_1), (theta,), (g_2,))[1]
-    h2_g1 = jvp(grad(obj_2), (theta,), (g_1,))[1]
+    h1_g2 = curvature.jvp(grad(obj_1), (theta,), (g_2,))[1]
+    h2_g1 = curvature.jvp(grad(obj_2), (theta,), (g_1,))[1]
     return h1_g2 - h2_g1, g_1, g_2
 
 
@@ -335,7 +335,7 @@ def _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, chunk_s
         def block_grads(t):
             return per_example_grad(t, inputs[rows], targets[rows])
 
-        return vmap(lambda v: jvp(block_grads, (theta,), (v,))[1])(per_grads[cols])
+        return vmap(lambda v: curvature.jvp(block_grads, (theta,), (v,))[1])(per_grads[cols])
 
     def combine(h_i_g_j, h_j_g_i, rows, cols):
         return h_i_g_j - h_j_g_i
@@ -516,7 +516,7 @@ def _predicted_order_shift(objectives, gradients, theta, sequence, reference, lr
     total = torch.zeros_like(theta)
     for b, objective in enumerate(objectives):
         if preceding[b].abs().max() > 0:
-            total = total + jvp(grad(objective), (theta,), (preceding[b],))[1]
+            total = total + curvature.jvp(grad(objective), (theta,), (preceding[b],))[1]
     return lr**2 * total
 
 

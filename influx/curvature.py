@@ -12,13 +12,15 @@ the batch unless ``reduction="sum"``; vectors are flat over the selected paramet
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.func
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influx.errors import InfluxValueError
@@ -28,6 +30,27 @@ from influx.grads.common import (
     fixed_state,
     select_parameters,
 )
+
+
+def jvp(func, primals, tangents):
+    """``torch.func.jvp``, without the FutureWarning torch raises on its own first use of it.
+
+    On the first forward-mode product torch compiles its decompositions with
+    ``torch.jit.script``, which recent versions deprecate with a warning the user can do nothing
+    about; they are compiled here once with that warning silenced.
+    """
+    _load_forward_ad_decompositions()
+    return torch.func.jvp(func, primals, tangents)
+
+
+@functools.cache
+def _load_forward_ad_decompositions() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+        )
+        zero = torch.zeros(1, device="cpu")
+        torch.func.jvp(torch.neg, (zero,), (zero,))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@ to an indefinite matrix, and the Lanczos spectrum estimate behind ``damping="aut
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from utils import assert_close, tiny_transformer
@@ -211,3 +214,19 @@ def test_curvature_products_of_a_transformer_match_finite_differences():
     torch.testing.assert_close(hvp(model, loss, batch, v), difference, rtol=1e-6, atol=1e-8)
     gv = ggn_vp(model, loss, batch, v)
     assert torch.isfinite(gv).all() and float(v @ gv) >= 0  # G is PSD for cross-entropy
+
+
+def test_first_curvature_product_raises_no_warning_from_torch_internals():
+    # torch compiles its forward-AD decompositions with the deprecated torch.jit.script on first
+    # use; a fresh interpreter shows whether a user would see that warning from an HVP
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from influx import curvature\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "loss = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction='none')\n"
+        "batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))\n"
+        "curvature.hvp(model, loss, batch, torch.ones(8))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
