@@ -27,6 +27,7 @@ alike. Definitions, for gradients ``g_1 .. g_M``:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -92,13 +93,19 @@ def _as_stack(gradients: Gradients):
         )
     if not stacked:
         raise InfluxValueError("no gradients to aggregate (an empty mapping)")
+    unstacked = [name for name, value in stacked.items() if value.dim() == 0]
+    if unstacked:
+        raise InfluxValueError(
+            f"entries {unstacked} are 0-dim: a mapping holds name -> [M, *shape], the M gradients "
+            "stacked along dim 0 (pass a sequence of M mappings to aggregate 0-dim parameters)"
+        )
     counts = {value.shape[0] for value in stacked.values()}
     if len(counts) != 1:
         raise InfluxValueError(
             f"every entry must stack the same number M of gradients; got {counts}"
         )
     shapes = {name: value.shape[1:] for name, value in stacked.items()}
-    stack = torch.cat([value.flatten(1) for value in stacked.values()], dim=1)
+    stack = torch.cat([_rows(value) for value in stacked.values()], dim=1)
     _check_finite(stack)
 
     def unflatten(vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,6 +114,12 @@ def _as_stack(gradients: Gradients):
         return {name: part.reshape(shapes[name]) for name, part in zip(shapes, parts)}
 
     return stack, unflatten
+
+
+def _rows(value: torch.Tensor) -> torch.Tensor:
+    """[M, *shape] -> [M, prod(shape)]. Not ``flatten(1)``: the [M] stack of a 0-dim parameter
+    (a learned temperature) has no dim 1."""
+    return value.reshape(value.shape[0], math.prod(value.shape[1:]))
 
 
 def _check_finite(stack: torch.Tensor) -> None:
@@ -147,14 +160,15 @@ def trimmed_mean(beta: float | None = None, *, count: int | None = None) -> Aggr
             f"give exactly one of beta (a fraction) and count; got beta={beta!r}, count={count!r}"
         )
     if beta is not None:
-        if not 0 <= beta < 0.5:
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
             raise InfluxValueError(
                 f"beta must lie in [0, 0.5) so that some values remain; got {beta}"
             )
         name = f"trimmed_mean(beta={beta:g})"
     else:
-        if not isinstance(count, int) or count < 0:
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
             raise InfluxValueError(f"count must be a non-negative integer; got {count!r}")
+        count = int(count)
         name = f"trimmed_mean(count={count})"
 
     def rule(stack: torch.Tensor) -> torch.Tensor:

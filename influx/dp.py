@@ -26,6 +26,7 @@ fixed-size batches are accounted the same way (common practice, as in Opacus, bu
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,9 @@ __all__ = [
 
 Accountant = Literal["rdp", "prv"]
 _ACCOUNTANTS = ("rdp", "prv")
+# The finest tolerance noise_multiplier_for accepts: below about 1e-14 Opacus' bisection stalls
+# at the PRV accountant's resolution and never ends.
+_MIN_TOLERANCE = 1e-6
 _CONVS = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
           nn.Conv3d: torch.nn.grad.conv3d_weight}  # fmt: skip
 
@@ -81,19 +85,45 @@ class _Clipped:
     grads: dict[str, torch.Tensor]  # the clipped sum
 
 
-def _check_max_grad_norm(max_grad_norm: float) -> None:
-    if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-        raise InfluxValueError(f"max_grad_norm must be a number > 0; got {max_grad_norm!r}")
+def _is_real(value) -> bool:
+    # numpy scalars count (np.float32 is a numbers.Real); a bool is an int but never a setting
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_finite_number(name: str, value, *, allow_zero: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with ``allow_zero``): an infinite or NaN noise, norm or
+    batch size would turn every gradient into inf, NaN or zero without a word."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if not (_is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        raise InfluxValueError(f"{name} must be a finite number {bound}; got {value!r}")
+
+
+def _check_integer(name: str, value, *, minimum: int) -> None:
+    if not (_is_integer(value) and value >= minimum):
+        raise InfluxValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and not (_is_integer(chunk_size) and chunk_size >= 1):
+        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
+
+
+def _check_max_grad_norm(max_grad_norm: float) -> float:
+    _check_finite_number("max_grad_norm", max_grad_norm)
+    return float(max_grad_norm)  # a numpy scalar would meet the tensors below in numpy's terms
 
 
 def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _Clipped:
-    _check_max_grad_norm(max_grad_norm)
+    max_grad_norm = _check_max_grad_norm(max_grad_norm)
     if inputs.shape[0] != targets.shape[0]:
         raise InfluxValueError(
             f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
         )
-    if chunk_size is not None and chunk_size < 1:
-        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+    _check_chunk_size(chunk_size)
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
         raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
@@ -228,7 +258,8 @@ class DPGradient:
 
     ``(sum_i c_i g_i + N(0, (noise_multiplier * max_grad_norm)^2 I)) / expected_batch_size``, the
     noise drawn on the parameters' device from a generator seeded with ``seed`` (same seed, same
-    noise sequence). Returns the per-example losses [n] and the gradient, name -> tensor.
+    noise sequence). Returns the per-example losses [n] and the gradient, name -> tensor. The
+    three numbers must be finite (any real type, numpy scalars included; not bools).
     """
 
     max_grad_norm: float
@@ -240,12 +271,9 @@ class DPGradient:
 
     def __post_init__(self):
         _check_max_grad_norm(self.max_grad_norm)
-        if not self.noise_multiplier >= 0:
-            raise InfluxValueError(f"noise_multiplier must be >= 0; got {self.noise_multiplier}")
-        if not self.expected_batch_size > 0:
-            raise InfluxValueError(
-                f"expected_batch_size must be > 0; got {self.expected_batch_size}"
-            )
+        _check_finite_number("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        _check_finite_number("expected_batch_size", self.expected_batch_size)
+        _check_chunk_size(self.chunk_size)
 
     def __call__(self, model, loss_fn, inputs, targets):
         clipped = _clip(model, loss_fn, inputs, targets, self.max_grad_norm, self.chunk_size)
@@ -272,12 +300,32 @@ def _check_accountant(accountant: str) -> None:
 
 
 def _check_schedule(sample_rate: float, steps: int, delta: float) -> None:
-    if not 0 < sample_rate <= 1:
-        raise InfluxValueError(f"sample_rate must lie in (0, 1]; got {sample_rate}")
-    if not isinstance(steps, int) or steps < 0:
-        raise InfluxValueError(f"steps must be an integer >= 0; got {steps!r}")
-    if not 0 < delta < 1:
-        raise InfluxValueError(f"delta must lie in (0, 1); got {delta}")
+    if not (_is_real(sample_rate) and 0 < sample_rate <= 1):
+        raise InfluxValueError(f"sample_rate must lie in (0, 1]; got {sample_rate!r}")
+    _check_integer("steps", steps, minimum=0)
+    if not (_is_real(delta) and 0 < delta < 1):
+        raise InfluxValueError(f"delta must lie in (0, 1); got {delta!r}")
+
+
+def _check_calibration(target_epsilon: float, steps: int, tolerance: float) -> None:
+    """What Opacus' bisection needs to end: it loops forever without a step (epsilon is 0 at any
+    noise) or with a tolerance below the accountant's resolution."""
+    if not (_is_real(target_epsilon) and math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise InfluxValueError(
+            f"target_epsilon must be a finite number > 0; got {target_epsilon!r} (for no privacy "
+            "guarantee, give noise_multiplier=0 instead)"
+        )
+    if steps < 1:
+        raise InfluxValueError(
+            f"a target_epsilon needs at least one step to calibrate the noise for; got steps={steps} "
+            "(no step spends no privacy at any noise): train for at least one step, or give "
+            "noise_multiplier instead"
+        )
+    if not (_is_real(tolerance) and math.isfinite(tolerance) and tolerance >= _MIN_TOLERANCE):
+        raise InfluxValueError(
+            f"tolerance must be a finite number >= {_MIN_TOLERANCE:g}; got {tolerance!r} (the "
+            "accountants' epsilon is not resolved more finely, and the search would not end)"
+        )
 
 
 def _opacus():
@@ -304,11 +352,14 @@ def epsilon(
 ) -> float:
     """Spent epsilon of ``steps`` subsampled Gaussian steps, by Opacus' RDP or PRV accountant.
 
-    ``noise_multiplier = 0`` (no noise) spends an infinite epsilon; ``steps = 0`` spends none.
+    ``noise_multiplier = 0`` (no noise) spends an infinite epsilon; ``steps = 0`` spends none. A
+    NaN, infinite or negative ``noise_multiplier`` is refused.
     """
     create_accountant = _opacus().accountants.create_accountant
     _check_accountant(accountant)
     _check_schedule(sample_rate, steps, delta)
+    # Opacus loops forever on a NaN or infinite noise multiplier
+    _check_finite_number("noise_multiplier", noise_multiplier, allow_zero=True)
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -330,23 +381,28 @@ def noise_multiplier_for(
 ) -> float:
     """The noise multiplier that spends ``target_epsilon`` (within ``tolerance``, never above).
 
-    Opacus' ``get_noise_multiplier`` (a bisection over its accountant).
+    Opacus' ``get_noise_multiplier`` (a bisection over its accountant). ``target_epsilon`` must be
+    finite (for no guarantee, train with ``noise_multiplier=0``), ``steps`` at least 1 and
+    ``tolerance`` at least 1e-6; a target that even a noise multiplier of 1e6 overspends is refused.
     """
-    get_noise_multiplier = _opacus().accountants.utils.get_noise_multiplier
+    opacus_utils = _opacus().accountants.utils
     _check_accountant(accountant)
     _check_schedule(sample_rate, steps, delta)
-    if not target_epsilon > 0:
-        raise InfluxValueError(f"target_epsilon must be > 0; got {target_epsilon}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=tolerance,
+    _check_calibration(target_epsilon, steps, tolerance)
+    try:
+        sigma = opacus_utils.get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant, epsilon_tolerance=tolerance,
         )  # fmt: skip
-    )
+    except ValueError as error:
+        if "privacy budget is too low" not in str(error):
+            raise
+        raise InfluxValueError(
+            f"target_epsilon={target_epsilon:g} is out of reach: even noise_multiplier="
+            f"{opacus_utils.MAX_SIGMA:g} spends more over {steps} steps at sample_rate={sample_rate:g}, "
+            f"delta={delta:g}; raise target_epsilon or delta, or take fewer steps or smaller batches"
+        ) from error
+    return float(sigma)
 
 
 def _refuse_batchnorm(model: nn.Module) -> None:
@@ -394,7 +450,7 @@ def train(
     n = num_examples(data)
     if n == 0:
         raise InfluxValueError("cannot train on empty data")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
         raise InfluxValueError(f"batch_size must be an integer in [1, N={n}]; got {batch_size!r}")
     if sampling not in ("poisson", "shuffle"):
         raise InfluxValueError(f"sampling must be 'poisson' or 'shuffle'; got {sampling!r}")

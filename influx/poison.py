@@ -24,6 +24,7 @@ seed gives the same poisons on every device.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 from influx.data import as_tensors, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
+from influx.grads.common import check_finite
 from influx.train import LossFn
 
 __all__ = [
@@ -252,6 +254,11 @@ class AdversarialPoison(Poison):
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_real(value) -> bool:
+    # numpy scalars count (np.float32 is a numbers.Real); a bool is an int but never a setting
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InfluxValueError(f"seed must be an integer >= 0; got {seed!r}")
@@ -267,7 +274,7 @@ def _poison_count(n: int, fraction: float | None, count: int | None) -> int:
     if n == 0:
         raise InfluxValueError("cannot poison empty data")
     if fraction is not None:
-        if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+        if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
             raise InfluxValueError(f"fraction must lie in (0, 1]; got {fraction!r}")
         count = round(fraction * n)
         if count == 0:
@@ -319,10 +326,11 @@ def gaussian(
     Give exactly one of ``fraction`` (in (0, 1]; ``round(fraction * N)`` examples) and ``count``.
     The subset is the first ``k`` entries of a seeded permutation of the N positions; the noise is
     then drawn from the same CPU generator in float64 and cast to the inputs' device and dtype.
+    A chosen example whose input holds NaN or inf is refused, named by its dataset index.
     """
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
-    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
+    if not (_is_real(noise_std) and math.isfinite(noise_std) and noise_std > 0):
         raise InfluxValueError(f"noise_std must be a finite number > 0; got {noise_std!r}")
     seed = _check_seed(seed)
     base, generator, positions, (base_inputs, targets, indices) = _pick(dataset, n, k, seed)
@@ -331,6 +339,7 @@ def gaussian(
             f"Gaussian poisons need floating-point inputs; got {base_inputs.dtype}. Convert the "
             "inputs to float (e.g. scale uint8 images to [0, 1]) first."
         )
+    check_finite(base_inputs, "inputs", indices=indices)
     noise = noise_std * torch.randn(
         base_inputs.shape, generator=generator, dtype=torch.float64, device="cpu"
     )
@@ -491,12 +500,14 @@ def adversarial(
     """
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (_is_real(eps) and math.isfinite(eps) and eps > 0):
         raise InfluxValueError(f"eps must be a finite number > 0; got {eps!r}")
     if clip is not None and not (len(clip) == 2 and clip[0] < clip[1]):
         raise InfluxValueError(f"clip must be (low, high) with low < high; got {clip!r}")
     seed = _check_seed(seed)
     base, _, positions, (base_inputs, targets, indices) = _pick(dataset, n, k, seed)
+    # here, not in input_gradients: it knows positions in the subset, not dataset indices
+    check_finite(base_inputs, "inputs", indices=indices)
     grads = input_gradients(model, loss_fn, base_inputs, targets, batch_size=batch_size)
     perturbation = eps * grads.sign()
     poisoned_inputs = base_inputs + perturbation

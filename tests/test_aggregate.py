@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from utils import assert_close
 
 from influx import aggregate
 from influx.errors import InfluxValueError
+from influx.train import cross_entropy_per_example, mean_gradient, train
 
 
 def stack(m: int, p: int = 7, seed: int = 0) -> torch.Tensor:
@@ -198,3 +201,99 @@ def test_bad_inputs_raise_clear_errors():
         aggregate.mean()([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}])
     with pytest.raises(InfluxValueError, match="same number M"):
         aggregate.mean()({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)})
+
+
+# ---------------------------------------------------------------------------------------------
+# A model with a 0-dim parameter: its M micro-batch gradients stack to [M], which has no dim 1.
+# ---------------------------------------------------------------------------------------------
+
+
+class TemperatureNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3).double()
+        self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fc(x) / self.temperature
+
+
+def numpy_krum_scores(values: np.ndarray, f: int) -> np.ndarray:
+    distances = ((values[:, None, :] - values[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    return np.sort(distances, axis=1)[:, : values.shape[0] - f - 2].sum(1)
+
+
+NUMPY_RULES = {
+    "mean()": lambda v: v.mean(0),
+    "coordinate_median()": lambda v: np.median(v, axis=0),
+    # M = 7: floor(0.2 * 7) = 1 dropped from each end
+    "trimmed_mean(beta=0.2)": lambda v: np.sort(v, axis=0)[1:-1].mean(0),
+    "krum(f=1)": lambda v: v[np.argmin(numpy_krum_scores(v, 1))],
+    "multi_krum(f=1, m=3)": lambda v: v[
+        np.argsort(numpy_krum_scores(v, 1), kind="stable")[:3]
+    ].mean(0),
+}
+RULES = [aggregate.mean(), aggregate.coordinate_median(), aggregate.trimmed_mean(0.2),
+         aggregate.krum(1), aggregate.multi_krum(1, 3)]  # fmt: skip
+M = 7
+
+
+def temperature_data():
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(3 * M, 4, generator=generator, dtype=torch.float64)
+    return inputs, torch.randint(0, 3, (3 * M,), generator=generator)
+
+
+def micro_batch_gradients(model, inputs, targets) -> list[dict[str, torch.Tensor]]:
+    return [
+        mean_gradient(model, cross_entropy_per_example, x, y)[1]
+        for x, y in zip(inputs.tensor_split(M), targets.tensor_split(M))
+    ]
+
+
+def numpy_aggregate(rule, gradients: list[dict[str, torch.Tensor]]) -> np.ndarray:
+    values = np.stack([np.concatenate([g.numpy().ravel() for g in grads.values()])
+                       for grads in gradients])  # fmt: skip
+    return NUMPY_RULES[repr(rule)](values)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_each_rule_aggregates_a_0_dim_parameter_like_numpy(rule):
+    gradients = micro_batch_gradients(TemperatureNet(), *temperature_data())
+    stacked = {name: torch.stack([g[name] for g in gradients]) for name in gradients[0]}
+    assert stacked["temperature"].shape == (M,)
+    expected = torch.from_numpy(numpy_aggregate(rule, gradients))
+    for form in (stacked, gradients):
+        out = rule(form)
+        assert out["temperature"].shape == ()
+        assert_close(torch.cat([v.reshape(-1) for v in out.values()]), expected, name=repr(rule))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_micro_batch_training_steps_on_a_model_with_a_0_dim_parameter(rule):
+    model = TemperatureNet()
+    inputs, targets = temperature_data()
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    step = torch.from_numpy(numpy_aggregate(rule, micro_batch_gradients(model, inputs, targets)))
+    train(model, (inputs, targets), steps=1, batch_size=3 * M, optimizer="sgd", lr=0.1,
+          sampling=lambda epoch, seed: torch.arange(3 * M), micro_batches=M, aggregator=rule,
+          progress=False)  # fmt: skip
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert_close(after, before - 0.1 * step, name=repr(rule))
+
+
+def test_a_stacked_mapping_needs_the_m_dimension_and_counts_are_not_booleans():
+    with pytest.raises(InfluxValueError, match=r"entries \['t'\] are 0-dim"):
+        aggregate.mean()({"t": torch.tensor(1.0)})
+    with pytest.raises(InfluxValueError, match="count must be a non-negative integer; got True"):
+        aggregate.trimmed_mean(count=True)
+    with pytest.raises(InfluxValueError, match="beta must lie in"):
+        aggregate.trimmed_mean(False)
+    # numpy scalars are numbers like any other
+    values = stack(5)
+    assert_close(aggregate.trimmed_mean(count=np.int64(1))(values),
+                 aggregate.trimmed_mean(count=1)(values))  # fmt: skip
+    assert_close(aggregate.trimmed_mean(np.float32(0.25))(values),
+                 aggregate.trimmed_mean(0.25)(values))  # fmt: skip

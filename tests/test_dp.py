@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ def test_batchnorm_and_non_finite_losses_are_refused():
     # (InfluxValueError where the engine's capture checks the losses itself)
     with pytest.raises((InfluxRuntimeError, InfluxValueError), match=r"losses.*\[4\]"):
         dp.clipped_grad(model, exploding, x, y, max_grad_norm=1.0)
-    with pytest.raises(InfluxValueError, match="max_grad_norm must be a number > 0"):
+    with pytest.raises(InfluxValueError, match="max_grad_norm must be a finite number > 0"):
         dp.clipped_grad(model, ce, x, y, max_grad_norm=0.0)
 
 
@@ -333,6 +334,106 @@ def test_noise_multiplier_for_a_target_epsilon():
     with pytest.raises(InfluxValueError, match="do not pass micro_batches"):
         dp.train(models.mlp(10, (8,), 3), blobs(), max_grad_norm=1.0, noise_multiplier=1.0,
                  batch_size=8, epochs=1, micro_batches=2)  # fmt: skip
+
+
+@pytest.fixture
+def accountants_unreachable(monkeypatch):
+    """Opacus' accountants loop forever on some arguments: here a call that reaches them fails at
+    once, so a test that the arguments are refused first cannot hang."""
+    import opacus.accountants
+    import opacus.accountants.utils
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the arguments reached Opacus' accountant without being checked")
+
+    monkeypatch.setattr(opacus.accountants, "create_accountant", unreachable)
+    monkeypatch.setattr(opacus.accountants.utils, "get_noise_multiplier", unreachable)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("sigma", [math.nan, math.inf, -1.0], ids=["nan", "inf", "negative"])
+def test_epsilon_refuses_a_noise_multiplier_that_is_not_finite_and_non_negative(
+    sigma, accountant, accountants_unreachable
+):
+    with pytest.raises(InfluxValueError, match="noise_multiplier must be a finite number >= 0"):
+        dp.epsilon(sigma, 0.01, 10, 1e-5, accountant=accountant)
+
+
+@pytest.mark.parametrize(
+    "target, steps, tolerance, message",
+    [
+        (3.0, 0, 0.01, "at least one step"),
+        (math.inf, 10, 0.01, "target_epsilon must be a finite number > 0"),
+        (math.nan, 10, 0.01, "target_epsilon must be a finite number > 0"),
+        (3.0, 10, 0.0, "tolerance must be a finite number >= 1e-06"),
+        (3.0, 10, 1e-14, "tolerance must be a finite number >= 1e-06"),
+    ],
+    ids=["no-steps", "infinite-target", "nan-target", "zero-tolerance", "tiny-tolerance"],
+)
+def test_noise_multiplier_for_refuses_what_its_search_cannot_end_on(
+    target, steps, tolerance, message, accountants_unreachable
+):
+    with pytest.raises(InfluxValueError, match=message):
+        dp.noise_multiplier_for(target, 0.01, steps, 1e-5, tolerance=tolerance)
+
+
+def test_dp_training_refuses_a_target_epsilon_without_steps_and_an_infinite_noise(
+    accountants_unreachable,
+):
+    settings = dict(max_grad_norm=1.0, batch_size=8, progress=False)
+    with pytest.raises(InfluxValueError, match="at least one step"):
+        dp.train(models.mlp(10, (8,), 3), blobs(), target_epsilon=1.0, epochs=0, **settings)
+    with pytest.raises(InfluxValueError, match="noise_multiplier must be a finite number >= 0"):
+        dp.train(models.mlp(10, (8,), 3), blobs(), noise_multiplier=math.inf, epochs=1, **settings)
+
+
+def test_an_unreachable_target_epsilon_names_the_target_and_the_fix():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Opacus: "optimal order is the largest alpha"
+        with pytest.raises(InfluxValueError, match=r"target_epsilon=0.001 is out of reach.*raise"):
+            dp.noise_multiplier_for(1e-3, 0.05, 10, 1e-5)
+
+
+def test_dp_settings_must_be_finite_numbers_or_integers():
+    model, x, y = case("mlp", dtype=torch.float64)
+    for sigma, clip, batch, message in [
+        (math.inf, 1.0, 4.0, "noise_multiplier must be a finite number >= 0"),
+        (math.nan, 1.0, 4.0, "noise_multiplier must be a finite number >= 0"),
+        (1.0, math.inf, 4.0, "max_grad_norm must be a finite number > 0"),
+        (1.0, True, 4.0, "max_grad_norm must be a finite number > 0"),
+        (1.0, 1.0, math.inf, "expected_batch_size must be a finite number > 0"),
+    ]:
+        with pytest.raises(InfluxValueError, match=message):
+            dp.DPGradient(clip, sigma, batch)
+    for chunk_size in (2.5, True, 0):
+        with pytest.raises(InfluxValueError, match="chunk_size must be a positive integer"):
+            dp.clipped_grad(model, ce, x, y, max_grad_norm=1.0, chunk_size=chunk_size)
+        with pytest.raises(InfluxValueError, match="chunk_size must be a positive integer"):
+            dp.DPGradient(1.0, 1.0, 4.0, chunk_size=chunk_size)
+    with pytest.raises(InfluxValueError, match="steps must be an integer >= 0; got True"):
+        dp.epsilon(1.0, 0.01, True, 1e-5)
+    with pytest.raises(InfluxValueError, match="sample_rate must lie in"):
+        dp.epsilon(1.0, True, 10, 1e-5)
+    with pytest.raises(InfluxValueError, match="batch_size must be an integer"):
+        dp.train(models.mlp(10, (8,), 3), blobs(), max_grad_norm=1.0, noise_multiplier=1.0,
+                 batch_size=True, epochs=1, progress=False)  # fmt: skip
+
+
+def test_numpy_scalars_are_settings_like_python_numbers():
+    model, x, y = case("mlp", dtype=torch.float64)
+    # values exact in float32, so both forms are the same number
+    ours = dp.clipped_grad(model, ce, x, y, max_grad_norm=np.float32(0.5))
+    assert all(torch.equal(ours[k], v) for k, v in dp.clipped_grad(model, ce, x, y,
+               max_grad_norm=0.5).items())  # fmt: skip
+    _, numpy_set = dp.DPGradient(np.float32(0.5), np.float32(1.25), np.float32(4.0), seed=3,
+                                 chunk_size=np.int64(2))(model, ce, x, y)  # fmt: skip
+    _, python_set = dp.DPGradient(0.5, 1.25, 4.0, seed=3, chunk_size=2)(model, ce, x, y)
+    for key, value in python_set.items():
+        assert isinstance(numpy_set[key], torch.Tensor) and numpy_set[key].dtype == value.dtype
+        assert_close(numpy_set[key], value, name=key)
+    assert dp.epsilon(np.float64(1.1), np.float32(0.25), np.int64(8), 1e-5) == dp.epsilon(
+        1.1, 0.25, 8, 1e-5
+    )
 
 
 def test_poisson_dp_training_is_reproducible_and_records_its_batches():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -239,6 +240,9 @@ def test_adversarial_clip_keeps_the_data_range():
         (dict(count=3, noise_std=-1.0), "noise_std must be a finite number > 0"),
         (dict(count=3, noise_std=math.nan), "noise_std must be a finite number > 0"),
         (dict(count=3, seed=-1), "seed must be an integer >= 0"),
+        (dict(fraction=True), r"fraction must lie in \(0, 1\]"),
+        (dict(count=True), r"count must be an integer"),
+        (dict(count=3, noise_std=True), "noise_std must be a finite number > 0"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
@@ -246,6 +250,31 @@ def test_gaussian_rejects_bad_arguments(kwargs, message):
     kwargs = {"noise_std": 0.1, **kwargs}
     with pytest.raises(InfluxValueError, match=message):
         poison.gaussian(_tuple_data(), **kwargs)
+
+
+def test_gaussian_takes_numpy_scalars_like_python_numbers():
+    batch = _tuple_data()
+    ours = poison.gaussian(batch, fraction=np.float32(0.25), noise_std=np.float32(0.5), seed=2)
+    theirs = poison.gaussian(batch, fraction=0.25, noise_std=0.5, seed=2)
+    assert torch.equal(ours.indices, theirs.indices) and torch.equal(ours.noise, theirs.noise)
+
+
+def _with_non_finite_inputs():
+    """40 examples with dataset indices 7 i + 11; those of positions 5 and 30 hold NaN / inf."""
+    inputs, targets = _tuple_data()
+    inputs[5, 1, 2] = math.nan
+    inputs[30, 0, 0] = -math.inf
+    return inputs, targets, 7 * torch.arange(40) + 11
+
+
+def test_gaussian_refuses_non_finite_inputs_naming_their_dataset_indices():
+    with pytest.raises(InfluxValueError, match=r"inputs of 2 example\(s\).*indices \[46, 221\]"):
+        poison.gaussian(_with_non_finite_inputs(), fraction=1.0, noise_std=0.1)
+
+
+def test_adversarial_refuses_non_finite_inputs_naming_their_dataset_indices():
+    with pytest.raises(InfluxValueError, match=r"inputs of 2 example\(s\).*indices \[46, 221\]"):
+        poison.adversarial(_mlp(), LOSS, _with_non_finite_inputs(), fraction=1.0, eps=0.1)
 
 
 def test_gaussian_rejects_integer_inputs():
