@@ -37,6 +37,7 @@ random ones".
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -362,6 +363,22 @@ def _model_of(result) -> nn.Module:
     return model
 
 
+def _options_for(name: str, fn: UnlearnMethod, shared: Mapping[str, Any], given: Mapping[str, Any]):
+    """The shared settings ``fn`` takes (all of them when it takes ``**options``; newton and ssd
+    take no lr or max_steps), then the caller's own options for it, checked by name."""
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {**shared, **given}
+    names = {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise InfluxValueError(
+            f"method_options[{name!r}] names options {name} does not take: {unknown}; it takes "
+            f"{sorted(names - {'budget'})}"
+        )
+    return {**{key: value for key, value in shared.items() if key in names}, **given}
+
+
 def _resolve_methods(methods, lr, max_steps, k, method_options) -> dict[str, UnlearnMethod]:
     """Names of influx.unlearn.METHODS become budget-free calls with the shared settings."""
     if isinstance(methods, Mapping):
@@ -376,8 +393,10 @@ def _resolve_methods(methods, lr, max_steps, k, method_options) -> dict[str, Unl
                     f"unknown unlearning method {name!r}; choose from {sorted(unlearn.METHODS)} "
                     "or pass {name: fn(model, loss_fn, forget, retain)}"
                 )
-            options = dict(lr=lr, max_steps=max_steps, batch_size=k, progress=False)
-            options.update(method_options.get(name, {}))
+            shared = dict(lr=lr, max_steps=max_steps, batch_size=k, progress=False)
+            options = _options_for(
+                name, unlearn.METHODS[name], shared, dict(method_options.get(name, {}))
+            )
 
             def run(model, loss_fn, forget, retain, fn=unlearn.METHODS[name], options=options):
                 return fn(model, loss_fn, forget, retain, budget=math.inf, **options)
@@ -490,10 +509,13 @@ def verify(
     dataset positions, most resistant first. Random sets are drawn (seeded) from the examples
     outside the top-k.
 
-    ``methods``: names of ``influx.unlearn.METHODS`` (default: gradient ascent), each run on a
-    copy of ``model`` without a compute budget for ``max_steps`` full-batch steps at ``lr``
-    (``method_options[name]`` adds or overrides options); or a mapping name ->
-    ``fn(model, loss_fn, forget, retain)`` returning the unlearned model (or an UnlearnResult).
+    ``methods``: names of ``influx.unlearn.METHODS`` (default: gradient ascent), or a mapping
+    name -> ``fn(model, loss_fn, forget, retain)`` returning the unlearned model (or an
+    UnlearnResult). A named method runs on a copy of ``model`` without a compute budget, for
+    ``max_steps`` steps at ``lr`` on batches of k examples; ``method_options[name]`` adds or
+    overrides options. Each gets only the settings it takes: the one-step ``newton`` and ``ssd``
+    take no ``lr``, ``max_steps`` or ``batch_size``, and their ``method_options`` are checked
+    against their keywords before any model is trained.
     """
     inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]

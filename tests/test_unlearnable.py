@@ -231,3 +231,49 @@ def test_permutation_p_value_matches_exact_enumeration():
     _, p_value = unlearnable._permutation_test(ranked, random, 20_000, np.random.default_rng(0))
     # Monte Carlo over 20,000 permutations: standard error sqrt(p (1 - p) / 20000) < 0.004.
     assert p_value == pytest.approx(exact, abs=0.012)
+
+
+def _tiny_verification_problem():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    targets = torch.arange(30, device="cpu") % 3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    initial = {name: t.clone() for name, t in model.state_dict().items()}
+
+    def retrain(forget, retain):
+        return unlearn.retrain(model, LOSS, forget, retain, epochs=2, init=initial, progress=False)
+
+    return model, (inputs, targets), retrain
+
+
+@pytest.mark.parametrize("method", sorted(unlearn.METHODS))
+def test_verify_runs_every_named_method(method):
+    # newton and ssd take no lr / max_steps / batch_size: each method gets only what it takes.
+    model, train_set, retrain = _tiny_verification_problem()
+    # The untrained model's Hessian has eigenvalues down to -0.23: damp past them.
+    report = unlearnable.verify(
+        model, LOSS, train_set, torch.arange(30), retrain=retrain, k=3, methods=(method,),
+        method_options={"newton": {"damping": 1.0}}, n_random=1, n_permutations=10, n_boot=10,
+    )  # fmt: skip
+    assert [row["method"] for row in report.rows] == [method, method]
+    assert all(np.isfinite(row["param_distance"]) for row in report.rows)
+    assert 0 < report.tests[method]["p_value"] <= 1
+
+
+def test_verify_refuses_method_options_a_method_does_not_take():
+    model, train_set, retrain = _tiny_verification_problem()
+    with pytest.raises(InfluxValueError, match=r"method_options\['newton'\].*\['lr'\]"):
+        unlearnable.verify(
+            model, LOSS, train_set, torch.arange(30), retrain=retrain, k=3, methods=("newton",),
+            method_options={"newton": {"lr": 0.1}},
+        )  # fmt: skip
+    # Options it does take reach it.
+    report = unlearnable.verify(
+        model, LOSS, train_set, torch.arange(30), retrain=retrain, k=3, methods=("newton",),
+        method_options={"newton": {"damping": 0.5, "solver": "cg"}}, n_random=1,
+        n_permutations=10, n_boot=10,
+    )  # fmt: skip
+    assert len(report.rows) == 2

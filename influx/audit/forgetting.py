@@ -102,19 +102,25 @@ def bucket_points(num_models: int) -> torch.Tensor:
 
 def _bucket_of(epsilons: torch.Tensor, count: int) -> torch.Tensor:
     # e in [j/2, (j+1)/2) <=> floor(2 e) = j (exact: dividing by 0.5 is a power-of-two scaling);
-    # everything from count/2 on shares the last index, which scores 0.
-    return torch.floor(epsilons / BUCKET_WIDTH).long().clamp(0, count)
+    # everything from count/2 on shares the last index, which scores 0. Clamped before the cast:
+    # inf or anything beyond 2^63 would not convert to int64 (CPUs give -2^63, bucket 0).
+    return torch.floor(epsilons / BUCKET_WIDTH).clamp(0, count).long()
 
 
 def bucket_scores(epsilons, num_models: int) -> torch.Tensor:
     """Score of each epsilon [E] for N models: ``2^-j`` on ``[j/2, (j+1)/2)``, ``j < B``; else 0.
 
-    Epsilons are expected >= 0 (as :func:`example_epsilons` returns them); a result on the
-    epsilons' device, float64.
+    Epsilons must be >= 0 (as :func:`example_epsilons` returns them; inf scores 0); a result on
+    the epsilons' device, float64.
     """
     epsilons = _as_float64(epsilons).reshape(-1)
     if torch.isnan(epsilons).any():
         raise InfluxValueError("epsilons hold NaN")
+    if (epsilons < 0).any():
+        raise InfluxValueError(
+            f"epsilons must be >= 0 (as example_epsilons returns them); got minimum "
+            f"{epsilons.min().item():g}"
+        )
     points = bucket_points(num_models).to(epsilons.device)
     padded = torch.cat([points, points.new_zeros(1)])
     return padded[_bucket_of(epsilons, points.numel())]
@@ -310,6 +316,11 @@ def example_epsilons(
             f"and {tuple(retrained.shape)}"
         )
     num_models, num_examples = unlearned.shape
+    if num_examples == 0:
+        raise InfluxValueError(
+            "the forgetting quality needs at least one forget example; the signals are "
+            f"{tuple(unlearned.shape)} [models, examples]"
+        )
     if num_models < 2:
         raise InfluxValueError(f"the forgetting quality needs at least 2 models; got {num_models}")
     if not 0 <= delta < 1:
@@ -386,6 +397,10 @@ def _mean_accuracy(values: float | Sequence[float] | np.ndarray | torch.Tensor, 
     )
     if array.size == 0 or not np.isfinite(array).all():
         raise InfluxValueError(f"{name} must be non-empty and finite; got {values!r}")
+    if ((array < 0) | (array > 1)).any():
+        raise InfluxValueError(
+            f"{name}: accuracies must be fractions in [0, 1] (not percentages); got {values!r}"
+        )
     return float(array.mean())
 
 
@@ -401,8 +416,13 @@ def final_score(
     Each accuracy argument is a number or an array over models; as in the competition, each is
     averaged over models first: ``F * (mean retain acc unlearned / mean retain acc retrained) *
     (mean test acc unlearned / mean test acc retrained)``. The ratios are not capped at 1.
+    Accuracies are fractions in [0, 1], as in :func:`influx.audit.utility.tug_of_war`.
     """
     score = forgetting.score if isinstance(forgetting, ForgettingQuality) else float(forgetting)
+    if not 0.0 <= score <= 1.0:
+        raise InfluxValueError(
+            f"forgetting must be a ForgettingQuality or its score F in [0, 1]; got {score!r}"
+        )
     retain_u = _mean_accuracy(retain_acc_unlearned, "retain_acc_unlearned")
     retain_r = _mean_accuracy(retain_acc_retrained, "retain_acc_retrained")
     test_u = _mean_accuracy(test_acc_unlearned, "test_acc_unlearned")

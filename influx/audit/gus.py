@@ -30,6 +30,21 @@ Input gradients of a batch come from ONE backward of the summed loss in eval mod
 :func:`influx.poison.input_gradients`): exact, since each loss depends on its own input only.
 A point whose input gradient is exactly 0 has no direction to test: its score is NaN, a warning
 names its indices, and every statistic is taken over the other points (``n``).
+
+Precision. A confident model has tiny input gradients, and two roundings would spoil them:
+
+- In the softmax's backward the target logit's gradient is ``p_y - 1``: as ``1 - p_y`` nears the
+  dtype's resolution it loses digits, and below it (6e-8 in float32, a logit gap near 17) ``p_y``
+  rounds to 1 and the input gradient loses the term altogether (measured on a linear model at a
+  logit gap of 14: float32 scores off by up to 1.4). The loss is therefore computed in
+  ``loss_dtype``, float64 by default: the model's outputs are cast up, the backward through the
+  model keeps its own dtype, and float32 scores then agree with float64 ones to ~1e-6. Float64
+  has the same limit further out: ``1 - p_y`` below ~1e-13 (a logit gap near 30) costs it digits,
+  below ~1e-16 the whole term.
+- ``||g||^2`` loses digits in float32 once the entries of g are below ~1e-19 (a logit gap near
+  44) and underflows to 0 near 4e-23, although g itself is representable down to ~1e-45: each
+  row is divided by its largest ``|entry|`` before the norm and the dot products (``I_z`` does
+  not change when g is scaled).
 """
 
 from __future__ import annotations
@@ -113,10 +128,15 @@ def _statistics(scores: torch.Tensor, threshold: float) -> tuple[float, float, f
     return mean, z, p_value, (finite > threshold).double().mean().item()
 
 
-def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed) -> None:
+def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss_dtype) -> None:
     if not isinstance(base_inputs, torch.Tensor) or not base_inputs.is_floating_point():
         raise InfluxValueError("base_inputs must be a floating-point tensor [n, *input_shape]")
-    if base_inputs.dim() < 1 or base_inputs.shape[0] == 0:
+    if base_inputs.dim() < 2:
+        raise InfluxValueError(
+            f"base_inputs must be [n, *input_shape] with one row per point; got shape "
+            f"{tuple(base_inputs.shape)} (for scalar inputs pass base_inputs[:, None])"
+        )
+    if base_inputs.shape[0] == 0:
         raise InfluxValueError("GUS needs at least one poisoned point; base_inputs is empty")
     if not isinstance(noise, torch.Tensor) or noise.shape != base_inputs.shape:
         got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
@@ -145,6 +165,41 @@ def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed) -> N
     if not torch.isfinite(noise).all():
         bad = torch.nonzero(~torch.isfinite(noise.flatten(1)).all(dim=1)).flatten().tolist()
         raise InfluxValueError(f"noise has NaN/inf at points {bad[:10]}")
+    if loss_dtype is not None and not (
+        isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
+    ):
+        raise InfluxValueError(
+            f"loss_dtype must be a floating-point torch.dtype or None; got {loss_dtype!r}"
+        )
+
+
+def _loss_in(loss_fn: LossFn, dtype: torch.dtype | None) -> LossFn:
+    """``loss_fn`` on the model's outputs cast to ``dtype`` (the backward casts the gradient back
+    to the outputs' dtype); ``None`` leaves it as it is."""
+    if dtype is None:
+        return loss_fn
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if outputs.dtype == dtype or not outputs.is_floating_point():
+            return loss_fn(outputs, targets)
+        try:
+            return loss_fn(outputs.to(dtype), targets)
+        except (RuntimeError, TypeError) as exc:
+            # If the outputs' own dtype fails too, the error is not the cast's: raise that one.
+            loss_fn(outputs, targets)
+            raise InfluxValueError(
+                f"loss_fn fails on {dtype} outputs ({exc}); pass loss_dtype=None to compute the "
+                "loss in the model's dtype (less precise for confident models)"
+            ) from exc
+
+    return loss
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row [n, d] divided by its largest |entry| (zero rows stay 0): norms and dot products
+    of the result neither underflow nor overflow, and I_z is unchanged by scaling a row."""
+    peak = rows.abs().amax(dim=1, keepdim=True)
+    return rows / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def gus(
@@ -159,6 +214,7 @@ def gus(
     fpr: float = 0.01,
     null_seed: int = 0,
     batch_size: int = 256,
+    loss_dtype: torch.dtype | None = torch.float64,
 ) -> GusResult:
     """Gaussian Unlearning Score of ``model`` on n Gaussian poisons (module docstring).
 
@@ -169,12 +225,15 @@ def gus(
     noise is drawn on a CPU generator seeded by ``null_seed`` (the same draw on every device), in
     float64 for float64 data and in float32 otherwise (4-5x cheaper: for a CIFAR-sized batch the
     float64 draw costs a tenth of the input gradients on CPU), then cast to the data's device and
-    dtype.
+    dtype. The loss is computed in ``loss_dtype`` (default float64, see Precision in the module
+    docstring); ``None`` computes it in the outputs' dtype, for a ``loss_fn`` that only works there.
     """
-    _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed)
+    _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss_dtype)
     n_points = base_inputs.shape[0]
-    grads = input_gradients(model, loss_fn, base_inputs, targets, batch_size=batch_size)
-    descent = -grads.flatten(1)  # [n, d]
+    grads = input_gradients(
+        model, _loss_in(loss_fn, loss_dtype), base_inputs, targets, batch_size=batch_size
+    )
+    descent = _unit_rows(-grads.flatten(1))  # [n, d], rescaled: I_z is scale-invariant per row
     norms = descent.norm(dim=1)  # [n]
     zero = norms == 0
     if zero.all():

@@ -57,11 +57,35 @@ GLOBAL_VARIANCE_BELOW = 64
 # ---------------------------------------------------------------------------------------------
 
 
+def _class_indices(targets: torch.Tensor, rows: int, classes: int) -> torch.Tensor:
+    """``targets`` as int64 class indices [rows], refused unless each is a whole number in
+    ``[0, classes)`` (a cast would truncate 1.7 to 1 without a word)."""
+    if not isinstance(targets, torch.Tensor) or targets.shape != (rows,):
+        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise InfluxValueError(
+            f"targets must be class indices [B] = [{rows}], one per row of the logits; got {got}"
+        )
+    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        bad = (targets != targets.round()).nonzero().flatten()[:10].tolist()
+        raise InfluxValueError(
+            f"targets must be whole class indices; positions {bad} are not (e.g. "
+            f"{targets[bad[0]].item()!r}): pass the integer labels"
+        )
+    index = targets.long()
+    if bool(((index < 0) | (index >= classes)).any()):
+        raise InfluxValueError(
+            f"targets must lie in [0, {classes}) for logits with {classes} classes; got values "
+            f"from {int(index.min())} to {int(index.max())}"
+        )
+    return index
+
+
 def confidence_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log p_y - log(1 - p_y)`` [..., B] from logits [..., B, C] and class targets [B].
 
     Equals ``z_y - logsumexp_{j != y} z_j``: no ``log(1 - exp(.))``, finite for any finite logits.
-    Half-precision logits are computed in float32.
+    Half-precision logits are computed in float32. Targets are whole numbers in ``[0, C)`` of any
+    dtype (float labels such as 2.0 are taken, 1.7 is refused).
     """
     if logits.dim() < 2 or logits.shape[-1] < 2:
         raise InfluxValueError(
@@ -70,7 +94,7 @@ def confidence_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch
         )
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    index = targets.to(device=logits.device, dtype=torch.long)
+    index = _class_indices(targets, logits.shape[-2], logits.shape[-1]).to(logits.device)
     index = index.reshape(*([1] * (logits.dim() - 2)), -1, 1).expand(*logits.shape[:-1], 1)
     true_logit = logits.gather(-1, index).squeeze(-1)
     others = logits.scatter(-1, index, -torch.inf)
@@ -189,27 +213,43 @@ class MembershipResult:
         )
 
 
-def _as_numpy(values, name: str, dtype=np.float64) -> np.ndarray:
+def _as_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
-    array = np.asarray(values, dtype=dtype).reshape(-1)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.isfinite(array).all():
         bad = np.flatnonzero(~np.isfinite(array))
         raise InfluxValueError(f"{name} holds NaN or inf at positions {bad[:10].tolist()}")
     return array
 
 
+def _as_membership(values, name: str) -> np.ndarray:
+    """A bool array from bools or from 0 / 1 numbers; anything else is refused (as bool, 2 or
+    0.5 would silently count as a member)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values).reshape(-1)
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind not in "iuf" or not np.isin(array, (0, 1)).all():
+        numeric = array.dtype.kind in "iuf"
+        shown = f"values {np.unique(array)[:10].tolist()}" if numeric else f"dtype {array.dtype}"
+        raise InfluxValueError(f"{name} must hold bools or 0 / 1 (1 = member); got {shown}")
+    return array.astype(bool)
+
+
 def membership_metrics(
     scores, is_member, *, fprs: Sequence[float] = DEFAULT_FPRS
 ) -> MembershipResult:
-    """AUC and TPR at each FPR in ``fprs`` of ``scores`` [M] (larger = member) vs ``is_member`` [M].
+    """AUC and TPR at each FPR in ``fprs`` of ``scores`` [M] (larger = member) vs ``is_member`` [M]
+    (bools, or 0 / 1 with 1 = member).
 
     The ROC curve is scikit-learn's ``roc_curve`` without dropping points: every distinct score is
     a threshold ("member if score >= threshold"), so tied examples switch together. TPR at a
     target FPR is the largest TPR of a point with FPR <= target (0 if only the origin qualifies).
     """
     score_array = _as_numpy(scores, "scores")
-    labels = _as_numpy(is_member, "is_member", dtype=bool)
+    labels = _as_membership(is_member, "is_member")
     if score_array.shape != labels.shape:
         raise InfluxValueError(
             f"scores and is_member must have the same size; got {score_array.size} and "
@@ -512,7 +552,7 @@ def lira(
     )
     metrics = None
     if target_members is not None:
-        members = _as_numpy(target_members, "target_members", dtype=bool)
+        members = _as_membership(target_members, "target_members")
         if members.size not in (n, scores.numel()):
             raise InfluxValueError(
                 f"target_members must be [N] or [T, N] = {tuple(scores.shape)}; got "

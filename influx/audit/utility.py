@@ -28,6 +28,13 @@ def _is_correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise InfluxValueError(
             f"accuracy needs class scores [B, C] from the model; got shape {tuple(outputs.shape)}"
         )
+    # Any other shape would broadcast against the [B] predictions without an error.
+    if targets.shape != outputs.shape[:1]:
+        raise InfluxValueError(
+            f"accuracy needs class-index targets [B] = [{outputs.shape[0]}], one per example; got "
+            f"shape {tuple(targets.shape)}: pass targets.squeeze(1) for a [N, 1] column or "
+            "targets.argmax(1) for one-hot targets"
+        )
     return outputs.argmax(dim=1) == targets
 
 

@@ -1,15 +1,26 @@
-"""Newton removal: one Newton step on the retain loss with the damped Hessian.
+"""Newton removal: one Newton step on the retain objective with the damped Hessian.
 
-With ``L_R(theta) = (1/|R|) sum_{z in R} l(z; theta)`` the *mean* retain loss and ``H_R`` its Hessian
-at the current parameters,
+With ``L_R(theta) = (1/|R|) sum_{z in R} l(z; theta) + (weight_decay / 2) ||theta||^2`` the *mean*
+retain loss plus the L2 penalty the model was trained with, and ``H_R`` its Hessian at the current
+parameters,
 
-    theta <- theta - (H_R + damping I)^-1 grad L_R(theta).
+    theta <- theta - (H_R + damping I)^-1 grad L_R(theta),
 
-The damping is added to the Hessian of the mean loss (a sum loss would need |R| x the damping for
-the same step). With ``damping=0`` the step does not depend on mean vs sum, and for least squares
-(a loss quadratic in theta, e.g. a linear model with ``mse_per_example``) it lands exactly on the
-minimizer of the retain loss, i.e. on the model retrained on R to convergence. For a trained model
-this is the influence-function removal of the forget set (Koh & Liang 2017), taken from theta.
+where the penalty adds ``weight_decay * theta`` to the gradient and ``weight_decay I`` to the
+Hessian (torch's ``weight_decay=`` of SGD is this penalty, over the parameters stepped; ``theta``
+is those parameters). The damping only regularizes the solve: it is added to the Hessian of the
+mean objective (a sum loss would need |R| x the damping for the same step). With ``damping=0`` the
+step does not depend on mean vs sum, and for least squares (a loss quadratic in theta, e.g. a
+linear model with ``mse_per_example``) it lands exactly on the minimizer of the retain objective,
+i.e. on the model retrained on R to convergence (ridge regression with ``weight_decay``). For a
+trained model this is the influence-function removal of the forget set (Koh & Liang 2017), taken
+from theta.
+
+``loss_fn(outputs, targets)`` must be the per-example data loss, a function of the outputs:
+gradients and Hessian products swap the parameters in while the model runs
+(``torch.func.functional_call``), so a term that reads the parameters inside ``loss_fn`` (an L2
+penalty written there) would count as a constant. Such a ``loss_fn`` is refused; pass the
+penalty's coefficient as ``weight_decay``.
 
 Solvers: ``"dense"`` forms H_R exactly (:func:`influx.curvature.dense_hessian`, P Hessian-vector
 products; small models) and solves in float64; ``"cg"`` runs conjugate gradients on
@@ -26,6 +37,7 @@ gradient and one product leaves the model unchanged (with a warning). Evaluated 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -119,6 +131,33 @@ def _conjugate_gradients(product, rhs, damping, iterations, tolerance) -> tuple[
     return x, used
 
 
+def _refuse_a_loss_reading_parameters(
+    work: nn.Module, caller: nn.Module, loss_fn: LossFn, batch, names
+) -> None:
+    """Refuse a ``loss_fn`` whose value depends on the stepped parameters other than through the
+    model's outputs (one forward of a few examples, outputs detached). Those of the caller's
+    model are watched too: a ``loss_fn`` written around it reads them, not the working copy's."""
+    watched = []
+    for model in {id(work): work, id(caller): caller}.values():
+        named = dict(model.named_parameters())
+        watched += [(name, named[name]) for name in names if named[name].requires_grad]
+    inputs, targets = batch
+    with torch.no_grad():
+        outputs = work(inputs)
+    with torch.enable_grad():
+        losses = loss_fn(outputs, targets)
+    if not losses.requires_grad:
+        return
+    grads = torch.autograd.grad(losses.sum(), [p for _, p in watched], allow_unused=True)
+    reading = sorted({name for (name, _), g in zip(watched, grads) if g is not None})
+    if reading:
+        raise InfluxValueError(
+            f"newton: loss_fn reads the parameters {reading[:5]} itself (e.g. an L2 penalty), "
+            "which the Newton step would take as constant; pass the per-example data loss as "
+            "loss_fn and the penalty's coefficient as weight_decay="
+        )
+
+
 def newton(
     model: nn.Module,
     loss_fn: LossFn,
@@ -128,6 +167,7 @@ def newton(
     budget=None,
     train_compute=None,
     damping: float = 1e-3,
+    weight_decay: float = 0.0,
     solver: str = "auto",
     max_iterations: int | None = None,
     tolerance: float = 1e-10,
@@ -139,13 +179,19 @@ def newton(
     keep_states: bool = True,
     on_checkpoint=None,
 ) -> UnlearnResult:
-    """One damped Newton step on the mean retain loss (module doc). ``forget`` is only checked.
+    """One damped Newton step on the mean retain objective (module doc). ``forget`` is only
+    checked.
 
-    ``params`` restricts the step to these parameter names (default: all trainable);
+    ``weight_decay``: the L2 coefficient of the training objective (``loss_fn`` is the data loss
+    alone); ``params`` restricts the step to these parameter names (default: all trainable);
     ``chunk_size`` retain examples per product. Pass ``budget=math.inf`` for an unlimited solve.
     """
     if not (isinstance(damping, (int, float)) and damping >= 0):
         raise InfluxValueError(f"damping must be a number >= 0; got {damping!r}")
+    if not (
+        isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0
+    ):
+        raise InfluxValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
     if solver not in _SOLVERS:
         raise InfluxValueError(f"solver must be one of {_SOLVERS}; got {solver!r}")
     options = dict(inplace=inplace, progress=progress, record_every=record_every,
@@ -168,8 +214,8 @@ def newton(
     affordable = (session.meter.remaining - n) // (2 * n)
     cap = size if max_iterations is None else max_iterations
     iterations = int(min(cap, affordable)) if solver == "cg" else 0
-    extra = {"damping": damping, "solver": solver, "tolerance": tolerance,
-             "params": list(space.names)}  # fmt: skip
+    extra = {"damping": damping, "weight_decay": weight_decay, "solver": solver,
+             "tolerance": tolerance, "params": list(space.names)}  # fmt: skip
     if record_every is not None:
         session.record()
     if solver == "cg" and iterations < 1:
@@ -180,16 +226,20 @@ def newton(
         )
         return session.result(extra)
     work.eval()
+    few = tuple(t[:8].to(session.device) for t in session.retain[:2])
+    _refuse_a_loss_reading_parameters(work, model, loss_fn, few, space.names)
     objective = _RetainObjective(work, loss_fn, session.retain[0], session.retain[1],
                                  list(space.names), chunk_size, session.device)  # fmt: skip
     theta = space.current(work)
-    grad = objective.gradient().detach()
+    grad = objective.gradient().detach() + weight_decay * theta
     if not bool(torch.isfinite(grad).all()):
         raise InfluxValueError(
             "newton: the retain gradient is not finite; check the model and data"
         )
+    # The penalty's Hessian is weight_decay I; the damping comes on top (cg shifts by both).
     if solver == "dense":
         hessian = objective.hessian().detach().to(torch.float64)
+        hessian.diagonal().add_(weight_decay)
         eigenvalues = torch.linalg.eigvalsh(hessian)
         check_damped_spectrum(Spectrum.of_eigenvalues(eigenvalues), float(damping),
                               what="retain Hessian")  # fmt: skip
@@ -199,7 +249,11 @@ def newton(
         extra["iterations"] = size
     else:
         step, used = _conjugate_gradients(
-            lambda v: objective.hvp(v).detach(), grad, float(damping), iterations, tolerance
+            lambda v: objective.hvp(v).detach(),
+            grad,
+            float(damping) + float(weight_decay),
+            iterations,
+            tolerance,
         )
         spent = n * (1 + 2 * used)
         extra["iterations"] = used

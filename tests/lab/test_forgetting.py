@@ -278,6 +278,16 @@ def test_buckets():
         assert forgetting_quality(np.zeros((2, 3)), np.ones((2, 3))).score == 0.0
 
 
+@pytest.mark.parametrize("num_models", [3, 512])
+def test_infinite_and_huge_epsilons_score_zero(num_models):
+    # Beyond 2^63 / 2 (and inf) floor(2 e) has no int64 value; such epsilons are far past B/2.
+    epsilons = [4e18, 5e18, 1e19, 1e300, math.inf]
+    assert bucket_scores(epsilons, num_models).tolist() == [0.0] * 5
+    assert bucket_scores(epsilons, num_models).tolist() == direct_scores(epsilons, num_models)
+    with pytest.raises(InfluxValueError, match="epsilons must be >= 0"):
+        bucket_scores([0.3, -math.inf], num_models)
+
+
 def test_numpy_linspace_is_bit_exact():
     rng = np.random.default_rng(3)
     starts = rng.normal(0.0, 10.0, 50)
@@ -328,3 +338,22 @@ def test_errors():
         forgetting_quality(good, good, chunk_size=0)
     with pytest.raises(InfluxValueError, match="must be > 0"):
         final_score(0.5, 0.9, 0.0, 0.8, 0.8)
+    with pytest.raises(InfluxValueError, match="at least one forget example"):
+        forgetting_quality(np.zeros((4, 0)), np.zeros((4, 0)))
+
+
+@pytest.mark.parametrize(
+    "accuracies",
+    [(90.0, 95.0, 80.0, 85.0), (0.9, 95.0, 0.8, 0.85), (0.9, [0.95, 97.0], 0.8, 0.85),
+     (0.9, 0.95, -0.1, 0.85)],
+    ids=["percentages", "one percentage", "a percentage among models", "negative"],
+)  # fmt: skip
+def test_final_score_takes_accuracies_as_fractions_like_tug_of_war(accuracies):
+    with pytest.raises(InfluxValueError, match=r"fractions in \[0, 1\] \(not percentages\)"):
+        final_score(0.5, *accuracies)
+
+
+@pytest.mark.parametrize("forgetting", [-0.1, 1.5, math.nan])
+def test_final_score_refuses_a_forgetting_quality_outside_zero_one(forgetting):
+    with pytest.raises(InfluxValueError, match=r"score F in \[0, 1\]"):
+        final_score(forgetting, 0.9, 0.9, 0.8, 0.8)

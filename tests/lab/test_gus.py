@@ -5,6 +5,7 @@ poisons, and back to the null for the model retrained without them."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,77 @@ def test_zero_input_gradients_score_nan_with_a_warning():
         gus(model, weighted, inputs, torch.zeros(12, dtype=DTYPE), noise, 0.4)
 
 
+def _confident_linear(weight: torch.Tensor, gap: float) -> nn.Linear:
+    """A float32 linear model whose class-0 logit leads the others by about ``gap``."""
+    model = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        model.weight.copy_(weight)
+        model.bias.zero_()
+        model.bias[0] = gap
+    return model
+
+
+def _analytic_scores(model: nn.Linear, inputs, noise, std) -> torch.Tensor:
+    """I_z in float64 from grad_x l = sum_{j != y} p_j (W_j - W_y) (targets y = 0), with p from a
+    float64 log-softmax of float64 logits: no autograd, no softmax backward."""
+    weight = model.weight.detach().double()
+    logits = inputs.double() @ weight.T + model.bias.detach().double()
+    p = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))
+    gradient = p[:, 1:] @ (weight[1:] - weight[0])
+    return (noise.double() * -gradient).sum(1) / (std * gradient.norm(dim=1))
+
+
+@pytest.mark.parametrize("gap", [48.0, 50.0, 52.0, 54.0, 56.0])
+def test_float32_scores_of_a_very_confident_model_match_float64(gap):
+    # Only class 1 reads the input, so grad_x l = p_1 w: entries ~e^-gap (1e-21 .. 5e-25) are
+    # representable in float32, their squares (< 1e-42) are not.
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(8, 4, generator=generator)
+    noise = 0.5 * torch.randn(8, 4, generator=generator)
+    weight = torch.zeros(3, 4)
+    weight[1] = torch.randn(4, generator=generator)
+    model = _confident_linear(weight, gap)
+    targets = torch.zeros(8, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no point may be taken for a zero gradient
+        result = gus(model, LOSS, inputs, targets, noise, 0.5)
+    expected = _analytic_scores(model, inputs, noise, 0.5)
+    assert result.n == 8
+    # The direction is w up to float32 rounding of each entry of p_1 w: ~1e-7 relative.
+    assert_close(result.scores, expected, rtol=1e-6, name=f"gap {gap}")
+    assert result.gus == pytest.approx(expected.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [10.0, 14.0, 20.0])
+def test_float32_keeps_the_target_class_term_of_a_confident_softmax(gap):
+    # Every class reads the input: in a float32 softmax backward p_0 rounds to 1 from a gap of
+    # ~17 on and p_0 - 1 loses its digits before, dropping the -W_0 (1 - p_0) term of grad_x l.
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(32, 4, generator=generator)
+    noise = 0.5 * torch.randn(32, 4, generator=generator)
+    model = _confident_linear(torch.randn(3, 4, generator=generator), gap)
+    targets = torch.zeros(32, dtype=torch.long)
+    result = gus(model, LOSS, inputs, targets, noise, 0.5)
+    # float32 logits near `gap` carry an absolute rounding of ~gap * 6e-8 (1e-6 at 20), which
+    # enters each p_j as a relative error: scores of order 1 agree to a few 1e-6.
+    assert_close(result.scores, _analytic_scores(model, inputs, noise, 0.5), atol=1e-5, rtol=0)
+
+
+def test_a_loss_that_only_runs_in_float32_is_told_to_pass_loss_dtype_none():
+    weights = torch.ones(4)  # float32 class weights: cross_entropy refuses float64 outputs
+
+    def weighted(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, weight=weights, reduction="none")
+
+    inputs, targets, noise = _points()
+    model = _model().float()
+    arguments = (model, weighted, inputs.float(), targets, noise.float(), 0.4)
+    with pytest.raises(InfluxValueError, match="fails on torch.float64 outputs.*loss_dtype=None"):
+        gus(*arguments)
+    expected = gus(model, LOSS, *arguments[2:], loss_dtype=None)
+    assert torch.equal(gus(*arguments, loss_dtype=None).scores, expected.scores)
+
+
 def test_non_finite_inputs_name_the_point():
     inputs, targets, noise = _points(n=10)
     inputs[6, 1, 2] = float("nan")
@@ -144,6 +216,8 @@ def test_non_finite_inputs_name_the_point():
         (dict(indices=torch.arange(5)), r"indices must be a tensor of shape \[29\]"),
         (dict(base_inputs=torch.zeros(0, 2, 5, dtype=DTYPE)), "at least one poisoned point"),
         (dict(base_inputs=torch.zeros(29, 2, 5, dtype=torch.long)), "floating-point tensor"),
+        (dict(base_inputs=torch.zeros(29, dtype=DTYPE)), r"base_inputs must be \[n, \*input"),
+        (dict(loss_dtype=torch.long), "loss_dtype must be a floating-point torch.dtype"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else "",
 )
@@ -151,7 +225,8 @@ def test_bad_arguments_are_refused(change, message):
     inputs, targets, noise = _points()
     arguments = dict(base_inputs=inputs, targets=targets, noise=noise, noise_std=0.4)
     arguments.update(change)
-    keywords = {k: arguments.pop(k) for k in ("fpr", "null_seed", "indices") if k in arguments}
+    names = ("fpr", "null_seed", "indices", "loss_dtype")
+    keywords = {k: arguments.pop(k) for k in names if k in arguments}
     with pytest.raises(InfluxValueError, match=message):
         gus(
             _model(), LOSS, arguments["base_inputs"], arguments["targets"], arguments["noise"],

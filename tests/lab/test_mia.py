@@ -62,6 +62,24 @@ def test_confidence_stays_finite_at_the_extremes():
         confidence_from_logits(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))
 
 
+def test_confidence_takes_whole_class_indices_one_per_row():
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    whole = torch.tensor([0, 2, 1, 2])
+    # Float labels holding whole numbers are the same classes.
+    assert torch.equal(
+        confidence_from_logits(logits, whole.double()), confidence_from_logits(logits, whole)
+    )
+    # A cast to int64 would have read 1.7 as class 1.
+    with pytest.raises(InfluxValueError, match=r"whole class indices; positions \[1\]"):
+        confidence_from_logits(logits, torch.tensor([0.0, 1.7, 1.0, 2.0]))
+    with pytest.raises(InfluxValueError, match=r"class indices \[B\] = \[4\].*got \(3,\)"):
+        confidence_from_logits(logits, whole[:3])
+    with pytest.raises(InfluxValueError, match=r"got \(4, 1\)"):
+        confidence_from_logits(logits, whole[:, None])
+    with pytest.raises(InfluxValueError, match=r"lie in \[0, 3\)"):
+        confidence_from_logits(logits, torch.tensor([0, 3, 1, 2]))
+
+
 class _Shuffled(Dataset):
     """Yields (input, target, index) with dataset indices that are not positions."""
 
@@ -203,6 +221,20 @@ def test_membership_metrics_errors():
         membership_metrics([0.1, np.nan], [True, False])
     with pytest.raises(InfluxValueError, match="FPR must lie"):
         membership_metrics([0.1, 0.2], [True, False], fprs=(1.5,))
+
+
+@pytest.mark.parametrize("labels", [[1, 2, 0], [0.5, 1.0, 0.0], [1.0, np.nan, 0.0], ["a", "b", ""]])
+def test_membership_labels_must_be_bools_or_zero_one(labels):
+    # As bools, 2 and 0.5 would count as members without a word.
+    with pytest.raises(InfluxValueError, match="is_member must hold bools or 0 / 1"):
+        membership_metrics([0.1, 0.2, 0.3], labels)
+
+
+def test_membership_labels_as_zero_one_numbers_equal_bools():
+    scores = [0.1, 0.4, 0.35, 0.8]
+    as_bools = membership_metrics(scores, [False, True, False, True])
+    for labels in ([0, 1, 0, 1], np.array([0.0, 1.0, 0.0, 1.0]), torch.tensor([0, 1, 0, 1])):
+        assert membership_metrics(scores, labels).auc == as_bools.auc
 
 
 # ------------------------------------------------------------------------------------------

@@ -82,3 +82,18 @@ def test_tug_of_war_errors():
         tug_of_war(good, {"forget": 50.0, "retain": 90.0, "test": 80.0})
     with pytest.raises(InfluxValueError, match="mapping"):
         tug_of_war([0.5, 0.9, 0.8], good)
+
+
+@pytest.mark.parametrize("shape", ["column", "one-hot"])
+def test_targets_must_be_class_indices_one_per_example(shape):
+    # A [N, 1] column would broadcast against the [N] predictions into an [N, N] comparison.
+    model, inputs, targets = _model_and_data(10)
+    bad = targets[:, None] if shape == "column" else nn.functional.one_hot(targets, 4)
+    forget, retain, test = (inputs[:3], bad[:3]), (inputs[3:7], bad[3:7]), (inputs[7:], bad[7:])
+    message = r"class-index targets \[B\] = \[10\].*got shape \(10, "
+    with pytest.raises(InfluxValueError, match=message):
+        accuracy(model, (inputs, bad))
+    with pytest.raises(InfluxValueError, match=message):
+        correct(model, (inputs, bad))
+    with pytest.raises(InfluxValueError, match=r"class-index targets \[B\] = \[3\]"):
+        splits_accuracy(model, forget, retain, test)
