@@ -74,9 +74,10 @@ __all__ = [
     "train_and_record",
 ]
 
-# Purposes of the derived seeds: each model's subset, initialization and batch order draw from
-# their own streams, so a model's run depends only on (seed, model index), never on the chunk.
-_MASK, _INIT, _ORDER, _DROPOUT = 0, 1, 2, 3
+# Purposes of the derived seeds: each model's subset, initialization, batch order and nn.Dropout
+# masks draw from their own streams, so a model's run depends only on (seed, model index), never
+# on the chunk. _SHARED seeds the one stream that vmap draws any other randomness of a chunk from.
+_MASK, _INIT, _ORDER, _DROPOUT, _SHARED = 0, 1, 2, 3, 4
 
 
 def _derived_seed(*parts: int) -> int:
@@ -158,6 +159,16 @@ def _difference_of_means(inside: torch.Tensor, values: torch.Tensor):
     return mean_in - mean_out, stderr, mean_in, mean_out, n_in, n_out
 
 
+def _check_finite_runs(values: torch.Tensor, name: str, kind: str) -> None:
+    """Refuse NaN / inf runs by example: they would turn that example's estimate NaN silently."""
+    bad = (~torch.isfinite(values)).any(0).nonzero().flatten()
+    if bad.numel():
+        raise InfluxValueError(
+            f"{name} holds NaN/inf for {kind} examples {bad[:10].tolist()}"
+            f"{' ...' if bad.numel() > 10 else ''}; pass finite correctness"
+        )
+
+
 def from_runs(masks, correct, *, test_correct=None, config=None) -> MemorizationResult:
     """Feldman–Zhang memorization from runs made anywhere.
 
@@ -177,12 +188,7 @@ def from_runs(masks, correct, *, test_correct=None, config=None) -> Memorization
         raise InfluxValueError("masks holds no models: pass at least one run")
     if not ((inside == 0) | (inside == 1)).all():
         raise InfluxValueError("masks must hold 0/1 (or booleans): 1 where a subset holds i")
-    bad = (~torch.isfinite(values)).any(0).nonzero().flatten()
-    if bad.numel():
-        raise InfluxValueError(
-            f"correct holds NaN/inf for train examples {bad[:10].tolist()}"
-            f"{' ...' if bad.numel() > 10 else ''}; pass finite correctness"
-        )
+    _check_finite_runs(values, "correct", "train")
     # Diagonal of the [N, N] problem without forming it: example i against its own column.
     n_in, n_out = inside.sum(0), (1 - inside).sum(0)
     mean_in = (inside * values).sum(0) / n_in
@@ -211,6 +217,7 @@ def from_runs(masks, correct, *, test_correct=None, config=None) -> Memorization
                 f"test_correct must be [models, Q] with {inside.shape[0]} models; "
                 f"got {tuple(tests.shape)}"
             )
+        _check_finite_runs(tests, "test_correct", "test")
         influence, influence_stderr, *_ = _difference_of_means(inside, tests)
     return MemorizationResult(
         mem=mean_in - mean_out,
@@ -277,6 +284,7 @@ class Ensemble:
     def correct(self, data, *, batch_size: int = 1024) -> torch.Tensor:
         """[K, N] bool: whether model k's argmax matches the target of each example of ``data``."""
         inputs, targets, _ = as_tensors(data)
+        _check_class_targets(targets, "data")
         logits = self.logits(inputs, batch_size=batch_size)
         return logits.argmax(-1) == targets.to(logits.device)
 
@@ -286,6 +294,16 @@ class Ensemble:
         state = {n: t[k] for n, t in {**self.params, **self.buffers}.items()}
         single.load_state_dict(state)
         return single
+
+
+def _check_class_targets(targets: torch.Tensor, what: str) -> None:
+    # Correctness is argmax == target: one integer class per example.
+    if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+        raise InfluxValueError(
+            f"{what} targets must be integer class indices [N] (correctness compares them with "
+            f"the argmax); got {targets.dtype} of shape {tuple(targets.shape)}: pass "
+            "targets.long() (or one_hot.argmax(1))"
+        )
 
 
 def _check_training_args(epochs, lr, batch_size, optimizer):
@@ -323,6 +341,81 @@ def _build_models(model_fn: Callable[[], nn.Module], model_ids, seed: int, devic
     return models
 
 
+class _SeededDropout(nn.Module):
+    """``nn.Dropout`` whose keep-mask comes from the buffer ``noise`` (uniform on [0, 1), one
+    number per element of every call in a forward), filled outside vmap from each model's own
+    generator: under ``vmap(randomness="different")`` a dropout's draws for model k would come
+    from one stream shared by the chunk, and so depend on which models train beside it."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.used = 0  # noise read so far in this forward (a module may be called repeatedly)
+        self.register_buffer("noise", torch.zeros(0, device="cpu"), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        start, self.used = self.used, self.used + x.numel()
+        keep = self.noise[start : self.used].view(x.shape) >= self.p
+        return x * keep * (0.0 if self.p == 1 else 1.0 / (1.0 - self.p))
+
+
+def _with_seeded_dropout(model: nn.Module) -> tuple[nn.Module, dict[str, _SeededDropout]]:
+    """A copy of ``model`` with every ``nn.Dropout`` replaced by a :class:`_SeededDropout`."""
+    copied = copy.deepcopy(model)
+    seeded = {}
+    for name, module in list(copied.named_modules()):
+        if name and type(module) is nn.Dropout:
+            parent, _, child = name.rpartition(".")
+            seeded[name] = _SeededDropout(module.p)
+            setattr(copied.get_submodule(parent), child, seeded[name])
+    return copied, seeded
+
+
+def _noise_sizes(trainer, seeded, state, inputs) -> list[int]:
+    """How many noise numbers each seeded dropout reads in one model's forward of ``inputs``
+    (counted in an eval-mode forward, where dropout is the identity)."""
+    if not seeded:
+        return []
+    counts = dict.fromkeys(seeded, 0)
+
+    def counter(name: str):
+        def count(module, args):
+            counts[name] += args[0].numel()
+
+        return count
+
+    hooks = [module.register_forward_pre_hook(counter(name)) for name, module in seeded.items()]
+    was_training = trainer.training
+    try:
+        with torch.no_grad():
+            functional_call(trainer.eval(), state, (inputs,))
+    finally:
+        trainer.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return list(counts.values())
+
+
+def _draws_elsewhere(trainer, seeded, state, inputs, cuda) -> bool:
+    """Whether the train-mode forward still draws random numbers (F.dropout in a forward,
+    attention dropout, noise layers): two forwards under different global seeds disagree."""
+    noise = {
+        f"{name}.noise": torch.ones(size, device=inputs.device)
+        for name, size in zip(seeded, _noise_sizes(trainer, seeded, state, inputs))
+    }
+    outputs = []
+    for global_seed in (1, 2):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(global_seed)
+            for module in seeded.values():
+                module.used = 0
+            output = functional_call(trainer, {**state, **noise}, (inputs,))
+            outputs.append(output if isinstance(output, (tuple, list)) else (output,))
+    return not all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
 def fit_ensemble(
     model_fn: Callable[[], nn.Module],
     train,
@@ -346,7 +439,24 @@ def fit_ensemble(
     backward passes are one ``vmap``-ed ``functional_call``; one optimizer over the stacked
     parameters is K independent ones (Adam and SGD act elementwise). Every subset must have the
     same size (the steps of all models line up).
+
+    The masks of ``nn.Dropout`` modules come from a CPU generator of model k's own, seeded from
+    (seed, id): model k's run is the same whichever models train beside it (any chunk size).
+    Other random draws in the forward (``F.dropout`` called in a ``forward``, attention dropout,
+    noise layers) come from one stream seeded by (seed, first id) and shared by the K models;
+    they are reproducible for the same ``model_ids`` only, and a warning says so.
     """
+    return _fit_ensemble(
+        model_fn, train, masks, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+        model_ids=model_ids, loss_fn=loss_fn, optimizer=optimizer, weight_decay=weight_decay,
+        device=device,
+    )  # fmt: skip
+
+
+def _fit_ensemble(
+    model_fn, train, masks, *, epochs, lr, batch_size, seed, model_ids, loss_fn, optimizer,
+    weight_decay, device,
+) -> Ensemble:  # fmt: skip
     _check_training_args(epochs, lr, batch_size, optimizer)
     inputs, targets, _ = as_tensors(train)
     masks = torch.as_tensor(masks, dtype=torch.bool, device="cpu")
@@ -365,6 +475,7 @@ def fit_ensemble(
     models = _build_models(model_fn, model_ids, seed, device)
     params, buffers = stack_module_state(models)
     template = copy.deepcopy(models[0])
+    trainer, seeded = _with_seeded_dropout(models[0])
     inputs, targets = inputs.to(device), targets.to(device)
     # [K, m] dataset positions of each model's subset.
     subsets = torch.stack([row.nonzero().flatten() for row in masks]).to(device)
@@ -374,15 +485,47 @@ def fit_ensemble(
         if optimizer == "adam"
         else torch.optim.SGD(trainable, lr=lr, weight_decay=weight_decay)
     )
+    cuda = [device] if device.type == "cuda" else []
+    first_model = {n: t[0].detach() for n, t in {**params, **buffers}.items()}
+    first_batch = inputs[subsets[0, :batch_size]]
+    if _draws_elsewhere(trainer, seeded, first_model, first_batch, cuda):
+        # stacklevel 3: the user's call of fit_ensemble() or estimate().
+        warnings.warn(
+            "model_fn's model draws random numbers outside nn.Dropout modules (F.dropout in a "
+            "forward, attention dropout, a noise layer): vmap draws those for all models of a "
+            "chunk from one stream, so model m's run depends on the models trained beside it "
+            "(it is reproducible for the same seed and chunk size). Use nn.Dropout modules, "
+            "whose masks are seeded per model, for results independent of the chunk size.",
+            stacklevel=3,
+        )
+    generators = [
+        torch.Generator(device="cpu").manual_seed(_derived_seed(seed, m, _DROPOUT))
+        for m in model_ids
+    ]
+    noise_sizes: dict[int, list[int]] = {}
+
+    def dropout_noise(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Each model's masks from its own generator (CPU, float32: the same masks on every
+        # device and in every dtype), [K, numbers read per forward] for each module.
+        if batch.shape[0] not in noise_sizes:
+            noise_sizes[batch.shape[0]] = _noise_sizes(trainer, seeded, first_model, batch)
+        for module in seeded.values():
+            module.used = 0
+        return {
+            f"{name}.noise": torch.stack([
+                torch.rand(size, generator=g, dtype=torch.float32, device="cpu")
+                for g in generators
+            ]).to(device)
+            for name, size in zip(seeded, noise_sizes[batch.shape[0]])
+        }  # fmt: skip
 
     def batch_loss(p, b, x, y):
-        return loss_fn(functional_call(template, (p, b), (x,)), y).mean()
+        return loss_fn(functional_call(trainer, (p, b), (x,)), y).mean()
 
     batched_loss = vmap(batch_loss, randomness="different")
-    cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        # Only stochastic layers (dropout) draw from here.
-        torch.manual_seed(_derived_seed(seed, model_ids[0], _DROPOUT))
+        # Only random draws outside nn.Dropout (warned above) come from here.
+        torch.manual_seed(_derived_seed(seed, model_ids[0], _SHARED))
         for epoch in range(epochs):
             orders = torch.stack([
                 torch.randperm(
@@ -396,7 +539,10 @@ def fit_ensemble(
                 # [K, b] positions; every model takes a batch of the same size.
                 positions = visits[:, start : start + batch_size]
                 opt.zero_grad(set_to_none=True)
-                losses = batched_loss(params, buffers, inputs[positions], targets[positions])
+                noise = dropout_noise(inputs[positions[0]])
+                losses = batched_loss(
+                    params, {**buffers, **noise}, inputs[positions], targets[positions]
+                )
                 losses.sum().backward()
                 opt.step()
     params = {name: p.detach() for name, p in params.items()}
@@ -487,7 +633,11 @@ def estimate(
     Model m trains (see :func:`fit_ensemble`) on a seeded random subset of
     ``round(subset_frac * N)`` examples; correctness is eval-mode argmax accuracy on each train
     example (and on ``test`` for the influence matrix). Models train ``chunk`` at a time, chunk
-    c holding models ``c * chunk ...``; every random draw of model m is seeded by (seed, m).
+    c holding models ``c * chunk ...``. Model m's subset, initialization, batch order and
+    ``nn.Dropout`` masks are seeded by (seed, m), so the estimate does not depend on ``chunk``;
+    random draws elsewhere in the forward (``F.dropout``, attention dropout) are shared by a
+    chunk and make it depend on ``chunk`` (:func:`fit_ensemble` warns). Targets must be integer
+    classes.
 
     ``out``: a folder where every finished chunk saves its masks [K, N] and correctness [K, N]
     (and [K, Q] on ``test``) as .npy files, each written atomically; a rerun with the same
@@ -516,6 +666,9 @@ def estimate(
     # Read a Dataset once, not once per chunk.
     dataset = as_tensors(dataset)[:2]
     test = None if test is None else as_tensors(test)[:2]
+    _check_class_targets(dataset[1], "dataset")
+    if test is not None:
+        _check_class_targets(test[1], "test")
     n = num_examples(dataset)
     if round(subset_frac * n) in (0, n):
         raise InfluxValueError(
@@ -542,7 +695,7 @@ def estimate(
             break
         ids = list(range(index * chunk, min((index + 1) * chunk, n_models)))
         masks = subset_masks(n, ids, subset_frac, seed)
-        ensemble = fit_ensemble(
+        ensemble = _fit_ensemble(
             model_fn, dataset, masks, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
             model_ids=ids, loss_fn=loss_fn, optimizer=optimizer, weight_decay=weight_decay,
             device=device,
@@ -915,6 +1068,16 @@ def _spearman_along(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     return _pearson_along(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis)
 
 
+def _top_weights(values: np.ndarray, k: int) -> np.ndarray:
+    """Membership of each example in the top k of ``values`` [n]: 1 above the k-th largest value,
+    and for the examples tied at it, their share of the places left (t tied for r places: r / t
+    each), so that the weights sum to k and do not depend on the order of the examples."""
+    threshold = np.sort(values)[::-1][k - 1]
+    above = values > threshold
+    tied = values == threshold
+    return above + tied * (k - above.sum()) / tied.sum()
+
+
 def compare(
     estimate,
     proxies: Mapping[str, Any],
@@ -933,8 +1096,11 @@ def compare(
     resamples). ``cosine`` is the uncentred cosine similarity (the statistic Ravikumar et al.
     report beside Pearson). ``topk_overlap`` = |top-k of proxy ∩ top-k of mem| / k, default
     k = 10% of the examples; proxies named in ``low_means_memorized`` rank by their smallest
-    values. Correlations keep their sign. Examples where either value is not finite are dropped
-    (``n`` says how many remain).
+    values. Ties at the k-th value (memorization estimates take few values) share the places
+    left: t examples tied for r places each count r / t, and the overlap is
+    ``sum_i w_proxy(i) w_mem(i) / k``, the expected overlap when each side's ties are broken at
+    random; it does not depend on the order of the examples. Correlations keep their sign.
+    Examples where either value is not finite are dropped (``n`` says how many remain).
     """
     from scipy import stats
 
@@ -958,7 +1124,7 @@ def compare(
         top = k if k is not None else max(1, round(0.1 * x.size))
         top = min(top, x.size)
         oriented = -x if name in low_means_memorized else x
-        overlap = np.intersect1d(np.argsort(-oriented)[:top], np.argsort(-y)[:top]).size / top
+        overlap = float(_top_weights(oriented, top) @ _top_weights(y, top)) / top
         rng = np.random.default_rng(seed)
         intervals = {}
         for stat, fn in (("spearman", _spearman_along), ("pearson", _pearson_along)):

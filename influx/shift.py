@@ -24,7 +24,21 @@ products per decomposition, any model size, cost ~4 backward passes per probe ex
 ``"kfac"`` / ``"ekfac"`` use Kronecker factors (``influx.curvature``) with labels sampled from the
 model (the true Fisher), block-diagonal over Linear / Conv layers; parameters of other layers
 (normalization affine, embeddings) are left out of the Fisher quantities and listed in
-``Decomposition.excluded``.
+``Decomposition.excluded``. Both are the true Fisher, with labels drawn from the model, not the
+empirical Fisher of the observed labels: ``"exact"`` takes the expectation over labels in closed
+form (hence equals the GGN), K-FAC samples one label per probe example.
+
+States and modes. Predictions (:func:`predictive_kl`, :func:`predictive_entropy`, the KL and
+entropies of :func:`analyze`) and the Fisher at ``at`` evaluate ``model`` holding the state's own
+parameters, frozen ones included, and its own buffers (BatchNorm running statistics), in eval
+mode: dropout off, BatchNorm on its running statistics. A state dict may omit frozen parameters
+and buffers and a flat vector (over all of ``named_parameters()`` or over the trainable ones)
+holds parameters only; those come from ``model``. ``model`` itself is left as it was: its
+modules' modes are restored and its buffers are not touched. Which parameters count: the
+Euclidean quantities of :func:`analyze` (and of :func:`decompose` on models) run over every
+parameter, frozen ones included; the Fisher quantities run over the trainable ones (the
+coordinates of F), so a shift of a frozen layer changes the predictions and their exact KL but
+not ``kl_poison``.
 
 Per layer (``Decomposition.per_layer``, when the inputs are models or state dicts):
 ``poison_sq``, ``update_sq``, ``inner`` (= <d_u, -d_p>), ``remaining_sq``, ``orthogonal_sq`` (the
@@ -41,6 +55,7 @@ vectors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -150,6 +165,81 @@ def _as_pieces(
                 "the states have different parameter shapes: they must be the same architecture"
             )
     return names, pieces
+
+
+def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (frozen ones included) and buffer of ``model``, by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _flat_state(model: nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat vector over all of ``model.named_parameters()``, or over its trainable ones."""
+    everything = dict(model.named_parameters())
+    trainable = {n: p for n, p in everything.items() if p.requires_grad}
+    for names in (everything, trainable):
+        sizes = [p.numel() for p in names.values()]
+        if vector.dim() == 1 and vector.numel() == sum(sizes):
+            pieces = torch.split(vector.detach(), sizes)
+            return {n: v.view(p.shape) for (n, p), v in zip(names.items(), pieces)}
+    raise InfluxValueError(
+        f"a flat state must be 1-D with one entry per parameter, in named_parameters() order: "
+        f"{sum(p.numel() for p in everything.values())} (all) or "
+        f"{sum(p.numel() for p in trainable.values())} (trainable); got shape {tuple(vector.shape)}"
+    )
+
+
+def _full_state(model: nn.Module, state: State) -> dict[str, torch.Tensor]:
+    """``state`` as the full state a functional call of ``model`` needs: its own parameters
+    (frozen ones included) and buffers, and ``model``'s for the names it does not hold (a flat
+    vector holds parameters only; a state dict may omit frozen parameters and buffers)."""
+    template = _tensors_of(model)
+    if isinstance(state, nn.Module):
+        own = _tensors_of(state)
+    elif isinstance(state, Mapping):
+        own = {k: v for k, v in state.items() if k in template}
+    elif torch.is_tensor(state):
+        own = _flat_state(model, state)
+    else:
+        raise InfluxValueError(
+            "a state must be an nn.Module, a state dict or a flat tensor; got "
+            f"{type(state).__name__}"
+        )
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in own]
+    if missing:
+        raise InfluxValueError(
+            f"the state lacks parameters {missing[:5]}: every state must hold the model's "
+            "trainable parameters under their named_parameters() names"
+        )
+    wrong = [n for n, v in own.items() if v.shape != template[n].shape]
+    if wrong:
+        raise InfluxValueError(
+            f"the state's {wrong[:5]} differ in shape from the model's: the states must be the "
+            "model's architecture"
+        )
+    return {n: own.get(n, t).detach() for n, t in template.items()}
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for the duration (dropout off, BatchNorm on its running statistics, which then
+    stay as they are), each submodule's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _model_at(model: nn.Module, state: State) -> nn.Module:
+    """A private eval-mode copy of ``model`` holding ``state``'s parameters and buffers."""
+    full = _full_state(model, state)
+    copied = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, tensor in _tensors_of(copied).items():
+            tensor.copy_(full[name])
+    return copied
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,8 +410,9 @@ def _layer_matrix(factor: KroneckerFactors, named: Mapping[str, torch.Tensor]) -
 class FisherMetric:
     """The Fisher of a classifier's predictive distribution at one state, as a metric on shifts.
 
-    Build it with :func:`fisher`. ``apply(vector [P]) -> F vector`` over the parameters in
-    ``self.names`` (flat, ``named_parameters()`` order).
+    Build it with :func:`fisher`. ``apply(vector [P]) -> F vector`` over the trainable
+    parameters in ``self.names`` (flat, ``named_parameters()`` order). ``at_model`` is a private
+    eval-mode copy of the model holding all of ``at``'s state; the products are taken there.
     """
 
     def __init__(
@@ -350,20 +441,18 @@ class FisherMetric:
         self.inputs, self.targets = inputs, targets
         self.space = ParamSpace.of(model)
         self.names = list(self.space.names)
-        _, (theta,) = _as_pieces([at], space=self.space)
-        self.theta = torch.cat(theta)
+        # The Fisher at ``at``: a private eval-mode copy holds all of its state (frozen parameters
+        # and buffers included), so neither the template's values nor its mode leak in.
+        self.at_model = _model_at(model, at)
+        self.theta = self.space.current(self.at_model).to(torch.float64)
         self.excluded: tuple[str, ...] = ()
         if curvature != "exact":
-            self._fit_kronecker(at, seed)
+            self._fit_kronecker(seed)
 
     # -- K-FAC / EK-FAC --------------------------------------------------------------------------
 
-    def _fit_kronecker(self, at: State, seed: int) -> None:
-        # Factors at the state ``at``: a private copy of the model holds its parameters.
-        model = copy.deepcopy(self.model).eval()
-        with torch.no_grad():
-            for name, value in self.space.unflatten(self.theta).items():
-                model.get_parameter(name).copy_(value)
+    def _fit_kronecker(self, seed: int) -> None:
+        model = self.at_model
         generator = torch.Generator().manual_seed(seed)
         batches = [
             (x, _sampled_labels(model, x, generator))
@@ -388,7 +477,7 @@ class FisherMetric:
             warnings.warn(
                 f"K-FAC covers Linear/Conv layers only: parameters {list(self.excluded)[:5]} are "
                 "left out of the Fisher quantities; use curvature='exact' to include them",
-                stacklevel=3,
+                stacklevel=4,  # the user's call of fisher()
             )
 
     def _apply_kronecker(self, vector: torch.Tensor) -> torch.Tensor:
@@ -417,7 +506,7 @@ class FisherMetric:
         for x, y, *_ in iter_batches((self.inputs, self.targets), self.batch_size):
             # F of the mean over the probe set = size-weighted mean of the batch means.
             theta = self.theta.to(x.dtype)
-            product = ggn_vp(self.model, cross_entropy_per_example, (x, y), vectors.to(x.dtype),
+            product = ggn_vp(self.at_model, cross_entropy_per_example, (x, y), vectors.to(x.dtype),
                              theta=theta)  # fmt: skip
             total += product.to(torch.float64) * (x.shape[0] / n)
         return total
@@ -455,7 +544,8 @@ def fisher(
     probe's labels are not used except by K-FAC's shape checks). ``curvature``: ``"exact"``
     (matrix-free products), ``"kfac"`` or ``"ekfac"`` (Kronecker factors from labels sampled with
     ``seed``). ``at`` is normally the reference (clean) model, so that ``0.5 d^T F d`` approximates
-    ``KL(p_reference || p_{reference + d})``.
+    ``KL(p_reference || p_{reference + d})``; its frozen parameters and buffers are used with its
+    trainable ones, in eval mode (module docstring).
     """
     return FisherMetric(model, at, probe, curvature=curvature, batch_size=batch_size, seed=seed)
 
@@ -466,18 +556,26 @@ def fisher(
 
 
 def _log_probs(model: nn.Module, state: State, inputs: torch.Tensor, batch_size: int):
-    space = ParamSpace.of(model)
-    _, (pieces,) = _as_pieces([state], space=space)
-    named = space.unflatten(torch.cat(pieces).to(device=inputs.device, dtype=inputs.dtype))
-    buffers = dict(model.named_buffers())
+    """Eval-mode log-probabilities of ``model`` holding all of ``state`` (frozen parameters and
+    buffers included); ``model`` itself is left as it was, mode and buffers alike."""
+    full = {
+        name: t.to(device=inputs.device, dtype=_dtype_for(t, inputs))
+        for name, t in _full_state(model, state).items()
+    }
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(model):
         for start in range(0, inputs.shape[0], batch_size):
-            logits = torch.func.functional_call(
-                model, {**buffers, **named}, (inputs[start : start + batch_size],)
-            )
+            logits = torch.func.functional_call(model, full, (inputs[start : start + batch_size],))
             outs.append(torch.log_softmax(logits.to(torch.float64), dim=-1))
     return torch.cat(outs)
+
+
+def _dtype_for(tensor: torch.Tensor, inputs: torch.Tensor) -> torch.dtype:
+    # Floating state in the inputs' precision (a float64 state evaluates a float32 model's
+    # inputs); integer buffers, and the state of a model taking token ids, keep their dtype.
+    if tensor.is_floating_point() and inputs.is_floating_point():
+        return inputs.dtype
+    return tensor.dtype
 
 
 def predictive_kl(model: nn.Module, p: State, q: State, data, *, batch_size: int = 512) -> float:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +87,13 @@ def test_from_runs_rejects_bad_input():
     correct[1, 3] = float("nan")
     with pytest.raises(InfluxValueError, match=r"train examples \[3\]"):
         memorization.from_runs(torch.eye(2, 4, device="cpu"), correct)
+    # A NaN test run would make that test example's influence NaN without a word.
+    tests = torch.ones(2, 3, device="cpu")
+    tests[0, 1] = float("nan")
+    with pytest.raises(
+        InfluxValueError, match=r"test_correct holds NaN/inf for test examples \[1\]"
+    ):
+        memorization.from_runs(torch.eye(2, 4, device="cpu"), torch.ones(2, 4), test_correct=tests)
 
 
 # --- the ensemble estimator ----------------------------------------------------------------------
@@ -188,6 +199,9 @@ def test_estimate_rejects_bad_settings(digits_subset):
         memorization.estimate(
             lambda: torch.nn.Sequential(torch.nn.BatchNorm1d(3)), train_set, **common
         )
+    inputs, targets = train_set
+    with pytest.raises(InfluxValueError, match=r"integer class indices \[N\].*targets.long\(\)"):
+        memorization.estimate(_tiny_mlp, (inputs, targets.float()), **common)
 
 
 # --- proxies -------------------------------------------------------------------------------------
@@ -319,3 +333,130 @@ def test_compare_equals_scipy_and_a_direct_overlap():
     assert "| loss |" in table.to_markdown()
     again = memorization.compare(mem_with_gap, {"loss": noisy, "margin": anti}, k=20, n_boot=200)
     assert again.rows == table.rows  # the bootstrap is seeded
+
+
+# --- dropout: masks seeded per model -------------------------------------------------------------
+
+
+class _ReusedDropoutMLP(torch.nn.Module):
+    """One nn.Dropout module called twice per forward (a common hand-written pattern)."""
+
+    def __init__(self, d=6, width=16, classes=3, p=0.5):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, width), torch.nn.Linear(width, width)
+        self.out, self.drop = torch.nn.Linear(width, classes), torch.nn.Dropout(p)
+
+    def forward(self, x):
+        x = self.drop(torch.relu(self.fc1(x)))
+        return self.out(self.drop(torch.relu(self.fc2(x))))
+
+
+class _FunctionalDropoutMLP(_ReusedDropoutMLP):
+    def forward(self, x):
+        x = torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, self.training)
+        return self.out(torch.relu(self.fc2(x)))
+
+
+def test_seeded_dropout_is_dropout_with_the_given_noise():
+    x = torch.randn(4, 5, dtype=torch.float64, device="cpu")
+    noise = torch.rand(2 * 20, device="cpu")
+    module = memorization._SeededDropout(0.3)
+    module.noise = noise
+    first, second = module(x), module(2 * x)  # two calls read consecutive noise
+    keep = (noise >= 0.3).double().view(2, 4, 5)
+    # Same elementwise products: exact up to the rounding of 1 / 0.7.
+    assert_close(first, x * keep[0] / 0.7, rtol=1e-15, name="first call")
+    assert_close(second, 2 * x * keep[1] / 0.7, rtol=1e-15, name="second call")
+    assert torch.equal(module.eval()(x), x)
+
+
+def test_dropout_runs_do_not_depend_on_the_chunk():
+    inputs, targets = _fresh_batch(n=40)
+    batch = (inputs, targets)
+
+    def model_fn():
+        return _ReusedDropoutMLP().double()
+
+    masks = memorization.subset_masks(40, range(4), 0.5, seed=2)
+    recipe = dict(epochs=3, lr=0.05, batch_size=8, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nn.Dropout alone: nothing drawn from a shared stream
+        together = memorization.fit_ensemble(model_fn, batch, masks, **recipe)
+        pair = memorization.fit_ensemble(model_fn, batch, masks[2:], model_ids=[2, 3], **recipe)
+        alone = memorization.fit_ensemble(model_fn, batch, masks[2:3], model_ids=[2], **recipe)
+    for name, stacked in together.params.items():
+        # Batched vs single matmuls: float64 ulps amplified a little by Adam (as above); with
+        # chunk-dependent masks model 2 differed by 0.56 here.
+        assert_close(stacked[2:], pair.params[name], rtol=1e-9, name=name)
+        assert_close(stacked[2], alone.params[name][0], rtol=1e-9, name=name)
+    # Dropout is active: the same runs without it end elsewhere.
+    plain = memorization.fit_ensemble(
+        lambda: _ReusedDropoutMLP(p=0.0).double(), batch, masks, **recipe
+    )
+    assert not torch.allclose(plain.params["fc1.weight"], together.params["fc1.weight"])
+    setup = dict(n_models=4, subset_frac=0.5, epochs=2, lr=0.05, batch_size=8, seed=2)
+    with pytest.warns(UserWarning, match="never in"):
+        by_four = memorization.estimate(model_fn, batch, chunk=4, **setup)
+    with pytest.warns(UserWarning, match="never in"):
+        by_two = memorization.estimate(model_fn, batch, chunk=2, **setup)
+    _same_mem = torch.equal(by_four.mem.nan_to_num(9.0), by_two.mem.nan_to_num(9.0))
+    assert _same_mem, (by_four.mem, by_two.mem)
+
+
+def test_random_draws_outside_dropout_modules_are_warned():
+    inputs, targets = _fresh_batch(n=16)
+    masks = memorization.subset_masks(16, range(2), 0.5, seed=0)
+    with pytest.warns(UserWarning, match="outside nn.Dropout") as record:
+        memorization.fit_ensemble(
+            lambda: _FunctionalDropoutMLP().double(), (inputs, targets), masks, epochs=1,
+            lr=0.05, batch_size=4,
+        )  # fmt: skip
+    assert record[0].filename == __file__  # the warning points at the user's call
+
+
+# --- compare: ties at the top-k boundary ---------------------------------------------------------
+
+
+def _expected_overlap_by_enumeration(proxy, mem, k):
+    """Mean |top-k(proxy) ∩ top-k(mem)| / k over every order of the examples, each side's ties
+    broken by that order (a stable sort), the two orders independent."""
+    n = len(proxy)
+
+    def tops(values):
+        found = Counter()
+        for order in itertools.permutations(range(n)):
+            ranked = sorted(order, key=lambda i: -values[i])  # stable: ties keep `order`
+            found[frozenset(ranked[:k])] += 1
+        return found
+
+    tops_proxy, tops_mem = tops(proxy), tops(mem)
+    total = sum(cp * cm * len(a & b) for a, cp in tops_proxy.items() for b, cm in tops_mem.items())
+    return total / (sum(tops_proxy.values()) * sum(tops_mem.values()) * k)
+
+
+# Six examples: some bootstrap resamples are constant (their correlation undefined); only the
+# overlap is checked there.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:The BCa confidence interval")
+def test_compare_topk_overlap_shares_tied_places():
+    mem = np.array([1.0, 1.0, 1.0, 0.5, 0.0, 0.0])
+    proxy = np.array([6.0, 5.0, 1.0, 4.0, 4.0, 2.0])  # a tie of its own at the 3rd place
+    for k in (2, 3, 4):
+        table = memorization.compare(mem, {"loss": proxy}, k=k, n_boot=10)
+        # Fractions of at most 720^2 counts: exact up to float64 rounding.
+        assert table.rows[0]["topk_overlap"] == pytest.approx(
+            _expected_overlap_by_enumeration(proxy, mem, k), rel=1e-12
+        ), k
+    # k = 2 by hand: three examples tied at 1 share two places, 2/3 each; the proxy's top two
+    # are examples 0 and 1, so the overlap is (2/3 + 2/3) / 2.
+    assert memorization.compare(mem, {"loss": proxy}, k=2, n_boot=10).rows[0][
+        "topk_overlap"
+    ] == pytest.approx(2 / 3, rel=1e-15)
+    # Memorization estimates take few values: the overlap must not depend on example order.
+    rng = np.random.default_rng(0)
+    many = np.round(rng.random(300) * 10) / 10
+    noisy = many + rng.normal(0, 0.3, 300)
+    order = rng.permutation(300)
+    first = memorization.compare(many, {"loss": noisy}, n_boot=10).rows[0]["topk_overlap"]
+    again = memorization.compare(many[order], {"loss": noisy[order]}, n_boot=10)
+    assert again.rows[0]["topk_overlap"] == pytest.approx(first, rel=1e-12)

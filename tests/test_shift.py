@@ -266,8 +266,9 @@ def test_kronecker_products_use_the_layer_layout(curvature):
     model = cnn(1, 3, width=4).double().eval()
     x = torch.randn(5, 1, 6, 6, dtype=torch.float64, device="cpu")
     y = torch.randint(0, 3, (5,), device="cpu")
-    with pytest.warns(UserWarning, match="K-FAC covers Linear/Conv layers only"):
+    with pytest.warns(UserWarning, match="K-FAC covers Linear/Conv layers only") as record:
         metric = shift.fisher(model, model, (x, y), curvature=curvature)
+    assert record[0].filename == __file__  # the warning points at the user's call
     grads = per_sample_grads(model, cross_entropy_per_example, x, y)
     captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
     for name, factor in metric.factors.items():
@@ -348,3 +349,109 @@ def test_bad_input():
         shift.fisher(model, model, (torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, 2)))
     with pytest.raises(InfluxValueError, match="kept no states"):
         shift.trajectory(model, model, model, unlearn.UnlearnResult(model, "x", 0, 0, 0, {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Each state's own frozen parameters and buffers; eval mode; the model left alone
+# --------------------------------------------------------------------------------------------------
+
+
+def _batchnorm_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _hand_kl(p: nn.Module, q: nn.Module, x: torch.Tensor) -> float:
+    """KL(p || q) of two eval-mode copies, by direct forward passes."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(copy.deepcopy(p).eval()(x), -1)
+        log_q = torch.log_softmax(copy.deepcopy(q).eval()(x), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def _frozen_and_buffer_shift():
+    """A model with a frozen first layer and BatchNorm, and a copy differing only there."""
+    reference = _batchnorm_mlp()
+    reference[0].weight.requires_grad_(False)
+    shifted = copy.deepcopy(reference)
+    generator = torch.Generator(device="cpu").manual_seed(9)
+    with torch.no_grad():
+        shifted[0].weight.add_(0.3 * torch.randn(7, 5, generator=generator, dtype=torch.float64))
+        shifted[1].running_mean.add_(1.0)
+        shifted[1].running_var.mul_(3.0)
+    return reference, shifted
+
+
+def test_predictions_use_each_states_frozen_parameters_and_buffers():
+    reference, shifted = _frozen_and_buffer_shift()
+    probe = _probe(40, 3)
+    expected = _hand_kl(reference, shifted, probe[0])
+    assert expected > 0.01  # the frozen weight and the running statistics move the predictions
+    every_param = torch.cat([p.detach().reshape(-1) for p in shifted.parameters()])
+    for name, state in [("model", shifted), ("state dict", shifted.state_dict())]:
+        # The same float64 forward passes: round-off only.
+        got = shift.predictive_kl(reference, reference, state, probe)
+        assert got == pytest.approx(expected, rel=1e-12), name
+    # A flat vector holds parameters only: the buffers are the template's.
+    buffers_kept = copy.deepcopy(shifted)
+    buffers_kept[1].load_state_dict(reference[1].state_dict())
+    got = shift.predictive_kl(reference, reference, every_param, probe)
+    assert got == pytest.approx(_hand_kl(reference, buffers_kept, probe[0]), rel=1e-12)
+    report = shift.analyze(reference, reference, shifted, shifted, {"probe": probe})
+    assert report.kl["probe"]["reference||poisoned"] == pytest.approx(expected, rel=1e-12)
+    assert report.kl["probe"]["poisoned||unlearned"] == 0.0
+    # Euclidean quantities count the frozen weight; the Fisher ones the trainable parameters.
+    frozen_shift = (shifted[0].weight - reference[0].weight).norm().item()
+    assert report.euclidean.poison_norm == pytest.approx(frozen_shift, rel=1e-12)
+    metric = shift.fisher(reference, reference, probe)
+    assert metric.decompose(reference, shifted, shifted).kl_poison == 0.0
+
+
+def test_predictions_run_in_eval_mode_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.5), nn.Linear(7, 3)).double()
+    dropout[1].eval()  # a mixed mode, to be restored as it was
+    probe = _probe(30, 4)
+    # Dropout in train mode would make a model differ from itself.
+    assert shift.predictive_kl(dropout, dropout, dropout, probe) == 0.0
+    with torch.no_grad():
+        log_p = torch.log_softmax(copy.deepcopy(dropout).eval()(probe[0]), -1)
+    by_hand = float(-(log_p.exp() * log_p).sum(-1).mean())
+    assert shift.predictive_entropy(dropout, dropout, probe) == pytest.approx(by_hand, rel=1e-12)
+    assert [m.training for m in dropout] == [True, False, True, True]
+
+    reference, shifted = _frozen_and_buffer_shift()  # both in train mode
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    expected = _hand_kl(reference, shifted, probe[0])
+    assert shift.predictive_kl(reference, reference, shifted, probe) == pytest.approx(
+        expected, rel=1e-12
+    )
+    shift.analyze(reference, reference, shifted, shifted, {"probe": probe},
+                  metric=shift.fisher(reference, reference, probe))  # fmt: skip
+    # Running statistics and num_batches_tracked untouched, train mode kept.
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(m.training for m in reference.modules())
+
+
+def test_fisher_is_taken_at_the_states_own_frozen_parameters_and_buffers():
+    reference, shifted = _frozen_and_buffer_shift()  # the template stays in train mode
+    probe = _probe(40, 5)
+    metric = shift.fisher(reference, shifted, probe, batch_size=16)
+    # Dense F by hand at the shifted model in eval mode: a Jacobian over its trainable
+    # parameters, with its own frozen weight and running statistics.
+    at = copy.deepcopy(shifted).eval()
+    space = ParamSpace.of(at)
+
+    def logits(t):
+        return functional_call(at, space.unflatten(t), (probe[0],))
+
+    theta = space.current(at)
+    jac = jacrev(logits)(theta)
+    p = torch.softmax(logits(theta), -1).detach()
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    dense = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / probe[0].shape[0]
+    v = torch.randn(2, space.size, dtype=torch.float64, device="cpu")
+    # Matrix-free products vs an explicit Jacobian contraction: round-off only.
+    assert_close(metric.apply(v), v @ dense, rtol=1e-10, name="F v at the state")
+    assert reference.training and metric.names == list(space.names)
