@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import io
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
 def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
     """influx.tails' maximum-likelihood fits of ``values`` (no bootstrap), or None.
 
-    Returns ``{"fits": [(name, frozen scipy law, AIC)] best first, "best": name, "hill": alpha}``;
+    Returns ``{"fits": [(name, frozen scipy law, AIC)] best first (degenerate fits left out), "best": name, "hill": alpha}``;
     None when influx.tails is not installed or cannot fit these values (e.g. all equal), in
     which case the report shows the plain histogram.
     """
@@ -84,10 +85,14 @@ def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
     except ModuleNotFoundError:
         return None
     try:
-        fitted = tails.fit(values, bootstrap=0)
+        with warnings.catch_warnings():
+            # tied scores (memorization) collapse a t / Cauchy fit: it is left out below, and
+            # the report need not warn about it
+            warnings.simplefilter("ignore", UserWarning)
+            fitted = tails.fit(values, bootstrap=0)
     except InfluxValueError:
         return None
-    fits = sorted(fitted.fits.values(), key=lambda f: f.aic)
+    fits = sorted((f for f in fitted.fits.values() if not f.degenerate), key=lambda f: f.aic)
     return {
         "fits": [(f.name, f.dist, f.aic) for f in fits],
         "best": fitted.best,
