@@ -76,12 +76,35 @@ def _check_pair(data: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+def _check_indices(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """One distinct dataset index per example: scores are aligned to them, so a missing, extra
+    or repeated index would put a score in the wrong place (or two in one)."""
+    if indices.dim() != 1 or indices.shape[0] != count:
+        raise InfluxValueError(
+            f"the dataset indices must be one per example, shape [{count}]; got shape "
+            f"{tuple(indices.shape)}: pass (inputs, targets, indices) with indices[i] the "
+            "dataset index of inputs[i]"
+        )
+    unique, counts = torch.unique(indices, return_counts=True)
+    if unique.numel() != count:
+        repeated = unique[counts > 1]
+        raise InfluxValueError(
+            f"the dataset indices must be distinct; {repeated.numel()} repeat (e.g. "
+            f"{repeated[:5].tolist()}): give each example its own index (positions 0..N-1 when "
+            "the data has none)"
+        )
+    return indices
+
+
 def as_tensors(data) -> Batch:
-    """Return ``(inputs, targets, indices)`` holding the whole of ``data`` in memory."""
+    """Return ``(inputs, targets, indices)`` holding the whole of ``data`` in memory.
+
+    Refused: indices that are not one distinct index per example.
+    """
     if isinstance(data, (tuple, list)):
         inputs, targets = _check_pair(data)
         if len(data) == 3:
-            indices = _tensor(data[2], torch.long)
+            indices = _check_indices(_tensor(data[2], torch.long), inputs.shape[0])
         else:
             indices = torch.arange(inputs.shape[0], device="cpu")
         return inputs, targets, indices
@@ -89,7 +112,8 @@ def as_tensors(data) -> Batch:
         batches = list(iter_batches(data, batch_size=1024))
         if not batches:
             raise InfluxValueError("the dataset is empty")
-        return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))  # type: ignore[return-value]
+        inputs, targets, indices = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        return inputs, targets, _check_indices(indices, inputs.shape[0])
     raise InfluxValueError(
         f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
     )

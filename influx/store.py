@@ -8,14 +8,17 @@ A store is a folder::
 
 Every file is written atomically (temporary file, fsync, ``os.replace``, fsync of the folder), so
 a process killed at any point leaves each file either whole or absent. A shard counts as present
-only when its record exists and matches its bytes: a shard written without its record (killed in
-between), truncated, edited or copied over another is reported and treated as missing, so the
-caller recomputes it instead of trusting it. Each shard has its own record, so several processes
-(torchrun ranks) may write disjoint shards into one store at the same time; only one of them
-writes the manifest.
+only when its record exists and matches its bytes, and, once :meth:`ShardStore.finalize` has
+listed it in the manifest, when it also matches the manifest's checksum: a shard written without
+its record (killed in between), truncated, edited, copied over another, or copied in with its
+record from another store is reported and treated as missing, so the caller recomputes it
+instead of trusting it. Each shard has its own record, so several processes (torchrun ranks) may
+write disjoint shards into one store at the same time; only one of them writes the manifest.
 
 :meth:`ShardStore.open` refuses a folder whose manifest holds another fingerprint (unless told to
-start over): results of different settings are never mixed.
+start over): results of different settings are never mixed. It only ever deletes files a store
+writes (manifest, shards with their records, temporary files), and refuses a non-empty folder
+that holds no store, so pointing it at the wrong folder costs nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,13 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 _RECORD_SUFFIX = ".sha256"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# What atomic_write_bytes leaves behind when its process is killed: ".<name>.<pid>.tmp".
+_TEMPORARY = re.compile(r"^\..+\.[0-9]+\.tmp$")
 
 __all__ = [
     "ShardStore",
     "StoreMismatchError",
+    "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
     "sha256_bytes",
@@ -88,6 +93,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
+def atomic_replace(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished file ``written`` over ``path`` for good: fsync it, rename it, fsync the
+    folder (for files too large to hold in memory, which :func:`atomic_write_bytes` needs)."""
+    with open(written, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(written, path)
+    _fsync_folder(Path(path).parent)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -115,13 +129,15 @@ class ShardStore:
     """A folder of checksummed ``.npy`` shards; see the module docstring for the layout.
 
     ``rejected`` collects ``(name, reason)`` for every shard found damaged (and removed) by
-    :meth:`read`, so the caller can say what it recomputes.
+    :meth:`read`, so the caller can say what it recomputes. ``listed`` maps the shards the
+    manifest lists to their checksums.
     """
 
     root: Path
     fingerprint: str
     meta: dict[str, Any] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    listed: dict[str, str] = field(default_factory=dict)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -138,24 +154,31 @@ class ShardStore:
 
         A manifest with the same fingerprint is adopted with its shards (a resume). Another
         fingerprint raises :class:`StoreMismatchError` naming the differing ``meta`` entries,
-        unless ``overwrite`` (then every shard is removed first). Leftover temporary files of a
-        killed writer are removed. Call it from one process, then :meth:`attach` from the others.
+        unless ``overwrite`` (then the store's files are removed first). A folder without a
+        valid manifest is started afresh when it holds nothing but a store's files (shards
+        without a manifest belong to no known run: they are never adopted), and refused when it
+        holds anything else, a damaged manifest included. Leftover temporary files of a killed writer are removed. Files a
+        store does not write are never touched. Call it from one process, then :meth:`attach`
+        from the others.
         """
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise InfluxValueError(f"the store {root} is a file: point it at a folder")
         root.mkdir(parents=True, exist_ok=True)
         meta = dict(meta or {})
         previous = cls._read_manifest(root)
-        if previous is not None and previous.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise cls._mismatch(root, previous.get("meta", {}), meta)
-            cls._remove_all(root)
-        elif previous is None:
-            # Shards without a manifest belong to no known run: never adopt them.
-            cls._remove_all(root)
-        for stale in root.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        store = cls(root, fingerprint, meta)
-        if previous is None or previous.get("fingerprint") != fingerprint:
+        adopted = previous is not None and previous.get("fingerprint") == fingerprint
+        if previous is None:
+            cls._refuse_foreign(root)
+        elif not adopted and not overwrite:
+            raise cls._mismatch(root, previous.get("meta", {}), meta)
+        if not adopted:
+            cls._remove_own(root)
+        for stale in root.iterdir():
+            if _TEMPORARY.match(stale.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
+        store = cls(root, fingerprint, meta, listed=_listed(previous) if adopted else {})
+        if not adopted:
             store._write_manifest(shards={})
         return store
 
@@ -169,7 +192,7 @@ class ShardStore:
                 f"the store {root} does not hold this run (fingerprint {fingerprint}); another "
                 "process changed it. Run one influx-score per output folder at a time."
             )
-        return cls(root, fingerprint, previous.get("meta", {}))
+        return cls(root, fingerprint, previous.get("meta", {}), listed=_listed(previous))
 
     @staticmethod
     def _read_manifest(root: Path) -> dict[str, Any] | None:
@@ -181,7 +204,9 @@ class ShardStore:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             # A manifest is written atomically: an unreadable one was damaged outside influx.
             return None
-        return manifest if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            return None
+        return manifest if isinstance(manifest.get("fingerprint"), str) else None
 
     @staticmethod
     def _mismatch(root: Path, stored: dict, new: dict) -> StoreMismatchError:
@@ -195,12 +220,43 @@ class ShardStore:
         )
 
     @staticmethod
-    def _remove_all(root: Path) -> None:
-        for path in root.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    def _own_files(root: Path) -> tuple[list[Path], list[Path]]:
+        """(files a store writes, everything else) in ``root``, the manifest left out: records,
+        shards with a record and temporary files are a store's."""
+        own, foreign = [], []
+        for path in sorted(root.iterdir()):
+            name = path.name
+            if name == MANIFEST:
+                continue
+            recorded = (root / (name + _RECORD_SUFFIX)).is_file()
+            is_record = name.endswith(_RECORD_SUFFIX) and _NAME.match(name)
+            ours = is_record or recorded or _TEMPORARY.match(name)
+            (own if ours and path.is_file() else foreign).append(path)
+        return own, foreign
+
+    @classmethod
+    def _refuse_foreign(cls, root: Path) -> None:
+        """Refuse a folder without a valid manifest that holds files a store does not write
+        (a damaged manifest included: it is written atomically, so something else changed it)."""
+        _, foreign = cls._own_files(root)
+        if (root / MANIFEST).exists():
+            foreign.insert(0, root / MANIFEST)
+        if foreign:
+            shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign[:5])
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise InfluxValueError(
+                f"{root} is not empty and holds no influx store ({MANIFEST} missing or damaged; "
+                f"found {shown}{more}): point the store at an empty or new folder, or move "
+                "those files away"
+            )
+
+    @classmethod
+    def _remove_own(cls, root: Path) -> None:
+        """Remove the files a store writes (a previous run's), and nothing else; the manifest
+        is rewritten next."""
+        own, _ = cls._own_files(root)
+        for path in own:
+            path.unlink(missing_ok=True)
 
     def _write_manifest(self, shards: dict[str, str]) -> None:
         manifest = {
@@ -230,6 +286,9 @@ class ShardStore:
         digest = sha256_bytes(data)
         atomic_write_bytes(self.path(name), data)
         atomic_write_text(self._record(name), digest + "\n")
+        if name in self.listed:
+            # Rewritten by this run: the manifest's checksum is stale until finalize.
+            self.listed[name] = digest
         return digest
 
     def get_bytes(self, name: str) -> bytes | None:
@@ -254,6 +313,11 @@ class ShardStore:
                 reason = "its checksum record is missing (written when the run was stopped)"
             elif sha256_bytes(data) != expected:
                 reason = "checksum mismatch (the file was changed or damaged)"
+            elif self.listed.get(name, expected) != expected:
+                reason = (
+                    "its checksum differs from the one the manifest lists (the file and its "
+                    "record were replaced after the run was finalized)"
+                )
         if reason is not None:
             self.reject(name, reason)
             return None
@@ -297,3 +361,9 @@ class ShardStore:
                 raise InfluxRuntimeError(f"shard {self.path(name)} vanished before the merge")
             shards[name] = digest
         self._write_manifest(shards)
+        self.listed = dict(shards)
+
+
+def _listed(manifest: dict[str, Any]) -> dict[str, str]:
+    shards = manifest.get("shards")
+    return dict(shards) if isinstance(shards, dict) else {}

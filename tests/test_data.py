@@ -290,3 +290,32 @@ def test_stratified_split_is_exact_disjoint_and_seeded():
     assert np.bincount(labels[test]).tolist() == [6, 3, 2]
     assert np.array_equal(data.stratified_split(labels, 11, seed=0)[1], test)
     assert not np.array_equal(data.stratified_split(labels, 11, seed=1)[1], test)
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset indices
+# ------------------------------------------------------------------------------------------------
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, indices):
+        self.indices = indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        return torch.zeros(2), 0, self.indices[position]
+
+
+def test_indices_must_be_one_distinct_index_per_example():
+    inputs, targets = torch.randn(4, 3), torch.arange(4)
+    kept = data.as_tensors((inputs, targets, [7, 3, 9, 1]))[2]
+    assert torch.equal(kept, torch.tensor([7, 3, 9, 1]))
+    for indices in (torch.arange(7), torch.arange(2), torch.arange(4).view(2, 2)):
+        with pytest.raises(InfluxValueError, match=r"one per example, shape \[4\]"):
+            data.as_tensors((inputs, targets, indices))
+    with pytest.raises(InfluxValueError, match=r"must be distinct; 1 repeat \(e.g. \[3\]\)"):
+        data.as_tensors((inputs, targets, [3, 1, 3, 0]))
+    with pytest.raises(InfluxValueError, match=r"must be distinct; 1 repeat \(e.g. \[5\]\)"):
+        data.as_tensors(_Indexed([5, 5, 6]))

@@ -285,3 +285,19 @@ def test_lds_uses_the_scores_sign_and_refuses_nan():
     constant = SubsetModels(masks, torch.ones(6, 4, dtype=torch.float64))
     with pytest.raises(InfluxValueError, match="no query has a rank correlation"):
         lds(scores, constant)
+
+
+@pytest.mark.parametrize("method", ["exact", "ekfac", "grad_dot"])
+def test_queries_the_model_cannot_run_are_named_before_scoring(method):
+    model = mlp()
+    train = (torch.randn(6, 4, dtype=torch.float64), torch.randint(3, (6,)))
+    fitted = influence.fit(model, ce, train, method=method, **FAST_OPTIONS[method])
+    float32_queries = (torch.randn(2, 4), torch.randint(3, (2,)))
+    with pytest.raises(InfluxValueError, match=r"inputs\.to\(torch\.float64\)"):
+        fitted.scores(float32_queries)
+    wrong_shape = (torch.randn(2, 7, dtype=torch.float64), torch.randint(3, (2,)))
+    with pytest.raises(InfluxValueError, match=r"one example, of shape \(7,\)"):
+        fitted.scores(wrong_shape)
+    for top_k in (0, 2.5, True):
+        with pytest.raises(InfluxValueError, match="top_k must be a positive integer"):
+            fitted.scores(train, dense=False, top_k=top_k)

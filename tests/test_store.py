@@ -80,10 +80,56 @@ def test_other_fingerprint_is_refused_with_the_differences(tmp_path):
 
 
 def test_shards_without_a_manifest_are_never_adopted(tmp_path):
-    (tmp_path / "a.npy").write_bytes(store.array_bytes(table(0, 5)))
+    shards = store.ShardStore.open(tmp_path, "abc")
+    shards.write("a.npy", table(0, 5))
+    (tmp_path / "manifest.json").unlink()
     (tmp_path / ".a.npy.123.tmp").write_bytes(b"half")
-    store.ShardStore.open(tmp_path, "abc")
+    assert store.ShardStore.open(tmp_path, "abc").read("a.npy") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_folder_that_holds_no_store_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r.txt").write_text("mine too")
+    (tmp_path / "a.npy").write_bytes(b"no record")
+    (tmp_path / "b.npy.sha256").write_text("0" * 64)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(InfluxValueError, match=r"is not empty and holds no influx store") as info:
+        store.ShardStore.open(tmp_path, "abc")
+    assert str(tmp_path) in str(info.value) and "a.npy, notes.txt, runs/" in str(info.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "manifest.json").write_text("{not json")  # damaged outside influx
+    with pytest.raises(InfluxValueError, match=r"manifest.json missing or damaged; found manifest"):
+        store.ShardStore.open(tmp_path, "abc")
+
+
+def test_overwrite_removes_the_store_files_only(tmp_path):
+    shards = store.ShardStore.open(tmp_path, "one")
+    shards.write("a.npy", table(0, 5))
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    store.ShardStore.open(tmp_path, "two", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.txt", "runs"]
+
+
+def test_a_shard_copied_in_with_its_record_from_another_store_is_refused(tmp_path):
+    ours = store.ShardStore.open(tmp_path / "ours", "abc")
+    ours.write("a.npy", table(0, 5))
+    ours.finalize(["a.npy"])
+    theirs = store.ShardStore.open(tmp_path / "theirs", "xyz")
+    theirs.write("a.npy", table(100, 105))
+    for suffix in ("", ".sha256"):
+        copied = (tmp_path / "theirs" / f"a.npy{suffix}").read_bytes()
+        (tmp_path / "ours" / f"a.npy{suffix}").write_bytes(copied)
+    resumed = store.ShardStore.open(tmp_path / "ours", "abc")
+    assert resumed.read("a.npy") is None
+    assert resumed.rejected == [
+        ("a.npy", "its checksum differs from the one the manifest lists (the file and its "
+         "record were replaced after the run was finalized)")
+    ]  # fmt: skip
+    resumed.write("a.npy", table(0, 5))  # recomputed: this run's bytes are read back
+    assert np.array_equal(resumed.read("a.npy"), table(0, 5))
 
 
 def test_attach_checks_the_fingerprint_and_finalize_lists_checksums(tmp_path):

@@ -14,7 +14,7 @@ grad l(z)``. TracIn ``(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')``. 
 
 from influx.influence.api import METHODS, Influence, describe, fit
 from influx.influence.factors_io import load
-from influx.influence.scores import Scores, TopK
+from influx.influence.scores import Scores, TopK, read_stored
 
 __all__ = [
     "METHODS",
@@ -26,6 +26,7 @@ __all__ = [
     "lds",
     "load",
     "mislabel_auc",
+    "read_stored",
     "retrain_ground_truth",
     "strongest_pairs",
 ]

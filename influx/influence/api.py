@@ -40,7 +40,7 @@ from influx.grads.common import (
     select_parameters,
 )
 from influx.influence.base import Estimator, default_batch_size, options_with_batch_size
-from influx.influence.scores import Scores, TrainBlock, stream_scores
+from influx.influence.scores import Scores, TrainBlock, check_top_k, stream_scores
 
 # Train features are kept in memory after the first pass when they fit in this many bytes.
 CACHE_BYTES = 1 << 30
@@ -100,9 +100,29 @@ def check_data(model: nn.Module, loss_fn, data, what: str, *, batch_size: int) -
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             stop = start + batch_size
-            losses = loss_fn(model(inputs[start:stop]), targets[start:stop])
+            try:
+                outputs = model(inputs[start:stop])
+            except RuntimeError as error:
+                raise InfluxValueError(
+                    f"the model fails on the {what} inputs: {error}; {_input_hint(model, inputs)}"
+                ) from error
+            losses = loss_fn(outputs, targets[start:stop])
             check_per_example_losses(losses, inputs[start:stop].shape[0])
             check_finite(losses, f"{what} losses", indices=indices[start:stop])
+
+
+def _input_hint(model: nn.Module, inputs: torch.Tensor) -> str:
+    """What to check when the model's forward fails on inputs that passed every other check."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if inputs.is_floating_point() and dtype is not None and inputs.dtype != dtype:
+        return (
+            f"the inputs are {inputs.dtype} and the model's parameters {dtype}: cast one to the "
+            f"other (inputs.to({dtype}) or model.to({inputs.dtype}))"
+        )
+    return (
+        f"check that one example, of shape {tuple(inputs.shape[1:])}, has the shape the model "
+        "was built for"
+    )
 
 
 class Influence:
@@ -253,6 +273,7 @@ class Influence:
         ``per_layer=True`` adds each layer's share (the shares sum to the total). Everything but
         the stored file stays on the device of the model and data.
         """
+        check_top_k(top_k)
         preconditioned, query_indices = self._preconditioned_queries(query)
         num_train = self.train_indices.numel() if train is None else as_tensors(train)[0].shape[0]
         return stream_scores(

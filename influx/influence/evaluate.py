@@ -5,15 +5,16 @@
   ``-sign * sum_{i in S_j} score(q, i)`` (higher = larger predicted loss), and report the Spearman
   correlation with the measured losses across subsets, averaged over queries, with a bootstrap
   interval over queries.
-* :func:`mislabel_auc` — rank train points by self-influence; AUC of finding the flipped labels and
-  the fraction of them found among the top k.
+* :func:`mislabel_auc` — rank train points by self-influence; AUC of finding the flipped labels
+  (given by dataset index) and the fraction of them found among the top k.
 * :func:`retrain_ground_truth` — upweight a train point by eps in the mean loss, warm-start retrain
   and measure the change of each query loss; I_up,loss predicts ``eps * I_up,loss``.
   :func:`strongest_pairs` picks the (query, train) pairs to retrain for.
 * :func:`agreement` — Spearman (pooled and per query) and top-k overlap between two score matrices.
 
 The subset and retrain models are trained together as one vmapped ensemble (``torch.func``) with
-full-batch Adam on per-model example weights, so m models cost about one batched run.
+full-batch Adam on per-model example weights, so m models cost about one batched run. Data
+arguments follow the package convention: a tuple ``(inputs, targets[, indices])`` or a Dataset.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, vmap
 
+from influx.data import as_tensors
 from influx.errors import InfluxValueError
 from influx.grads.common import LossFn, check_finite
 from influx.train import train_ensemble
@@ -40,8 +42,8 @@ from influx.train import train_ensemble
 def ensemble_losses(
     model: nn.Module, loss_fn: LossFn, stacked: Mapping[str, torch.Tensor], data
 ) -> torch.Tensor:
-    """Per-example losses of every ensemble member on ``data``: [K, M]."""
-    inputs, targets = data[0], data[1]
+    """Per-example losses of every ensemble member on ``data`` (any data argument): [K, M]."""
+    inputs, targets, _ = as_tensors(data)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def losses(params):
@@ -133,14 +135,16 @@ def train_subset_models(
     init: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> SubsetModels:
-    """Train ``num_subsets`` models on random subsets (full-batch Adam, shared ``init``)."""
+    """Train ``num_subsets`` models on random subsets (full-batch Adam, shared ``init``).
+
+    ``masks`` [m, N] are over the positions of ``train`` (the columns of a score matrix)."""
     if num_subsets < 2:
         raise InfluxValueError(
             f"num_subsets must be >= 2 for a rank correlation; got {num_subsets}"
         )
     if not 0 < fraction < 1:
         raise InfluxValueError(f"fraction must be in (0, 1); got {fraction}")
-    inputs, targets = train[0], train[1]
+    inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]
     size = round(fraction * n)
     # Subsets drawn on a CPU generator (the same on every device), the masks on the data's device.
@@ -246,8 +250,49 @@ class MislabelResult:
         )
 
 
-def mislabel_auc(scores: torch.Tensor, flipped: torch.Tensor) -> MislabelResult:
-    """Rank train points by ``scores`` [N] (e.g. self-influence); ``flipped`` the flipped indices."""
+def _flipped_positions(flipped, indices, size: int) -> torch.Tensor:
+    """Positions in the scores [size] of the dataset indices ``flipped``; each must be one of
+    ``indices`` (the dataset index of every score; default positions 0..size-1)."""
+    if size == 0:
+        raise InfluxValueError("scores are empty: pass one score per train example")
+    flipped = torch.as_tensor(flipped, device="cpu")
+    if flipped.dtype == torch.bool or flipped.is_floating_point() or flipped.is_complex():
+        raise InfluxValueError(
+            f"flipped must hold dataset indices (integers); got dtype {flipped.dtype}: for a "
+            "mask over the examples pass mask.nonzero().flatten()"
+        )
+    flipped = flipped.flatten().long()
+    indices_given = indices
+    if indices is None:
+        indices = torch.arange(size, device="cpu")
+    indices = torch.as_tensor(indices, device="cpu").flatten().long()
+    if indices.numel() != size or torch.unique(indices).numel() != size:
+        raise InfluxValueError(
+            f"indices must hold the {size} distinct dataset indices of the scores; got "
+            f"{indices.numel()} ({torch.unique(indices).numel()} distinct)"
+        )
+    ordered, order = indices.sort()
+    at = torch.searchsorted(ordered, flipped).clamp_max(size - 1)
+    unknown = flipped[ordered[at] != flipped]
+    if unknown.numel():
+        known = f"0..{size - 1}" if indices_given is None else "those of indices="
+        raise InfluxValueError(
+            f"flipped holds {unknown.numel()} index(es) that no score has, e.g. "
+            f"{unknown[:5].tolist()}: flipped takes dataset indices ({known}; a negative "
+            "position is not one)"
+        )
+    return order[at]
+
+
+def mislabel_auc(scores: torch.Tensor, flipped, *, indices=None) -> MislabelResult:
+    """Rank train points by ``scores`` [N] (e.g. self-influence); AUC of the flipped labels.
+
+    ``flipped`` holds the *dataset indices* of the flipped examples (``dataset.flipped`` of
+    :func:`influx.data.flip_labels`), like every index in influx. ``indices`` [N] gives the
+    dataset index of each score (``fitted.train_indices`` of the fit, ``Scores.train_indices``);
+    default the positions 0..N-1, which they are for data that carries no indices. An index
+    that no score has (a negative one included) is refused.
+    """
     from sklearn.metrics import roc_auc_score
 
     scores = torch.as_tensor(scores, device="cpu").detach().double().numpy()
@@ -256,7 +301,7 @@ def mislabel_auc(scores: torch.Tensor, flipped: torch.Tensor) -> MislabelResult:
             f"scores of examples {np.flatnonzero(~np.isfinite(scores))[:10].tolist()} are NaN/inf"
         )
     labels = np.zeros(scores.size, dtype=bool)
-    labels[torch.as_tensor(flipped, device="cpu").numpy()] = True
+    labels[_flipped_positions(flipped, indices, scores.size).numpy()] = True
     if labels.all() or not labels.any():
         raise InfluxValueError("flipped must hold some but not all train indices")
     order = np.argsort(-scores, kind="stable")
@@ -326,13 +371,14 @@ def retrain_ground_truth(
     steps: int = 300,
     lr: float = 1e-3,
 ) -> RetrainResult:
-    """Upweight each distinct train point of ``pairs`` [P, 2] (query index, train index) and retrain.
+    """Upweight each distinct train point of ``pairs`` [P, 2] and retrain.
 
-    Every run starts from the model's parameters (warm start) and runs ``steps`` full-batch Adam
+    ``pairs`` holds (query position, train position): a row and a column of the score matrix, as
+    :func:`strongest_pairs` gives them. Every run starts from the model's parameters (warm start) and runs ``steps`` full-batch Adam
     steps on ``(1/N) sum_i l_i + epsilon * l_z``; a run with epsilon = 0 is the baseline, so drift
     from an imperfectly converged model cancels. Default epsilon: -1/N (leave z out).
     """
-    inputs, targets = train[0], train[1]
+    inputs, targets, _ = as_tensors(train)
     n = inputs.shape[0]
     epsilon = -1.0 / n if epsilon is None else float(epsilon)
     pairs = torch.as_tensor(pairs, dtype=torch.long, device=inputs.device)

@@ -15,6 +15,7 @@ memory, in the same dtype (bfloat16 / float16 scores are stored as float32, whic
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from influx.errors import InfluxValueError
 from influx.influence.base import FeatureLayout
 from influx.kernels import TopK as KernelTopK
 from influx.kernels import merge_topk, score_topk
+from influx.store import atomic_replace, atomic_write_text
 
 
 @dataclass(frozen=True, repr=False)
@@ -113,42 +115,117 @@ class _Dense:
         self.values[:, start:stop] = slab
 
 
-class _Stored:
-    """A ``.npy`` memmap [Q, N] in the scores' dtype, and a ``.json`` manifest next to it."""
+STORED_FORMAT = "influx.scores/1"
 
-    def __init__(self, path: str | Path, queries: torch.Tensor, num_train: int):
+
+def _check_store_path(path: Path) -> None:
+    if path.suffix != ".npy":
+        raise InfluxValueError(
+            f"store= must name a .npy file (the matrix; its manifest goes next to it as "
+            f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
+        )
+
+
+class _Stored:
+    """A ``.npy`` memmap [Q, N] in the scores' dtype, and a ``.json`` manifest next to it.
+
+    A stored matrix never looks complete before it is: first the manifest is replaced by one
+    marked ``"complete": false`` and a previous matrix removed, then the matrix is written under
+    a temporary name and renamed into place when whole, and only then is the manifest marked
+    complete. An interrupted run leaves an incomplete manifest, which :func:`read_stored` refuses.
+    """
+
+    def __init__(self, path: str | Path, queries: torch.Tensor, num_train: int, method, sign):
         path = Path(path)
-        if path.suffix != ".npy":
-            raise InfluxValueError(
-                f"store= must name a .npy file (the matrix; its manifest goes next to it as "
-                f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
-            )
-        self.path = path
+        _check_store_path(path)
+        self.path, self.manifest_path = path, path.with_suffix(".json")
         dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
         self.dtype = dtype
+        self.manifest = {
+            "format": STORED_FORMAT,
+            "complete": False,
+            "method": method,
+            "shape": [queries.shape[0], num_train],
+            "dtype": "float64" if dtype == torch.float64 else "float32",
+            "sign": sign,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.manifest_path, json.dumps(self.manifest))
+        path.unlink(missing_ok=True)
+        self.partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
         self.memmap = np.lib.format.open_memmap(
-            path,
+            self.partial,
             mode="w+",
-            dtype=np.float64 if dtype == torch.float64 else np.float32,
-            shape=(queries.shape[0], num_train),
+            dtype=self.manifest["dtype"],
+            shape=tuple(self.manifest["shape"]),
         )
 
     def add(self, start: int, stop: int, slab: torch.Tensor) -> None:
         self.memmap[:, start:stop] = slab.to(device="cpu", dtype=self.dtype).numpy()
 
-    def finish(self, method: str, sign: float, query_indices, train_indices) -> torch.Tensor:
+    def finish(self, query_indices, train_indices) -> torch.Tensor:
         self.memmap.flush()
+        del self.memmap  # closes the file before it is renamed
+        atomic_replace(self.partial, self.path)
         manifest = {
-            "method": method,
-            "shape": list(self.memmap.shape),
-            "dtype": str(self.memmap.dtype),
-            "sign": sign,
+            **self.manifest,
+            "complete": True,
             "query_indices": query_indices.tolist(),
             "train_indices": train_indices.tolist(),
         }
-        self.path.with_suffix(".json").write_text(json.dumps(manifest))
+        atomic_write_text(self.manifest_path, json.dumps(manifest))
         return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
+
+    def abort(self) -> None:
+        """Drop the partial matrix; the manifest stays marked incomplete."""
+        self.memmap = None
+        self.partial.unlink(missing_ok=True)
+
+
+def read_stored(path: str | Path) -> Scores:
+    """The :class:`Scores` that ``scores(..., store=path)`` wrote (``values`` a memmap [Q, N]).
+
+    Refused: a missing matrix or manifest, and a run that did not finish (an interrupted one
+    leaves its manifest marked incomplete), so a half-written matrix is never read as scores.
+    """
+    path = Path(path)
+    _check_store_path(path)
+    manifest_path = path.with_suffix(".json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InfluxValueError(
+            f"no readable scores manifest at {str(manifest_path)!r} ({error}): write the scores "
+            "with scores(..., store=path.npy)"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORED_FORMAT:
+        raise InfluxValueError(
+            f"{str(manifest_path)!r} is not an influx scores manifest (format {STORED_FORMAT!r}): "
+            "score again with scores(..., store=path.npy)"
+        )
+    if manifest.get("complete") is not True:
+        raise InfluxValueError(
+            f"the scores at {str(path)!r} are incomplete: the run that wrote them "
+            f"({manifest.get('method')!r}) was interrupted. Score again with store={str(path)!r}"
+        )
+    if not path.is_file():
+        raise InfluxValueError(
+            f"{str(manifest_path)!r} describes a matrix {str(path)!r} that is missing: score again"
+        )
+    values = np.load(path, mmap_mode="r+")
+    if list(values.shape) != manifest["shape"] or str(values.dtype) != manifest["dtype"]:
+        raise InfluxValueError(
+            f"{str(path)!r} holds a {values.dtype} {list(values.shape)} matrix but its manifest "
+            f"says {manifest['dtype']} {manifest['shape']} (changed after writing?): score again"
+        )
+    return Scores(
+        manifest["method"],
+        torch.tensor(manifest["query_indices"], dtype=torch.long, device="cpu"),
+        torch.tensor(manifest["train_indices"], dtype=torch.long, device="cpu"),
+        torch.from_numpy(values),
+        path=str(path),
+        sign=float(manifest["sign"]),
+    )
 
 
 class _RunningTopK:
@@ -202,37 +279,10 @@ def _slab_topk(slab: torch.Tensor, k: int) -> KernelTopK:
     return KernelTopK(largest.values, largest.indices, smallest.values, smallest.indices)
 
 
-def stream_scores(
-    method: str,
-    preconditioned_queries: torch.Tensor,
-    query_indices: torch.Tensor,
-    train_blocks: Iterable[TrainBlock],
-    num_train: int,
-    *,
-    sign: float,
-    layout: FeatureLayout,
-    dense: bool = True,
-    top_k: int | None = None,
-    per_layer: bool = False,
-    store: str | Path | None = None,
-) -> Scores:
-    """Score ``preconditioned_queries`` [Q, K] against train blocks (features [B, K] or score
-    slabs [Q, B], with dataset indices [B])."""
-    if top_k is not None and top_k < 1:
-        raise InfluxValueError(f"top_k must be >= 1 or None; got {top_k}")
-    if per_layer and not layout.layered:
-        raise InfluxValueError(
-            f"method {method!r} scores in mixed coordinates (a dense projection or an eigenbasis), "
-            "which have no per-layer split: use projection='kronecker' for trak, or another method"
-        )
-    if not dense and top_k is None and store is None:
-        raise InfluxValueError("nothing to compute: pass dense=True, top_k=k or store=path")
-    queries = preconditioned_queries
-    stored = _Stored(store, queries, num_train) if store is not None else None
-    matrix = _Dense(queries, num_train) if dense else None
-    ranking = _RunningTopK(top_k) if top_k is not None else None
-    layers = _PerLayer(queries, num_train, layout, sign) if per_layer else None
-    train_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
+def _feed_blocks(
+    train_blocks, queries, train_indices, sign, matrix, stored, ranking, layers, top_k
+) -> int:
+    """Hand every train block's scores to the sinks; return the number of train examples."""
     start = 0
     for block in train_blocks:
         indices = block.indices
@@ -255,12 +305,62 @@ def stream_scores(
         if layers is not None:
             layers.add(start, stop, block)
         start = stop
-    if start != num_train:
-        raise InfluxValueError(f"train blocks held {start} examples; expected {num_train}")
+    return start
+
+
+def check_top_k(top_k) -> None:
+    """``top_k`` is None or a positive int (refused before any scoring)."""
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InfluxValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+
+
+def stream_scores(
+    method: str,
+    preconditioned_queries: torch.Tensor,
+    query_indices: torch.Tensor,
+    train_blocks: Iterable[TrainBlock],
+    num_train: int,
+    *,
+    sign: float,
+    layout: FeatureLayout,
+    dense: bool = True,
+    top_k: int | None = None,
+    per_layer: bool = False,
+    store: str | Path | None = None,
+) -> Scores:
+    """Score ``preconditioned_queries`` [Q, K] against train blocks (features [B, K] or score
+    slabs [Q, B], with dataset indices [B])."""
+    check_top_k(top_k)
+    if per_layer and not layout.layered:
+        raise InfluxValueError(
+            f"method {method!r} scores in mixed coordinates (a dense projection or an eigenbasis), "
+            "which have no per-layer split: use projection='kronecker' for trak, or another method"
+        )
+    if not dense and top_k is None and store is None:
+        raise InfluxValueError("nothing to compute: pass dense=True, top_k=k or store=path")
+    queries = preconditioned_queries
+    stored = _Stored(store, queries, num_train, method, sign) if store is not None else None
+    matrix = _Dense(queries, num_train) if dense else None
+    ranking = _RunningTopK(top_k) if top_k is not None else None
+    layers = _PerLayer(queries, num_train, layout, sign) if per_layer else None
+    train_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
+    try:
+        seen = _feed_blocks(
+            train_blocks, queries, train_indices, sign, matrix, stored, ranking, layers, top_k
+        )
+        if seen != num_train:
+            raise InfluxValueError(f"train blocks held {seen} examples; expected {num_train}")
+    except BaseException:
+        # Interrupted or failed: the stored matrix stays marked incomplete.
+        if stored is not None:
+            stored.abort()
+        raise
     values = matrix.values if matrix is not None else None
     path = None
     if stored is not None:
-        on_disk = stored.finish(method, sign, query_indices, train_indices)
+        on_disk = stored.finish(query_indices, train_indices)
         path = str(stored.path)
         values = on_disk if values is None else values
     top = ranking.result() if ranking is not None and ranking.running is not None else None

@@ -2,6 +2,12 @@
 
     TracIn(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')
 
+eta_t is the learning rate of the step taken *from* w_t (the step after the checkpoint), as
+``influx.train.Checkpoint.lr`` records it: the term of w_t estimates what that step did. A
+checkpoint with eta_t = 0 contributes nothing (no step follows it, as for the last checkpoint of a
+cosine schedule, which decays to 0): it is skipped. Negative or non-finite rates are refused, and so
+are checkpoints whose rates are all 0 (every score would be 0).
+
 Features are the per-checkpoint gradients scaled by sqrt(eta_t) and concatenated ([B, T*P]), so a
 plain inner product gives the sum; sign +1 (a positive score: training on z lowered the loss of z').
 Self-influence is sum_t eta_t ||grad l(w_t, z)||^2.
@@ -29,7 +35,9 @@ class TracInOptions:
         None, "state dicts or models w_t (or a training record with .checkpoints)"
     )
     learning_rates: Sequence[float] | float | None = option(
-        None, "eta_t per checkpoint, or one number for all (default: the record's, else 1)"
+        None,
+        "eta_t per checkpoint (the rate of the step taken from w_t; 0 skips it), or one number "
+        "for all (default: the record's, else 1)",
     )
     params: tuple[str, ...] | None = option(
         None, "parameter names to differentiate (default: all trainable)"
@@ -74,9 +82,23 @@ def resolve_checkpoints(checkpoints, learning_rates) -> tuple[list, list[float]]
             f"got {len(checkpoints)} checkpoints but {len(learning_rates)} learning rates: pass one "
             "eta_t per checkpoint (or a single number)"
         )
-    if any(not (lr > 0) for lr in learning_rates):
-        raise InfluxValueError(f"learning rates must be > 0; got {learning_rates}")
+    if any(not (0 <= lr < math.inf) for lr in learning_rates):
+        raise InfluxValueError(
+            f"learning rates must be finite and >= 0 (0: no step follows the checkpoint); got "
+            f"{learning_rates}"
+        )
     return checkpoints, learning_rates
+
+
+def stepped_checkpoints(checkpoints: list, learning_rates: list[float]) -> tuple[list, list[float]]:
+    """The checkpoints with eta_t > 0 and their rates: a zero-rate one adds nothing to the sum."""
+    if not any(lr > 0 for lr in learning_rates):
+        raise InfluxValueError(
+            f"every learning rate is 0 ({learning_rates}), so every TracIn score would be 0: pass "
+            "checkpoints from which a training step was taken (eta_t > 0)"
+        )
+    kept = [(c, lr) for c, lr in zip(checkpoints, learning_rates, strict=True) if lr > 0]
+    return [c for c, _ in kept], [lr for _, lr in kept]
 
 
 def model_at(model: nn.Module, checkpoint) -> nn.Module:
@@ -98,14 +120,17 @@ class TracInEstimator(Estimator):
     def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TracInOptions):
         # Nothing is fitted: the training set (inputs, targets) is only scored against.
         check_model(model)
-        checkpoints, self.learning_rates = resolve_checkpoints(
-            options.checkpoints, options.learning_rates
-        )
+        given, rates = resolve_checkpoints(options.checkpoints, options.learning_rates)
+        checkpoints, self.learning_rates = stepped_checkpoints(given, rates)
         self.models = [model_at(model, c) for c in checkpoints]
         self.loss_fn = loss_fn
         self.space = ParamSpace.of(model, options.params)
         self.layout = FeatureLayout.of_space(self.space, repeats=len(self.models))
-        self.diagnostics = {"checkpoints": len(self.models), "learning_rates": self.learning_rates}
+        self.diagnostics = {
+            "checkpoints": len(self.models),
+            "learning_rates": self.learning_rates,
+            "skipped_zero_rate": len(given) - len(self.models),
+        }
 
     def features(self, inputs, targets):
         parts = [

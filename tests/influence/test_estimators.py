@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -199,6 +200,38 @@ def test_tracin_is_the_learning_rate_weighted_sum(tiny_mlp):
     expected = 0.1 * flat_grads(model, loss_fn, query) @ flat_grads(model, loss_fn, train).T
     expected += 0.3 * flat_grads(shifted, loss_fn, query) @ flat_grads(shifted, loss_fn, train).T
     assert_close(fitted.scores(query).values, expected, rtol=1e-10, name="tracin")
+
+
+def test_tracin_takes_a_cosine_record_whose_last_checkpoint_has_rate_zero(tiny_mlp):
+    # The last checkpoint of a cosine schedule records eta = 0: no step follows it.
+    from influx import train as training
+
+    model, loss_fn, train, query = tiny_mlp
+    model = copy.deepcopy(model)
+    record = training.train(
+        model, train, optimizer="sgd", lr=0.1, epochs=2, batch_size=30,
+        lr_schedule="cosine", checkpoints="epochs", progress=False,
+    )  # fmt: skip
+    rates = [c.lr for c in record.checkpoints]
+    assert rates[-1] == 0.0 and all(lr > 0 for lr in rates[:-1])
+    fitted = influence.fit(model, loss_fn, train, method="tracin", checkpoints=record)
+    expected = torch.zeros(query[0].shape[0], train[0].shape[0], dtype=torch.float64)
+    for checkpoint in record.checkpoints:
+        at = copy.deepcopy(model)
+        at.load_state_dict(checkpoint.state_dict)
+        expected += (
+            checkpoint.lr * flat_grads(at, loss_fn, query) @ flat_grads(at, loss_fn, train).T
+        )
+    # float64, the same sums in another order: a few hundred ulps (see utils.RTOL).
+    assert_close(fitted.scores(query).values, expected, rtol=1e-10, name="cosine tracin")
+    assert fitted.diagnostics["skipped_zero_rate"] == 1
+    with pytest.raises(InfluxValueError, match="every learning rate is 0"):
+        influence.fit(model, loss_fn, train, method="tracin", checkpoints=record, learning_rates=0)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(InfluxValueError, match="finite and >= 0"):
+            influence.fit(
+                model, loss_fn, train, method="tracin", checkpoints=record, learning_rates=bad
+            )
 
 
 def test_top_k_and_store_match_dense(tiny_mlp, tmp_path):
