@@ -687,9 +687,9 @@ def commutator_norms(
     with one on the reference batch R (mean loss), as ``influx.commutator.bracket`` defines it.
 
     The commutator of the two steps is ``lr^2`` times this vector plus O(lr^3): a large value
-    means training on z before or after a typical batch leads to different parameters. The
-    per-example gradients g_i [B, P] come from one vmapped grad; ``H_i g_R`` [B, P] from one jvp
-    of them along g_R; ``H_R g_i`` [B, P] from a vmapped Hessian-vector product.
+    means training on z before or after a typical batch leads to different parameters. Each
+    example's ``(g_i, H_i g_R)`` comes from one jvp of its own gradient along g_R, vmapped over
+    the examples; ``H_R g_i`` [B, P] from a vmapped Hessian-vector product.
     """
     objective, space = curvature.batch_objective(model, loss_fn, reference)
     theta = space.current(model)
@@ -699,10 +699,14 @@ def commutator_norms(
         single, _ = curvature.batch_objective(model, loss_fn, (x[None], y[None]))
         return single(t)
 
-    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    gradients, h_i_g_reference = curvature.jvp(
-        lambda t: per_example_grad(t, inputs, targets), (theta,), (g_reference,)
-    )
+    example_grad = grad(example_loss)
+
+    def gradient_and_product(x: torch.Tensor, y: torch.Tensor):
+        # The vmap wraps the jvp: a jvp of vmapped gradients is wrong through LayerNorm in torch
+        # (see influx.commutator._pair_bracket_norms).
+        return curvature.jvp(lambda t: example_grad(t, x, y), (theta,), (g_reference,))
+
+    gradients, h_i_g_reference = vmap(gradient_and_product)(inputs, targets)
     h_reference_g_i = vmap(lambda v: curvature.jvp(grad(objective), (theta,), (v,))[1])(gradients)
     return (h_i_g_reference - h_reference_g_i).norm(dim=1)
 

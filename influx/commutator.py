@@ -14,8 +14,11 @@ and the second-order formula is exact.
 
 Every function here is pure: it works on a flat copy of the parameters (see
 :class:`influx.curvature.ParamSpace`) through ``torch.func``, so the model is left untouched.
-Vectors are flat over the trainable parameters in ``model.named_parameters()`` order
-(P entries); ``B`` is a batch size, ``N`` a dataset size.
+Vectors are flat over the selected parameters (P entries) in
+:attr:`influx.curvature.ParamSpace.names` order: ``model.named_parameters()`` order for
+``params=None``, else the order of ``params``; ``B`` is a batch size, ``N`` a dataset size. Every
+entry point refuses empty data and NaN / inf inputs or targets, naming the examples, before any
+work.
 """
 
 from __future__ import annotations
@@ -164,6 +167,8 @@ class AscentResult:
     batch (``"batch"``) or [N] per point (``"point"``); ``displacement`` the matching
     ``||theta_descent - theta_0||`` after descent alone. ``trajectory`` [ascent_epochs] (dataset
     mode only) is the residual after each ascent epoch; ``vector`` [P] the dataset-mode residual.
+    ``indices`` [N] (point mode only) are the dataset indices of the points, aligned to
+    ``residual``: a Dataset's third item or a tuple's third entry, else positions 0..N-1.
     """
 
     residual: torch.Tensor
@@ -175,6 +180,7 @@ class AscentResult:
     ascent_epochs: int
     trajectory: torch.Tensor | None = None
     vector: torch.Tensor | None = field(default=None, repr=False)
+    indices: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def relative(self) -> torch.Tensor:
@@ -244,7 +250,23 @@ def _as_batch(z, name: str) -> Pair:
         )
     if targets.shape[0] == 0:
         raise InfluxValueError(f"{name} is an empty batch; pass at least one example")
+    _check_finite_data(inputs, targets, f"{name}: inputs", f"{name}: targets")
     return inputs, targets
+
+
+def _check_finite_data(inputs, targets, what_inputs, what_targets, indices=None) -> None:
+    """NaN / inf inputs or targets are refused by example (positions, or dataset ``indices``)."""
+    check_finite(inputs, what_inputs, indices=indices)
+    check_finite(targets, what_targets, indices=indices)
+
+
+def _examples_of(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inputs, targets, indices)`` of the whole of ``data``: non-empty and finite."""
+    inputs, targets, indices = as_tensors(data)
+    if inputs.shape[0] == 0:
+        raise InfluxValueError("data is empty; pass at least one example")
+    _check_finite_data(inputs, targets, "inputs", "targets", indices=indices)
+    return inputs, targets, indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,17 +347,22 @@ def _tiled_pair_norms(cross, combine, size: int, chunk_size: int, like: torch.Te
 def _pair_bracket_norms(example_loss, theta, inputs, targets, per_grads, chunk_size):
     """[B, B] norms of ``H_i g_j - H_j g_i``, by tiles of per-example HVPs.
 
-    For a tile, the per-sample gradients of the block's examples are differentiated forward
-    along each vector ``g_j`` of the other block (one vmapped jvp): the primal forward and
-    backward pass is shared by all the vectors of the tile.
+    Each product is ``jvp(grad(loss_i), theta, g_j)``, vmapped over the vectors of one block and
+    the examples of the other: the primal forward and backward pass of an example is shared by
+    all the vectors of the tile. The vmaps wrap the jvp, never the reverse: torch's forward-mode
+    derivative of a vmapped gradient is wrong through ``layer_norm`` with an affine weight when
+    its input depends on theta (0.1-1% in float64), while a jvp of one example's gradient is not.
     """
-    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    example_grad = grad(example_loss)
+
+    def example_hvp(x, y, v):
+        return curvature.jvp(lambda t: example_grad(t, x, y), (theta,), (v,))[1]
+
+    over_examples = vmap(example_hvp, in_dims=(0, 0, None))
+    over_vectors = vmap(over_examples, in_dims=(None, None, 0))
 
     def cross(rows, cols):
-        def block_grads(t):
-            return per_example_grad(t, inputs[rows], targets[rows])
-
-        return vmap(lambda v: curvature.jvp(block_grads, (theta,), (v,))[1])(per_grads[cols])
+        return over_vectors(inputs[rows], targets[rows], per_grads[cols])
 
     def combine(h_i_g_j, h_j_g_i, rows, cols):
         return h_i_g_j - h_j_g_i
@@ -486,9 +513,7 @@ def pairwise(
 
 
 def _batches_of(data, batch_size: int | None) -> list[Pair]:
-    inputs, targets, _ = as_tensors(data)
-    if inputs.shape[0] == 0:
-        raise InfluxValueError("data is empty; pass at least one example")
+    inputs, targets, _ = _examples_of(data)
     size = inputs.shape[0] if batch_size is None else _check_positive_int(batch_size, "batch_size")
     return [(x, y) for x, y, _ in iter_batches((inputs, targets), size)]
 
@@ -637,9 +662,10 @@ def ascent_residual(
 
     ``mode``: ``"dataset"`` one run over all batches (residual 0-d, plus the per-ascent-epoch
     ``trajectory``); ``"batch"`` one independent run per batch ([K]); ``"point"`` one independent
-    run per example ([N], vmapped ``chunk_size`` points at a time; ``batch_size`` and ``order``
-    play no role). For linear regression and one point, ``theta_end - theta_0 =
-    -lr^2 (theta_0.x - y) ||x||^2 x``: ascent never undoes descent unless the residual is 0.
+    run per example ([N] in the data's order, its dataset indices in ``indices``; vmapped
+    ``chunk_size`` points at a time; ``batch_size`` and ``order`` play no role). For linear
+    regression and one point, ``theta_end - theta_0 = -lr^2 (theta_0.x - y) ||x||^2 x``: ascent
+    never undoes descent unless the residual is 0.
     """
     lr = _check_lr(lr)
     epochs = _check_positive_int(epochs, "epochs")
@@ -652,13 +678,11 @@ def ascent_residual(
     theta = curvature.ParamSpace.of(model, params).current(model)
     common = dict(mode=mode, order=order, lr=lr, epochs=epochs, ascent_epochs=ascent_epochs)
     if mode == "point":
-        inputs, targets, _ = as_tensors(data)
-        if inputs.shape[0] == 0:
-            raise InfluxValueError("data is empty; pass at least one example")
+        inputs, targets, indices = _examples_of(data)
         residual, displacement = _per_point_residuals(
             model, loss_fn, inputs, targets, theta, lr, epochs, ascent_epochs, params, chunk_size
         )
-        return AscentResult(residual, displacement, **common)
+        return AscentResult(residual, displacement, indices=indices, **common)
     batches = _batches_of(data, batch_size)
     objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
     if mode == "batch":

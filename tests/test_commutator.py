@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import assert_close
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+from utils import assert_close, tiny_transformer
 
-from influx import commutator
+from influx import cli, commutator
 from influx.errors import InfluxValueError, UnsupportedModelError
 
 DTYPE = torch.float64
@@ -272,6 +276,139 @@ def test_parameters_and_buffers_are_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
+# ------------------------------------------------------------------ against dense Hessians
+
+
+def layer_norm_mlp() -> nn.Module:
+    """Linear -> LayerNorm (affine weight and bias far from their 1 / 0 start) -> Tanh -> Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    with torch.no_grad():
+        model[1].weight.copy_(1 + 0.5 * torch.randn(5, dtype=DTYPE))
+        model[1].bias.copy_(0.5 * torch.randn(5, dtype=DTYPE))
+    return model
+
+
+class LearnedTemperature(nn.Module):
+    """A classifier whose hidden pre-activations are scaled by a learned 0-dim parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(5, 4)
+        self.temperature = nn.Parameter(torch.tensor(0.7))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x) * self.temperature))
+
+
+def flat_example_loss(model: nn.Module):
+    """``(f(theta, x, y), theta)``: one example's loss over the flat parameters, split here."""
+    named = dict(model.named_parameters())
+    shapes = [p.shape for p in named.values()]
+    numels = [p.numel() for p in named.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def loss_of(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        state = {n: p.view(s) for n, p, s in zip(named, flat.split(numels), shapes)}
+        return cross_entropy(torch.func.functional_call(model, state, (x[None],)), y[None])[0]
+
+    return loss_of, theta
+
+
+def dense_hessians_and_gradients(model: nn.Module, inputs, targets):
+    """[B, P, P] Hessians and [B, P] gradients of each example's loss, by
+    torch.autograd.functional."""
+    loss_of, theta = flat_example_loss(model)
+    hessians, gradients = [], []
+    for x, y in zip(inputs, targets):
+        loss = functools.partial(loss_of, x=x, y=y)
+        hessians.append(torch.autograd.functional.hessian(loss, theta))
+        gradients.append(torch.autograd.functional.jacobian(loss, theta))
+    return torch.stack(hessians), torch.stack(gradients)
+
+
+def dense_bracket_norms(hessians: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """[B, B] ``||H_i g_j - H_j g_i||`` from dense per-example Hessians."""
+    h_i_g_j = torch.einsum("ipq,jq->ijp", hessians, gradients)
+    return (h_i_g_j - h_i_g_j.transpose(0, 1)).norm(dim=-1)
+
+
+# float64 products summed in another order than the dense brute force: ~1e-15 relative. The
+# forward-mode error these guard against (torch's jvp of a vmapped gradient through layer_norm)
+# is 1e-3.
+DENSE_RTOL = 1e-10
+
+
+def test_pairwise_brackets_through_layer_norm_match_dense_hessians():
+    model = layer_norm_mlp()
+    x, y = classification_batch(5, shape=(4,))
+    expected = dense_bracket_norms(*dense_hessians_and_gradients(model, x, y))
+    # chunk_size 4: tiles of 2 x 2, a ragged last block, and tiles with rows != cols.
+    result = commutator.pairwise(model, cross_entropy, (x, y), chunk_size=4)
+    assert_close(result.norms, expected, rtol=DENSE_RTOL, name="pairwise vs dense, LayerNorm")
+
+
+def test_cli_commutator_statistic_through_layer_norm_matches_dense_hessians():
+    model = layer_norm_mlp()
+    x, y = classification_batch(7, shape=(4,))
+    hessians, gradients = dense_hessians_and_gradients(model, x, y)
+    # Examples 0..3 are scored against the reference batch 4..6 (mean loss).
+    h_reference, g_reference = hessians[4:].mean(0), gradients[4:].mean(0)
+    expected = (hessians[:4] @ g_reference - gradients[:4] @ h_reference).norm(dim=1)
+    norms = cli.commutator_norms(model, cross_entropy, x[:4], y[:4], (x[4:], y[4:]))
+    assert_close(norms, expected, rtol=DENSE_RTOL, name="cli commutator vs dense, LayerNorm")
+
+
+def test_pairwise_through_a_transformer_layer_matches_reverse_mode_products():
+    # A TransformerEncoderLayer holds two LayerNorms; H_i g_j by double backward (reverse mode
+    # only, on torch's math attention kernel, which has one) is independent of the jvp used.
+    torch.manual_seed(0)
+    model = tiny_transformer(tokens=3, width=4)
+    x, y = torch.randn(4, 3, 4, dtype=DTYPE), torch.randint(0, 3, (4,))
+    loss_of, theta = flat_example_loss(model)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            points = [theta.clone().requires_grad_(True) for _ in range(4)]
+            grads = [
+                torch.autograd.grad(loss_of(t, x[i], y[i]), t, create_graph=True)[0]
+                for i, t in enumerate(points)
+            ]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    plain = torch.stack([g.detach() for g in grads])
+    h_i_g_j = torch.stack([
+        torch.stack([torch.autograd.grad(g @ v, t, retain_graph=True)[0] for v in plain])
+        for t, g in zip(points, grads)
+    ])  # fmt: skip
+    expected = (h_i_g_j - h_i_g_j.transpose(0, 1)).norm(dim=-1)
+    result = commutator.pairwise(model, cross_entropy, (x, y))
+    assert_close(result.norms, expected, rtol=DENSE_RTOL, name="pairwise vs reverse mode")
+
+
+def test_a_zero_dim_parameter_gets_brute_force_brackets_and_steps():
+    torch.manual_seed(0)
+    model = LearnedTemperature().to(DTYPE)
+    x, y = classification_batch(4)
+    hessians, gradients = dense_hessians_and_gradients(model, x, y)
+    assert_close(commutator.pairwise(model, cross_entropy, (x, y)).norms,
+                 dense_bracket_norms(hessians, gradients), rtol=DENSE_RTOL,
+                 name="pairwise brackets")  # fmt: skip
+    bracket = commutator.bracket(model, cross_entropy, (x[0], y[0]), (x[1], y[1]))
+    assert_close(bracket.vector, hessians[0] @ gradients[1] - hessians[1] @ gradients[0],
+                 rtol=DENSE_RTOL, name="bracket")  # fmt: skip
+    loss_of, theta = flat_example_loss(model)
+
+    def sgd_step(t, i, lr=0.1):
+        return t - lr * torch.autograd.functional.jacobian(lambda s: loss_of(s, x[i], y[i]), t)
+
+    expected = sgd_step(sgd_step(theta, 1), 0) - sgd_step(sgd_step(theta, 0), 1)
+    step = commutator.step(model, cross_entropy, (x[0], y[0]), (x[1], y[1]), lr=0.1)
+    assert_close(step.vector, expected, rtol=DENSE_RTOL, name="step")
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -305,6 +442,61 @@ def test_errors_say_what_is_wrong():
         commutator.order_shift(
             model, cross_entropy, (x, y), lr=0.1, epochs=1, perms=1, batch_size=0
         )
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(input, target, index)`` with the given dataset indices."""
+
+    def __init__(self, inputs, targets, indices):
+        self.inputs, self.targets, self.indices = inputs, targets, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.inputs[position], self.targets[position], self.indices[position]
+
+
+SHUFFLED_INDICES = [50, 3, 17, 99, 8, 21]
+
+
+def test_point_residuals_carry_the_dataset_indices():
+    model = linear_regression()
+    x, y = torch.randn(6, 4, dtype=DTYPE), torch.randn(6, dtype=DTYPE)
+    theta, lr = theta_of(model), 0.1
+    data = IndexedDataset(x, y, SHUFFLED_INDICES)
+    result = commutator.ascent_residual(model, half_squared_error, data, lr=lr, mode="point")
+    assert result.indices.tolist() == SHUFFLED_INDICES
+    expected = lr**2 * (x @ theta - y).abs() * (x * x).sum(1) * x.norm(dim=1)
+    assert_close(result.residual, expected, rtol=CLOSED_FORM_RTOL, name="aligned to indices")
+    plain = commutator.ascent_residual(model, half_squared_error, (x, y), lr=lr, mode="point")
+    assert plain.indices.tolist() == list(range(6))
+
+
+def test_every_entry_point_refuses_non_finite_data_naming_the_examples():
+    model = small_mlp()
+    x, y = classification_batch(6)
+    x[2, 0] = float("nan")
+    clean = (x[3], y[3])
+    named_by_position = r"inputs of 1 example\(s\) hold NaN or inf: example indices \[2\]"
+    with pytest.raises(InfluxValueError, match="z1: " + named_by_position):
+        commutator.step(model, cross_entropy, (x, y), clean, lr=0.1)
+    with pytest.raises(InfluxValueError, match="z2: " + named_by_position):
+        commutator.bracket(model, cross_entropy, clean, (x, y))
+    with pytest.raises(InfluxValueError, match="batch: " + named_by_position):
+        commutator.pairwise(model, cross_entropy, (x, y))
+    data = IndexedDataset(x, y, SHUFFLED_INDICES)
+    named_by_index = r"inputs of 1 example\(s\) hold NaN or inf: example indices \[17\]"
+    with pytest.raises(InfluxValueError, match=named_by_index):
+        commutator.order_shift(model, cross_entropy, data, lr=0.1, epochs=1, perms=1, batch_size=2)
+    for mode in ("dataset", "batch", "point"):
+        with pytest.raises(InfluxValueError, match=named_by_index):
+            commutator.ascent_residual(model, cross_entropy, data, lr=0.1, mode=mode)
+    inputs = torch.randn(3, 5, dtype=DTYPE)
+    targets = torch.tensor([0.1, float("inf"), 0.2], dtype=DTYPE)
+    with pytest.raises(InfluxValueError, match=r"z1: targets of 1 example.*indices \[1\]"):
+        commutator.step(linear_regression(5), half_squared_error, (inputs, targets),
+                        (inputs[:1], targets[:1]), lr=0.1)  # fmt: skip
 
 
 def test_training_batchnorm_is_rejected_with_the_fix():
