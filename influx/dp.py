@@ -40,6 +40,7 @@ from influx.grads import LayerRule, select_parameters
 from influx.grads.capture import LayerCall, capture, first_output
 from influx.grads.engine import plan_layers, tied_parameters
 from influx.grads.rules import FUNCTIONAL_RULE, rule_for
+from influx.seeds import derive_seed
 from influx.train import LossFn, TrainResult, total_steps
 from influx.train import train as _train
 
@@ -53,6 +54,7 @@ __all__ = [
 
 Accountant = Literal["rdp", "prv"]
 _ACCOUNTANTS = ("rdp", "prv")
+_NOISE_STREAM = 1  # derive_seed(seed, _NOISE_STREAM) seeds the noise of a run with that seed
 # The finest tolerance noise_multiplier_for accepts: below about 1e-14 Opacus' bisection stalls
 # at the PRV accountant's resolution and never ends.
 _MIN_TOLERANCE = 1e-6
@@ -429,7 +431,7 @@ def train(
     steps: int | None = None,
     sampling: Literal["poisson", "shuffle"] = "poisson",
     accountant: Accountant = "rdp",
-    noise_seed: int = 0,
+    noise_seed: int | None = None,
     chunk_size: int | None = None,
     **train_kwargs: Any,
 ) -> TrainResult:
@@ -440,7 +442,9 @@ def train(
     with probability ``q = batch_size / N`` at every step (what the accountant assumes);
     ``"shuffle"`` uses fixed-size shuffled batches, accounted with the same q. The gradient is
     divided by the expected batch size ``q N = batch_size``. ``train_kwargs`` go to
-    ``influx.train.train`` (``optimizer``, ``lr``, ``seed``, ``checkpoints``, ...).
+    ``influx.train.train`` (``optimizer``, ``lr``, ``seed``, ``checkpoints``, ...). The noise
+    is seeded by ``noise_seed``, by default derived from the training ``seed``: runs with
+    different seeds add different noise.
 
     Returns the :class:`~influx.train.TrainResult` with ``privacy`` set: ``epsilon`` (spent),
     ``delta``, ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``steps``,
@@ -472,6 +476,8 @@ def train(
         noise_multiplier = noise_multiplier_for(
             target_epsilon, sample_rate, total, delta, accountant=accountant
         )
+    if noise_seed is None:
+        noise_seed = derive_seed(train_kwargs.get("seed", 0), _NOISE_STREAM)
     hook = DPGradient(max_grad_norm, noise_multiplier, batch_size, noise_seed, chunk_size)
     result = _train(
         model, data, batch_size=batch_size, epochs=epochs, steps=steps, sampling=sampling,

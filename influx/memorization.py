@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from influx import train as training
 from influx.data import as_tensors, iter_batches, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
+from influx.seeds import derive_seed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,10 +79,6 @@ __all__ = [
 # masks draw from their own streams, so a model's run depends only on (seed, model index), never
 # on the chunk. _SHARED seeds the one stream that vmap draws any other randomness of a chunk from.
 _MASK, _INIT, _ORDER, _DROPOUT, _SHARED = 0, 1, 2, 3, 4
-
-
-def _derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +241,7 @@ def subset_masks(n: int, model_ids: Sequence[int], subset_frac: float, seed: int
     size = round(subset_frac * n)
     masks = torch.zeros(len(model_ids), n, dtype=torch.bool, device="cpu")
     for row, model_id in enumerate(model_ids):
-        generator = torch.Generator().manual_seed(_derived_seed(seed, model_id, _MASK))
+        generator = torch.Generator().manual_seed(derive_seed(seed, model_id, _MASK))
         masks[row, torch.randperm(n, generator=generator, device="cpu")[:size]] = True
     return masks
 
@@ -332,7 +329,7 @@ def _build_models(model_fn: Callable[[], nn.Module], model_ids, seed: int, devic
     cuda = [device] if torch.device(device).type == "cuda" else []
     for model_id in model_ids:
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(_derived_seed(seed, model_id, _INIT))
+            torch.manual_seed(derive_seed(seed, model_id, _INIT))
             model = model_fn()
         if not isinstance(model, nn.Module):
             raise InfluxValueError(f"model_fn must return an nn.Module; got {type(model).__name__}")
@@ -499,8 +496,7 @@ def _fit_ensemble(
             stacklevel=3,
         )
     generators = [
-        torch.Generator(device="cpu").manual_seed(_derived_seed(seed, m, _DROPOUT))
-        for m in model_ids
+        torch.Generator(device="cpu").manual_seed(derive_seed(seed, m, _DROPOUT)) for m in model_ids
     ]
     noise_sizes: dict[int, list[int]] = {}
 
@@ -525,12 +521,12 @@ def _fit_ensemble(
     batched_loss = vmap(batch_loss, randomness="different")
     with torch.random.fork_rng(devices=cuda):
         # Only random draws outside nn.Dropout (warned above) come from here.
-        torch.manual_seed(_derived_seed(seed, model_ids[0], _SHARED))
+        torch.manual_seed(derive_seed(seed, model_ids[0], _SHARED))
         for epoch in range(epochs):
             orders = torch.stack([
                 torch.randperm(
                     subsets.shape[1],
-                    generator=torch.Generator().manual_seed(_derived_seed(seed, m, _ORDER, epoch)),
+                    generator=torch.Generator().manual_seed(derive_seed(seed, m, _ORDER, epoch)),
                 )
                 for m in model_ids
             ]).to(device)  # fmt: skip
@@ -950,7 +946,7 @@ def margin(model: nn.Module, train, *, batch_size: int = 512) -> torch.Tensor:
 def _probe_signs(seed: int, start: int, count: int, shape, probes: int) -> torch.Tensor:
     """Rademacher probes [probes, count, *shape] (CPU) for the examples at positions
     ``start .. start + count``: one seeded draw per batch, so a rerun sees the same vectors."""
-    generator = torch.Generator().manual_seed(_derived_seed(seed, start))
+    generator = torch.Generator().manual_seed(derive_seed(seed, start))
     bits = torch.randint(0, 2, (probes, count, *shape), generator=generator, device="cpu")
     return bits.mul_(2).sub_(1)
 

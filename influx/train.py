@@ -37,6 +37,7 @@ from influx.aggregate import Aggregator
 from influx.aggregate import mean as _mean_aggregator
 from influx.data import iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
+from influx.seeds import derive_seed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (model, loss_fn, inputs, targets) -> (per-example losses [n] detached, {name: gradient})
@@ -242,9 +243,9 @@ def evaluate(
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    # One independent stream per epoch, so a single epoch's order can be replayed on its own.
-    generator = torch.Generator().manual_seed(seed + epoch)
-    return int(torch.randint(2**62, (1,), generator=generator, device="cpu"))
+    # One independent stream per (seed, epoch), so a single epoch's order can be replayed on its
+    # own and runs with neighbouring seeds share no epoch's order.
+    return derive_seed(seed, epoch)
 
 
 def mean_gradient(

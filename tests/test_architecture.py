@@ -16,7 +16,7 @@ _TOP = {"report", "cli"}
 _ABOVE_CURVATURE = {"influence", "commutator", "memorization", "dp"} | _LAB | _TOP
 _LEAF = {
     "grads", "curvature", "influence", "commutator", "memorization", "dp", "train", "models",
-    "data", "tails", "store", "aggregate", "distributed", "kernels",
+    "data", "tails", "store", "aggregate", "distributed", "seeds", "kernels",
 } | _LAB | _TOP  # fmt: skip
 FORBIDDEN = {
     "grads": {"curvature", "train", "models"} | _ABOVE_CURVATURE,
@@ -29,7 +29,7 @@ FORBIDDEN = {
     "data": {"grads", "curvature", "models", "train"} | _ABOVE_CURVATURE,
     "models": {"grads", "curvature", "data", "train"} | _ABOVE_CURVATURE,
     "train": {"grads", "curvature", "dp"} | _ABOVE_CURVATURE,
-    **{name: _LEAF - {name} for name in ("tails", "store", "aggregate", "distributed")},
+    **{name: _LEAF - {name} for name in ("tails", "store", "aggregate", "distributed", "seeds")},
 }
 
 

@@ -453,6 +453,17 @@ def test_poisson_dp_training_is_reproducible_and_records_its_batches():
     assert "epsilon=" in repr(a)
 
 
+def test_the_default_noise_follows_the_training_seed():
+    noise = {}
+    for seed in (0, 0, 1):
+        torch.manual_seed(0)
+        model = models.mlp(10, (8,), 3)
+        result = dp.train(model, blobs(64), max_grad_norm=1.0, noise_multiplier=1.0,
+                          batch_size=16, steps=1, seed=seed, progress=False)  # fmt: skip
+        noise.setdefault(seed, set()).add(result.privacy["noise_seed"])
+    assert len(noise[0]) == 1 and noise[0] != noise[1]
+
+
 @pytest.mark.slow
 def test_dp_training_on_digits_reaches_a_sane_accuracy():
     from influx.train import evaluate

@@ -93,6 +93,10 @@ def test_same_seed_same_parameters_and_different_seed_different_order(optimizer)
     assert torch.equal(result_a.losses, result_b.losses)
     assert result_a.epoch_seeds == result_b.epoch_seeds
     assert not torch.equal(result_a.epoch_orders[0], result_c.epoch_orders[0])
+    # neighbouring seeds share no epoch's order (seed + epoch would repeat seed 0's second
+    # epoch as seed 1's first, correlating the members of an ensemble)
+    assert not torch.equal(result_a.epoch_orders[1], result_c.epoch_orders[0])
+    assert set(result_a.epoch_seeds).isdisjoint(result_c.epoch_seeds)
 
 
 def test_epoch_orders_are_permutations_of_dataset_indices():
