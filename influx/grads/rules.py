@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influx.errors import UnsupportedModelError
 from influx.grads.capture import LayerCall, first_output
@@ -574,9 +575,12 @@ class FunctionalRule(LayerRule):
             tensors = [t for _, t in split]
             in_dims = (None, 0, *([0] * len(tensors)))
             try:
-                per_call.append(
-                    vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)
-                )
+                # torch's fused attention kernels have no vmap batching rule (vmap would fall
+                # back to a slow loop over examples); the math kernel is built from batched ops
+                with sdpa_kernel([SDPBackend.MATH]):
+                    per_call.append(
+                        vmap(example_grad, in_dims=in_dims)(weights, call.grad_output, *tensors)
+                    )
             except RuntimeError as error:  # e.g. torch's recurrent layers under vmap
                 raise UnsupportedModelError(
                     f"per-sample gradients of {type(module).__name__} by torch.func.vmap of its "

@@ -7,6 +7,8 @@ float32 against the float64 loop, relative 1e-5 (eps 1.2e-7 times sums of ~100 t
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from grad_models import Mixed, TiedLM, conv_net, cross_entropy, mixed_batch, squared_error
@@ -473,6 +475,20 @@ def test_multihead_attention_per_sample_gradients_norms_and_projections():
     assert_close(got, dense_project(flat, 32, seed=1), name="dense projection")
     kron = per_sample_projected(model, cross_entropy, ids, y, dim=64, seed=1, by_layer=True)
     assert "attention" in kron and "attention.out_proj" not in kron  # one block per planned layer
+
+
+def test_attention_in_float32_is_vmapped_without_a_loop_fallback():
+    # the fused float32 attention kernels have no vmap batching rule: torch would warn of a
+    # performance drop and loop over the examples; the rule runs attention on the math kernel
+    torch.manual_seed(0)
+    model = Attention(tokens=5).eval()
+    ids, y = torch.randint(1, 11, (4, 5)), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = per_sample_grads(model, cross_entropy, ids, y)
+    want = reference.naive_per_sample_grads(model.double(), cross_entropy, ids, y)
+    for name, value in want.items():  # float32 rounding of a float64 reference
+        assert_close(got[name].double(), value, rtol=1e-5, atol=1e-6, name=name)
 
 
 def test_an_lstm_through_its_first_output_in_float32():
