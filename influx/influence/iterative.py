@@ -19,8 +19,10 @@ is handed an indefinite H + damping I solves the wrong system without a word. So
 
 1. ``damping="auto"`` is max(0, -lambda_min) + 0.1 * tr(H) / P (:func:`resolve_damping`), with
    tr(H) from Hutchinson probes and lambda_min from Lanczos run until its smallest Ritz value is
-   resolved to 5% of the damping it implies (:func:`influx.curvature.estimate_spectrum`; a
-   fixed 30 steps missed the negative cluster, leaving the damping at 40% of the exact solve's).
+   resolved to 5% of the damping it implies and has stopped moving over the last 10 steps
+   (:func:`influx.curvature.estimate_spectrum`; a fixed 30 steps missed the negative cluster,
+   leaving the damping at 40% of the exact solve's). Resolved is evidence, not proof: no Krylov
+   method sees an eigenvector nearly orthogonal to its start, which is what item 2 is for.
 2. Inside the solvers, a direction v (a cg search direction, a lissa step) with
    v^T (H + damping I) v <= 0 proves H + damping I indefinite. The damping then rises to
    ``-rho + 0.1 * tr(H) / P`` with rho = v^T H v / v^T v (so the new smallest damped eigenvalue
