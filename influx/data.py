@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from influx.errors import InfluxValueError
+from influx.seeds import derive_seed
 
 # inputs [B, ...], targets [B, ...], indices [B]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -274,9 +275,11 @@ class SyntheticDataset(ClassificationDataset):
         self.item_seed = item_seed
 
     def _input(self, position: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.item_seed + position)
+        # torch's CPU generator keeps only the low 32 bits of a seed: hash (item_seed, position)
+        generator = torch.Generator().manual_seed(derive_seed(self.item_seed, position))
         noise = torch.randn(self.input_shape, generator=generator, device="cpu")
-        return self.prototypes[self.targets[position]] + self.noise * noise
+        # the clean class: flipping a label must not move the input to the new class
+        return self.prototypes[self.clean_targets[position]] + self.noise * noise
 
 
 def _check_split(split: str) -> None:
@@ -497,8 +500,8 @@ def _synthetic(
     # Balanced classes in a seeded order.
     order = torch.randperm(size, generator=label_generator, device="cpu")
     targets = (torch.arange(size, device="cpu") % num_classes)[order]
-    # Item seeds of the two splits never overlap (train < 2**40 <= test).
-    item_seed = seed * 2**41 + split_offset * 2**40
+    # the splits and the seeds draw independent noise streams
+    item_seed = derive_seed(seed, split_offset)
     return SyntheticDataset(prototypes, targets, split, noise, item_seed)
 
 

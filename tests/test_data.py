@@ -258,6 +258,31 @@ def test_synthetic_classes_are_learnable():
     assert not torch.equal(train[0][0], test[0][0]), "the splits draw different noise"
 
 
+def test_synthetic_noise_is_its_own_per_split_and_seed():
+    # torch's CPU generator keeps only the low 32 bits of a seed: item seeds that differ only
+    # above them would repeat the noise of a position across splits and seeds
+    def noise(dataset, position):
+        return dataset[position][0] - dataset.prototypes[dataset.clean_targets[position]]
+
+    train = data.load("synthetic", size=20, seed=0)
+    others = [
+        data.load("synthetic", size=20, seed=0, split="test"),
+        data.load("synthetic", size=20, seed=1),
+    ]
+    for other in others:
+        for position in range(20):
+            assert not torch.allclose(noise(train, position), noise(other, position))
+
+
+def test_synthetic_label_flips_leave_the_inputs_in_their_class():
+    clean = data.load("synthetic", size=40, seed=0)
+    flipped = data.load("synthetic", size=40, seed=0, flip_fraction=0.25)
+    assert flipped.flipped.numel() == 10
+    for position in flipped.flipped.tolist():
+        assert flipped[position][1] != clean[position][1]
+        assert torch.equal(flipped[position][0], clean[position][0])
+
+
 def test_synthetic_rejects_bad_shapes():
     with pytest.raises(InfluxValueError, match=r"input_shape must be \(channels, height, width\)"):
         data.load("synthetic", size=4, input_shape=(3072,))
