@@ -27,12 +27,12 @@ alike. Definitions, for gradients ``g_1 .. g_M``:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from influx.checks import check_integer, check_number
 from influx.errors import InfluxValueError
 
 __all__ = [
@@ -160,15 +160,10 @@ def trimmed_mean(beta: float | None = None, *, count: int | None = None) -> Aggr
             f"give exactly one of beta (a fraction) and count; got beta={beta!r}, count={count!r}"
         )
     if beta is not None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
-            raise InfluxValueError(
-                f"beta must lie in [0, 0.5) so that some values remain; got {beta}"
-            )
+        check_number("beta", beta, at_least=0, below=0.5, hint="so that some values remain")
         name = f"trimmed_mean(beta={beta:g})"
     else:
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-            raise InfluxValueError(f"count must be a non-negative integer; got {count!r}")
-        count = int(count)
+        count = check_integer("count", count, minimum=0)
         name = f"trimmed_mean(count={count})"
 
     def rule(stack: torch.Tensor) -> torch.Tensor:
@@ -191,7 +186,7 @@ def krum_scores(stack: torch.Tensor, f: int) -> torch.Tensor:
     equal gradients are at distance exactly 0 and equal scores stay equal.
     """
     m = stack.shape[0]
-    _check_f(f, m)
+    f = _check_f(f, m)
     distances = torch.stack([(stack - stack[i]).square().sum(1) for i in range(m)])  # [M, M]
     # drop the zero distance of each gradient to itself, then keep the closest M - f - 2
     others = distances.masked_fill(torch.eye(m, dtype=torch.bool, device=stack.device), math.inf)
@@ -199,21 +194,19 @@ def krum_scores(stack: torch.Tensor, f: int) -> torch.Tensor:
     return closest.sum(1)
 
 
-def _check_f(f: int, m: int | None = None) -> None:
-    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
-        raise InfluxValueError(
-            f"f (the number of Byzantine gradients) must be an integer >= 0; got {f!r}"
-        )
+def _check_f(f: int, m: int | None = None) -> int:
+    f = check_integer("f (the number of Byzantine gradients)", f, minimum=0)
     if m is not None and m <= 2 * f + 2:
         raise InfluxValueError(
             f"Krum with f={f} needs M > 2f + 2 = {2 * f + 2} gradients; got M={m}: "
             "use more micro-batches or a smaller f"
         )
+    return f
 
 
 def krum(f: int) -> Aggregator:
     """The gradient with the smallest Krum score (lowest index among ties). Needs M > 2f + 2."""
-    _check_f(f)
+    f = _check_f(f)
 
     def rule(stack: torch.Tensor) -> torch.Tensor:
         return stack[krum_scores(stack, f).argmin()]
@@ -223,9 +216,8 @@ def krum(f: int) -> Aggregator:
 
 def multi_krum(f: int, m: int) -> Aggregator:
     """The mean of the ``m`` gradients with the smallest Krum scores. Needs M > 2f + 2, m <= M."""
-    _check_f(f)
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise InfluxValueError(f"m (the number of gradients averaged) must be >= 1; got {m!r}")
+    f = _check_f(f)
+    m = check_integer("m (the number of gradients averaged)", m, minimum=1)
     name = f"multi_krum(f={f}, m={m})"
 
     def rule(stack: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from influx import curvature
+from influx.checks import check_integer, check_number
 from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_grads
@@ -204,18 +205,6 @@ class AscentResult:
 # --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise InfluxValueError(f"lr must be a positive finite number; got {lr!r}")
-    return float(lr)
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InfluxValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
 
 
 def _check_choice(value, name: str, choices: Sequence[str]) -> str:
@@ -428,7 +417,7 @@ def step(
     batch with learning rate ``lr``. ``loss_fn(outputs, targets)`` returns per-example losses [B].
     Returns a :class:`CommutatorResult` whose ``vector`` is [P]; about ``lr^2 * bracket(...)``.
     """
-    lr = _check_lr(lr)
+    lr = check_number("lr", lr, above=0)
     check_model(model)
     obj_1, space = curvature.batch_objective(model, loss_fn, _as_batch(z1, "z1"), params=params)
     obj_2, _ = curvature.batch_objective(model, loss_fn, _as_batch(z2, "z2"), params=params)
@@ -489,8 +478,8 @@ def pairwise(
     at theta across the tile's vectors (memory ~ 2 chunk_size x P plus activations; lower it
     for large models). Same-label / different-label pairs are summarized.
     """
-    lr = None if lr is None else _check_lr(lr)
-    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    lr = None if lr is None else check_number("lr", lr, above=0)
+    chunk_size = check_integer("chunk_size", chunk_size, minimum=1)
     check_model(model)
     inputs, targets = _as_batch(batch, "batch")
     space = curvature.ParamSpace.of(model, params)
@@ -514,7 +503,11 @@ def pairwise(
 
 def _batches_of(data, batch_size: int | None) -> list[Pair]:
     inputs, targets, _ = _examples_of(data)
-    size = inputs.shape[0] if batch_size is None else _check_positive_int(batch_size, "batch_size")
+    size = (
+        inputs.shape[0]
+        if batch_size is None
+        else check_integer("batch_size", batch_size, minimum=1)
+    )
     return [(x, y) for x, y, _ in iter_batches((inputs, targets), size)]
 
 
@@ -575,9 +568,9 @@ def order_shift(
     untouched. The prediction sums brackets at the start point (see :func:`bracket`): it is the
     ``lr^2`` term and degrades as ``lr * steps * curvature`` grows.
     """
-    lr = _check_lr(lr)
-    epochs = _check_positive_int(epochs, "epochs")
-    perms = _check_positive_int(perms, "perms")
+    lr = check_number("lr", lr, above=0)
+    epochs = check_integer("epochs", epochs, minimum=1)
+    perms = check_integer("perms", perms, minimum=1)
     check_model(model)
     batches = _batches_of(data, batch_size)
     objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
@@ -667,10 +660,12 @@ def ascent_residual(
     regression and one point, ``theta_end - theta_0 = -lr^2 (theta_0.x - y) ||x||^2 x``: ascent
     never undoes descent unless the residual is 0.
     """
-    lr = _check_lr(lr)
-    epochs = _check_positive_int(epochs, "epochs")
+    lr = check_number("lr", lr, above=0)
+    epochs = check_integer("epochs", epochs, minimum=1)
     ascent_epochs = (
-        epochs if ascent_epochs is None else _check_positive_int(ascent_epochs, "ascent_epochs")
+        epochs
+        if ascent_epochs is None
+        else check_integer("ascent_epochs", ascent_epochs, minimum=1)
     )
     order = _check_choice(order, "order", ("same", "reversed"))
     mode = _check_choice(mode, "mode", ("dataset", "batch", "point"))

@@ -26,7 +26,6 @@ fixed-size batches are accounted the same way (common practice, as in Opacus, bu
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.grad
 from torch import nn
 
+from influx.checks import check_chunk_size, check_integer, check_number, is_integer
 from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
 from influx.grads import LayerRule, select_parameters
@@ -87,36 +87,9 @@ class _Clipped:
     grads: dict[str, torch.Tensor]  # the clipped sum
 
 
-def _is_real(value) -> bool:
-    # numpy scalars count (np.float32 is a numbers.Real); a bool is an int but never a setting
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_finite_number(name: str, value, *, allow_zero: bool = False) -> None:
-    """A finite real number > 0 (>= 0 with ``allow_zero``): an infinite or NaN noise, norm or
-    batch size would turn every gradient into inf, NaN or zero without a word."""
-    bound = ">= 0" if allow_zero else "> 0"
-    if not (_is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
-        raise InfluxValueError(f"{name} must be a finite number {bound}; got {value!r}")
-
-
-def _check_integer(name: str, value, *, minimum: int) -> None:
-    if not (_is_integer(value) and value >= minimum):
-        raise InfluxValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and not (_is_integer(chunk_size) and chunk_size >= 1):
-        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
-
-
 def _check_max_grad_norm(max_grad_norm: float) -> float:
-    _check_finite_number("max_grad_norm", max_grad_norm)
-    return float(max_grad_norm)  # a numpy scalar would meet the tensors below in numpy's terms
+    # a float: a numpy scalar would meet the tensors below in numpy's terms
+    return check_number("max_grad_norm", max_grad_norm, above=0)
 
 
 def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _Clipped:
@@ -125,7 +98,7 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
         raise InfluxValueError(
             f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
         )
-    _check_chunk_size(chunk_size)
+    check_chunk_size("chunk_size", chunk_size)
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
         raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
@@ -272,10 +245,12 @@ class DPGradient:
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        # an infinite or NaN noise, norm or batch size would turn every gradient into inf, NaN
+        # or zero without a word
         _check_max_grad_norm(self.max_grad_norm)
-        _check_finite_number("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        _check_finite_number("expected_batch_size", self.expected_batch_size)
-        _check_chunk_size(self.chunk_size)
+        check_number("noise_multiplier", self.noise_multiplier, at_least=0)
+        check_number("expected_batch_size", self.expected_batch_size, above=0)
+        check_chunk_size("chunk_size", self.chunk_size)
 
     def __call__(self, model, loss_fn, inputs, targets):
         clipped = _clip(model, loss_fn, inputs, targets, self.max_grad_norm, self.chunk_size)
@@ -302,32 +277,32 @@ def _check_accountant(accountant: str) -> None:
 
 
 def _check_schedule(sample_rate: float, steps: int, delta: float) -> None:
-    if not (_is_real(sample_rate) and 0 < sample_rate <= 1):
-        raise InfluxValueError(f"sample_rate must lie in (0, 1]; got {sample_rate!r}")
-    _check_integer("steps", steps, minimum=0)
-    if not (_is_real(delta) and 0 < delta < 1):
-        raise InfluxValueError(f"delta must lie in (0, 1); got {delta!r}")
+    check_number("sample_rate", sample_rate, above=0, at_most=1)
+    check_integer("steps", steps, minimum=0)
+    check_number("delta", delta, above=0, below=1)
 
 
 def _check_calibration(target_epsilon: float, steps: int, tolerance: float) -> None:
     """What Opacus' bisection needs to end: it loops forever without a step (epsilon is 0 at any
     noise) or with a tolerance below the accountant's resolution."""
-    if not (_is_real(target_epsilon) and math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise InfluxValueError(
-            f"target_epsilon must be a finite number > 0; got {target_epsilon!r} (for no privacy "
-            "guarantee, give noise_multiplier=0 instead)"
-        )
+    check_number(
+        "target_epsilon",
+        target_epsilon,
+        above=0,
+        hint="for no privacy guarantee, give noise_multiplier=0 instead",
+    )
     if steps < 1:
         raise InfluxValueError(
             f"a target_epsilon needs at least one step to calibrate the noise for; got steps={steps} "
             "(no step spends no privacy at any noise): train for at least one step, or give "
             "noise_multiplier instead"
         )
-    if not (_is_real(tolerance) and math.isfinite(tolerance) and tolerance >= _MIN_TOLERANCE):
-        raise InfluxValueError(
-            f"tolerance must be a finite number >= {_MIN_TOLERANCE:g}; got {tolerance!r} (the "
-            "accountants' epsilon is not resolved more finely, and the search would not end)"
-        )
+    check_number(
+        "tolerance",
+        tolerance,
+        at_least=_MIN_TOLERANCE,
+        hint="the accountants' epsilon is not resolved more finely, and the search would not end",
+    )
 
 
 def _opacus():
@@ -361,7 +336,7 @@ def epsilon(
     _check_accountant(accountant)
     _check_schedule(sample_rate, steps, delta)
     # Opacus loops forever on a NaN or infinite noise multiplier
-    _check_finite_number("noise_multiplier", noise_multiplier, allow_zero=True)
+    check_number("noise_multiplier", noise_multiplier, at_least=0)
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -454,8 +429,9 @@ def train(
     n = num_examples(data)
     if n == 0:
         raise InfluxValueError("cannot train on empty data")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    if not (is_integer(batch_size) and 1 <= batch_size <= n):
         raise InfluxValueError(f"batch_size must be an integer in [1, N={n}]; got {batch_size!r}")
+    batch_size = int(batch_size)
     if sampling not in ("poisson", "shuffle"):
         raise InfluxValueError(f"sampling must be 'poisson' or 'shuffle'; got {sampling!r}")
     for key in ("gradient", "micro_batches", "aggregator"):

@@ -47,6 +47,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from influx import train as training
+from influx.checks import check_integer, check_number
 from influx.data import as_tensors, iter_batches, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.seeds import derive_seed
@@ -303,15 +304,14 @@ def _check_class_targets(targets: torch.Tensor, what: str) -> None:
         )
 
 
-def _check_training_args(epochs, lr, batch_size, optimizer):
-    if not isinstance(epochs, int) or epochs < 1:
-        raise InfluxValueError(f"epochs must be a positive integer; got {epochs!r}")
-    if not lr > 0:
-        raise InfluxValueError(f"lr must be > 0; got {lr}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InfluxValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+def _check_training_args(epochs, lr, batch_size, optimizer) -> tuple[int, int]:
+    """``(epochs, batch_size)`` as ints, once the training settings are checked."""
+    epochs = check_integer("epochs", epochs, minimum=1)
+    check_number("lr", lr, above=0)
+    batch_size = check_integer("batch_size", batch_size, minimum=1)
     if optimizer not in ("adam", "sgd"):
         raise InfluxValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+    return epochs, batch_size
 
 
 def _refuse_train_batchnorm(model: nn.Module) -> None:
@@ -454,7 +454,7 @@ def _fit_ensemble(
     model_fn, train, masks, *, epochs, lr, batch_size, seed, model_ids, loss_fn, optimizer,
     weight_decay, device,
 ) -> Ensemble:  # fmt: skip
-    _check_training_args(epochs, lr, batch_size, optimizer)
+    epochs, batch_size = _check_training_args(epochs, lr, batch_size, optimizer)
     inputs, targets, _ = as_tensors(train)
     masks = torch.as_tensor(masks, dtype=torch.bool, device="cpu")
     if masks.dim() != 2 or masks.shape[1] != inputs.shape[0]:
@@ -644,15 +644,11 @@ def estimate(
 
     Returns the estimate over the runs present; ``complete`` says whether all ``n_models`` are.
     """
-    if not isinstance(n_models, int) or n_models < 2:
-        raise InfluxValueError(f"n_models must be an integer >= 2; got {n_models!r}")
-    if not 0 < subset_frac < 1:
-        raise InfluxValueError(f"subset_frac must lie in (0, 1); got {subset_frac}")
-    if not isinstance(seed, int) or seed < 0:
-        raise InfluxValueError(f"seed must be a non-negative integer; got {seed!r}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise InfluxValueError(f"chunk must be a positive integer; got {chunk!r}")
-    _check_training_args(epochs, lr, batch_size, optimizer)
+    n_models = check_integer("n_models", n_models, minimum=2)
+    check_number("subset_frac", subset_frac, above=0, below=1)
+    seed = check_integer("seed", seed, minimum=0)
+    chunk = check_integer("chunk", chunk, minimum=1)
+    epochs, batch_size = _check_training_args(epochs, lr, batch_size, optimizer)
     rank, world_size = _rank_and_world(rank, world_size)
     if world_size > 1 and out is None:
         raise InfluxValueError(
@@ -971,10 +967,8 @@ def curvature(
     the summed loss for a whole batch (examples do not interact in eval mode). High curvature
     marks memorized examples. The same probes are used at every checkpoint.
     """
-    if not isinstance(probes, int) or probes < 1:
-        raise InfluxValueError(f"probes must be a positive integer; got {probes!r}")
-    if not h > 0:
-        raise InfluxValueError(f"h must be > 0; got {h}")
+    probes = check_integer("probes", probes, minimum=1)
+    check_number("h", h, above=0)
     states = [model] if checkpoints is None else _checkpoint_states(checkpoints)[0]
     was_training = model.training
     total = None

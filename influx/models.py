@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from influx.checks import check_integer
 from influx.errors import InfluxValueError
 
 Norm = Literal["group", "batch", "none"]
@@ -29,11 +30,6 @@ _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 _RESNET_BLOCKS = {8: (1, 1, 1, 1), 18: (2, 2, 2, 2)}
 
 __all__ = ["cnn", "convert_batchnorm", "mlp", "resnet", "resnet18"]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InfluxValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def _check_norm(norm: str) -> None:
@@ -69,10 +65,9 @@ def mlp(
     Parameter count: ``sum over consecutive widths (d_in * d_out + d_out)``; the default
     (64 -> 64 -> 10) has 64*64 + 64 + 64*10 + 10 = 4,810 parameters.
     """
-    _check_positive("in_features", in_features)
-    _check_positive("num_classes", num_classes)
-    for width in hidden:
-        _check_positive("every hidden width", width)
+    in_features = check_integer("in_features", in_features, minimum=1)
+    num_classes = check_integer("num_classes", num_classes, minimum=1)
+    hidden = [check_integer("every hidden width", width, minimum=1) for width in hidden]
     if activation not in _ACTIVATIONS:
         raise InfluxValueError(
             f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}"
@@ -108,9 +103,9 @@ def cnn(
     count is ``9 w (in_channels + w + 2 w) + 2 (w + w + 2 w) + 2 w num_classes + num_classes``:
     7,514 for ``cnn(1, 10)`` and 7,802 for ``cnn(3, 10)``.
     """
-    _check_positive("in_channels", in_channels)
-    _check_positive("num_classes", num_classes)
-    _check_positive("width", width)
+    in_channels = check_integer("in_channels", in_channels, minimum=1)
+    num_classes = check_integer("num_classes", num_classes, minimum=1)
+    width = check_integer("width", width, minimum=1)
     _check_norm(norm)
     # Small widths: 8 groups keep at least 2 channels per group, so GroupNorm is not InstanceNorm.
     max_groups = 8
@@ -209,9 +204,9 @@ def resnet(
     """
     if depth not in _RESNET_BLOCKS:
         raise InfluxValueError(f"depth must be one of {sorted(_RESNET_BLOCKS)}; got {depth!r}")
-    _check_positive("width", width)
-    _check_positive("num_classes", num_classes)
-    _check_positive("in_channels", in_channels)
+    width = check_integer("width", width, minimum=1)
+    num_classes = check_integer("num_classes", num_classes, minimum=1)
+    in_channels = check_integer("in_channels", in_channels, minimum=1)
     _check_norm(norm)
     return ResNet(_RESNET_BLOCKS[depth], width, norm, num_classes, in_channels)
 
@@ -243,7 +238,7 @@ def convert_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
     Returns ``model``; if ``model`` is itself a BatchNorm layer, returns its GroupNorm replacement.
     The converted model computes a different function: fine-tune it before relying on it.
     """
-    _check_positive("num_groups", num_groups)
+    num_groups = check_integer("num_groups", num_groups, minimum=1)
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
         return _group_norm_like(model, num_groups)
     for name, child in model.named_children():

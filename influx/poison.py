@@ -23,8 +23,6 @@ seed gives the same poisons on every device.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
+from influx.checks import check_integer, check_number, is_integer
 from influx.data import as_tensors, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads.common import check_finite
@@ -254,15 +253,8 @@ class AdversarialPoison(Poison):
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_real(value) -> bool:
-    # numpy scalars count (np.float32 is a numbers.Real); a bool is an int but never a setting
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InfluxValueError(f"seed must be an integer >= 0; got {seed!r}")
-    return int(seed)
+    return check_integer("seed", seed, minimum=0)
 
 
 def _poison_count(n: int, fraction: float | None, count: int | None) -> int:
@@ -274,8 +266,7 @@ def _poison_count(n: int, fraction: float | None, count: int | None) -> int:
     if n == 0:
         raise InfluxValueError("cannot poison empty data")
     if fraction is not None:
-        if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
-            raise InfluxValueError(f"fraction must lie in (0, 1]; got {fraction!r}")
+        check_number("fraction", fraction, above=0, at_most=1)
         count = round(fraction * n)
         if count == 0:
             raise InfluxValueError(
@@ -283,7 +274,7 @@ def _poison_count(n: int, fraction: float | None, count: int | None) -> int:
                 "raise the fraction or give count"
             )
         return count
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= n:
+    if not (is_integer(count) and 1 <= count <= n):
         raise InfluxValueError(
             f"count must be an integer in [1, {n}] (the data size); got {count!r}"
         )
@@ -330,8 +321,7 @@ def gaussian(
     """
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
-    if not (_is_real(noise_std) and math.isfinite(noise_std) and noise_std > 0):
-        raise InfluxValueError(f"noise_std must be a finite number > 0; got {noise_std!r}")
+    noise_std = check_number("noise_std", noise_std, above=0)
     seed = _check_seed(seed)
     base, generator, positions, (base_inputs, targets, indices) = _pick(dataset, n, k, seed)
     if not base_inputs.is_floating_point():
@@ -361,7 +351,7 @@ def _num_classes(dataset, num_classes: int | None) -> int:
         raise InfluxValueError(
             "the number of classes is unknown: pass num_classes (the dataset has no .num_classes)"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+    if not is_integer(num_classes):
         raise InfluxValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
     if num_classes < 2:
         raise InfluxValueError(
@@ -436,8 +426,7 @@ def input_gradients(
             f"inputs and targets disagree on the number of examples: {inputs.shape[0]} vs "
             f"{targets.shape[0]}"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InfluxValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    batch_size = check_integer("batch_size", batch_size, minimum=1)
     if not inputs.is_floating_point():
         raise InfluxValueError(f"input gradients need floating-point inputs; got {inputs.dtype}")
     device = _model_device(model, inputs.device)
@@ -500,8 +489,7 @@ def adversarial(
     """
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
-    if not (_is_real(eps) and math.isfinite(eps) and eps > 0):
-        raise InfluxValueError(f"eps must be a finite number > 0; got {eps!r}")
+    check_number("eps", eps, above=0)
     if clip is not None and not (len(clip) == 2 and clip[0] < clip[1]):
         raise InfluxValueError(f"clip must be (low, high) with low < high; got {clip!r}")
     seed = _check_seed(seed)
@@ -565,7 +553,7 @@ class BatchSchedule(Sampler):
             )
         if mask.shape[0] == 0:
             raise InfluxValueError("mask is empty: there is no data to schedule")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        if not is_integer(batch_size):
             raise InfluxValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
         if batch_size < 1:
             raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")

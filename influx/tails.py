@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
+from influx.checks import check_integer
 from influx.errors import InfluxValueError
 
 FAMILIES = {
@@ -466,14 +467,13 @@ def _hill_curve(magnitudes: np.ndarray) -> np.ndarray:
 def _hill_k(k, n: int, largest: int) -> int:
     if k is None:
         return min(int(round(n ** (2 / 3))), largest)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise InfluxValueError(f"Hill's k (hill_k) must be an integer; got {k!r}")
+    k = check_integer("Hill's k (hill_k)", k)
     if not 1 <= k <= largest:
         raise InfluxValueError(
             f"Hill's k (hill_k) must lie in [1, {largest}] (the number of nonzero |scores| "
             f"minus 1); got {k}"
         )
-    return int(k)
+    return k
 
 
 def _hill_estimate(x: np.ndarray, k: int | None) -> HillEstimate:
@@ -584,8 +584,7 @@ def fit(
         raise InfluxValueError(
             f"unknown families {unknown or families}; choose from {sorted(FAMILIES)}"
         )
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise InfluxValueError(f"bootstrap must be an integer >= 0; got {bootstrap!r}")
+    bootstrap = check_integer("bootstrap", bootstrap, minimum=0)
     rng = np.random.default_rng(seed)
     n = x.size
     sorted_x = np.sort(x)

@@ -287,7 +287,7 @@ def test_micro_batch_training_steps_on_a_model_with_a_0_dim_parameter(rule):
 def test_a_stacked_mapping_needs_the_m_dimension_and_counts_are_not_booleans():
     with pytest.raises(InfluxValueError, match=r"entries \['t'\] are 0-dim"):
         aggregate.mean()({"t": torch.tensor(1.0)})
-    with pytest.raises(InfluxValueError, match="count must be a non-negative integer; got True"):
+    with pytest.raises(InfluxValueError, match="count must be an integer >= 0; got True"):
         aggregate.trimmed_mean(count=True)
     with pytest.raises(InfluxValueError, match="beta must lie in"):
         aggregate.trimmed_mean(False)

@@ -16,7 +16,7 @@ _TOP = {"report", "cli"}
 _ABOVE_CURVATURE = {"influence", "commutator", "memorization", "dp"} | _LAB | _TOP
 _LEAF = {
     "grads", "curvature", "influence", "commutator", "memorization", "dp", "train", "models",
-    "data", "tails", "store", "aggregate", "distributed", "seeds", "kernels",
+    "data", "tails", "store", "aggregate", "distributed", "seeds", "kernels", "checks",
 } | _LAB | _TOP  # fmt: skip
 FORBIDDEN = {
     "grads": {"curvature", "train", "models"} | _ABOVE_CURVATURE,
@@ -29,7 +29,11 @@ FORBIDDEN = {
     "data": {"grads", "curvature", "models", "train"} | _ABOVE_CURVATURE,
     "models": {"grads", "curvature", "data", "train"} | _ABOVE_CURVATURE,
     "train": {"grads", "curvature", "dp"} | _ABOVE_CURVATURE,
-    **{name: _LEAF - {name} for name in ("tails", "store", "aggregate", "distributed", "seeds")},
+    # leaves import no other module; the validators of influx.checks sit below them all
+    **{
+        name: _LEAF - {name, "checks"}
+        for name in ("tails", "store", "aggregate", "distributed", "seeds", "checks")
+    },
 }
 
 
@@ -65,6 +69,10 @@ def test_dependency_arrows(module):
             pytest.skip(f"{path.name} not present")
         bad = influx_imports(path) & FORBIDDEN[module]
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} against the layering"
+
+
+def test_checks_imports_only_the_errors():
+    assert influx_imports(PACKAGE / "checks.py") <= {"errors"}
 
 
 def test_library_never_imports_benchmarks_examples_or_tests():

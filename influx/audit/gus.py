@@ -59,6 +59,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from influx.checks import check_integer, check_number
 from influx.errors import InfluxValueError
 from influx.poison import GaussianPoison, input_gradients
 from influx.train import LossFn
@@ -148,14 +149,9 @@ def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss
         raise InfluxValueError(
             f"targets must be a tensor with {base_inputs.shape[0]} rows (one per point); got {got}"
         )
-    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
-        raise InfluxValueError(
-            f"noise_std must be the finite std (> 0) the noise was drawn with; got {noise_std!r}"
-        )
-    if not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
-        raise InfluxValueError(f"fpr must lie in (0, 1); got {fpr!r}")
-    if isinstance(null_seed, bool) or not isinstance(null_seed, int) or null_seed < 0:
-        raise InfluxValueError(f"null_seed must be an integer >= 0; got {null_seed!r}")
+    check_number("noise_std", noise_std, above=0, hint="the std the noise was drawn with")
+    check_number("fpr", fpr, above=0, below=1)
+    check_integer("null_seed", null_seed, minimum=0)
     if indices is not None and (
         not isinstance(indices, torch.Tensor) or indices.shape != base_inputs.shape[:1]
     ):

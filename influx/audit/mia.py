@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.func import functional_call, vmap
 
+from influx.checks import check_integer, check_number
 from influx.data import as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.train import LossFn, train_ensemble
@@ -322,10 +323,8 @@ def shadow_masks(
     from ``seed`` (the scheme of Carlini et al.'s code); shadow training sets then have about
     ``fraction * N`` examples each.
     """
-    if num_shadows < 2:
-        raise InfluxValueError(f"num_shadows must be >= 2; got {num_shadows}")
-    if not 0 < fraction < 1:
-        raise InfluxValueError(f"fraction must lie in (0, 1); got {fraction}")
+    num_shadows = check_integer("num_shadows", num_shadows, minimum=2)
+    check_number("fraction", fraction, above=0, below=1)
     keep = int(fraction * num_shadows)
     if keep == 0 or keep == num_shadows:
         raise InfluxValueError(
@@ -525,8 +524,8 @@ def lira(
     n = num_examples(data)
     if n == 0:
         raise InfluxValueError("data is empty")
-    if steps < 1 or not lr > 0:
-        raise InfluxValueError(f"steps must be >= 1 and lr > 0; got steps={steps}, lr={lr}")
+    check_integer("steps", steps, minimum=1)
+    check_number("lr", lr, above=0)
     pooled = _resolve_global(global_variance, num_shadows)
     masks = shadow_masks(num_shadows, n, seed=seed)
     if shadow_trainer is None:

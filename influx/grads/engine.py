@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from influx.checks import check_chunk_size
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
 from influx.grads.common import (
@@ -72,8 +73,7 @@ def _chunks(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(offset, inputs, targets) of each chunk of at most ``chunk_size`` examples."""
     check_batch(inputs, targets)
-    if chunk_size is not None and chunk_size < 1:
-        raise InfluxValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+    chunk_size = check_chunk_size("chunk_size", chunk_size)
     n = inputs.shape[0]
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):

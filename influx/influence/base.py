@@ -170,12 +170,6 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise InfluxValueError(f"{name} must be one of {choices}; got {value!r}")
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise InfluxValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
-
-
 def check_damping(value) -> None:
     if isinstance(value, str):
         if value != "auto":

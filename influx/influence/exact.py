@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from influx.checks import check_integer
 from influx.curvature import (
     DEFAULT_RELATIVE_DAMPING,
     NonPositiveDefiniteWarning,
@@ -43,7 +44,6 @@ from influx.influence.base import (
     cast_inputs,
     check_choice,
     check_damping,
-    check_positive,
     float64_copy,
     option,
     per_example_gradients,
@@ -76,7 +76,7 @@ class ExactOptions:
     def __post_init__(self):
         check_choice("curvature", self.curvature, ("hessian", "ggn"))
         check_damping(self.damping)
-        check_positive("batch_size", self.batch_size)
+        check_integer("batch_size", self.batch_size, minimum=1)
         check_choice("solver", self.solver, ("cholesky", "eigh"))
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from influx.checks import check_integer, check_number
 from influx.curvature import (
     DEFAULT_RELATIVE_DAMPING,
     SPECTRUM_STEPS,
@@ -71,7 +72,6 @@ from influx.influence.base import (
     cast_inputs,
     check_choice,
     check_damping,
-    check_positive,
     option,
     per_example_gradients,
 )
@@ -153,18 +153,12 @@ class IterativeOptions:
     def __post_init__(self):
         check_choice("curvature", self.curvature, ("hessian", "ggn"))
         check_damping(self.damping)
-        for name in (
-            "batch_size",
-            "rank",
-            "spectrum_iterations",
-            "spectrum_tolerance",
-            "trace_samples",
-            "query_block",
-            "tolerance",
-        ):
-            check_positive(name, getattr(self, name))
+        for name in ("batch_size", "rank", "spectrum_iterations", "trace_samples", "query_block"):
+            check_integer(name, getattr(self, name), minimum=1)
+        for name in ("spectrum_tolerance", "tolerance"):
+            check_number(name, getattr(self, name), above=0)
         if self.max_iterations is not None:
-            check_positive("max_iterations", self.max_iterations)
+            check_integer("max_iterations", self.max_iterations, minimum=1)
         check_choice("preconditioner", self.preconditioner, ("auto", None, "kfac", "ekfac"))
 
 

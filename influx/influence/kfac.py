@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from influx.checks import check_integer
 from influx.curvature import (
     DiagonalFactors,
     KroneckerFactors,
@@ -84,7 +85,6 @@ from influx.influence.base import (
     FeatureLayout,
     check_choice,
     check_damping,
-    check_positive,
     option,
 )
 
@@ -291,9 +291,9 @@ class KFACOptions:
         check_choice("fisher", self.fisher, ("auto", "sampled", "empirical"))
         check_choice("others", self.others, ("diagonal", "exclude"))
         check_choice("feature_basis", self.feature_basis, ("auto", "eigen", "parameter"))
-        check_positive("batch_size", self.batch_size)
+        check_integer("batch_size", self.batch_size, minimum=1)
         if self.fisher_draws != "auto":
-            check_positive("fisher_draws", self.fisher_draws)
+            check_integer("fisher_draws", self.fisher_draws, minimum=1)
 
 
 def _is_cross_entropy(model, loss_fn, inputs, targets) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from influx.checks import check_integer
 from influx.curvature import ParamSpace, Spectrum, check_damped_spectrum, lanczos, resolve_damping
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_projected
@@ -36,7 +37,6 @@ from influx.influence.base import (
     FeatureLayout,
     check_choice,
     check_damping,
-    check_positive,
     default_batch_size,
     option,
 )
@@ -62,11 +62,11 @@ class TRAKOptions:
     )
 
     def __post_init__(self):
-        check_positive("dim", self.dim)
+        check_integer("dim", self.dim, minimum=1)
         check_choice("projection", self.projection, ("dense", "kronecker"))
         check_damping(self.damping)
         if self.batch_size is not None:
-            check_positive("batch_size", self.batch_size)
+            check_integer("batch_size", self.batch_size, minimum=1)
 
 
 class TRAKEstimator(Estimator):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from influx.checks import check_integer, check_number, is_integer
 from influx.data import as_tensors, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
 from influx.unlearn.budget import Meter, resolve_budget
@@ -60,8 +61,7 @@ class StepOptions:
     inplace: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise InfluxValueError(f"lr must be a finite number > 0; got {self.lr!r}")
+        check_number("lr", self.lr, above=0)
         if self.optimizer not in _OPTIMIZERS:
             raise InfluxValueError(
                 f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}"
@@ -70,15 +70,13 @@ class StepOptions:
             raise InfluxValueError(
                 f"momentum and weight_decay must be >= 0; got {self.momentum!r}, {self.weight_decay!r}"
             )
-        _check_count("batch_size", self.batch_size)
-        if self.max_steps is not None and (
-            not isinstance(self.max_steps, int) or self.max_steps < 0
-        ):
+        check_integer("batch_size", self.batch_size, minimum=1)
+        if self.max_steps is not None and not (is_integer(self.max_steps) and self.max_steps >= 0):
             raise InfluxValueError(
                 f"max_steps must be an integer >= 0 or None; got {self.max_steps!r}"
             )
         if self.record_every is not None:
-            _check_count("record_every", self.record_every)
+            check_integer("record_every", self.record_every, minimum=1)
         if self.on_checkpoint is not None and not callable(self.on_checkpoint):
             raise InfluxValueError("on_checkpoint must be a callable (model, step) -> dict")
 
@@ -100,11 +98,6 @@ class StepOptions:
             None if callback is None else getattr(callback, "__name__", type(callback).__name__)
         )
         return out
-
-
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InfluxValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def model_device(model: nn.Module) -> torch.device:
