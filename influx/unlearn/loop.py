@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from influx.checks import check_integer, check_number, is_integer
 from influx.data import as_tensors, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.seeds import derive_seed
 from influx.unlearn.budget import Meter, resolve_budget
 from influx.unlearn.result import TrajectoryPoint, UnlearnResult
 
@@ -66,10 +67,8 @@ class StepOptions:
             raise InfluxValueError(
                 f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}"
             )
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise InfluxValueError(
-                f"momentum and weight_decay must be >= 0; got {self.momentum!r}, {self.weight_decay!r}"
-            )
+        check_number("momentum", self.momentum, at_least=0)
+        check_number("weight_decay", self.weight_decay, at_least=0)
         check_integer("batch_size", self.batch_size, minimum=1)
         if self.max_steps is not None and not (is_integer(self.max_steps) and self.max_steps >= 0):
             raise InfluxValueError(
@@ -195,7 +194,7 @@ class Session:
 
     def stream(self, which: str, offset: int = 0) -> BatchStream:
         data = self.forget if which == "forget" else self.retain
-        return BatchStream(data, self.options.batch_size, self.options.seed + offset)
+        return BatchStream(data, self.options.batch_size, derive_seed(self.options.seed, offset))
 
     def batch_size_of(self, which: str) -> int:
         """Examples per batch of the ``"forget"`` or ``"retain"`` set (= cost of a pass over it)."""
@@ -256,6 +255,11 @@ class Session:
     ) -> UnlearnResult:
         """Take the plan's steps while the budget affords the next one (and ``max_steps`` allows)."""
         o = self.options
+        if math.isinf(self.meter.budget) and o.max_steps is None:
+            raise InfluxValueError(
+                f"{self.method} steps until its budget is spent: with budget=math.inf give "
+                "max_steps= too"
+            )
         if parameters is None:
             parameters = [p for p in self.model.parameters() if p.requires_grad]
         if not parameters:

@@ -16,9 +16,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from influx.checks import check_number
 from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.seeds import derive_seed
 from influx.unlearn.loop import LossFn, Session, Step
 from influx.unlearn.result import UnlearnResult
+
+# derive_seed(seed, _NOISE_STREAM) seeds noisy_gd's noise; the batch streams use other streams
+_NOISE_STREAM = 1_000
 
 __all__ = [
     "cf_k",
@@ -80,12 +85,13 @@ def noisy_gd(
     the optimizer sees ``g + noise_std * xi``, ``xi ~ N(0, I)`` (for SGD:
     ``theta <- theta - lr * (g + noise_std * xi)``). The noise is drawn from a CPU generator
     seeded by ``seed``, so runs repeat exactly on any device. Cost per step: the batch size."""
-    if not noise_std >= 0:
-        raise InfluxValueError(f"noise_std must be >= 0; got {noise_std!r}")
+    check_number("noise_std", noise_std, at_least=0)
     session = Session("noisy_gd", model, loss_fn, forget, retain, budget=budget,
                       train_compute=train_compute, options=options)  # fmt: skip
     parameters = [p for p in session.model.parameters() if p.requires_grad]
-    generator = torch.Generator(device="cpu").manual_seed(session.options.seed + 1)
+    generator = torch.Generator(device="cpu").manual_seed(
+        derive_seed(session.options.seed, _NOISE_STREAM)
+    )
 
     def add_noise() -> None:
         for p in parameters:

@@ -207,6 +207,17 @@ def test_errors():
         unlearn.newton(tiny_mlp(), LOSS, forget, retain, budget=100, solver="dense")
     with pytest.raises(InfluxValueError, match="forget-set gradient"):
         unlearn.ssd(tiny_mlp(), LOSS, forget, retain, budget=3)
+    with pytest.raises(InfluxValueError, match="with budget=math.inf give max_steps"):
+        unlearn.gradient_ascent(tiny_mlp(), LOSS, forget, retain, budget=math.inf)
+    assert (
+        unlearn.gradient_ascent(
+            tiny_mlp(), LOSS, forget, retain, budget=math.inf, max_steps=2, progress=False
+        ).steps
+        == 2
+    )
+    for setting in ("momentum", "weight_decay"):
+        with pytest.raises(InfluxValueError, match=f"{setting} must be a finite number >= 0"):
+            unlearn.fine_tune(tiny_mlp(), LOSS, forget, retain, budget=5, **{setting: math.nan})
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(3))
     images = (torch.randn(4, 1, 5, 5, device="cpu"), torch.zeros(4, dtype=torch.long, device="cpu"))
     with pytest.raises(UnsupportedModelError, match="convert_batchnorm"):
