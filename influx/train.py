@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from influx.aggregate import Aggregator
 from influx.aggregate import mean as _mean_aggregator
+from influx.checks import check_integer, check_number
 from influx.data import iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.seeds import derive_seed
@@ -153,12 +154,8 @@ def total_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) 
             f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}"
         )
     if epochs is not None:
-        if epochs < 0:
-            raise InfluxValueError(f"epochs must be >= 0; got {epochs}")
-        return epochs * math.ceil(n / batch_size)
-    if steps < 0:  # type: ignore[operator]
-        raise InfluxValueError(f"steps must be >= 0; got {steps}")
-    return int(steps)  # type: ignore[arg-type]
+        return check_integer("epochs", epochs, minimum=0) * math.ceil(n / batch_size)
+    return check_integer("steps", steps, minimum=0)
 
 
 def _checkpoint_steps(
@@ -171,7 +168,12 @@ def _checkpoint_steps(
         raise InfluxValueError(
             f"checkpoints must be step numbers or 'epochs'; got the string {checkpoints!r}"
         )
-    wanted = sorted({int(step) for step in checkpoints})
+    if not isinstance(checkpoints, Iterable):
+        raise InfluxValueError(
+            f"checkpoints must be step numbers or 'epochs'; got {checkpoints!r} (for one step k, "
+            "pass [k])"
+        )
+    wanted = sorted({check_integer("checkpoint step", step) for step in checkpoints})
     out_of_range = [step for step in wanted if not 0 <= step <= total]
     if out_of_range:
         raise InfluxValueError(
@@ -350,13 +352,14 @@ def train(
     n = num_examples(data)
     if n == 0:
         raise InfluxValueError("cannot train on empty data")
-    batch_size = n if batch_size is None else batch_size
-    if batch_size < 1:
-        raise InfluxValueError(f"batch_size must be >= 1 or None (full batch); got {batch_size}")
+    if batch_size is None:
+        batch_size = n
+    check_integer("batch_size", batch_size, minimum=1, hint="or None for the full batch")
     if lr_schedule not in _SCHEDULES:
         raise InfluxValueError(f"lr_schedule must be one of {_SCHEDULES}; got {lr_schedule!r}")
-    if not lr > 0:
-        raise InfluxValueError(f"lr must be > 0; got {lr}")
+    check_number("lr", lr, above=0)
+    check_number("momentum", momentum, at_least=0)
+    check_number("weight_decay", weight_decay, at_least=0)
     _check_hooks(n, batch_size, sampling, gradient, aggregator, micro_batches)
     loss_fn = _resolve_loss(loss)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -456,6 +459,20 @@ def _epoch_batches(
     yield from iter_ordered_batches(data, order[: steps * batch_size], batch_size)
 
 
+def _refuse_nonfinite(example_losses, indices, step: int, epoch: int) -> None:
+    bad = indices[~torch.isfinite(example_losses.detach()).cpu()].tolist()
+    if not bad:
+        raise InfluxValueError(
+            f"training step {step} (epoch {epoch}): the mean loss overflowed although every "
+            "example's loss is finite: the loss diverged, lower lr"
+        )
+    raise InfluxValueError(
+        f"training step {step} (epoch {epoch}): the losses of examples {bad[:10]} (dataset "
+        f"indices{', first 10' if len(bad) > 10 else ''}) are NaN or inf: repair or remove those "
+        "examples, or lower lr if the loss diverged"
+    )
+
+
 def _run(
     model: nn.Module,
     data,
@@ -478,7 +495,7 @@ def _run(
     epoch_seeds: list[int] = []
     epoch_orders: list[torch.Tensor] = []
     losses = torch.zeros(total, device="cpu")
-    lrs = torch.zeros(total, device="cpu")
+    lrs = torch.zeros(total, dtype=torch.float64, device="cpu")  # the rates exactly as applied
     batch_sizes = torch.zeros(total, dtype=torch.long, device="cpu")
     saved: list[Checkpoint] = []
     pending = list(checkpoint_steps)
@@ -507,7 +524,8 @@ def _run(
                 model.zero_grad(set_to_none=True)
                 inputs, targets = inputs.to(device), targets.to(device)
                 if step_gradient is None:
-                    batch_loss = loss_fn(model(inputs), targets).mean()
+                    example_losses = loss_fn(model(inputs), targets)
+                    batch_loss = example_losses.mean()
                     batch_loss.backward()
                 else:
                     example_losses, grads = step_gradient(model, loss_fn, inputs, targets)
@@ -517,12 +535,15 @@ def _run(
                 for group in opt.param_groups:
                     group["lr"] = step_lr
                 opt.step()
-                losses[step], lrs[step] = batch_loss.detach().cpu(), step_lr
+                loss_value = batch_loss.item()
+                if indices.numel() and not math.isfinite(loss_value):
+                    _refuse_nonfinite(example_losses, indices, step, epoch)
+                losses[step], lrs[step] = loss_value, step_lr
                 batch_sizes[step] = indices.numel()
                 visited.append(indices)
                 step += 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{batch_loss.item():.4f}", refresh=False)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", refresh=False)
                 maybe_checkpoint(step, epoch)
             epoch_seeds.append(epoch_seed)
             epoch_orders.append(torch.cat(visited))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,17 +186,38 @@ def test_trains_on_a_dataset_and_restores_the_mode(tmp_path):
         ({"epochs": 1, "checkpoints": "steps"}, "checkpoints must be step numbers or 'epochs'"),
         ({"epochs": 1, "optimizer": "lbfgs"}, "optimizer must be one of"),
         ({"epochs": 1, "loss": "hinge"}, "loss must be one of"),
-        ({"epochs": 1, "batch_size": 0}, "batch_size must be >= 1 or None"),
-        ({"epochs": 1, "lr": 0.0}, "lr must be > 0"),
+        ({"epochs": 1, "batch_size": 0}, r"batch_size must be an integer >= 1; got 0 \(or None"),
+        ({"epochs": 1, "batch_size": 8.0}, r"batch_size must be an integer >= 1"),
+        ({"epochs": 1, "lr": 0.0}, "lr must be a finite number > 0"),
+        ({"epochs": 1, "lr": math.inf}, "lr must be a finite number > 0"),
+        ({"epochs": 1, "weight_decay": math.nan}, "weight_decay must be a finite number >= 0"),
+        ({"epochs": 1, "momentum": -0.1}, "momentum must be a finite number >= 0"),
+        ({"epochs": 1.5}, "epochs must be an integer >= 0"),
+        ({"steps": 2.7}, "steps must be an integer >= 0"),
+        ({"steps": True}, "steps must be an integer >= 0"),
+        ({"steps": 4, "checkpoints": [2.5]}, "checkpoint step must be an integer"),
+        ({"steps": 4, "checkpoints": 2}, r"for one step k, pass \[k\]"),
         ({"epochs": 1, "lr_schedule": "step"}, "lr_schedule must be one of"),
     ],
     ids=["both", "neither", "checkpoint-range", "checkpoint-string", "optimizer", "loss",
-         "batch-size", "lr", "schedule"],
+         "batch-size", "batch-size-float", "lr", "lr-inf", "weight-decay-nan", "momentum",
+         "epochs-float", "steps-float", "steps-bool", "checkpoint-float", "checkpoint-int",
+         "schedule"],
 )  # fmt: skip
 def test_invalid_settings_raise_clear_errors(kwargs, match):
     kwargs = {"batch_size": 10, "progress": False, **kwargs}
     with pytest.raises(InfluxValueError, match=match):
         train(small_model(), blobs(20), **kwargs)
+
+
+def test_a_nan_example_or_a_diverging_loss_stops_training_by_name():
+    inputs, targets = blobs(20)
+    inputs[13, 5] = math.nan
+    with pytest.raises(InfluxValueError, match=r"the losses of examples \[13\]"):
+        train(small_model(), (inputs, targets), epochs=1, batch_size=20, progress=False)
+    with pytest.raises(InfluxValueError, match="the loss diverged"):
+        train(small_model(), blobs(20), optimizer="sgd", lr=1e38, epochs=3, batch_size=20,
+              progress=False)  # fmt: skip
 
 
 def test_ensemble_equals_independent_torch_optim_runs():
