@@ -217,6 +217,14 @@ def resnet18(**kwargs) -> ResNet:
 
 
 def _group_norm_like(batchnorm: nn.modules.batchnorm._BatchNorm, num_groups: int) -> nn.GroupNorm:
+    if (
+        isinstance(batchnorm, nn.modules.lazy.LazyModuleMixin)
+        and batchnorm.has_uninitialized_params()
+    ):
+        raise InfluxValueError(
+            f"{type(batchnorm).__name__} does not know its channels yet: run one forward pass "
+            "before convert_batchnorm"
+        )
     channels = batchnorm.num_features
     group_norm = nn.GroupNorm(
         math.gcd(num_groups, channels), channels, eps=batchnorm.eps, affine=batchnorm.affine
@@ -226,6 +234,8 @@ def _group_norm_like(batchnorm: nn.modules.batchnorm._BatchNorm, num_groups: int
         with torch.no_grad():
             group_norm.weight.copy_(batchnorm.weight)
             group_norm.bias.copy_(batchnorm.bias)
+        group_norm.weight.requires_grad_(batchnorm.weight.requires_grad)
+        group_norm.bias.requires_grad_(batchnorm.bias.requires_grad)
     group_norm.train(batchnorm.training)
     return group_norm
 
@@ -235,18 +245,28 @@ def convert_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
 
     Each replacement has ``gcd(num_groups, channels)`` groups, the BatchNorm's ``eps`` and a copy of
     its affine weight and bias (running statistics have no GroupNorm counterpart and are dropped).
-    Returns ``model``; if ``model`` is itself a BatchNorm layer, returns its GroupNorm replacement.
-    The converted model computes a different function: fine-tune it before relying on it.
+    Frozen affine parameters stay frozen, and a BatchNorm used in several places becomes one
+    GroupNorm used in the same places. Returns ``model``; if ``model`` is itself a BatchNorm
+    layer, returns its GroupNorm replacement. The converted model computes a different function:
+    fine-tune it before relying on it.
     """
     num_groups = check_integer("num_groups", num_groups, minimum=1)
-    if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        return _group_norm_like(model, num_groups)
-    for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, _group_norm_like(child, num_groups))
-        else:
-            convert_batchnorm(child, num_groups)
-    return model
+    return _convert(model, num_groups, {})
+
+
+def _convert(module: nn.Module, num_groups: int, done: dict[int, nn.Module]) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if id(module) not in done:
+            done[id(module)] = _group_norm_like(module, num_groups)
+        return done[id(module)]
+    # _modules, not named_children(): the latter skips the second place a shared module sits
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        replacement = _convert(child, num_groups, done)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
 
 
 MODEL_NAMES = ("linear", "mlp", "cnn", "resnet8", "resnet18")

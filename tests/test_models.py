@@ -138,3 +138,20 @@ def test_build_by_name(name):
 def test_build_unknown_name():
     with pytest.raises(InfluxValueError, match="unknown model 'vgg'.*linear, mlp, cnn"):
         models.build("vgg", (3, 8, 8), 4)
+
+
+def test_convert_batchnorm_keeps_frozen_parameters_frozen_and_shared_layers_shared():
+    shared = nn.BatchNorm1d(4)
+    frozen = nn.BatchNorm1d(4)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(nn.Linear(4, 4), shared, frozen, shared)
+    models.convert_batchnorm(model, num_groups=2)
+    assert model[1] is model[3] and isinstance(model[1], nn.GroupNorm)
+    assert not model[2].weight.requires_grad and not model[2].bias.requires_grad
+    assert model[1].weight.requires_grad
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 20 + 8
+
+
+def test_convert_batchnorm_refuses_a_lazy_batchnorm_before_its_first_forward():
+    with pytest.raises(InfluxValueError, match="run one forward pass before convert_batchnorm"):
+        models.convert_batchnorm(nn.Sequential(nn.LazyBatchNorm1d()))
