@@ -347,7 +347,9 @@ def train(
     docstring. An epoch is ``ceil(N / batch_size)`` steps under every sampling. With
     ``micro_batches=M``, each batch is split into M contiguous parts (sizes differing by at most
     one) and ``aggregator`` (default ``influx.aggregate.mean()``) combines their gradients
-    (``gradient``, default the mean-loss gradient, applied to each part).
+    (``gradient``, default the mean-loss gradient, applied to each part). Each part counts as one
+    worker: the mean aggregator weights the parts equally, so when N is not a multiple of M it
+    differs slightly from the batch's mean gradient (parts of 4 and 3 examples: 4/7 vs 1/2).
     """
     n = num_examples(data)
     if n == 0:
