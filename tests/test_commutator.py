@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import Dataset
-from utils import assert_close, tiny_transformer
+from utils import IndexedDataset, assert_close, tiny_transformer
 
 from influx import cli, commutator
 from influx.errors import InfluxValueError, UnsupportedModelError
@@ -442,19 +441,6 @@ def test_errors_say_what_is_wrong():
         commutator.order_shift(
             model, cross_entropy, (x, y), lr=0.1, epochs=1, perms=1, batch_size=0
         )
-
-
-class IndexedDataset(Dataset):
-    """Yields ``(input, target, index)`` with the given dataset indices."""
-
-    def __init__(self, inputs, targets, indices):
-        self.inputs, self.targets, self.indices = inputs, targets, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int):
-        return self.inputs[position], self.targets[position], self.indices[position]
 
 
 SHUFFLED_INDICES = [50, 3, 17, 99, 8, 21]

@@ -76,3 +76,16 @@ def tiny_transformer(tokens: int, width: int = 8, classes: int = 3) -> torch.nn.
         torch.nn.Flatten(),
         torch.nn.Linear(tokens * width, classes),
     ).double().eval()  # fmt: skip
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Yields ``(input, target, index)`` with the given dataset indices (other than positions)."""
+
+    def __init__(self, inputs, targets, indices):
+        self.inputs, self.targets, self.indices = inputs, targets, indices
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, position: int):
+        return self.inputs[position], self.targets[position], int(self.indices[position])

@@ -6,22 +6,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from utils import IndexedDataset
 
 from influx.errors import InfluxValueError
 from influx.influence import evaluate
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """(input, target, index) with dataset indices other than the positions."""
-
-    def __init__(self, inputs, targets, indices):
-        self.inputs, self.targets, self.indices = inputs, targets, indices
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def __getitem__(self, position):
-        return self.inputs[position], self.targets[position], int(self.indices[position])
 
 
 def test_subset_models_and_retraining_take_a_dataset(tiny_mlp):

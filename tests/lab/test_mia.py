@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 from torch import nn
-from torch.utils.data import Dataset
+from utils import IndexedDataset
 
 from influx.audit.mia import (
     GLOBAL_VARIANCE_BELOW,
@@ -80,19 +80,6 @@ def test_confidence_takes_whole_class_indices_one_per_row():
         confidence_from_logits(logits, torch.tensor([0, 3, 1, 2]))
 
 
-class _Shuffled(Dataset):
-    """Yields (input, target, index) with dataset indices that are not positions."""
-
-    def __init__(self, inputs, targets, indices):
-        self.inputs, self.targets, self.indices = inputs, targets, indices
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def __getitem__(self, position):
-        return self.inputs[position], self.targets[position], int(self.indices[position])
-
-
 def test_logit_confidence_of_a_model_follows_the_data_and_eval_mode():
     model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 4)).double()
     model.train()
@@ -100,7 +87,7 @@ def test_logit_confidence_of_a_model_follows_the_data_and_eval_mode():
     targets = torch.randint(0, 4, (23,))
     indices = torch.randperm(100)[:23]
     values, got_indices = logit_confidence(
-        model, _Shuffled(inputs, targets, indices), batch_size=4, return_indices=True
+        model, IndexedDataset(inputs, targets, indices), batch_size=4, return_indices=True
     )
     model.eval()
     expected = torch.stack([
