@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: 1 for mlp, torch's default otherwise)",
+        help="CPU threads for torch (default: 1 for mlp, torch's default otherwise). float32 "
+        "training rounds differently with other thread counts, and torchrun gives each rank 1: "
+        "pass --threads to get the same numbers with and without torchrun",
     )
     parser.add_argument(
         "--overwrite",
@@ -364,6 +366,10 @@ def resolve_config(args: argparse.Namespace, context: distributed.Context) -> di
     _check_out(config["out"])
     _check_positive(config, "epochs", "batch_size", "chunk_size", "threads", "top_k")
     _check_positive(config, "max_examples", "width")
+    from influx.report import MAX_TOP_K  # checked now, not after the scoring
+
+    if config["top_k"] is not None and config["top_k"] > MAX_TOP_K:
+        raise InfluxValueError(f"--top-k must be at most {MAX_TOP_K}; got {config['top_k']}")
     if not (math.isfinite(config["lr"]) and config["lr"] > 0):
         default = TRAIN_DEFAULTS[config["dataset"]]["lr"]
         raise InfluxValueError(
@@ -539,8 +545,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` strictly; mismatches and non-finite weights are errors."""
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    wrong = [
+        f"{name} {tuple(value.shape)} (model {shapes[name]})"
+        for name, value in state.items()
+        if name in shapes and tuple(value.shape) != shapes[name]
+    ]
+    if wrong:
+        raise InfluxValueError(
+            f"{source} does not fit this --model: shapes differ for {wrong[:4]}; pass the --model, "
+            "--width and dataset it was trained with"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InfluxValueError(
@@ -729,7 +750,6 @@ class Scorer:
         self._fitted: dict[str, Any] = {}
         self._checkpoint_models: list[tuple[nn.Module, float]] | None = None
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.reference_indices: list[int] = []
 
     def _chunk_tensors(self, positions: torch.Tensor):
         inputs, targets, indices = [], [], []
@@ -775,14 +795,20 @@ class Scorer:
                 self._checkpoint_models.append((at.to(self.device).eval(), lr))
         return self._checkpoint_models
 
+    def reference_positions(self) -> torch.Tensor:
+        """The commutator's reference batch [R], sorted, fixed by the seed (known without any
+        shard being computed, so a resumed run reports it too)."""
+        n = len(self.train_set)
+        generator = torch.Generator(device="cpu").manual_seed(self.config["seed"])
+        return (
+            torch.randperm(n, generator=generator, device="cpu")[:COMMUTATOR_REFERENCE]
+            .sort()
+            .values
+        )
+
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._reference is None:
-            n = len(self.train_set)
-            generator = torch.Generator(device="cpu").manual_seed(self.config["seed"])
-            chosen = torch.randperm(n, generator=generator, device="cpu")[:COMMUTATOR_REFERENCE]
-            chosen = chosen.sort().values
-            self.reference_indices = chosen.tolist()
-            inputs, targets, _ = self._chunk_tensors(chosen)
+            inputs, targets, _ = self._chunk_tensors(self.reference_positions())
             self._reference = (inputs, targets)
         return self._reference
 
@@ -1337,7 +1363,11 @@ def write_outputs(job: Job, plan: Plan, table: dict[str, np.ndarray], started: f
         "checkpoints": [
             {"lr": lr} for _, lr in job.checkpoints
         ],  # TracIn's checkpoints (state dicts in store/training.safetensors)
-        "commutator_reference": job.scorer.reference_indices or None,
+        "commutator_reference": (
+            job.scorer.reference_positions().tolist()
+            if any(s.name == "commutator" for s in plan.specs)
+            else None
+        ),
         "poison": config["poison"],
         "gus": _gus_summary(table),
         "num_chunks": plan.num_chunks,
@@ -1479,7 +1509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary is not None:
         out = Path(config["out"])
         extra = f"; {summary['resumed_shards']} shards resumed" if summary["resumed_shards"] else ""
-        accuracy = lambda split: f"{summary['accuracy'][split] or float('nan'):.4f}"
+        accuracy = lambda split: f"{_or_nan(summary['accuracy'][split]):.4f}"
         print(
             f"scored {summary['sizes']['train']} examples ({', '.join(config['scores'])}) "
             f"-> {out / 'scores.parquet'}; train accuracy {accuracy('train')}, test accuracy "

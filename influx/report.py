@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -56,20 +57,22 @@ def _fmt(value: float) -> str:
 
 
 def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
-    """[S, S] Spearman correlations of the score columns (finite rows only; NaN if constant)."""
+    """[S, S] Spearman correlations of the score columns, each pair over the rows where both are
+    finite (a score defined on some rows only, like GUS on the poisoned ones, does not shrink the
+    other pairs); NaN where fewer than 3 such rows remain or a column is constant there."""
     from scipy.stats import spearmanr
 
     names = list(columns)
-    matrix = np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
-    matrix = matrix[np.isfinite(matrix).all(axis=1)]
-    if len(names) == 1:
-        return np.ones((1, 1))
-    if matrix.shape[0] < 3:
-        return np.full((len(names), len(names)), np.nan)
-    result = np.asarray(spearmanr(matrix).statistic, dtype=np.float64)
-    if result.ndim == 0:
-        # Two columns: scipy returns their one coefficient.
-        result = np.array([[1.0, result], [result, 1.0]])
+    values = [np.asarray(columns[n], dtype=np.float64) for n in names]
+    result = np.eye(len(names))
+    for i, j in itertools.combinations(range(len(names)), 2):
+        both = np.isfinite(values[i]) & np.isfinite(values[j])
+        if both.sum() < 3:
+            result[i, j] = result[j, i] = np.nan
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant column: NaN, as documented
+            result[i, j] = result[j, i] = spearmanr(values[i][both], values[j][both]).statistic
     return result
 
 

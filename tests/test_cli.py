@@ -296,7 +296,11 @@ def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
     (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(256))
     torch.save({"other.weight": torch.zeros(2)}, tmp_path / "other.pt")
     torch.save({"w": torch.full((2,), float("nan"))}, tmp_path / "nan.pt")
+    trained = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())[0]
+    torch.save({k: v[:5] if k == "3.bias" else v for k, v in trained.items()},
+               tmp_path / "five_classes.pt")  # fmt: skip
     cases = {
+        "five_classes.pt": "does not fit this --model: shapes differ",
         "payload.pt": "loads with weights_only=True (UnpicklingError",
         "random.bin": "neither a safetensors file nor a torch.save file",
         "other.pt": "does not fit this --model: missing",
@@ -354,6 +358,7 @@ BAD_OPTIONS = [
     (["--poison", "uniform:0.1"], "--poison takes gaussian:FRACTION:STD"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-k", "33"], "--top-k must be at most 32"),
 ]
 
 
@@ -460,3 +465,15 @@ def test_poisoning_study_scores(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     expected = table["gus_iz"][poisoned].mean()
     assert summary["gus"]["poisoned"] == 6 and summary["gus"]["gus"] == pytest.approx(expected)
+
+
+def test_a_rerun_of_a_finished_run_reports_the_commutator_reference(tmp_path, capsys):
+    args = ["--max-examples", "40", "--epochs", "1", "--scores", "commutator", "--no-progress"]
+    out = tmp_path / "commutator"
+    summaries = []
+    for _ in range(2):  # the second run computes no shard: everything is resumed
+        assert cli.main([*args, "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    capsys.readouterr()
+    reference = summaries[0]["commutator_reference"]
+    assert len(reference) > 0 and summaries[1]["commutator_reference"] == reference

@@ -24,10 +24,12 @@ def test_spearman_is_the_pearson_correlation_of_ranks():
     cols = columns()
     cols["noise"][[3, 7]] = np.nan
     matrix = report.spearman_matrix(cols)
-    keep = np.isfinite(cols["noise"])
-    ranks = np.column_stack([rankdata(v[keep]) for v in cols.values()])
-    expected = np.corrcoef(ranks, rowvar=False)
-    np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-12)
+    values = list(cols.values())
+    for i, a in enumerate(values):  # each pair over the rows where both are finite
+        for j, b in enumerate(values):
+            both = np.isfinite(a) & np.isfinite(b)
+            expected = np.corrcoef(rankdata(a[both]), rankdata(b[both]))[0, 1]
+            np.testing.assert_allclose(matrix[i, j], expected, rtol=1e-12, atol=1e-12)
     assert matrix[0, 1] < -0.9 and np.allclose(np.diag(matrix), 1.0)
     pair = report.spearman_matrix({"a": cols["loss"], "b": cols["margin"]})
     both = np.corrcoef(rankdata(cols["loss"]), rankdata(cols["margin"]))
@@ -79,3 +81,14 @@ def test_rejects_misaligned_columns_and_bad_top_k(tmp_path):
         report.write_report(tmp_path, {"a": np.zeros(4)}, targets=np.zeros(4), top_k=0)
     with pytest.raises(InfluxValueError, match="at least one score column"):
         report.write_report(tmp_path, {}, targets=np.zeros(4))
+
+
+def test_a_score_defined_on_some_rows_leaves_the_other_pairs_whole():
+    # GUS is NaN off the poisoned rows: the other pairs must still use every row
+    cols = columns()
+    cols["noise"][5:] = np.nan
+    matrix = report.spearman_matrix(cols)
+    whole = np.corrcoef(rankdata(cols["loss"]), rankdata(cols["margin"]))[0, 1]
+    np.testing.assert_allclose(matrix[0, 1], whole, rtol=1e-12)
+    partial = np.corrcoef(rankdata(cols["loss"][:5]), rankdata(cols["noise"][:5]))[0, 1]
+    np.testing.assert_allclose(matrix[0, 2], partial, rtol=1e-12)
