@@ -106,7 +106,7 @@ def craft(unrolled: Unrolled, reference: torch.Tensor, radius: float, args) -> t
         optimizer.step()
         with torch.no_grad():
             delta.copy_(project(delta, radius))
-        history.append(float(left))
+        history.append(left.item())
     return delta.detach(), history
 
 
