@@ -26,7 +26,7 @@ import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
-from torch.func import grad, jvp, vmap  # noqa: E402
+from torch.func import grad, vmap  # noqa: E402
 
 from influx import commutator, curvature, grads, train  # noqa: E402
 
@@ -112,7 +112,7 @@ def top_hessian_eigenvalues(model, inputs, targets, iters: int) -> torch.Tensor:
 
     def point_hvp(x, y, v):
         objective, _ = curvature.batch_objective(model, LOSS, (x[None], y[None]))
-        return jvp(grad(objective), (theta,), (v,))[1]
+        return curvature.jvp(grad(objective), (theta,), (v,))[1]
 
     batched_hvp = vmap(point_hvp, chunk_size=64)
     vectors = torch.randn(inputs.shape[0], space.size, dtype=theta.dtype, device=theta.device)
