@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from influx.errors import InfluxValueError
 
-__all__ = ["check_chunk_size", "check_integer", "check_number", "is_integer", "is_real"]
+__all__ = ["check_count_or_none", "check_integer", "check_number", "is_integer", "is_real"]
 
 
 def is_real(value) -> bool:
@@ -82,8 +82,9 @@ def check_integer(name: str, value, *, minimum: int | None = None, hint: str = "
     return int(value)
 
 
-def check_chunk_size(name: str, value) -> int | None:
-    """A chunk size: ``None`` (everything at once) or an integer >= 1, as an int."""
+def check_count_or_none(name: str, value) -> int | None:
+    """``None`` or an integer >= 1, as an int: a chunk size (``None``: everything at once), a
+    top-k (``None``: no ranking)."""
     if value is None:
         return None
     if not (is_integer(value) and value >= 1):

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from influx.checks import check_integer
 from influx.errors import InfluxValueError
 from influx.grads.common import (
     LossFn,
@@ -446,11 +447,7 @@ BREAKDOWN = 1e-12
 
 
 def check_steps(iterations, name: str = "iterations") -> int:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise InfluxValueError(
-            f"{name} must be an integer >= 1 (Lanczos steps to take); got {iterations!r}"
-        )
-    return iterations
+    return check_integer(name, iterations, minimum=1, hint="Lanczos steps to take")
 
 
 class LanczosProcess:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.grad
 from torch import nn
 
-from influx.checks import check_chunk_size, check_integer, check_number, is_integer
+from influx.checks import check_count_or_none, check_integer, check_number, is_integer
 from influx.data import num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
 from influx.grads import LayerRule, select_parameters
@@ -98,7 +98,7 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
         raise InfluxValueError(
             f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
         )
-    check_chunk_size("chunk_size", chunk_size)
+    check_count_or_none("chunk_size", chunk_size)
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
         raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
@@ -250,7 +250,7 @@ class DPGradient:
         _check_max_grad_norm(self.max_grad_norm)
         check_number("noise_multiplier", self.noise_multiplier, at_least=0)
         check_number("expected_batch_size", self.expected_batch_size, above=0)
-        check_chunk_size("chunk_size", self.chunk_size)
+        check_count_or_none("chunk_size", self.chunk_size)
 
     def __call__(self, model, loss_fn, inputs, targets):
         clipped = _clip(model, loss_fn, inputs, targets, self.max_grad_norm, self.chunk_size)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from influx import grads
-from influx.checks import check_chunk_size, check_integer, check_number, is_integer, is_real
+from influx.checks import check_count_or_none, check_integer, check_number, is_integer, is_real
 from influx.errors import InfluxValueError
 
 
@@ -96,16 +96,16 @@ def test_check_integer():
         check_integer("k", 2.5, hint="a hint")
 
 
-def test_check_chunk_size():
-    assert check_chunk_size("chunk_size", None) is None
-    checked = check_chunk_size("chunk_size", np.int64(3))
+def test_check_count_or_none():
+    assert check_count_or_none("chunk_size", None) is None
+    checked = check_count_or_none("chunk_size", np.int64(3))
     assert type(checked) is int and checked == 3
     for bad in (0, -1, 2.5, True, "4"):
         with pytest.raises(
             InfluxValueError,
             match=f"^chunk_size must be a positive integer or None; got {re.escape(repr(bad))}$",
         ):
-            check_chunk_size("chunk_size", bad)
+            check_count_or_none("chunk_size", bad)
 
 
 def test_per_sample_norms_refuses_a_fractional_chunk_size():

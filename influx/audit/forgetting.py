@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from influx.checks import check_chunk_size, check_number
+from influx.checks import check_count_or_none, check_number
 from influx.errors import InfluxValueError
 
 __all__ = [
@@ -325,7 +325,7 @@ def example_epsilons(
     if num_models < 2:
         raise InfluxValueError(f"the forgetting quality needs at least 2 models; got {num_models}")
     check_number("delta", delta, at_least=0, below=1)
-    chunk_size = check_chunk_size("chunk_size", chunk_size)
+    chunk_size = check_count_or_none("chunk_size", chunk_size)
 
     # [E, N], each row sorted: ranges, medians and rates (by binary search) all come from it.
     pos, neg, pos_range, neg_range = _roles(unlearned, retrained)

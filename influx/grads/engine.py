@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from influx.checks import check_chunk_size
+from influx.checks import check_count_or_none
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
 from influx.grads.common import (
@@ -73,7 +73,7 @@ def _chunks(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(offset, inputs, targets) of each chunk of at most ``chunk_size`` examples."""
     check_batch(inputs, targets)
-    chunk_size = check_chunk_size("chunk_size", chunk_size)
+    chunk_size = check_count_or_none("chunk_size", chunk_size)
     n = inputs.shape[0]
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):

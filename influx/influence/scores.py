@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from influx.checks import check_count_or_none
 from influx.errors import InfluxValueError
 from influx.influence.base import FeatureLayout
 from influx.kernels import TopK as KernelTopK
@@ -310,10 +311,7 @@ def _feed_blocks(
 
 def check_top_k(top_k) -> None:
     """``top_k`` is None or a positive int (refused before any scoring)."""
-    if top_k is None:
-        return
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise InfluxValueError(f"top_k must be a positive integer or None; got {top_k!r}")
+    check_count_or_none("top_k", top_k)
 
 
 def stream_scores(
