@@ -15,7 +15,6 @@ inputs or targets (naming the examples) and BatchNorm in train mode before any w
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from influx.checks import check_integer
+from influx.checks import check_integer, check_number
 from influx.errors import InfluxValueError
 from influx.grads.common import (
     LossFn,
@@ -345,10 +344,7 @@ def resolve_damping(
         scale = spectrum.mean if spectrum.mean > 0 else abs(spectrum.maximum)
         shift = max(0.0, -spectrum.minimum) if spectrum.minimum is not None else 0.0
         return float(shift + relative * scale)
-    value = float(damping)
-    if not (math.isfinite(value) and value >= 0):
-        raise InfluxValueError(f"damping must be a finite number >= 0 (or 'auto'); got {damping!r}")
-    return value
+    return check_number("damping", damping, at_least=0, hint="or 'auto'")
 
 
 def check_damped_spectrum(spectrum: Spectrum, damping: float, *, what: str = "curvature") -> None:
