@@ -157,9 +157,9 @@ class ShardStore:
         unless ``overwrite`` (then the store's files are removed first). A folder without a
         valid manifest is started afresh when it holds nothing but a store's files (shards
         without a manifest belong to no known run: they are never adopted), and refused when it
-        holds anything else, a damaged manifest included. Leftover temporary files of a killed writer are removed. Files a
-        store does not write are never touched. Call it from one process, then :meth:`attach`
-        from the others.
+        holds anything else, a damaged manifest included. Leftover temporary files of a killed
+        writer are removed. Files a store does not write are never touched. Call it from one
+        process, then :meth:`attach` from the others.
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
