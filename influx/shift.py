@@ -77,6 +77,7 @@ from influx.curvature import (
 from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
 from influx.grads import capture_matmul_layers
+from influx.grads.common import fixed_state
 from influx.train import cross_entropy_per_example
 
 __all__ = [
@@ -167,11 +168,6 @@ def _as_pieces(
     return names, pieces
 
 
-def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter (frozen ones included) and buffer of ``model``, by name."""
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
 def _flat_state(model: nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor]:
     """A flat vector over all of ``model.named_parameters()``, or over its trainable ones."""
     everything = dict(model.named_parameters())
@@ -192,9 +188,9 @@ def _full_state(model: nn.Module, state: State) -> dict[str, torch.Tensor]:
     """``state`` as the full state a functional call of ``model`` needs: its own parameters
     (frozen ones included) and buffers, and ``model``'s for the names it does not hold (a flat
     vector holds parameters only; a state dict may omit frozen parameters and buffers)."""
-    template = _tensors_of(model)
+    template = fixed_state(model, ())
     if isinstance(state, nn.Module):
-        own = _tensors_of(state)
+        own = fixed_state(state, ())
     elif isinstance(state, Mapping):
         own = {k: v for k, v in state.items() if k in template}
     elif torch.is_tensor(state):
@@ -237,7 +233,7 @@ def _model_at(model: nn.Module, state: State) -> nn.Module:
     full = _full_state(model, state)
     copied = copy.deepcopy(model).eval()
     with torch.no_grad():
-        for name, tensor in _tensors_of(copied).items():
+        for name, tensor in fixed_state(copied, ()).items():
             tensor.copy_(full[name])
     return copied
 
