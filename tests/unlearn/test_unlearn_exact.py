@@ -25,6 +25,14 @@ def _least_squares_problem():
     return model, (x[:10], y[:10]), (x[10:], y[10:])
 
 
+def _assert_least_squares(model, design, targets, solver: str) -> None:
+    """The Linear ``model``'s [W b] is the least-squares solution of design [W^T; b^T] = targets."""
+    solution = torch.linalg.lstsq(design, targets).solution  # [5, 2]
+    # float64 solves of a 5x5 well-conditioned system: errors are a few ulps times cond (< 1e2).
+    assert_close(model.weight, solution[:4].T, rtol=1e-10, name=f"W ({solver})")
+    assert_close(model.bias, solution[4], rtol=1e-10, name=f"b ({solver})")
+
+
 @pytest.mark.parametrize("solver", ["dense", "cg"])
 def test_newton_without_damping_is_least_squares_retraining(solver):
     model, forget, retain = _least_squares_problem()
@@ -33,10 +41,7 @@ def test_newton_without_damping_is_least_squares_retraining(solver):
     # Retraining to convergence on R = the least-squares solution of [X 1] [W^T; b^T] = Y.
     x, y = retain
     design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-    solution = torch.linalg.lstsq(design, y).solution  # [5, 2]
-    # float64 solves of a 5x5 well-conditioned system: errors are a few ulps times cond (< 1e2).
-    assert_close(result.model.weight, solution[:4].T, rtol=1e-10, name=f"W ({solver})")
-    assert_close(result.model.bias, solution[4], rtol=1e-10, name=f"b ({solver})")
+    _assert_least_squares(result.model, design, y, solver)
     assert result.options["solver"] == solver
 
 
@@ -72,14 +77,8 @@ def test_newton_with_weight_decay_is_ridge_retraining(solver):
     n = x.shape[0]
     design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], 1)
     ridge = math.sqrt(n * decay) * torch.eye(5, dtype=x.dtype, device=x.device)
-    stacked = (
-        torch.cat([design, ridge]),
-        torch.cat([y, torch.zeros(5, 2, dtype=y.dtype, device=y.device)]),
-    )
-    solution = torch.linalg.lstsq(*stacked).solution  # [5, 2]
-    # float64 solves of a 5x5 system with condition number < 1e2: a few ulps times cond.
-    assert_close(result.model.weight, solution[:4].T, rtol=1e-10, name=f"W ({solver})")
-    assert_close(result.model.bias, solution[4], rtol=1e-10, name=f"b ({solver})")
+    zeros = torch.zeros(5, 2, dtype=y.dtype, device=y.device)
+    _assert_least_squares(result.model, torch.cat([design, ridge]), torch.cat([y, zeros]), solver)
     assert result.options["weight_decay"] == decay
 
 
