@@ -5,11 +5,14 @@ with a spread of losses."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from influx import data, models, train
+from influx import data, models, provenance, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -28,8 +31,103 @@ def example_parser(
     parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=dtype, help="float64 | float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed of the run")
+    parser.add_argument("--seeds", type=int, default=8,
+                        help="independent seeds (seed, seed + 1, ...); each one changes the "
+                        "poison subset, the noise, the initialization and the batch order")  # fmt: skip
     return parser
+
+
+def seed_list(args: argparse.Namespace) -> list[int]:
+    """The seeds of a run: ``--seed`` and the ``--seeds - 1`` that follow it."""
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+class Results:
+    """The JSON result of an example: ``config``, ``seeds``, ``provenance``, ``per_seed`` and
+    whatever the script adds, written after every seed so that a stopped run keeps what it
+    finished.
+
+    ``--resume``-free by design: a seed's result is a pure function of (code, config, seed), so a
+    rerun recomputes it; :meth:`done` lets a script skip seeds that a previous run of the *same*
+    config and commit already wrote (``results.done(seed)`` before the work).
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.path = results_stem(name).with_suffix(".json")
+        self.provenance = provenance.capture()
+        self.data: dict = {"config": {k: v for k, v in vars(args).items()},
+                           "seeds": seed_list(args), "per_seed": {}}  # fmt: skip
+        previous = self._previous()
+        if previous is not None:
+            self.data["per_seed"] = previous
+
+    def _previous(self) -> dict | None:
+        """Per-seed results of an interrupted run of the same config at the same clean commit."""
+        if not self.path.exists():
+            return None
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        same = (old.get("config") == json.loads(json.dumps(self.data["config"], default=str))
+                and old.get("provenance", {}).get("git_sha") == self.provenance["git_sha"]
+                and old.get("provenance", {}).get("dirty") is False
+                and self.provenance["dirty"] is False)  # fmt: skip
+        return old.get("per_seed") if same else None
+
+    def done(self, seed: int) -> dict | None:
+        """Seed ``seed``'s stored result, if a previous run of this config wrote it."""
+        return self.data["per_seed"].get(str(seed))
+
+    def add_seed(self, seed: int, record: dict) -> None:
+        self.data["per_seed"][str(seed)] = record
+        self.write()
+
+    def records(self) -> list[dict]:
+        """Per-seed records in seed order (those written so far)."""
+        return [self.data["per_seed"][str(s)] for s in self.data["seeds"]
+                if str(s) in self.data["per_seed"]]  # fmt: skip
+
+    def __setitem__(self, key: str, value) -> None:
+        self.data[key] = value
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def write(self) -> None:
+        out = {"provenance": provenance.finish(self.provenance), **self.data}
+        text = json.dumps(out, indent=1, default=_jsonable, allow_nan=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(self.path)
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def over_seeds(args: argparse.Namespace, results: Results,
+               run_seed: Callable[[int], dict]) -> list[dict]:  # fmt: skip
+    """``run_seed(seed)`` for every seed of the run (skipping those already stored), writing the
+    JSON after each; returns the per-seed records in seed order."""
+    for seed in seed_list(args):
+        if results.done(seed) is not None:
+            print(f"seed {seed}: stored", flush=True)
+            continue
+        results.add_seed(seed, run_seed(seed))
+        print(f"seed {seed}: done", flush=True)
+    return results.records()
 
 
 def results_stem(name: str) -> Path:

@@ -17,6 +17,7 @@ _ABOVE_CURVATURE = {"influence", "commutator", "memorization", "dp"} | _LAB | _T
 _LEAF = {
     "grads", "curvature", "influence", "commutator", "memorization", "dp", "train", "models",
     "data", "tails", "store", "aggregate", "distributed", "seeds", "kernels", "checks",
+    "stats", "provenance",
 } | _LAB | _TOP  # fmt: skip
 FORBIDDEN = {
     "grads": {"curvature", "train", "models"} | _ABOVE_CURVATURE,
@@ -32,7 +33,8 @@ FORBIDDEN = {
     # leaves import no other module; the validators of influx.checks sit below them all
     **{
         name: _LEAF - {name, "checks"}
-        for name in ("tails", "store", "aggregate", "distributed", "seeds", "checks")
+        for name in ("tails", "store", "aggregate", "distributed", "seeds", "checks", "stats",
+                     "provenance")
     },
 }
 
