@@ -69,8 +69,12 @@ def capture(command: Sequence[str] | None = None, root: Path | None = None) -> d
 
     return {
         **git_state(root),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "influx": influx.__version__},  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "influx": influx.__version__,
+        },  # fmt: skip
         "device": _device(),
         "command": list(command if command is not None else [sys.executable, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -128,9 +128,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> Summary:
     return Summary(mean, mean - half, mean + half, sd, n, tuple(array.tolist()), confidence)
 
 
-def paired_difference(
-    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
-) -> Summary:
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Summary:
     """``a - b`` seed by seed (``a[k]`` and ``b[k]`` come from seed k), summarized, with the
     two-sided p-values of the paired t-test and of the Wilcoxon signed-rank test (NaN with fewer
     than two seeds; the Wilcoxon p is 1 when every difference is 0)."""
