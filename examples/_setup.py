@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 
 from influx import data, models, provenance, train
 
-RESULTS = Path(__file__).parent / "results"
+# INFLUX_RESULTS_DIR redirects the outputs (the smoke tests write to a temporary folder).
+RESULTS = Path(os.environ.get("INFLUX_RESULTS_DIR", Path(__file__).parent / "results"))
 
 
 def example_parser(
