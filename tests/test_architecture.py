@@ -33,8 +33,16 @@ FORBIDDEN = {
     # leaves import no other module; the validators of influx.checks sit below them all
     **{
         name: _LEAF - {name, "checks"}
-        for name in ("tails", "store", "aggregate", "distributed", "seeds", "checks", "stats",
-                     "provenance")
+        for name in (
+            "tails",
+            "store",
+            "aggregate",
+            "distributed",
+            "seeds",
+            "checks",
+            "stats",
+            "provenance",
+        )
     },
 }
 
