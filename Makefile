@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (install the runtime dependencies + score the embedded digits data)
-# and `make test` (install with the dev and bench extras + run the whole suite).
+# and `make test` (install with the dev, bench and mnist extras + run the whole suite).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,bench]"
+	$(BIN)/pip install -e ".[dev,bench,mnist]"
 	touch $(STAMP)
 
 # The demo needs only influx's runtime dependencies (no test tools, no benchmark peers).

