@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: demo test lint bench bench-micro clean
+.PHONY: demo test lint bench bench-micro results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ bench: $(STAMP)
 # Kernel micro-benchmarks (pytest-benchmark); never part of `make test` (testpaths = tests).
 bench-micro: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/micro --benchmark-only
+
+# Every example result, in order (forgetting_audit and model_shift read the unlearning settings that
+# gaussian_poisoning chose), from a clean commit: each JSON records the commit and whether the tree
+# was clean. CPU, 2 threads, defaults (8 seeds each).
+EXAMPLES := gaussian_poisoning forgetting_audit model_shift craft_unlearnable interlacing privacy \
+	influence_tails ga_vs_gd commutation unlearning_cost
+results: $(STAMP)
+	@git diff --quiet HEAD -- . ':!examples/results' || { echo "commit first: results record the commit"; exit 2; }
+	for name in $(EXAMPLES); do $(BIN)/python examples/$$name.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
