@@ -6,7 +6,11 @@ same order and in reversed order. Linear regression is checked against its close
 ``theta_2 - theta_0 = -lr^2 (theta_0.x - y) ||x||^2 x``; for the network, the per-point residual
 is set against the point's loss, gradient norm and top Hessian eigenvalue.
 
-    python examples/ga_vs_gd.py                                   # digits + MLP, ~1 min on CPU
+Every quantity is measured once per seed (``--seeds``, default 8; the seed draws the training
+subset, the initialization, the pretraining batch order and the regression data) and reported as
+its mean, 95% interval and per-seed values (``influx.stats``).
+
+    python examples/ga_vs_gd.py                                   # digits + MLP, 8 seeds
     python examples/ga_vs_gd.py --dataset cifar10 --model resnet18 --device cuda --dtype float32
 
 Writes ``examples/results/ga_vs_gd_<dataset>_<model>.{json,png}``.
@@ -15,8 +19,8 @@ Writes ``examples/results/ga_vs_gd_<dataset>_<model>.{json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import time
 from pathlib import Path
 
 import matplotlib
@@ -24,13 +28,19 @@ import matplotlib
 matplotlib.use("Agg")
 import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
 from torch.func import grad, vmap  # noqa: E402
 
-from influx import commutator, curvature, grads, train  # noqa: E402
+from influx import commutator, curvature, data, grads, stats, train  # noqa: E402
+from influx.seeds import derive_seed  # noqa: E402
 
 LOSS = train.cross_entropy_per_example
+# Settings of the descent-then-ascent comparison; only a sequence of batches has an order.
+SINGLE_MAP = ("one point", "one batch", "full batch")
+ORDERS = ("same", "reversed")
+FEATURES = ("loss", "grad_norm", "hessian_norm")
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,9 +55,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def for_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` with ``seed`` in place of ``--seed`` (the model init and batch order read it)."""
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+def seeded_subset(args: argparse.Namespace, count: int):
+    """(dataset, inputs, targets): ``count`` training examples drawn at random by ``args.seed``."""
+    dataset = data.load(args.dataset, root=args.data_dir)
+    inputs, targets, _ = data.as_tensors(dataset)
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
+    chosen = torch.randperm(targets.numel(), generator=generator)[:count]
+    dtype = getattr(torch, args.dtype)
+    return dataset, inputs[chosen].to(args.device, dtype), targets[chosen].to(args.device)
+
+
 def build(args: argparse.Namespace):
     """Pretrained model and (inputs, targets) of ``--examples`` training examples."""
-    dataset, inputs, targets = _setup.load_examples(args, args.examples)
+    dataset, inputs, targets = seeded_subset(args, args.examples)
     model = _setup.seeded_model(args.model, dataset, args)
     # A briefly trained model gives points a spread of losses (at init they are all about log C).
     _setup.pretrain(
@@ -57,10 +82,12 @@ def build(args: argparse.Namespace):
 
 
 def linear_regression_check(lr: float, seed: int) -> dict:
-    """Measured per-point residuals of a linear regression vs the closed form."""
-    generator = torch.Generator().manual_seed(seed)
+    """Measured per-point residuals of a linear regression vs the closed form
+    ``lr^2 |theta_0.x - y| ||x||^3`` (200 points, one GD and one GA step each)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, 2))
     x = torch.randn(200, 10, generator=generator, dtype=torch.float64) / math.sqrt(10)
     y = torch.randn(200, generator=generator, dtype=torch.float64)
+    torch.manual_seed(derive_seed(seed, 3))
     model = torch.nn.Linear(10, 1, bias=False).double()
     loss = lambda out, target: 0.5 * (out.squeeze(-1) - target) ** 2  # noqa: E731
     result = commutator.ascent_residual(model, loss, (x, y), lr=lr, mode="point")
@@ -68,44 +95,38 @@ def linear_regression_check(lr: float, seed: int) -> dict:
     closed_form = lr**2 * (x @ theta - y).abs() * (x * x).sum(1) * x.norm(dim=1)
     error = ((result.residual - closed_form).abs().max() / closed_form.abs().max()).item()
     return {
-        "lr": lr,
+        "max_relative_error": error,
         "measured": result.residual.tolist(),
         "closed_form": closed_form.tolist(),
-        "max_relative_error": error,
     }
 
 
-def mode_comparison(model, inputs, targets, args) -> list[dict]:
-    """Residual / displacement for one point, one batch, the whole dataset; both orders."""
-    rows = []
+def mode_comparison(model, inputs, targets, args) -> dict:
+    """{setting: {order: residual, displacement, relative}}: one point, one batch and full batch
+    (a single map, order moot) and the dataset as a sequence of SGD batches in both orders."""
+    size = args.batch_size
     setups = {
-        "one point": dict(batches=(inputs[:1], targets[:1]), batch_size=1),
-        "one batch": dict(
-            batches=(inputs[: args.batch_size], targets[: args.batch_size]),
-            batch_size=args.batch_size,
-        ),  # fmt: skip
-        "dataset (SGD)": dict(batches=(inputs, targets), batch_size=args.batch_size),
-        "dataset (full batch)": dict(batches=(inputs, targets), batch_size=None),
+        "one point": ((inputs[:1], targets[:1]), 1, ("same",)),
+        "one batch": ((inputs[:size], targets[:size]), size, ("same",)),
+        "full batch": ((inputs, targets), None, ("same",)),
+        "dataset (SGD)": ((inputs, targets), size, ORDERS),
     }
-    for label, setup in setups.items():
-        for order in ("same", "reversed"):
+    out = {}
+    for label, (batches, batch_size, orders) in setups.items():
+        out[label] = {}
+        for order in orders:
             result = commutator.ascent_residual(
-                model,
-                LOSS,
-                setup["batches"],
-                lr=args.lr,
-                batch_size=setup["batch_size"],
-                order=order,
+                model, LOSS, batches, lr=args.lr, batch_size=batch_size, order=order
             )
-            rows.append({
-                "setting": label, "order": order,
-                "residual": result.residual.item(), "displacement": result.displacement.item(),
+            out[label][order] = {
+                "residual": result.residual.item(),
+                "displacement": result.displacement.item(),
                 "relative": result.relative.item(),
-            })  # fmt: skip
-    return rows
+            }
+    return out
 
 
-def top_hessian_eigenvalues(model, inputs, targets, iters: int) -> torch.Tensor:
+def top_hessian_eigenvalues(model, inputs, targets, iters: int, seed: int) -> torch.Tensor:
     """[N] largest-magnitude Hessian eigenvalue of each point's loss: vmapped power iteration."""
     space = curvature.ParamSpace.of(model)
     theta = space.current(model)
@@ -115,7 +136,9 @@ def top_hessian_eigenvalues(model, inputs, targets, iters: int) -> torch.Tensor:
         return curvature.jvp(grad(objective), (theta,), (v,))[1]
 
     batched_hvp = vmap(point_hvp, chunk_size=64)
-    vectors = torch.randn(inputs.shape[0], space.size, dtype=theta.dtype, device=theta.device)
+    generator = torch.Generator().manual_seed(derive_seed(seed, 4))
+    vectors = torch.randn(inputs.shape[0], space.size, generator=generator, dtype=theta.dtype)
+    vectors = vectors.to(theta.device)
     vectors = vectors / vectors.norm(dim=1, keepdim=True)
     for _ in range(iters):
         products = batched_hvp(inputs, targets, vectors)
@@ -124,69 +147,157 @@ def top_hessian_eigenvalues(model, inputs, targets, iters: int) -> torch.Tensor:
 
 
 def per_point_study(model, inputs, targets, args) -> dict:
+    """One GD and one GA step per point: the residual, and its Spearman correlation with the
+    point's loss, gradient norm and |top Hessian eigenvalue|."""
     inputs, targets = inputs[: args.points], targets[: args.points]
     result = commutator.ascent_residual(model, LOSS, (inputs, targets), lr=args.lr, mode="point")
     with torch.no_grad():
         losses = LOSS(model(inputs), targets)
     space = curvature.ParamSpace.of(model)
     grad_norms = space.flatten(grads.per_sample_grads(model, LOSS, inputs, targets)).norm(dim=1)
-    eigenvalues = top_hessian_eigenvalues(model, inputs, targets, args.power_iters)
+    eigenvalues = top_hessian_eigenvalues(model, inputs, targets, args.power_iters, args.seed)
     features = {"loss": losses, "grad_norm": grad_norms, "hessian_norm": eigenvalues.abs()}
-    correlations = {
-        name: stats.spearmanr(values.cpu(), result.residual.cpu()).statistic
-        for name, values in features.items()
-    }
+    residual = result.residual.cpu()
     return {
-        "residual": result.residual.tolist(),
-        "relative": result.relative.tolist(),
+        "spearman": {
+            name: float(scipy_stats.spearmanr(values.cpu(), residual).statistic)
+            for name, values in features.items()
+        },
+        "median_residual": residual.median().item(),
+        "median_relative": result.relative.median().item(),
+        "residual": residual.tolist(),
         **{name: values.tolist() for name, values in features.items()},
-        "spearman_with_residual": correlations,
     }
 
 
-def plot(linear: dict, modes: list[dict], points: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-    ax = axes[0]
-    ax.loglog(linear["closed_form"], linear["measured"], ".", ms=3)
-    lims = [min(linear["closed_form"]), max(linear["closed_form"])]
-    ax.loglog(lims, lims, "k--", lw=0.8)
-    ax.set(xlabel="closed form", ylabel="measured ||theta_2 - theta_0||",
-           title=f"linear regression, max rel err {linear['max_relative_error']:.1e}")  # fmt: skip
-    ax = axes[1]
-    labels = [f"{r['setting']}\n{r['order']}" for r in modes]
-    ax.bar(range(len(modes)), [r["relative"] for r in modes],
-           color=["C0" if r["order"] == "same" else "C1" for r in modes])  # fmt: skip
-    ax.set_xticks(range(len(modes)), labels, rotation=60, fontsize=7)
-    ax.set(yscale="log", ylabel="residual / descent displacement", title="GD then GA")
-    for ax, name in zip(axes[2:], ("loss", "grad_norm", "hessian_norm"), strict=True):
-        ax.plot(points[name], points["residual"], ".", ms=3)
-        ax.set(xscale="linear" if name == "loss" else "log", yscale="log")
-        rho = points["spearman_with_residual"][name]
-        ax.set(xlabel=name, ylabel="per-point residual", title=f"Spearman rho = {rho:.2f}")
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    args = for_seed(args, seed)
+    seconds, start = {}, time.perf_counter()
+    model, inputs, targets = build(args)
+    seconds["pretrain"] = time.perf_counter() - start
+    record = {}
+    for phase, compute in (
+        ("linear_regression", lambda: linear_regression_check(args.lr, seed)),
+        ("modes", lambda: mode_comparison(model, inputs, targets, args)),
+        ("points", lambda: per_point_study(model, inputs, targets, args)),
+    ):
+        start = time.perf_counter()
+        record[phase] = compute()
+        seconds[phase] = time.perf_counter() - start
+    record["seconds"] = seconds
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    """Every number over seeds, plus the same-vs-reversed comparison paired by seed."""
+    summary = stats.summarize_records(records)
+    sequence = [r["modes"]["dataset (SGD)"] for r in records]
+    summary["same_minus_reversed"] = {
+        key: stats.paired_difference(
+            [s["same"][key] for s in sequence], [s["reversed"][key] for s in sequence]
+        ).to_dict()
+        for key in ("residual", "relative")
+    }
+    # The orders differ by a factor; the log10 ratio is the scale on which seeds agree.
+    summary["log10_same_over_reversed"] = stats.summarize(
+        [math.log10(s["same"]["residual"] / s["reversed"]["residual"]) for s in sequence]
+    ).to_dict()
+    return summary
+
+
+def interval_text(node: dict) -> str:
+    return f"{node['mean']:.3g} [{node['low']:.3g}, {node['high']:.3g}]"
+
+
+def plot_linear(ax, records: list[dict]) -> None:
+    for k, record in enumerate(records):
+        linear = record["linear_regression"]
+        ax.loglog(linear["closed_form"], linear["measured"], ".", ms=2, color=f"C{k % 10}")
+    everything = [v for r in records for v in r["linear_regression"]["closed_form"]]
+    lims = [min(everything), max(everything)]
+    ax.loglog(lims, lims, "k--", lw=0.8, label="measured = closed form")
+    worst = max(r["linear_regression"]["max_relative_error"] for r in records)
+    ax.set(xlabel="closed form lr^2 |r| ||x||^3", ylabel="measured ||theta_2 - theta_0||",
+           title=f"linear regression ({len(records)} seeds), worst rel. err {worst:.1e}")  # fmt: skip
+    ax.legend(fontsize=7)
+
+
+def plot_modes(ax, records: list[dict], summary: dict) -> None:
+    bars = [(s, "same") for s in SINGLE_MAP] + [("dataset (SGD)", o) for o in ORDERS]
+    for k, (setting, order) in enumerate(bars):
+        node = summary["modes"][setting][order]["relative"]
+        color = "C1" if order == "reversed" else "C0"
+        ax.bar(k, node["mean"], color=color, alpha=0.5)
+        ax.errorbar(k, node["mean"], [[node["mean"] - node["low"]], [node["high"] - node["mean"]]],
+                    color="k", capsize=4)  # fmt: skip
+        ax.plot([k] * len(node["values"]), node["values"], "k.", ms=3)
+    ax.set_xticks(range(len(bars)), [f"{s}\n({o})" if s == "dataset (SGD)" else s
+                                     for s, o in bars], fontsize=8)  # fmt: skip
+    ax.set(yscale="log", ylabel="residual / descent displacement",
+           title="GD then GA: mean, 95% interval, seeds")  # fmt: skip
+
+
+def plot_feature(ax, records: list[dict], summary: dict, feature: str) -> None:
+    for k, record in enumerate(records):
+        points = record["points"]
+        ax.plot(points[feature], points["residual"], ".", ms=2, color=f"C{k % 10}",
+                label=f"seed {k}" if k < 3 else None)  # fmt: skip
+    rho = summary["points"]["spearman"][feature]
+    ax.set(xscale="linear" if feature == "loss" else "log", yscale="log", xlabel=feature,
+           ylabel="per-point residual", title=f"Spearman rho {interval_text(rho)}")  # fmt: skip
+    ax.legend(fontsize=7, markerscale=3)
+
+
+def plot_correlations(ax, summary: dict) -> None:
+    for k, feature in enumerate(FEATURES):
+        node = summary["points"]["spearman"][feature]
+        ax.errorbar(k, node["mean"], [[node["mean"] - node["low"]], [node["high"] - node["mean"]]],
+                    fmt="o", color="C0", capsize=4, label="mean, 95% interval" if k == 0 else None)  # fmt: skip
+        ax.plot([k + 0.15] * len(node["values"]), node["values"], "k.", ms=3,
+                label="seeds" if k == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(FEATURES)), FEATURES)
+    ax.set(ylabel="Spearman(residual, feature)", title="per-point correlations over seeds")
+    ax.legend(fontsize=7)
+
+
+def plot(records: list[dict], summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.5))
+    plot_linear(axes[0], records)
+    plot_modes(axes[1], records, summary)
+    plot_feature(axes[2], records, summary, "loss")
+    plot_feature(axes[3], records, summary, "hessian_norm")
+    plot_correlations(axes[4], summary)
     _setup.save_figure(fig, path)
+
+
+def report(summary: dict) -> None:
+    linear = summary["linear_regression"]["max_relative_error"]
+    print(f"linear regression: max relative error vs closed form {interval_text(linear)}")
+    for setting, orders in summary["modes"].items():
+        for order, node in orders.items():
+            print(f"{setting:>14} {order:>8}: residual {interval_text(node['residual'])}, "
+                  f"relative {interval_text(node['relative'])}")  # fmt: skip
+    diff = summary["same_minus_reversed"]["relative"]
+    print(f"same - reversed (relative): {interval_text(diff)}, paired t p {diff['p_value']:.1e}; "
+          f"log10 same/reversed {interval_text(summary['log10_same_over_reversed'])}")  # fmt: skip
+    for feature in FEATURES:
+        print(f"Spearman(residual, {feature}): "
+              f"{interval_text(summary['points']['spearman'][feature])}")  # fmt: skip
 
 
 def main() -> None:
     args = parse_args()
     _setup.limit_threads(args)
-    model, inputs, targets = build(args)
-    linear = linear_regression_check(args.lr, args.seed)
-    modes = mode_comparison(model, inputs, targets, args)
-    points = per_point_study(model, inputs, targets, args)
-    stem = _setup.results_stem(f"ga_vs_gd_{args.dataset}_{args.model}")
-    summary = {"config": vars(args), "linear_regression": linear, "modes": modes, "points": points}
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    plot(linear, modes, points, stem.with_suffix(".png"))
-    print(
-        f"linear regression: max relative error vs closed form {linear['max_relative_error']:.2e}"
-    )
-    for row in modes:
-        print(f"{row['setting']:>22} {row['order']:>8}: residual {row['residual']:.3e}, "
-              f"relative {row['relative']:.3e}")  # fmt: skip
-    print(
-        "Spearman(residual, .):",
-        {k: round(v, 3) for k, v in points["spearman_with_residual"].items()},
-    )
+    name = f"ga_vs_gd_{args.dataset}_{args.model}"
+    results = _setup.Results(name, args)
+    records = _setup.over_seeds(args, results, lambda seed: run_seed(args, seed))
+    summary = summarize(records)
+    results["summary"] = summary
+    results.write()
+    plot(records, summary, _setup.results_stem(name).with_suffix(".png"))
+    report(summary)
+    seconds = np.sum([sum(r["seconds"].values()) for r in records])
+    print(f"{len(records)} seeds, {seconds:.0f} s of seed work")
 
 
 if __name__ == "__main__":
