@@ -222,19 +222,25 @@ def plot_linear(ax, records: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_modes(ax, records: list[dict], summary: dict) -> None:
+def plot_modes(ax, summary: dict) -> None:
+    """Relative residual per setting: geometric mean over seeds with the 95% interval of the
+    mean log10 (the seeds spread over decades), and the seeds as dots."""
     bars = [(s, "same") for s in SINGLE_MAP] + [("dataset (SGD)", o) for o in ORDERS]
     for k, (setting, order) in enumerate(bars):
-        node = summary["modes"][setting][order]["relative"]
+        values = summary["modes"][setting][order]["relative"]["values"]
+        node = stats.summarize(np.log10(values))
+        mean, low, high = 10**node.mean, 10**node.low, 10**node.high
         color = "C1" if order == "reversed" else "C0"
-        ax.bar(k, node["mean"], color=color, alpha=0.5)
-        ax.errorbar(k, node["mean"], [[node["mean"] - node["low"]], [node["high"] - node["mean"]]],
-                    color="k", capsize=4)  # fmt: skip
-        ax.plot([k] * len(node["values"]), node["values"], "k.", ms=3)
-    ax.set_xticks(range(len(bars)), [f"{s}\n({o})" if s == "dataset (SGD)" else s
-                                     for s, o in bars], fontsize=8)  # fmt: skip
+        ax.bar(k, mean, color=color, alpha=0.5, label=f"{order} order" if k >= 3 else None)
+        if node.n > 1:
+            ax.errorbar(k, mean, [[mean - low], [high - mean]], color="k", capsize=4)
+        ax.plot([k] * len(values), values, "k.", ms=3)
+    names = {"one point": "one point", "one batch": "one batch", "full batch": "full batch",
+             "dataset (SGD)": "SGD epoch"}  # fmt: skip
+    ax.set_xticks(range(len(bars)), [names[s] for s, _ in bars], fontsize=8)
     ax.set(yscale="log", ylabel="residual / descent displacement",
-           title="GD then GA: mean, 95% interval, seeds")  # fmt: skip
+           title="GD then GA: geometric mean, 95% interval, seeds")  # fmt: skip
+    ax.legend(fontsize=7)
 
 
 def plot_feature(ax, records: list[dict], summary: dict, feature: str) -> None:
@@ -263,7 +269,7 @@ def plot_correlations(ax, summary: dict) -> None:
 def plot(records: list[dict], summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 5, figsize=(24, 4.5))
     plot_linear(axes[0], records)
-    plot_modes(axes[1], records, summary)
+    plot_modes(axes[1], summary)
     plot_feature(axes[2], records, summary, "loss")
     plot_feature(axes[3], records, summary, "hessian_norm")
     plot_correlations(axes[4], summary)
