@@ -269,12 +269,15 @@ def grid_settings(name: str, args) -> list[dict]:
     return [{**base, **fixed, knob: values[int(i)]} for i in picks]
 
 
-def search(args, train_set, train_xy, test_xy) -> tuple[dict, dict]:
-    """(grid results per method, chosen setting per method) from the tuning seeds."""
+def search(args, train_set, train_xy, test_xy) -> tuple[dict, dict, dict]:
+    """(grid results per method, chosen setting per method, the trained model's mean GUS z and
+    test accuracy) from the tuning seeds."""
     runs = {name: [[] for _ in grid_settings(name, args)] for name in args.methods}
+    trained_rows = []
     for seed in tuning_seeds(args):
         experiment = Experiment(args, train_set, train_xy, test_xy, seed)
         trained = experiment.audit(experiment.model)
+        trained_rows.append(trained)
         for name in args.methods:
             for k, setting in enumerate(grid_settings(name, args)):
                 row = experiment.audit(experiment.unlearn(name, setting).model)
@@ -286,7 +289,10 @@ def search(args, train_set, train_xy, test_xy) -> tuple[dict, dict]:
         grid[name] = [grid_point(setting, rows, args.max_acc_drop)
                       for setting, rows in zip(grid_settings(name, args), runs[name])]  # fmt: skip
         chosen[name] = choose(grid[name])
-    return grid, chosen
+    reference = {
+        key: float(np.mean([r[key] for r in trained_rows])) for key in ("gus_z", "test_acc")
+    }
+    return grid, chosen, {**reference, "z_per_seed": [r["gus_z"] for r in trained_rows]}
 
 
 def grid_point(setting: dict, rows: list[dict], max_drop: float) -> dict:
@@ -392,59 +398,85 @@ def interval(summary: dict) -> tuple[float, list[list[float]]]:
 
 
 def plot(result: dict, names: list[str], path) -> None:
-    rows = result["summary"]["rows"]
     colors = {name: plt.cm.tab10(i) for i, name in enumerate(names)}
+    colors.update(trained="k", retrain="g")
     fig, axes = plt.subplots(2, 2, figsize=(15, 11))
     frontier, per_method, trajectory, drops = axes.flat
-    for name in names:  # the grid (tuning-seed means) and the chosen setting (report seeds)
+    plot_frontier(frontier, result, names, colors)
+    plot_per_method(per_method, result["summary"]["rows"], ["trained", *names, "retrain"], colors)
+    plot_trajectories(trajectory, result["per_seed"], names, colors)
+    plot_accuracy_changes(drops, result, [*names, "retrain"], colors)
+    save_figure(fig, path)
+
+
+def plot_frontier(ax, result: dict, names: list[str], colors: dict) -> None:
+    """GUS z against test accuracy: each grid point (mean over the tuning seeds; those far left
+    of the trained model's accuracy drawn at the axis edge as '<'), the chosen setting and the
+    references (mean over the report seeds, 95% intervals both ways)."""
+    rows = result["summary"]["rows"]
+    left = rows["trained"]["test_acc"]["mean"] - 0.15
+    for name in names:
         grid = result["search"][name]
-        frontier.plot([p["mean_test_acc"] for p in grid], [p["mean_z"] for p in grid], "o-",
-                      color=colors[name], mfc="none", ms=5, lw=0.6, alpha=0.7)  # fmt: skip
-        z, z_err = interval(rows[name]["gus_z"])
-        acc, acc_err = interval(rows[name]["test_acc"])
-        frontier.errorbar(acc, z, yerr=z_err, xerr=acc_err, fmt="o", ms=9, color=colors[name],
-                          mec="k", capsize=3, label=name)  # fmt: skip
-    for name, marker, color in (("trained", "*", "k"), ("retrain", "D", "g")):
-        z, z_err = interval(rows[name]["gus_z"])
-        acc, acc_err = interval(rows[name]["test_acc"])
-        frontier.errorbar(acc, z, yerr=z_err, xerr=acc_err, fmt=marker, ms=11, color=color,
-                          capsize=3, label=f"{name} (report seeds)")  # fmt: skip
-    reference_lines(frontier)
-    frontier.set(xlabel="test accuracy", ylabel="GUS z",
-                 title="GUS z vs test accuracy: grid (hollow, tuning-seed means),\n"
-                 "chosen setting (filled, report-seed mean, 95% CI)")  # fmt: skip
-    frontier.legend(fontsize=7, ncol=2)
-    order = ["trained", *names, "retrain"]
+        acc = np.asarray([p["mean_test_acc"] for p in grid])
+        z = np.asarray([p["mean_z"] for p in grid])
+        ax.plot(np.maximum(acc, left), z, "-", color=colors[name], lw=0.6, alpha=0.7)
+        ax.scatter(acc[acc >= left], z[acc >= left], s=25, facecolors="none",
+                   edgecolors=colors[name])  # fmt: skip
+        ax.scatter(np.full((acc < left).sum(), left), z[acc < left], s=40, marker="<",
+                   color=colors[name])  # fmt: skip
+        errorbar_2d(ax, rows[name], "o", colors[name], name, mec="k")
+    for name, marker in (("trained", "*"), ("retrain", "D")):
+        errorbar_2d(ax, rows[name], marker, colors[name], f"{name} (report seeds)", ms=12)
+    reference = result["search_trained"]
+    ax.scatter(reference["test_acc"], reference["gus_z"], marker="*", s=150, facecolors="none",
+               edgecolors="k", label="trained (tuning seeds)")  # fmt: skip
+    reference_lines(ax)
+    ax.set_xlim(left - 0.01, None)
+    ax.set(xlabel=f"test accuracy ('<': below {left:.2f})", ylabel="GUS z",
+           title="GUS z vs test accuracy: grid (hollow, tuning-seed means),\n"
+           "chosen setting (filled, report-seed mean, 95% CI)")  # fmt: skip
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+
+
+def errorbar_2d(ax, row: dict, marker: str, color, label: str, ms: float = 9, **kw) -> None:
+    z, z_err = interval(row["gus_z"])
+    acc, acc_err = interval(row["test_acc"])
+    ax.errorbar(acc, z, yerr=z_err, xerr=acc_err, fmt=marker, ms=ms, color=color, capsize=3,
+                label=label, **kw)  # fmt: skip
+
+
+def plot_per_method(ax, rows: dict, order: list[str], colors: dict) -> None:
+    """GUS z of every row: per-seed dots and the mean with its 95% interval."""
     for i, name in enumerate(order):
         summary = rows[name]["gus_z"]
         values = np.asarray(summary["values"])
-        jitter = np.linspace(-0.15, 0.15, values.size)
-        color = colors.get(name, "k" if name == "trained" else "g")
-        per_method.scatter(i + jitter, values, s=12, color=color, alpha=0.6)
+        ax.scatter(i + np.linspace(-0.15, 0.15, values.size), values, s=12,
+                   color=colors[name], alpha=0.6)  # fmt: skip
         mean, err = interval(summary)
-        per_method.errorbar(i + 0.3, mean, yerr=err, fmt="s", color=color, capsize=4, ms=6)
-    reference_lines(per_method)
-    per_method.set_xticks(range(len(order)), order, rotation=35, ha="right")
-    per_method.set(ylabel="GUS z", title=f"GUS z per method: mean and 95% CI (squares), "
-                   f"seeds (dots); n = {rows['trained']['gus_z']['n']} seeds")  # fmt: skip
-    per_method.legend(fontsize=7)
-    plot_trajectories(trajectory, result["per_seed"], names, colors)
-    for i, name in enumerate([*names, "retrain"]):
+        ax.errorbar(i + 0.3, mean, yerr=err, fmt="s", color=colors[name], capsize=4, ms=6)
+    reference_lines(ax)
+    ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
+    ax.set(ylabel="GUS z", title=f"GUS z per method: mean and 95% CI (squares), seeds (dots); "
+           f"n = {rows['trained']['gus_z']['n']} seeds")  # fmt: skip
+    ax.legend(fontsize=7)
+
+
+def plot_accuracy_changes(ax, result: dict, order: list[str], colors: dict) -> None:
+    """Test accuracy minus the trained model's, paired by seed: dots and the mean's 95% CI."""
+    for i, name in enumerate(order):
         summary = result["summary"]["vs_trained"][name]["test_acc"]
         mean, err = interval(summary)
-        drops.errorbar(i, 100 * mean, yerr=100 * np.asarray(err), fmt="s", capsize=4,
-                       color=colors.get(name, "g"))  # fmt: skip
-        drops.scatter(i + np.linspace(-0.15, 0.15, len(summary["values"])),
-                      100 * np.asarray(summary["values"]), s=10, color=colors.get(name, "g"),
-                      alpha=0.5)  # fmt: skip
-    drops.axhline(0, color="0.6", lw=0.8)
-    drops.axhline(-100 * result["config"]["max_acc_drop"], color="r", ls="--", lw=0.8,
-                  label="tuning constraint (mean over tuning seeds)")  # fmt: skip
-    drops.set_xticks(range(len(names) + 1), [*names, "retrain"], rotation=35, ha="right")
-    drops.set(ylabel="test accuracy - trained (points)",
-              title="test accuracy change vs the trained model (paired by seed, 95% CI)")  # fmt: skip
-    drops.legend(fontsize=7)
-    save_figure(fig, path)
+        ax.errorbar(i, 100 * mean, yerr=100 * np.asarray(err), fmt="s", capsize=4,
+                    color=colors[name])  # fmt: skip
+        ax.scatter(i + np.linspace(-0.15, 0.15, len(summary["values"])),
+                   100 * np.asarray(summary["values"]), s=10, color=colors[name], alpha=0.5)  # fmt: skip
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.axhline(-100 * result["config"]["max_acc_drop"], color="r", ls="--", lw=0.8,
+               label="tuning constraint (on the mean over tuning seeds)")  # fmt: skip
+    ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
+    ax.set(ylabel="test accuracy - trained (points)",
+           title="test accuracy change vs the trained model (paired by seed, 95% CI)")  # fmt: skip
+    ax.legend(fontsize=7)
 
 
 def plot_trajectories(ax, per_seed: dict, names: list[str], colors: dict) -> None:
@@ -491,12 +523,12 @@ def main() -> None:
     results = Results(f"gaussian_poisoning_{args.dataset}_{args.model}", args)
     phases = results["phase_seconds"] = {"load": time.perf_counter() - start}
     clock = time.perf_counter()
-    results["search"], results["chosen_settings"] = search(args, train_set, train_xy, test_xy)
+    grid, chosen, trained = search(args, train_set, train_xy, test_xy)
+    results["search"], results["chosen_settings"], results["search_trained"] = grid, chosen, trained
     results["tuning_seeds"] = tuning_seeds(args)
     phases["search"] = time.perf_counter() - clock
     results.write()
     clock = time.perf_counter()
-    chosen = results["chosen_settings"]
     records = over_seeds(args, results, lambda seed: run_seed(args, train_set, train_xy, test_xy,
                                                               chosen, seed))  # fmt: skip
     phases["report_seeds"] = time.perf_counter() - clock
