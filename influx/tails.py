@@ -1,6 +1,24 @@
 """Heavy-tailed fits of a score distribution (numpy / scipy only).
 
-``fit(scores)`` answers "which family describes these scores, and how heavy is their tail?":
+``fit(scores)`` answers "which family describes these scores, and how heavy is their tail?".
+The families follow the sign of the scores (``support="auto"``, :func:`choose_support`; pass
+``support="positive"`` or ``"real"`` to override):
+
+- non-negative scores (self-influence, losses, gradient norms), where a law on the real line can
+  only misfit: the log-normal, gamma and exponential families with location fixed at 0 (2, 2 and
+  1 parameters), fitted to the positive scores (exact zeros are allowed and reported as
+  ``zero_fraction``), and a continuous power law on the tail, fitted as Clauset, Shalizi &
+  Newman (2009, "Power-law distributions in empirical data"): for each candidate ``x_min`` (a
+  distinct value leaving at least ``min_tail`` points above it) the MLE
+  ``alpha = 1 + n_tail / sum log(x_i / x_min)`` (s.e. ``(alpha - 1) / sqrt(n_tail)``), and the
+  ``x_min`` whose fit has the smallest KS distance to the tail; optionally their semi-parametric
+  bootstrap p-value; and Vuong's normalized log-likelihood-ratio test (as in CSN and the
+  ``powerlaw`` package) of the power law against the log-normal and the exponential, each
+  fitted to the same tail (truncated at x_min). All positive fits are scale-equivariant.
+  ``plot`` draws log-log survival functions;
+- signed scores (the per-point Gaussian test I_z, GUS): the symmetric families below.
+
+For either support:
 
 - maximum-likelihood fits (``scipy.stats``) of the normal, Laplace, Student-t and Cauchy families
   (and, with ``stable=True``, the alpha-stable family), each with its log-likelihood
@@ -40,6 +58,10 @@
   from the spacings of the logs, so it is exactly inf when the k + 1 largest |scores| are tied
   (with a warning naming the smallest k that is finite), never rounding noise.
 
+The power law describes the tail only, so it is compared with the other families by Vuong's test
+on that tail, not by AIC over all scores. Its density exponent ``alpha`` and Hill's survival
+index are related by ``hill ~ alpha - 1`` where both see the same tail.
+
 Model selection: ``TailReport.best`` is the family with the lowest AIC, ``best_bic`` the lowest BIC,
 degenerate fits left out. With nested truths AIC cannot pick the smaller family reliably: for
 Cauchy data the t fit beats it on AIC whenever LR > 2, which happens with probability
@@ -63,7 +85,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
-from influx.checks import check_integer
+from influx.checks import check_integer, check_number
 from influx.errors import InfluxValueError
 
 FAMILIES = {
@@ -72,7 +94,15 @@ FAMILIES = {
     "t": stats.t,
     "cauchy": stats.cauchy,
     "stable": stats.levy_stable,
+    "lognormal": stats.lognorm,
+    "gamma": stats.gamma,
+    "exponential": stats.expon,
 }
+# The default families of each support (see choose_support): laws on the real line for signed
+# scores, laws on (0, inf) (location fixed at 0) for non-negative ones.
+SYMMETRIC_FAMILIES = ("normal", "laplace", "t", "cauchy")
+POSITIVE_FAMILIES = ("lognormal", "gamma", "exponential")
+SUPPORTS = ("auto", "positive", "real")
 # Indices of the parameters that must stay positive (optimized on the log scale).
 _POSITIVE = {"t": (0, 2), "cauchy": (1,), "stable": (3,)}
 # t and Cauchy are fitted on standardized scores (units of a robust spread). Their scale is kept
@@ -113,7 +143,8 @@ class FamilyFit:
 
     @property
     def num_params(self) -> int:
-        return len(self.params)
+        """Free parameters: the location of the positive families is fixed at 0."""
+        return len(self.params) - (self.name in POSITIVE_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -140,7 +171,12 @@ class HillEstimate:
 
 @dataclass(frozen=True)
 class TailReport:
-    """Result of :func:`fit`: ``fits[name]``, ``tests[name]``, ``hill``, ``best`` (AIC)."""
+    """Result of :func:`fit`: ``fits[name]``, ``tests[name]``, ``hill``, ``best`` (AIC).
+
+    ``support`` is ``"positive"`` (families fitted to the positive scores, ``zero_fraction`` of
+    the scores exactly 0, ``power_law`` the CSN tail fit) or ``"real"`` (families fitted to all
+    scores, ``power_law`` None). ``scores`` holds every score given.
+    """
 
     scores: np.ndarray = field(repr=False)
     fits: dict[str, FamilyFit]
@@ -148,6 +184,14 @@ class TailReport:
     hill: HillEstimate
     bootstrap: int
     seed: int
+    support: str = "real"
+    zero_fraction: float = 0.0
+    power_law: PowerLawFit | None = None
+
+    @property
+    def fitted_scores(self) -> np.ndarray:
+        """The scores the families were fitted to: the positive ones for positive support."""
+        return self.scores[self.scores > 0] if self.support == "positive" else self.scores
 
     @property
     def best(self) -> str:
@@ -194,6 +238,9 @@ class TailReport:
             "hill": {"k": self.hill.k, "alpha": self.hill.alpha, "stderr": self.hill.stderr},
             "bootstrap": self.bootstrap,
             "seed": self.seed,
+            "support": self.support,
+            "zero_fraction": self.zero_fraction,
+            "power_law": None if self.power_law is None else self.power_law.summary(),
         }
 
     def __repr__(self) -> str:
@@ -201,15 +248,23 @@ class TailReport:
             f"{n}: aic={f.aic:.1f} ks_p={f.ks_pvalue:.3g}{' (degenerate)' if f.degenerate else ''}"
             for n, f in self.fits.items()
         )
+        power = self.power_law
+        tail = "" if power is None else (
+            f", power_law_alpha={power.alpha:.3g}±{power.stderr:.2g} x_min={power.x_min:.3g}"
+        )  # fmt: skip
         return (
-            f"TailReport(n={self.scores.size}, best={self.best!r}, best_bic={self.best_bic!r}, "
-            f"{rows}, hill_alpha={self.hill.alpha:.3g}±{self.hill.stderr:.2g} at k={self.hill.k})"
+            f"TailReport(n={self.scores.size}, support={self.support!r}, best={self.best!r}, "
+            f"best_bic={self.best_bic!r}, {rows}, hill_alpha={self.hill.alpha:.3g}"
+            f"±{self.hill.stderr:.2g} at k={self.hill.k}{tail})"
         )
 
     def plot(self, path=None, *, title: str | None = None):
-        """Histogram with fitted densities, log-log survival of |x|, Hill plot, one QQ plot per family.
+        """Diagnostic figure; returns the matplotlib Figure and saves it to ``path`` when given.
 
-        Returns the matplotlib Figure; saves it to ``path`` when given.
+        Positive support: log-log survival P(X > x) of the positive scores with each fitted
+        survival function and the power law above x_min, the density of log10 x, the Hill plot,
+        and one log-log QQ plot per family. Real support: histogram with fitted densities
+        (linear axis), log-log survival of |x|, Hill plot, one QQ plot per family.
         """
         import matplotlib
 
@@ -217,10 +272,63 @@ class TailReport:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        x = np.sort(self.scores)
-        n = x.size
         ncols = max(3, len(self.fits))
         fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 7), squeeze=False)
+        if self.support == "positive":
+            self._plot_positive(axes)
+        else:
+            self._plot_real(axes)
+        self._plot_hill(axes[0, 2])
+        for ax in axes[0, 3:]:
+            ax.axis("off")
+        for ax in axes[1, len(self.fits) :]:
+            ax.axis("off")
+        axes[1, 0].set_ylabel("sample quantile")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+    def _plot_positive(self, axes) -> None:
+        x = np.sort(self.fitted_scores)
+        n = x.size
+        ax = axes[0, 0]
+        survival = 1.0 - np.arange(n) / n  # P(X >= x_(i)) among the positive scores
+        ax.loglog(x, survival, "k.", ms=2, label="empirical")
+        levels = np.geomspace(x[0], x[-1], 200)
+        for f in self.fits.values():
+            ax.loglog(levels, f.dist.sf(levels), label=f"{f.name} (AIC {f.aic:.0f})")
+        power = self.power_law
+        if power is not None:
+            above = levels[levels >= power.x_min]
+            ax.loglog(above, power.tail_fraction * power.sf(above), "k--", lw=1.2,
+                      label=f"power law, alpha={power.alpha:.2f}")  # fmt: skip
+            ax.axvline(power.x_min, color="0.5", ls=":", lw=1)
+        zeros = f", {self.zero_fraction:.0%} zeros left out" if self.zero_fraction else ""
+        ax.set(title=f"P(X > x), positive scores{zeros}", xlabel="x", ylim=(0.5 / n, 1.1))
+        ax.legend(fontsize=7)
+
+        ax = axes[0, 1]
+        logs = np.log10(x)
+        ax.hist(logs, bins=60, density=True, color="0.8")
+        grid = np.linspace(logs[0], logs[-1], 400)
+        for f in self.fits.values():
+            # density of log10 X: f(10^y) 10^y ln 10
+            ax.plot(grid, f.dist.pdf(10**grid) * 10**grid * np.log(10), label=f.name)
+        ax.set(title="density of log10 x", xlabel="log10 score")
+        ax.legend(fontsize=7)
+
+        positions = (np.arange(1, n + 1) - 0.5) / n
+        for ax, f in zip(axes[1], self.fits.values()):
+            ax.loglog(f.dist.ppf(positions), x, "k.", ms=2)
+            ax.loglog([x[0], x[-1]], [x[0], x[-1]], "C3-", lw=1)
+            ax.set(title=f"QQ {f.name} (KS p={f.ks_pvalue:.2g})", xlabel="fitted quantile")
+
+    def _plot_real(self, axes) -> None:
+        x = np.sort(self.scores)
+        n = x.size
         low, high = np.quantile(x, [0.005, 0.995])
         grid = np.linspace(low, high, 400)
         ax = axes[0, 0]
@@ -241,7 +349,15 @@ class TailReport:
         ax.set(title="P(|X| > x)", xlabel="x", ylim=(0.5 / n, 1.1))
         ax.legend(fontsize=7)
 
-        ax = axes[0, 2]
+        positions = (np.arange(1, n + 1) - 0.5) / n
+        for ax, f in zip(axes[1], self.fits.values()):
+            theoretical = f.dist.ppf(positions)
+            ax.plot(theoretical, x, "k.", ms=2)
+            ax.plot([x[0], x[-1]], [x[0], x[-1]], "C3-", lw=1)
+            ax.set(title=f"QQ {f.name} (KS p={f.ks_pvalue:.2g})", xlabel="fitted quantile")
+            ax.set_xlim(x[0] - 0.1 * (x[-1] - x[0]), x[-1] + 0.1 * (x[-1] - x[0]))
+
+    def _plot_hill(self, ax) -> None:
         ks = np.arange(1, self.hill.alphas.size + 1)
         ax.plot(ks, self.hill.alphas, "k-", lw=1)
         ax.fill_between(
@@ -258,25 +374,6 @@ class TailReport:
         if finite.size:
             ax.set_ylim(0, min(4 * np.median(finite), finite.max()) * 1.1)
         ax.legend(fontsize=7)
-        for ax in axes[0, 3:]:
-            ax.axis("off")
-
-        positions = (np.arange(1, n + 1) - 0.5) / n
-        for ax, f in zip(axes[1], self.fits.values()):
-            theoretical = f.dist.ppf(positions)
-            ax.plot(theoretical, x, "k.", ms=2)
-            ax.plot([x[0], x[-1]], [x[0], x[-1]], "C3-", lw=1)
-            ax.set(title=f"QQ {f.name} (KS p={f.ks_pvalue:.2g})", xlabel="fitted quantile")
-            ax.set_xlim(x[0] - 0.1 * (x[-1] - x[0]), x[-1] + 0.1 * (x[-1] - x[0]))
-        for ax in axes[1, len(self.fits) :]:
-            ax.axis("off")
-        axes[1, 0].set_ylabel("sample quantile")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        return fig
 
 
 def _check_scores(scores) -> np.ndarray:
@@ -383,6 +480,8 @@ def _fit_one(name: str, x: np.ndarray, start: tuple[float, ...] | None = None) -
     family = FAMILIES[name]
     if name in ("normal", "laplace", "stable"):
         return tuple(float(v) for v in family.fit(x))
+    if name in POSITIVE_FAMILIES:
+        return _fit_positive(name, x)
     centre, spread = _centre_and_spread(x)
     z = (x - centre) / spread
     shapes, loc, scale = _standard_start(name, start, centre, spread)
@@ -394,6 +493,20 @@ def _fit_one(name: str, x: np.ndarray, start: tuple[float, ...] | None = None) -
         fitted = _t_normal_limit(z, fitted)
     *shapes, loc, scale = fitted
     return (*shapes, centre + spread * loc, spread * scale)
+
+
+def _fit_positive(name: str, x: np.ndarray) -> tuple[float, ...]:
+    """MLE with the location fixed at 0, all scale-equivariant: log-normal ``(sigma, 0, e^mu)``
+    with mu, sigma the mean and (ddof 0) standard deviation of log x (= ``lognorm.fit(x,
+    floc=0)``); exponential ``(0, mean)``; gamma by ``gamma.fit(x, floc=0)``, whose shape solves
+    ``log a - digamma(a) = log mean(x) - mean(log x)`` (free of the units of x)."""
+    if name == "lognormal":
+        logs = np.log(x)
+        return (float(logs.std()), 0.0, float(np.exp(logs.mean())))
+    if name == "exponential":
+        return (0.0, float(x.mean()))
+    shape, _, scale = stats.gamma.fit(x, floc=0)
+    return (float(shape), 0.0, float(scale))
 
 
 def _collapsed(name: str, x: np.ndarray, params: tuple[float, ...]) -> bool:
@@ -415,6 +528,12 @@ def _refit_block(name: str, samples: np.ndarray, start: tuple[float, ...]) -> np
         # laplace.fit: the median and the mean absolute deviation from it.
         loc = np.median(samples, axis=1)
         return np.stack([loc, np.abs(samples - loc[:, None]).mean(1)], axis=1)
+    if name == "lognormal":
+        logs = np.log(samples)
+        zeros = np.zeros(len(samples))
+        return np.stack([logs.std(1), zeros, np.exp(logs.mean(1))], axis=1)
+    if name == "exponential":
+        return np.stack([np.zeros(len(samples)), samples.mean(1)], axis=1)
     return np.array([_fit_one(name, row, start) for row in samples])
 
 
@@ -560,57 +679,413 @@ def _warn_degenerate(x: np.ndarray, degenerate: list[FamilyFit]) -> None:
     )
 
 
-def fit(
-    scores,
-    families: Sequence[str] = ("normal", "laplace", "t", "cauchy"),
-    *,
-    stable: bool = False,
-    bootstrap: int = 100,
-    seed: int = 0,
-    hill_k: int | None = None,
-    stable_max_n: int = 500,
-) -> TailReport:
-    """Fit each family to ``scores`` [N] by maximum likelihood and compare them (module docstring).
+# --- Power-law tail (Clauset, Shalizi & Newman 2009) ---------------------------------------------
 
-    ``bootstrap``: parametric-bootstrap samples per family for the KS p-values (0 skips them);
-    ``seed`` seeds them. ``stable=True`` adds the alpha-stable family, fitted by
-    ``levy_stable.fit`` on an evenly spaced subsample of at most ``stable_max_n`` sorted scores
-    (its log-likelihood and AIC are then evaluated on all scores).
+
+@dataclass(frozen=True)
+class VuongTest:
+    """Vuong's non-nested likelihood-ratio test of the power law against ``alternative`` on the
+    tail ``x >= x_min``, both fitted to the tail by maximum likelihood (CSN 2009, sec. 5).
+
+    With pointwise ``d_i = log p_power(x_i) - log p_alt(x_i)``: ``ratio = R = sum_i d_i``,
+    ``normalized_ratio = R / (sigma sqrt(n_tail))`` with sigma the (ddof 0) standard deviation of
+    ``d``, asymptotically N(0, 1) when both fit equally well, and the two-sided
+    ``pvalue = erfc(|R| / (sigma sqrt(2 n_tail)))``. R > 0 favours the power law; a large p-value
+    means the data cannot tell the two apart. ``params`` are the alternative's tail parameters.
+    """
+
+    alternative: str
+    params: tuple[float, ...]
+    ratio: float
+    normalized_ratio: float
+    pvalue: float
+
+    @property
+    def favours(self) -> str:
+        """The family with the larger tail likelihood (whatever the p-value)."""
+        return "power_law" if self.ratio > 0 else self.alternative
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Continuous power law ``p(x) = (alpha - 1) / x_min (x / x_min)^-alpha`` for ``x >= x_min``.
+
+    ``alpha`` is the MLE ``1 + n_tail / sum_{x_i >= x_min} log(x_i / x_min)`` with standard
+    error ``(alpha - 1) / sqrt(n_tail)``; ``x_min`` minimizes the KS distance ``ks_statistic``
+    between the tail and its fit over the candidate values (``candidates``, ``distances``);
+    ``ks_pvalue`` is the semi-parametric bootstrap p-value (NaN without bootstrap);
+    ``comparisons[name]`` Vuong's test against the log-normal and exponential tails. The survival
+    exponent is ``alpha - 1``: ``P(X > x) = (x / x_min)^-(alpha - 1)`` on the tail, the quantity
+    the Hill estimator estimates.
+    """
+
+    alpha: float
+    x_min: float
+    n_tail: int
+    n: int
+    stderr: float
+    ks_statistic: float
+    ks_pvalue: float
+    bootstrap: int
+    comparisons: dict[str, VuongTest]
+    candidates: np.ndarray = field(repr=False)
+    distances: np.ndarray = field(repr=False)
+
+    @property
+    def tail_fraction(self) -> float:
+        return self.n_tail / self.n
+
+    def sf(self, x) -> np.ndarray:
+        """``P(X > x | X >= x_min)`` for ``x >= x_min``."""
+        return (np.asarray(x, dtype=np.float64) / self.x_min) ** (1.0 - self.alpha)
+
+    def summary(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "stderr": self.stderr,
+            "x_min": self.x_min,
+            "n_tail": self.n_tail,
+            "tail_fraction": self.tail_fraction,
+            "ks_statistic": self.ks_statistic,
+            "ks_pvalue": None if np.isnan(self.ks_pvalue) else self.ks_pvalue,
+            "bootstrap": self.bootstrap,
+            "comparisons": {
+                name: {
+                    "params": list(v.params),
+                    "ratio": v.ratio,
+                    "normalized_ratio": v.normalized_ratio,
+                    "pvalue": v.pvalue,
+                    "favours": v.favours,
+                }
+                for name, v in self.comparisons.items()
+            },
+        }
+
+
+def _power_law_alpha(tail_logs: np.ndarray, log_x_min: float) -> float:
+    """``1 + n / sum log(x / x_min)`` (inf when every tail value equals x_min)."""
+    total = float(np.sum(tail_logs - log_x_min))
+    return 1.0 + tail_logs.size / total if total > 0 else np.inf
+
+
+def _power_law_ks(tail_logs: np.ndarray, log_x_min: float, alpha: float) -> float:
+    """KS distance between sorted tail values (as logs) and the power law: fitted
+    ``F(x) = 1 - (x / x_min)^(1 - alpha)`` against the empirical CDF's steps (as
+    ``scipy.stats.kstest``)."""
+    m = tail_logs.size
+    cdf = -np.expm1((1.0 - alpha) * (tail_logs - log_x_min))
+    steps = np.arange(m + 1) / m
+    return float(max(np.max(steps[1:] - cdf), np.max(cdf - steps[:-1])))
+
+
+def _candidate_starts(sorted_x: np.ndarray, min_tail: int, max_candidates: int) -> np.ndarray:
+    """Indices (into ascending ``sorted_x``) of the first occurrence of each distinct value that
+    leaves at least ``min_tail`` points at or above it; evenly thinned to ``max_candidates``."""
+    _, first = np.unique(sorted_x, return_index=True)
+    first = first[sorted_x.size - first >= min_tail]
+    if first.size > max_candidates:
+        first = first[np.linspace(0, first.size - 1, max_candidates).round().astype(int)]
+    return first
+
+
+def _scan_x_min(sorted_x: np.ndarray, min_tail: int, max_candidates: int):
+    """CSN's choice of x_min: the candidate whose power-law fit of the tail has the smallest KS
+    distance. Returns (index of x_min in sorted_x, alpha, D, candidate values, their D)."""
+    logs = np.log(sorted_x)
+    starts = _candidate_starts(sorted_x, min_tail, max_candidates)
+    distances = np.full(starts.size, np.inf)
+    for j, i in enumerate(starts):
+        alpha = _power_law_alpha(logs[i:], logs[i])
+        if np.isfinite(alpha):
+            distances[j] = _power_law_ks(logs[i:], logs[i], alpha)
+    if not np.isfinite(distances).any():
+        raise InfluxValueError(
+            f"no x_min leaves {min_tail} or more distinct-enough tail values: no power law to fit"
+        )
+    best = int(np.argmin(distances))
+    i = int(starts[best])
+    return (
+        i,
+        _power_law_alpha(logs[i:], logs[i]),
+        float(distances[best]),
+        sorted_x[starts],
+        distances,
+    )
+
+
+def _power_law_samples(alpha: float, x_min: float, size: int, rng) -> np.ndarray:
+    """Inverse-CDF draws ``x_min (1 - U)^(-1 / (alpha - 1))``."""
+    return x_min * (1.0 - rng.random(size)) ** (-1.0 / (alpha - 1.0))
+
+
+def _fixed_x_min_fit(sorted_x: np.ndarray, x_min: float) -> tuple[int, float, float]:
+    """(index of the first value >= x_min, alpha, KS distance) of the tail above a given x_min."""
+    start = int(np.searchsorted(sorted_x, x_min, side="left"))
+    logs = np.log(sorted_x[start:])
+    alpha = _power_law_alpha(logs, float(np.log(x_min)))
+    return start, alpha, _power_law_ks(logs, float(np.log(x_min)), alpha)
+
+
+def _power_law_bootstrap(sorted_x, start, alpha, x_min, observed, draws, rng, refit):
+    """CSN's semi-parametric bootstrap p-value of the KS distance: each of ``draws`` samples of
+    size n takes Binomial(n, n_tail / n) points from the fitted power law and the rest uniformly
+    from the observed values below x_min, and is refitted by ``refit(sorted sample) -> D``
+    (the x_min scan included when x_min was chosen); ``p = (1 + #{D_b >= D}) / (draws + 1)``.
+    A sample that cannot be refitted (too few distinct tail values) counts as not exceeding."""
+    if draws == 0:
+        return float("nan")
+    n = sorted_x.size
+    body = sorted_x[:start]
+    exceed = 0
+    for _ in range(draws):
+        in_tail = n if body.size == 0 else int(rng.binomial(n, (n - start) / n))
+        from_body = rng.choice(body, n - in_tail) if in_tail < n else np.empty(0)
+        sample = np.sort(np.r_[_power_law_samples(alpha, x_min, in_tail, rng), from_body])
+        try:
+            exceed += refit(sample) >= observed
+        except InfluxValueError:
+            continue
+    return (1 + exceed) / (draws + 1)
+
+
+def _truncated_lognormal(tail: np.ndarray, x_min: float) -> tuple[tuple[float, float], np.ndarray]:
+    """MLE of the log-normal truncated to ``x >= x_min`` and its pointwise log-density.
+
+    ``log p(x) = -log x - log sigma - log(2 pi) / 2 - (log x - mu)^2 / (2 sigma^2)
+    - log P(log X >= log x_min)``. Fitted on ``u = log(x / x_min)`` with ``m = mu - log x_min``
+    (scale-free); L-BFGS-B over (m, log sigma) from the moments of u. Returns
+    ((mu, sigma), log-densities).
+    """
+    u = np.log(tail / x_min)
+    spread = max(float(u.std()), 1e-12)
+
+    def negative_mean_loglik(theta):
+        m, log_sigma = theta
+        sigma = np.exp(log_sigma)
+        z = (u - m) / sigma
+        return float(np.mean(0.5 * z * z) + log_sigma + stats.norm.logsf(-m / sigma))
+
+    bounds = [
+        (-1e3 * (1 + spread), 1e3 * (1 + spread)),
+        (np.log(1e-6 * spread), np.log(1e6 * spread)),
+    ]
+    result = optimize.minimize(
+        negative_mean_loglik, [float(u.mean()), np.log(spread)], method="L-BFGS-B", bounds=bounds
+    )
+    m, sigma = float(result.x[0]), float(np.exp(result.x[1]))
+    z = (u - m) / sigma
+    logpdf = -np.log(tail) - np.log(sigma) - 0.5 * np.log(2 * np.pi) - 0.5 * z * z
+    return (m + float(np.log(x_min)), sigma), logpdf - stats.norm.logsf(-m / sigma)
+
+
+def _truncated_exponential(tail: np.ndarray, x_min: float):
+    """MLE of ``p(x) = lambda exp(-lambda (x - x_min))`` on ``x >= x_min``: lambda = 1 / mean
+    excess. Returns ((lambda,), log-densities)."""
+    rate = 1.0 / float(np.mean(tail - x_min))
+    return (rate,), np.log(rate) - rate * (tail - x_min)
+
+
+def _power_law_logpdf(tail: np.ndarray, alpha: float, x_min: float) -> np.ndarray:
+    return np.log(alpha - 1.0) - np.log(x_min) - alpha * np.log(tail / x_min)
+
+
+def vuong(loglik_a: np.ndarray, loglik_b: np.ndarray) -> tuple[float, float, float]:
+    """Vuong's test of pointwise log-likelihoods a against b on the same points:
+    (R = sum(a - b), R / (sigma sqrt(n)), two-sided p = erfc(|R| / (sigma sqrt(2 n))));
+    sigma is the ddof-0 standard deviation of a - b (as in CSN and the ``powerlaw`` package).
+    Identical fits give (0, 0, 1)."""
+    difference = np.asarray(loglik_a, dtype=np.float64) - np.asarray(loglik_b, dtype=np.float64)
+    ratio, sigma = float(difference.sum()), float(difference.std())
+    if sigma == 0:
+        return ratio, 0.0, 1.0
+    normalized = ratio / (sigma * np.sqrt(difference.size))
+    return ratio, normalized, float(2 * stats.norm.sf(abs(normalized)))
+
+
+def _tail_comparisons(tail: np.ndarray, alpha: float, x_min: float) -> dict[str, VuongTest]:
+    power = _power_law_logpdf(tail, alpha, x_min)
+    out = {}
+    for name, alternative in (("lognormal", _truncated_lognormal),
+                              ("exponential", _truncated_exponential)):  # fmt: skip
+        params, logpdf = alternative(tail, x_min)
+        out[name] = VuongTest(name, params, *vuong(power, logpdf))
+    return out
+
+
+def power_law(
+    scores,
+    *,
+    x_min: float | None = None,
+    min_tail: int = 10,
+    max_candidates: int = 2000,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> PowerLawFit:
+    """Clauset-Shalizi-Newman fit of a continuous power-law tail to the positive ``scores``.
+
+    ``x_min``: given, or chosen among the distinct values (at most ``max_candidates`` of them,
+    each leaving at least ``min_tail`` points above) by the smallest KS distance between the
+    tail and its fitted power law. ``bootstrap``: draws of CSN's semi-parametric bootstrap for
+    the goodness-of-fit p-value (each refits x_min, so it costs ``bootstrap`` scans). Zeros and
+    negative scores are refused: pass the positive part.
     """
     x = _check_scores(scores)
-    families = list(families) + (["stable"] if stable and "stable" not in families else [])
+    if x.min() <= 0:
+        raise InfluxValueError(
+            f"a power law needs positive scores; {int(np.sum(x <= 0))} are <= 0: pass "
+            "scores[scores > 0]"
+        )
+    min_tail = check_integer("min_tail", min_tail, minimum=2)
+    max_candidates = check_integer("max_candidates", max_candidates, minimum=1)
+    bootstrap = check_integer("bootstrap", bootstrap, minimum=0)
+    sorted_x = np.sort(x)
+    if x_min is None:
+        start, alpha, distance, candidates, distances = _scan_x_min(
+            sorted_x, min_tail, max_candidates
+        )
+        x_min = float(sorted_x[start])
+        refit = lambda sample: _scan_x_min(sample, min_tail, max_candidates)[2]  # noqa: E731
+    else:
+        x_min = check_number("x_min", x_min)
+        if not 0 < x_min or np.sum(sorted_x >= x_min) < min_tail:
+            raise InfluxValueError(
+                f"x_min must be positive with at least {min_tail} scores >= it; got {x_min:g}"
+            )
+        start, alpha, distance = _fixed_x_min_fit(sorted_x, x_min)
+        candidates, distances = np.array([x_min]), np.array([distance])
+        refit = lambda sample: _fixed_x_min_fit(sample, x_min)[2]  # noqa: E731
+    if not np.isfinite(alpha):
+        raise InfluxValueError(f"every score >= x_min = {x_min:g} equals it: no power law to fit")
+    tail = sorted_x[start:]
+    rng = np.random.default_rng(seed)
+    pvalue = _power_law_bootstrap(sorted_x, start, alpha, x_min, distance, bootstrap, rng, refit)
+    return PowerLawFit(
+        alpha=float(alpha),
+        x_min=x_min,
+        n_tail=int(tail.size),
+        n=int(x.size),
+        stderr=float((alpha - 1) / np.sqrt(tail.size)),
+        ks_statistic=distance,
+        ks_pvalue=pvalue,
+        bootstrap=bootstrap,
+        comparisons=_tail_comparisons(tail, alpha, x_min),
+        candidates=candidates,
+        distances=distances,
+    )
+
+
+def choose_support(scores) -> str:
+    """``"positive"`` when every score is >= 0 (self-influence, losses, gradient norms: a law on
+    the real line can only misfit them), else ``"real"`` (signed scores such as I_z or GUS)."""
+    return "positive" if np.min(np.asarray(scores, dtype=np.float64)) >= 0 else "real"
+
+
+def _resolve_support(x: np.ndarray, support: str) -> str:
+    if support not in SUPPORTS:
+        raise InfluxValueError(f"support must be one of {SUPPORTS}; got {support!r}")
+    if support == "auto":
+        return choose_support(x)
+    if support == "positive" and x.min() < 0:
+        raise InfluxValueError(
+            f"support='positive' needs scores >= 0; {int(np.sum(x < 0))} are negative "
+            "(use support='real' for signed scores)"
+        )
+    return support
+
+
+def _resolve_families(families, support: str, stable: bool) -> list[str]:
+    default = POSITIVE_FAMILIES if support == "positive" else SYMMETRIC_FAMILIES
+    families = list(default if families is None else families)
+    families += ["stable"] if stable and "stable" not in families else []
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise InfluxValueError(
             f"unknown families {unknown or families}; choose from {sorted(FAMILIES)}"
         )
-    bootstrap = check_integer("bootstrap", bootstrap, minimum=0)
-    rng = np.random.default_rng(seed)
-    n = x.size
-    sorted_x = np.sort(x)
-    fits = {}
-    for name in families:
-        if name == "stable":
-            picks = np.linspace(0, n - 1, min(n, stable_max_n)).round().astype(int)
-            params = _fit_one(name, sorted_x[picks])
-        else:
-            params = _fit_one(name, x)
-        loglik = _loglik(name, x, params)
-        k = len(params)
-        observed = float(_ks_statistics(name, sorted_x[None], np.array([params]))[0])
-        degenerate = _collapsed(name, x, params)
-        draws = 0 if degenerate else bootstrap
-        fits[name] = FamilyFit(
-            name=name,
-            params=params,
-            loglik=loglik,
-            aic=2 * k - 2 * loglik,
-            bic=k * np.log(n) - 2 * loglik,
-            ks_statistic=observed,
-            ks_pvalue=_bootstrap_pvalue(name, params, n, observed, draws, rng),
-            degenerate=degenerate,
+    if support == "real" and any(f in POSITIVE_FAMILIES for f in families):
+        raise InfluxValueError(
+            f"the families {[f for f in families if f in POSITIVE_FAMILIES]} live on (0, inf) "
+            "and these scores are signed (support='real')"
         )
-    _warn_degenerate(x, [f for f in fits.values() if f.degenerate])
+    return families
+
+
+def _positive_part(x: np.ndarray) -> np.ndarray:
+    body = x[x > 0]
+    if body.size < 10 or np.ptp(body) == 0:
+        raise InfluxValueError(
+            f"need at least 10 positive scores, not all equal, to fit positive families; got "
+            f"{body.size} (the other {x.size - body.size} are 0)"
+        )
+    return body
+
+
+def _fit_family(name: str, x: np.ndarray, sorted_x: np.ndarray, stable_max_n: int,
+                bootstrap: int, rng) -> FamilyFit:  # fmt: skip
+    n = x.size
+    if name == "stable":
+        picks = np.linspace(0, n - 1, min(n, stable_max_n)).round().astype(int)
+        params = _fit_one(name, sorted_x[picks])
+    else:
+        params = _fit_one(name, x)
+    loglik = _loglik(name, x, params)
+    k = len(params) - (name in POSITIVE_FAMILIES)  # a location fixed at 0 is no parameter
+    observed = float(_ks_statistics(name, sorted_x[None], np.array([params]))[0])
+    degenerate = _collapsed(name, x, params)
+    draws = 0 if degenerate else bootstrap
+    return FamilyFit(
+        name=name,
+        params=params,
+        loglik=loglik,
+        aic=2 * k - 2 * loglik,
+        bic=k * np.log(n) - 2 * loglik,
+        ks_statistic=observed,
+        ks_pvalue=_bootstrap_pvalue(name, params, n, observed, draws, rng),
+        degenerate=degenerate,
+    )
+
+
+def fit(
+    scores,
+    families: Sequence[str] | None = None,
+    *,
+    support: str = "auto",
+    stable: bool = False,
+    bootstrap: int = 100,
+    seed: int = 0,
+    hill_k: int | None = None,
+    stable_max_n: int = 500,
+    power_law_bootstrap: int = 0,
+    min_tail: int = 10,
+) -> TailReport:
+    """Fit each family to ``scores`` [N] by maximum likelihood and compare them (module docstring).
+
+    ``support``: ``"auto"`` (default) picks ``"positive"`` when every score is >= 0 and
+    ``"real"`` otherwise (:func:`choose_support`); either can be forced. ``families`` defaults to
+    :data:`POSITIVE_FAMILIES` (fitted to the positive scores; zeros are counted in
+    ``zero_fraction``, and a CSN power law is fitted to the tail) or :data:`SYMMETRIC_FAMILIES`.
+    ``bootstrap``: parametric-bootstrap samples per family for the KS p-values (0 skips them);
+    ``power_law_bootstrap``: CSN bootstrap draws for the power law's p-value; ``seed`` seeds
+    both. ``stable=True`` adds the alpha-stable family, fitted by ``levy_stable.fit`` on an
+    evenly spaced subsample of at most ``stable_max_n`` sorted scores (its log-likelihood and
+    AIC are then evaluated on all scores).
+    """
+    x = _check_scores(scores)
+    support = _resolve_support(x, support)
+    families = _resolve_families(families, support, stable)
+    bootstrap = check_integer("bootstrap", bootstrap, minimum=0)
+    power_law_bootstrap = check_integer("power_law_bootstrap", power_law_bootstrap, minimum=0)
+    fitted = _positive_part(x) if support == "positive" else x
+    rng = np.random.default_rng(seed)
+    sorted_fitted = np.sort(fitted)
+    fits = {
+        name: _fit_family(name, fitted, sorted_fitted, stable_max_n, bootstrap, rng)
+        for name in families
+    }
+    _warn_degenerate(fitted, [f for f in fits.values() if f.degenerate])
+    tail = None
+    if support == "positive":
+        tail = power_law(fitted, min_tail=min_tail, bootstrap=power_law_bootstrap, seed=seed)
     return TailReport(
         scores=x,
         fits=fits,
@@ -618,4 +1093,7 @@ def fit(
         hill=_hill_estimate(x, hill_k),
         bootstrap=bootstrap,
         seed=seed,
+        support=support,
+        zero_fraction=float(np.mean(x == 0)),
+        power_law=tail,
     )
