@@ -3,9 +3,11 @@
 :func:`write_report` takes score columns aligned to the dataset indices (name -> [N]) and writes
 
     report.md                  tables and the figures below, with a short reading guide
-    report/histograms.png      each score's histogram with the tail fits of influx.tails
-                               (normal, Laplace, Student-t, Cauchy by maximum likelihood; best
-                               by AIC; Hill tail index), else the plain histogram
+    report/histograms.png      each score with the tail fits of influx.tails: log-log survival
+                               with log-normal / gamma / exponential and a power-law tail for a
+                               non-negative score, log density with normal / Laplace / t /
+                               Cauchy for a signed one (best by AIC; Hill tail index), else the
+                               plain histogram
     report/top_examples.png    the top-k examples of each score as an image grid
     report/spearman.png        Spearman rank correlations between the scores
     report/per_class.png       per-class means of each score (z-scored across classes)
@@ -79,9 +81,13 @@ def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
 def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
     """influx.tails' maximum-likelihood fits of ``values`` (no bootstrap), or None.
 
-    Returns ``{"fits": [(name, frozen scipy law, AIC)] best first (degenerate fits left out), "best": name, "hill": alpha}``;
-    None when influx.tails is not installed or cannot fit these values (e.g. all equal), in
-    which case the report shows the plain histogram.
+    The families follow the sign of the values (``influx.tails.choose_support``): log-normal,
+    gamma and exponential (on the positive values) plus a power-law tail for non-negative
+    scores; normal, Laplace, Student-t and Cauchy for signed ones. Returns ``{"support":
+    "positive" | "real", "fits": [(name, frozen scipy law, AIC)] best first (degenerate fits
+    left out), "best": name, "hill": alpha, "power_law": (alpha, x_min, tail fraction) or None,
+    "zero_fraction": share of exact zeros}``; None when influx.tails is not installed or cannot
+    fit these values (e.g. all equal), in which case the report shows the plain histogram.
     """
     try:
         tails = importlib.import_module("influx.tails")
@@ -96,15 +102,49 @@ def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
     except InfluxValueError:
         return None
     fits = sorted((f for f in fitted.fits.values() if not f.degenerate), key=lambda f: f.aic)
+    power = fitted.power_law
     return {
+        "support": fitted.support,
         "fits": [(f.name, f.dist, f.aic) for f in fits],
         "best": fitted.best,
         "hill": float(fitted.hill.alpha),
+        "power_law": None if power is None else (power.alpha, power.x_min, power.tail_fraction),
+        "zero_fraction": fitted.zero_fraction,
     }
 
 
+def _survival_panel(axis, values: np.ndarray, fitted: dict[str, Any]) -> None:
+    """Log-log P(X > x) of the positive values with the three best fits and the power law."""
+    x = np.sort(values[values > 0])
+    axis.loglog(x, 1.0 - np.arange(x.size) / x.size, "k.", ms=2, label="empirical")
+    grid = np.geomspace(x[0], x[-1], 200)
+    for family, law, _ in fitted["fits"][:3]:
+        axis.loglog(grid, law.sf(grid), lw=1.2, label=family)
+    if fitted["power_law"] is not None:
+        alpha, x_min, share = fitted["power_law"]
+        tail = grid[grid >= x_min]
+        axis.loglog(tail, share * (tail / x_min) ** (1 - alpha), "k--", lw=1.2,
+                    label=f"power law ({alpha:.2f})")  # fmt: skip
+    axis.set_ylim(0.5 / x.size, 1.5)
+    axis.set_ylabel("P(X > x), x > 0", fontsize=8)
+
+
+def _density_panel(axis, values: np.ndarray, fitted: dict[str, Any] | None) -> None:
+    """Histogram on a log density axis floored at half a count per bin, with the best fits."""
+    bins = min(60, max(10, values.size // 20))
+    _, edges, _ = axis.hist(values, bins=bins, density=True, color="#4c72b0")
+    if fitted:
+        grid = np.linspace(values.min(), values.max(), 400)
+        for family, law, _ in fitted["fits"][:3]:
+            axis.plot(grid, law.pdf(grid), lw=1.2, label=family)
+    axis.set_yscale("log")
+    floor = 0.5 / (values.size * (edges[1] - edges[0]))  # no axis running down to 1e-93
+    axis.set_ylim(bottom=floor)
+
+
 def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, dict[str, Any]]:
-    """One panel per score with its three best tail fits; returns each score's tail fit."""
+    """One panel per score: log-log survival with the fits for a non-negative score, log density
+    with the fits for a signed one; returns each score's tail fit."""
     names = list(columns)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
@@ -117,16 +157,15 @@ def _histograms(columns: Mapping[str, np.ndarray], path: Path) -> dict[str, dict
         if values.size == 0:
             axis.set_title(f"{name} (no finite values)")
             continue
-        axis.hist(values, bins=min(60, max(10, values.size // 20)), density=True, color="#4c72b0")
         fitted = tail_fits(values)
+        if fitted and fitted["support"] == "positive":
+            _survival_panel(axis, values, fitted)
+        else:
+            _density_panel(axis, values, fitted)
         if fitted:
-            grid = np.linspace(values.min(), values.max(), 400)
-            for family, law, _ in fitted["fits"][:3]:
-                axis.plot(grid, law.pdf(grid), lw=1.2, label=family)
             axis.legend(fontsize=7)
             found[name] = fitted
         axis.set_title(name, fontsize=10)
-        axis.set_yscale("log")
         axis.tick_params(labelsize=8)
     _save(figure, path)
     return found
@@ -287,9 +326,12 @@ def write_report(
     lines.append(f"![score histograms]({FIGURES}/histograms.png)\n")
     if fitted:
         lines.append(
-            "Log density with the three best maximum-likelihood fits (influx.tails: normal, "
-            "Laplace, Student-t, Cauchy; best = lowest AIC). Hill alpha: tail index of |score| "
-            "(P(|X| > x) ~ x^-alpha; small = heavy tail).\n"
+            "Non-negative scores: log-log survival P(X > x) of the positive values with the three "
+            "best maximum-likelihood fits (influx.tails: log-normal, gamma, exponential; best = "
+            "lowest AIC) and the power law fitted above x_min (Clauset-Shalizi-Newman). Signed "
+            "scores: log density with the best of normal, Laplace, Student-t, Cauchy. Hill "
+            "alpha: tail index of |score| (P(|X| > x) ~ x^-alpha; small = heavy tail; below 1 "
+            "the mean is infinite). Power law: density exponent (x^-alpha above x_min).\n"
         )
     else:
         lines.append("Plain histograms (log density): influx.tails is not installed.\n")
@@ -303,11 +345,14 @@ def write_report(
             else [math.nan] * 5
         )
         fit = fitted.get(name, {})
+        power = fit.get("power_law")
         rows.append(
             [f"`{name}`", str(finite.size), *map(_fmt, stats), fit.get("best", ""),
-             _fmt(fit["hill"]) if fit else ""]
+             _fmt(fit["hill"]) if fit else "",
+             f"{_fmt(power[0])} (x >= {_fmt(power[1])})" if power else ""]
         )  # fmt: skip
-    header = ["score", "count", "mean", "std", "min", "median", "max", "best fit", "Hill alpha"]
+    header = ["score", "count", "mean", "std", "min", "median", "max", "best fit", "Hill alpha",
+              "power law alpha"]  # fmt: skip
     lines.append(_table(header, rows))
 
     if images is not None:

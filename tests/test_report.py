@@ -92,3 +92,42 @@ def test_a_score_defined_on_some_rows_leaves_the_other_pairs_whole():
     np.testing.assert_allclose(matrix[0, 1], whole, rtol=1e-12)
     partial = np.corrcoef(rankdata(cols["loss"][:5]), rankdata(cols["noise"][:5]))[0, 1]
     np.testing.assert_allclose(matrix[0, 2], partial, rtol=1e-12)
+
+
+def test_tail_fits_follow_the_sign_of_the_scores():
+    cols = columns(400)
+    loss = report.tail_fits(cols["loss"])  # exponential: non-negative
+    assert loss["support"] == "positive"
+    assert {name for name, _, _ in loss["fits"]} == {"lognormal", "gamma", "exponential"}
+    assert [aic for _, _, aic in loss["fits"]] == sorted(aic for _, _, aic in loss["fits"])
+    alpha, x_min, share = loss["power_law"]
+    assert alpha > 1 and x_min > 0 and 0 < share <= 1
+    noise = report.tail_fits(cols["noise"])  # signed
+    assert noise["support"] == "real" and noise["power_law"] is None
+    assert {name for name, _, _ in noise["fits"]} == {"normal", "laplace", "t", "cauchy"}
+
+
+def test_survival_panel_for_positive_scores_and_a_density_floor_for_signed_ones():
+    from matplotlib.figure import Figure
+
+    cols = columns(400)
+    figure = Figure()
+    survival, density = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    report._survival_panel(survival, cols["loss"], report.tail_fits(cols["loss"]))
+    assert survival.get_xscale() == survival.get_yscale() == "log"
+    assert survival.get_ylim()[0] == pytest.approx(0.5 / 400)
+    report._density_panel(density, cols["noise"], report.tail_fits(cols["noise"]))
+    # The Cauchy / t densities reach ~1e-5 in the range; the axis stops at half a count per bin.
+    low = density.get_ylim()[0]
+    width = np.ptp(cols["noise"]) / 20  # 400 // 20 bins
+    assert low == pytest.approx(0.5 / (400 * width), rel=1e-9)
+
+
+def test_report_table_shows_the_power_law_of_non_negative_scores(tmp_path):
+    cols = columns(200)
+    path = report.write_report(tmp_path, cols, targets=np.arange(200) % 4)
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `loss` |"))
+    assert "(x >= " in row and any(f in row for f in ("lognormal", "gamma", "exponential"))
+    row = next(line for line in text.splitlines() if line.startswith("| `noise` |"))
+    assert "(x >= " not in row
