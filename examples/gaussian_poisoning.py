@@ -88,8 +88,9 @@ TWO_SIDED = 2.576  # Phi^-1(0.995): |z| beyond it, two-sided level 0.01
 POISON, INIT, ORDER, UNLEARN, NULL, NONMEMBER = range(6)
 
 # Per method: the fixed settings and the knob searched, on a log grid of factor 2 placed (by a
-# wider dev search on tuning seeds) so that it spans the edge where test accuracy breaks down;
-# strongest removal last. SGD for the step methods; ssd's alpha is its selection threshold
+# wider search on the digits MLP's tuning seeds) so that it spans the edge where test accuracy
+# breaks down; strongest removal last. Another dataset or model may need the grids moved: a
+# chosen value at a grid's end (see "search" in the JSON) says so. SGD for the step methods; ssd's alpha is its selection threshold
 # (smaller = more parameters dampened). eu_k's lr barely matters once it can retrain the layer.
 GRIDS: dict[str, tuple[dict, str, tuple[float, ...]]] = {
     "gradient_ascent": ({}, "lr", (2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2)),
