@@ -33,6 +33,7 @@ def example_parser(
     parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=dtype, help="float64 | float32")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="first seed of the run")
     parser.add_argument("--seeds", type=int, default=8,
                         help="independent seeds (seed, seed + 1, ...); each one changes the "
@@ -148,9 +149,11 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
 
 
 def limit_threads(args: argparse.Namespace) -> None:
-    """Two CPU threads for a run on the CPU (the default sizes gain nothing from more)."""
+    """``--threads`` CPU threads for a run on the CPU (1 by default: the default models are small
+    enough that a second thread only adds synchronization, and two examples can then run side by
+    side on a 2-core machine; an oversubscribed machine makes multi-threaded runs crawl)."""
     if args.device == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
 
 
 def load_examples(args: argparse.Namespace, count: int):
