@@ -247,7 +247,7 @@ def plot_feature(ax, records: list[dict], summary: dict, feature: str) -> None:
     for k, record in enumerate(records):
         points = record["points"]
         ax.plot(points[feature], points["residual"], ".", ms=2, color=f"C{k % 10}",
-                label=f"seed {k}" if k < 3 else None)  # fmt: skip
+                label="one colour per seed" if k == 0 else None)  # fmt: skip
     rho = summary["points"]["spearman"][feature]
     ax.set(xscale="linear" if feature == "loss" else "log", yscale="log", xlabel=feature,
            ylabel="per-point residual", title=f"Spearman rho {interval_text(rho)}")  # fmt: skip
