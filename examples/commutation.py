@@ -264,7 +264,7 @@ def error_bar(ax, x: float, node: dict, **style) -> None:
     ax.plot([x + 0.12] * len(node["values"]), node["values"], ".", ms=3, color="0.4")
 
 
-def plot_h2(ax, summary: dict, key: str, ylabel: str, null: float) -> None:
+def plot_h2(ax, summary: dict, key: str, ylabel: str, null: float, title: str) -> None:
     names = list(summary["H2"])
     for k, kind in enumerate(KINDS):
         for m, name in enumerate(names):
@@ -272,7 +272,7 @@ def plot_h2(ax, summary: dict, key: str, ylabel: str, null: float) -> None:
                       label=kind if m == 0 else None)  # fmt: skip
     ax.axhline(null, color="k", ls="--", lw=0.8, label="no effect")
     ax.set_xticks([m * 3 + 0.5 for m in range(len(names))], names)
-    ax.set(ylabel=ylabel, title="H2: same-label vs different-label pairs")
+    ax.set(ylabel=ylabel, title=f"H2: {title} (mean, 95% interval, seeds)")
     ax.legend(fontsize=7)
 
 
@@ -305,9 +305,10 @@ def plot_o3(ax, records: list[dict], value) -> None:
 
 def plot(records: list[dict], summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 5, figsize=(25, 4.5))
-    plot_h2(axes[0], summary, "prob_same_smaller", "P(same-label norm < different-label)", 0.5)
+    plot_h2(axes[0], summary, "prob_same_smaller", "P(same-label norm < different-label)", 0.5,
+            "effect size")  # fmt: skip
     plot_h2(axes[1], summary, "log10_ratio_of_medians", "log10(median same / median different)",
-            0.0)  # fmt: skip
+            0.0, "ratio of medians")  # fmt: skip
     plot_h3(axes[2], records, summary)
     plot_o3(axes[3], records, lambda run: run["bracket_mean"])
     axes[3].set(ylabel="mean ||H_i g_j - H_j g_i||", title="O3: along training (seeds thin)")
