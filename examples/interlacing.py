@@ -323,14 +323,19 @@ def plot(records: list[dict], args, path: Path) -> None:
     if "self_influence_auc" in records[0]["interlaced"]["mean"]:
         panels.append(("self_influence_auc", "self-influence AUC (poison vs clean)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.9))
+    robust = [n for n in names if n != "mean"]
+    selecting = [n for n in names if "krum" in n]
     for ax, (key, title) in zip(axes, panels):
         if key == "gus_z_minus_mean":
-            paired = [{p: {n: {key: r[p][n]["gus_z"] - r[p]["mean"]["gus_z"]} for n in names}
+            paired = [{p: {n: {key: r[p][n]["gus_z"] - r[p]["mean"]["gus_z"]} for n in robust}
                        for p in PLACEMENTS} for r in records]  # fmt: skip
-            _bars(ax, paired, names, key, args)
+            _bars(ax, paired, robust, key, args)
             ax.axhline(0, color="gray", lw=1)
         else:
-            _bars(ax, records, names, key, args)
+            _bars(ax, records, selecting if key == "selected_poison_share" else names, key, args)
+        if key == "test_accuracy":  # bars from 0 would hide differences of a few points
+            lowest = min(r[p][n][key] for r in records for p in PLACEMENTS for n in names)
+            ax.set_ylim(lowest - 0.05, 1.0)
         if key in ("test_accuracy", "gus_z"):
             mean, half = _interval([r["clean"]["mean"][key] for r in records])
             ax.axhspan(mean - half, mean + half, color="gray", alpha=0.25,
@@ -339,10 +344,13 @@ def plot(records: list[dict], args, path: Path) -> None:
             ax.axhline(Z_CRITICAL, color="red", ls="--", lw=1,
                        label=f"one-sided {ALPHA:g} level (z = {Z_CRITICAL:.2f})")  # fmt: skip
             ax.axhline(0, color="gray", lw=1)
+        if key == "gus_z":  # room above the bars for the legend
+            highest = max(r[p][n][key] for r in records for p in PLACEMENTS for n in names)
+            ax.set_ylim(top=highest * 1.6)
         if key == "selected_poison_share":
             ax.axhline(args.poison_fraction, color="gray", ls="--", lw=1, label="data share")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2 if key == "gus_z" else 1)
     fig.suptitle(
         f"{args.dataset} {args.model}, {len(records)} seeds: {args.micro_batches} micro-batches "
         f"of {args.micro_batch}, {args.poison_fraction:.1%} Gaussian poisons "
