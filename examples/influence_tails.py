@@ -14,9 +14,10 @@ flips, and ``influx.tails.fit`` describes two scores, the family chosen by the s
 For the poisoned models it asks whether the poisons sit in the tail: their enrichment among the
 k largest self-influences (k = Hill's k) and above the power law's x_min, and the AUC.
 
-Exact-Hessian check: on a smaller MLP (``--exact-width``, ``--exact-train`` examples, clean data),
-the EK-FAC self-influence tail is compared with the self-influence under the exact damped
-Hessian (``method="exact"``), paired by seed: Hill index, power-law alpha, Spearman correlation.
+Exact-Hessian check: for the clean model itself (2,410 parameters at the defaults), the EK-FAC
+self-influence tail is compared with the self-influence under the exact damped Hessian
+(``method="exact"``), paired by seed: Hill index, power-law alpha, Spearman correlation. Models
+above ``influx.influence.exact.MAX_EXACT_PARAMETERS`` skip it, as does ``--no-exact``.
 
     python examples/influence_tails.py                 # digits + MLP, 8 seeds, a few minutes
     python examples/influence_tails.py --seeds 2 --train 400 --epochs 3   # a quick look
@@ -49,6 +50,7 @@ from scipy import stats  # noqa: E402
 from influx import data, influence, models, poison, tails, train  # noqa: E402
 from influx import stats as seed_stats  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
+from influx.influence.exact import MAX_EXACT_PARAMETERS  # noqa: E402
 from influx.seeds import derive_seed  # noqa: E402
 
 LOSS = train.cross_entropy_per_example
@@ -69,9 +71,8 @@ def parse_args() -> argparse.Namespace:
                         help="parametric-bootstrap KS draws per family (0: none)")  # fmt: skip
     parser.add_argument("--power-law-bootstrap", type=int, default=20,
                         help="CSN bootstrap draws for the power law's KS p-value")  # fmt: skip
-    parser.add_argument("--exact-train", type=int, default=300,
-                        help="examples of the exact-Hessian check (0: skip it)")  # fmt: skip
-    parser.add_argument("--exact-width", type=int, default=12, help="hidden width there")
+    parser.add_argument("--no-exact", action="store_true",
+                        help="skip the exact-Hessian check of the clean model")  # fmt: skip
     return parser.parse_args()
 
 
@@ -173,10 +174,14 @@ def run_condition(condition, batch, poisons, gaussian, dataset, args, seed, seco
         row["self_influence"]["poisons"] = poison_membership(
             scores, mask, report.hill.k, report.power_law.x_min
         )
-    if condition in (
-        "clean",
-        "gaussian",
-    ):  # I_z of the Gaussian noise; the clean model never saw it
+    seconds["fits"] += time.perf_counter() - started
+    if condition == "clean" and exact_feasible(model, args):
+        started = time.perf_counter()
+        row["exact_check"] = exact_check(model, batch, scores, args, seed)
+        seconds["exact_check"] += time.perf_counter() - started
+    started = time.perf_counter()
+    # I_z of the Gaussian noise; the clean model never saw it.
+    if condition in ("clean", "gaussian"):
         z = gus_of(model, LOSS, gaussian).scores.cpu().numpy()
         # Signed by definition, even when every poison of a small run scores above 0.
         z = z[np.isfinite(z)]
@@ -185,20 +190,20 @@ def run_condition(condition, batch, poisons, gaussian, dataset, args, seed, seco
     return row
 
 
-def exact_check(dataset, inputs, targets, args, seed: int) -> dict:
-    """EK-FAC against the exact damped Hessian on a model small enough for the latter."""
-    rng = np.random.default_rng(derive_seed(seed, 3))
-    subset = torch.as_tensor(rng.permutation(inputs.shape[0])[: args.exact_train])
-    batch = (inputs[subset], targets[subset])
-    model = trained_model(batch, dataset, args, seed, args.exact_width)
-    scores = {"ekfac": self_influence(model, batch, "ekfac"),
-              "exact": self_influence(model, batch, "exact")}  # fmt: skip
+def exact_check(model, batch, ekfac_scores: np.ndarray, args, seed: int) -> dict:
+    """The clean model's EK-FAC self-influence tail against its exact damped-Hessian one."""
+    scores = {"ekfac": ekfac_scores, "exact": self_influence(model, batch, "exact")}
     out = {name: describe_positive(fit_positive(s, args, seed)) for name, s in scores.items()}
     for name, s in scores.items():  # the shape of the tail, free of each method's damping scale
         out[name]["ccdf_x_over_median"] = (np.array(out[name]["ccdf_x"]) / np.median(s)).tolist()
     out["spearman"] = float(stats.spearmanr(scores["ekfac"], scores["exact"]).statistic)
     out["parameters"] = sum(p.numel() for p in model.parameters())
     return out
+
+
+def exact_feasible(model, args) -> bool:
+    parameters = sum(p.numel() for p in model.parameters())
+    return not args.no_exact and parameters <= MAX_EXACT_PARAMETERS
 
 
 def make_run_seed(args, dataset, inputs, targets):
@@ -217,10 +222,8 @@ def make_run_seed(args, dataset, inputs, targets):
             batch = tuple(t.to(args.device) for t in data.as_tensors(batch)[:2])
             record[condition] = run_condition(condition, batch, poisons, gaussian, dataset,
                                               args, seed, seconds)  # fmt: skip
-        if args.exact_train:
-            started = time.perf_counter()
-            record["exact_check"] = exact_check(dataset, inputs, targets, args, seed)
-            seconds["exact_check"] = time.perf_counter() - started
+        if "exact_check" in record["clean"]:  # a section of its own in the summary
+            record["exact_check"] = record["clean"].pop("exact_check")
         record["seconds"] = seconds
         return record
 
@@ -246,6 +249,12 @@ def comparisons(records: list[dict]) -> dict:
             for key in ("hill_alpha", "power_law_alpha", "x_min_quantile")
         }
     for condition in CONDITIONS:
+        if "power_law_ks_pvalue" in records[0][condition]["self_influence"]:
+            # CSN's goodness of fit: the power law is rejected where p <= 0.05 (B draws: p >= 1/(B+1))
+            p_values = pick(condition, "self_influence", "power_law_ks_pvalue")
+            out[f"{condition}_power_law_rejected"] = seed_stats.fraction_significant(
+                p_values, alpha=0.05
+            ).to_dict()
         p_values = pick(condition, "self_influence", "vuong_exponential", "pvalue")
         out[f"{condition}_vuong_exponential_significant"] = seed_stats.fraction_significant(
             p_values, alpha=0.1
@@ -379,7 +388,7 @@ def exact_survival(ax, records: list[dict]) -> None:
         survival_band(ax, [r["exact_check"][method]["ccdf_x_over_median"] for r in records],
                       COLOURS[method], method)  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="self-influence / its median",
-           title=f"small MLP ({records[0]['exact_check']['parameters']} parameters): "
+           title=f"clean model ({records[0]['exact_check']['parameters']} parameters): "
                  "EK-FAC vs exact Hessian")  # fmt: skip
     ax.legend(fontsize=8)
 
@@ -403,7 +412,7 @@ def signed_density(ax, records: list[dict]) -> None:
 def summary_panels(axes, summary: dict, records: list[dict]) -> None:
     rows = [(c, summary[c]["self_influence"]) for c in CONDITIONS]
     if "exact_check" in summary:
-        rows += [(f"small MLP {m}", summary["exact_check"][m]) for m in ("ekfac", "exact")]
+        rows += [("clean, exact Hessian", summary["exact_check"]["exact"])]
     interval_rows(axes[0], [(label, s["hill_alpha"]) for label, s in rows],
                   "Hill tail index of self-influence (1: infinite mean)", 1.0)  # fmt: skip
     interval_rows(axes[1], [(label, s["survival_exponent"]) for label, s in rows],

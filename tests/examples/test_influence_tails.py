@@ -10,7 +10,7 @@ def test_influence_tails_toy_run(run_example):
         warnings.simplefilter("ignore")  # tiny models: damping and conditioning warnings
         result, folder = run_example(
             "influence_tails.py", "--seeds", "2", "--train", "120", "--poisons", "20",
-            "--epochs", "1", "--exact-train", "60", "--exact-width", "4",
+            "--epochs", "1", "--width", "8",
             "--power-law-bootstrap", "2",
         )  # fmt: skip
     assert result["seeds"] == [0, 1]
@@ -28,4 +28,5 @@ def test_influence_tails_toy_run(run_example):
     assert summary["clean"]["self_influence"]["best_is_gamma"]["n"] == 2  # a proportion
     paired = result["comparisons"]["exact_minus_ekfac"]["hill_alpha"]
     assert len(paired["values"]) == 2 and "p_value" in paired
+    assert result["comparisons"]["clean_power_law_rejected"]["n"] == 2
     assert (folder / "influence_tails_digits_mlp.png").stat().st_size > 0
