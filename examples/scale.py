@@ -70,7 +70,7 @@ from _setup import (  # noqa: E402
     seed_list,
 )
 
-from influx import data, stats  # noqa: E402
+from influx import data  # noqa: E402
 
 METHODS = ["gradient_ascent", "neggrad_plus", "fine_tune", "scrub"]
 ROWS = ["trained", "retrain"]
