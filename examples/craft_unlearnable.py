@@ -248,20 +248,28 @@ def paired(records) -> dict:
 
 
 def verdicts(differences: dict) -> dict:
-    """Per method: is the crafted poison harder to undo relative to its shift (relative
-    remaining), only as the paired interval allows."""
+    """Per method, what the paired intervals allow: crafted vs Gaussian relative to the shift
+    (relative remaining), then in absolute terms (remaining distance) and in shift size."""
     out = {}
     for method, d in differences.items():
-        relative = d["relative_remaining"]
-        if relative["n"] < 2:
+        if d["relative_remaining"]["n"] < 2:
             out[method] = "one seed: no interval"
-        elif relative["low"] > 0:
-            out[method] = "crafted harder to undo relative to its shift"
-        elif relative["high"] < 0:
-            out[method] = "crafted easier to undo relative to its shift"
-        else:
-            out[method] = "no difference resolved relative to the shift"
+            continue
+        words = [direction(d["relative_remaining"], "harder to undo relative to its shift",
+                           "easier to undo relative to its shift",
+                           "no difference resolved relative to the shift"),
+                 direction(d["remaining"], "leaves more behind in absolute terms",
+                           "leaves less behind in absolute terms",
+                           "absolute remaining not resolved"),
+                 direction(d["shift_norm"], "larger shift", "smaller shift",
+                           "shift size not resolved")]  # fmt: skip
+        out[method] = "crafted: " + "; ".join(words)
     return out
+
+
+def direction(summary: dict, above: str, below: str, neither: str) -> str:
+    """``above`` / ``below`` when the 95% interval of a paired difference excludes 0."""
+    return above if summary["low"] > 0 else below if summary["high"] < 0 else neither
 
 
 def forest(ax, rows, xlabel: str, title: str, lines=(), log: bool = False) -> None:
@@ -295,10 +303,18 @@ def legend(ax, entries) -> None:
     ax.legend(handles=handles, fontsize=10, loc="best")
 
 
-def poison_rows(records, quantity: str) -> list:
+def poison_rows(records, quantity: str, shift_row: bool = False) -> list:
+    """Gaussian and crafted rows per method; ``shift_row`` adds the no-unlearning row first
+    (``||theta_p - theta_r||``, the absolute floor of undoing nothing)."""
     methods = list(records[0]["poisons"]["crafted"])
     rows = []
-    for i, method in enumerate(methods):
+    if shift_row:
+        first = methods[0]
+        rows.append(("no unlearning: ||d||", values(records, "gaussian", first, "shift_norm"),
+                     "tab:blue", -0.15))  # fmt: skip
+        rows.append((None, values(records, "crafted", first, "shift_norm"), "tab:red", 0.15))
+    start = len(rows) // 2
+    for i, method in enumerate(methods, start):
         rows.append((method, values(records, "gaussian", method, quantity), "tab:blue", i - 0.15))
         rows.append((None, values(records, "crafted", method, quantity), "tab:red", i + 0.15))
     return rows
@@ -321,7 +337,7 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
            "||theta_u - theta_r|| / ||theta_p - theta_r||  (retrain = 0)", "relative remaining",
            [(1.0, dict(color="0.3", ls="--"))], log=True)  # fmt: skip
     legend(axes[0, 1], [*poison_legend, ("0.3", "no unlearning (= 1)")])
-    forest(axes[1, 0], poison_rows(records, "remaining"),
+    forest(axes[1, 0], poison_rows(records, "remaining", shift_row=True),
            "||theta_u - theta_r||  (retrain = 0)", "absolute remaining", log=True)  # fmt: skip
     legend(axes[1, 0], poison_legend)
     rows = []
@@ -330,8 +346,9 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
                                ("surviving_fraction", "tab:orange", 0.15)):  # fmt: skip
             rows.append((method if off < 0 else None, differences[method][q]["values"], colour,
                          i + off))  # fmt: skip
-    forest(axes[1, 1], rows, "crafted - Gaussian, paired by seed", "paired differences",
-           [(0.0, dict(color="0.3", ls="-"))])  # fmt: skip
+    forest(axes[1, 1], rows, "crafted - Gaussian, paired by seed (symlog axis)",
+           "paired differences", [(0.0, dict(color="0.3", ls="-"))])  # fmt: skip
+    axes[1, 1].set_xscale("symlog", linthresh=0.1)
     legend(axes[1, 1], [("tab:purple", "relative remaining"),
                         ("tab:orange", "surviving fraction <theta_u - theta_r, d> / ||d||^2")])  # fmt: skip
     fig.suptitle("Crafted vs Gaussian poisons of the same norm: mean, 95% CI over seeds "

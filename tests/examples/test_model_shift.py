@@ -46,9 +46,8 @@ def test_model_shift_toy_run(run_example):
         assert "gus" in record["gaussian"]["methods"]["fine_tune"]
         assert "gus" not in record["label_flip"]["methods"]["fine_tune"]
     tests = result["summary"]["orthogonality"]["gaussian"]["cosine"]
-    assert (
-        tests["poisoned retrain, other batch order"] is None
-    )  # the null is not tested against itself
+    # The null is not tested against itself.
+    assert tests["poisoned retrain, other batch order"] is None
     assert tests["fine_tune"]["cosine"]["n"] == 2
     assert tests["fine_tune"]["minus_batch_order_null"]["n"] == 2
     for kind in ("gaussian", "label_flip"):
