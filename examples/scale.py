@@ -323,8 +323,11 @@ def dose_study(args, dataset: str, model: str, width: int, name: str) -> dict:
 
 
 def colors(methods: list[str]) -> dict:
-    table = {name: plt.cm.tab10(i) for i, name in enumerate(methods)}
-    table.update(trained="k", retrain="g")
+    # green and black are kept for the retrain oracle and the trained model
+    cycle = ["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:pink",
+             "tab:cyan", "tab:olive", "tab:gray"]  # fmt: skip
+    table = {name: cycle[i % len(cycle)] for i, name in enumerate(methods)}
+    table.update(trained="k", retrain="tab:green")
     return table
 
 
@@ -337,6 +340,13 @@ def band(ax, x, summaries: list[dict], color, label: str, marker: str = "o") -> 
                         color=color, alpha=0.15)  # fmt: skip
     for xi, s in zip(x, summaries):
         ax.scatter(np.full(len(s["values"]), xi), s["values"], s=6, color=color, alpha=0.35)
+
+
+def fit_to_seeds(ax, summaries: list[dict], extra=(), bounds=(-np.inf, np.inf)) -> None:
+    """y-limits around the per-seed values and ``extra`` (a few-seed interval can dwarf them)."""
+    values = np.concatenate([s["values"] for s in summaries] + [list(extra)])
+    pad = 0.08 * (values.max() - values.min()) + 1e-3
+    ax.set_ylim(max(bounds[0], values.min() - pad), min(bounds[1], values.max() + pad))
 
 
 def z_reference(ax) -> None:
@@ -362,6 +372,11 @@ def plot_width(result: dict, dataset: str, path) -> None:
     band(acc_ax, params, [result["summary"][k]["rows"]["trained"]["train_acc"] for k in keys],
          "0.5", "trained (train, poisoned set)", marker="s")  # fmt: skip
     z_reference(gus_ax)
+    every = [s for k in keys for s in result["summary"][k]["rows"].values()]
+    fit_to_seeds(gus_ax, [s["gus_z"] for s in every], extra=(gp.ONE_SIDED, -gp.TWO_SIDED))
+    fit_to_seeds(acc_ax, [s["test_acc"] for s in every], extra=[
+        v for k in keys for v in result["summary"][k]["rows"]["trained"]["train_acc"]["values"]],
+        bounds=(0, 1.01))  # fmt: skip
     model = result["points"][keys[0]]["model"]
     n = len(result["seeds"])
     for ax in (gus_ax, acc_ax):
@@ -400,6 +415,8 @@ def plot_dose(result: dict, path) -> None:
             band(ax, x, [result["summary"][k]["rows"][name]["gus_z"] for k in keys],
                  palette[name], name)  # fmt: skip
         z_reference(ax)
+        fit_to_seeds(ax, [result["summary"][k]["rows"][name]["gus_z"] for k in keys
+                          for name in row_order(result)], extra=(gp.ONE_SIDED, -gp.TWO_SIDED))  # fmt: skip
         label = "poison fraction (%)" if field == "fraction" else "poison noise std"
         fixed = (f"noise std {config['noise_std']:g}" if field == "fraction"
                  else f"fraction {100 * config['fraction']:g}%")  # fmt: skip
