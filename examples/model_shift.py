@@ -254,6 +254,13 @@ def accuracies(model, splits) -> dict:
     return {name: train.evaluate(model, batch)[1] for name, batch in splits.items()}
 
 
+def gus_test(model, poisons) -> dict:
+    """GUS of the poisons: its z (N(0, 1) under the null) with p-values and |z|, and the mean
+    score ``gus`` (z = sqrt(n) gus)."""
+    result = gus_of(model, LOSS, poisons)
+    return {**stats.z_test(result.z), "gus": result.gus}
+
+
 def describe(unlearned, reference, poisoned, systematic, metric, context) -> dict:
     """Every decomposition of ``unlearned - poisoned`` against ``poisoned - reference``."""
     euclid = shift.decompose(reference, poisoned, unlearned)
@@ -276,7 +283,7 @@ def describe(unlearned, reference, poisoned, systematic, metric, context) -> dic
         "accuracy": accuracies(unlearned, context["splits"]),
     }  # fmt: skip
     if context["poisons"] is not None:
-        row["gus"] = stats.z_test(gus_of(unlearned, LOSS, context["poisons"]).gus)
+        row["gus"] = gus_test(unlearned, context["poisons"])
     return row
 
 
@@ -308,8 +315,8 @@ def experiment(kind: str, args, seed: int, base, test, dataset) -> dict:
         },  # fmt: skip
     }
     if kind == "gaussian":
-        row["gus"] = {"reference": stats.z_test(gus_of(reference, LOSS, poisons).gus),
-                      "poisoned": stats.z_test(gus_of(model, LOSS, poisons).gus)}  # fmt: skip
+        row["gus"] = {"reference": gus_test(reference, poisons),
+                      "poisoned": gus_test(model, poisons)}  # fmt: skip
     compute = args.epochs * full[0].shape[0]
     methods = {}
     for name in [*args.method_settings, UNBUDGETED]:

@@ -43,7 +43,8 @@ def test_model_shift_toy_run(run_example):
             # The empirical random band is centred on 0 with sd near 1 / sqrt(P).
             assert row["random_band"]["low"] < 0 < row["random_band"]["high"]
             assert row["random_band"]["sd"] == pytest.approx(parameters**-0.5, rel=0.3)
-        assert "gus" in record["gaussian"]["methods"]["fine_tune"]
+        gus = record["gaussian"]["methods"]["fine_tune"]["gus"]
+        assert gus["z"] == pytest.approx(math.sqrt(16) * gus["gus"])  # z = sqrt(n) mean score
         assert "gus" not in record["label_flip"]["methods"]["fine_tune"]
     tests = result["summary"]["orthogonality"]["gaussian"]["cosine"]
     # The null is not tested against itself.
