@@ -411,6 +411,8 @@ def plot(records: list[dict], args, path: Path) -> None:
     for name, color, label in (("lira_tpr", "C2", "LiRA"), ("loss_mia_tpr", "C3", "loss MIA")):
         _line(axes[2], x, series("dp", name), f"{label}, DP-SGD", "o-", color)
         _line(axes[2], x, series("matched", name), f"{label}, matched", "s--", color)
+    _reference(axes[2], [metric(row, "lira_tpr") for row in by["no_dp"]], "LiRA, no DP, full run",
+               color="C2")  # fmt: skip
     axes[2].axhline(FPR, color="gray", ls="--", lw=1, label="chance (TPR = FPR)")
     axes[2].set_title(f"MIA TPR at FPR {FPR:g} (FPR step 1/{records[0]['n_nonmembers']})",
                       fontsize=10)  # fmt: skip
