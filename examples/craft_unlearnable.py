@@ -296,11 +296,11 @@ def forest(ax, rows, xlabel: str, title: str, lines=(), log: bool = False) -> No
     ax.grid(axis="x", alpha=0.3)
 
 
-def legend(ax, entries) -> None:
+def legend(ax, entries, loc: str) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, marker="o", lw=2, label=lab) for c, lab in entries]
-    ax.legend(handles=handles, fontsize=10, loc="best")
+    ax.legend(handles=handles, fontsize=10, loc=loc)
 
 
 def poison_rows(records, quantity: str, shift_row: bool = False) -> list:
@@ -336,10 +336,10 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
     forest(axes[0, 1], poison_rows(records, "relative_remaining"),
            "||theta_u - theta_r|| / ||theta_p - theta_r||  (retrain = 0)", "relative remaining",
            [(1.0, dict(color="0.3", ls="--"))], log=True)  # fmt: skip
-    legend(axes[0, 1], [*poison_legend, ("0.3", "no unlearning (= 1)")])
+    legend(axes[0, 1], [*poison_legend, ("0.3", "no unlearning (= 1)")], "lower right")
     forest(axes[1, 0], poison_rows(records, "remaining", shift_row=True),
            "||theta_u - theta_r||  (retrain = 0)", "absolute remaining", log=True)  # fmt: skip
-    legend(axes[1, 0], poison_legend)
+    legend(axes[1, 0], poison_legend, "lower right")
     rows = []
     for i, method in enumerate(differences):
         for q, colour, off in (("relative_remaining", "tab:purple", -0.15),
@@ -350,7 +350,8 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
            "paired differences", [(0.0, dict(color="0.3", ls="-"))])  # fmt: skip
     axes[1, 1].set_xscale("symlog", linthresh=0.1)
     legend(axes[1, 1], [("tab:purple", "relative remaining"),
-                        ("tab:orange", "surviving fraction <theta_u - theta_r, d> / ||d||^2")])  # fmt: skip
+                        ("tab:orange", "surviving fraction <theta_u - theta_r, d> / ||d||^2")],
+           "lower left")  # fmt: skip
     fig.suptitle("Crafted vs Gaussian poisons of the same norm: mean, 95% CI over seeds "
                  "(dots: seeds)", fontsize=14)  # fmt: skip
     save_figure(fig, path, dpi=100)
