@@ -20,7 +20,8 @@ batch order and unlearning batches. Every number is a mean with its 95% Student-
 per-seed values; differences against the trained model and the retrain oracle are paired by seed;
 the tests (z > 2.326 one-sided at FPR 0.01, |z| > 2.576 two-sided at 0.01) are reported as the
 fraction of seeds significant. Tuning: each method's knob on a 3-point grid (the ends and middle
-of gaussian_poisoning.GRIDS), chosen on ``--tuning-seeds`` seeds disjoint from the report seeds
+of SCALE_GRIDS: gaussian_poisoning.GRIDS with the step methods' moved a factor 4 down), chosen
+on ``--tuning-seeds`` seeds disjoint from the report seeds
 as the least mean |z| within a 1-point mean test-accuracy drop (else the least drop, marked
 infeasible). The width study tunes at every width; the dose study tunes once, at the default
 dose (fraction ``--fraction``, std ``--noise-std``), and applies those settings at every dose.
@@ -31,9 +32,9 @@ the wall and CPU seconds of the tuning and of every report seed are stored under
 Defaults (sized for 2 CPU cores). MNIST: a fixed class-stratified subsample of ``--train-size``
 1,000 of the 4,000 training images (the file is sorted by class, so "the first N" would be a few
 classes) and 500 of the 1,000 test images; ResNet-8 (GroupNorm) widths 2 / 4 / 8 / 16 (5,144 to
-308,538 parameters, 60x), Adam lr 3e-3, batch 64, 4 epochs. (influx's small CNN, which pools
+308,538 parameters, 60x), Adam lr 3e-3, batch 64, 6 epochs. (influx's small CNN, which pools
 globally after one downsampling, stays at 30-50% test accuracy after 10 epochs on these 1,000
-images; ResNet-8 of width 4 reaches 75% in 4.) Synthetic: 500 train / 500 test images, class
+images; ResNet-8 of width 4 reaches 88% in 6.) Synthetic: 500 train / 500 test images, class
 prototypes of scale ``--signal`` 1.0 in per-pixel noise ``--synthetic-noise`` 1.0 (load's
 default signal 0.3 leaves a CNN near chance after an epoch), the same ResNet-8 widths (5,180 to
 308,826 parameters), 3 epochs at lr 3e-3. Poisons: 5% of the training set, noise std 1.0
@@ -44,9 +45,16 @@ and stds 0.25 / 0.5 / 1 / 2 at 5%, ResNet-8 width 8 on MNIST. Tuning: 2 seeds (1
     python examples/scale.py --study width --seeds 5
     python examples/scale.py --preset pawelczyk --data-dir DIR --device cuda
 
-Cost of the preset (an ESTIMATE, extrapolated, not measured on a GPU): one epoch of ResNet-18
-(width 64, GroupNorm) over 50,000 CIFAR-10 images; see ``pawelczyk_estimate`` in the docstring
-of :func:`pawelczyk_args` for the CPU measurement it rests on.
+Cost of the preset: an ESTIMATE, extrapolated from the CPU, never measured on a GPU. Measured:
+one training epoch of ResNet-18 (width 64, GroupNorm, Adam, batch 64) over 256 images of 3x32x32
+took 15.3 CPU-seconds on one thread (about 0.06 s per image, ~28 GFLOP/s at ~1.7 GFLOP per
+image trained), so 50,000 CIFAR-10 images cost ~3,000 CPU-thread-seconds per epoch. The preset
+runs about 1,940 epoch-equivalents: tuning 2 seeds x (30 training epochs + 4 methods x 3 settings
+x 3 epochs of budget) = 132, report 3 fractions x 8 seeds x (30 trained + 4 x 3 unlearning + 30
+retrained) = 1,728, audits ~80 (forward passes over the retain and test sets). Assuming a GPU
+sustains 500-1,000x one CPU thread (15-30 TFLOP/s, TF32 convolutions on an H100), an epoch takes
+3-6 s and the preset roughly 1.5-3 GPU-hours; ``--epochs``, ``--seeds`` and ``--tuning-seeds``
+scale it linearly.
 """
 
 from __future__ import annotations
@@ -78,10 +86,20 @@ METHODS = ["gradient_ascent", "neggrad_plus", "fine_tune", "scrub"]
 ROWS = ["trained", "retrain"]
 # Per dataset: the model, its widths, epochs and Adam lr of the default width study.
 WIDTH_DEFAULTS = {
-    "mnist": {"model": "resnet8", "widths": [2, 4, 8, 16], "epochs": 4, "lr": 3e-3},
+    "mnist": {"model": "resnet8", "widths": [2, 4, 8, 16], "epochs": 6, "lr": 3e-3},
     "synthetic": {"model": "resnet8", "widths": [2, 4, 8, 16], "epochs": 3, "lr": 3e-3},
 }
 # The preset: the fraction arm only (no noise-std arm), tuned at the middle fraction.
+# Each method's knob on a log grid of factor 4 (3 points at --grid-size 3): gaussian_poisoning's
+# grids moved one step down for the step methods, whose lowest digits setting won at every MNIST
+# width in a first run; strongest removal last.
+SCALE_GRIDS: dict[str, tuple[dict, str, tuple[float, ...]]] = {
+    **gp.GRIDS,
+    "gradient_ascent": ({}, "lr", (6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2)),
+    "neggrad_plus": ({"beta": 0.95}, "lr", (0.03125, 0.0625, 0.125, 0.25, 0.5)),
+    "fine_tune": ({}, "lr", (0.03125, 0.0625, 0.125, 0.25, 0.5)),
+    "scrub": ({}, "lr", (0.03125, 0.0625, 0.125, 0.25, 0.5)),
+}
 PAWELCZYK = {"dataset": "cifar10", "width": 64, "fractions": [0.015, 0.02, 0.025], "fraction": 0.02,
              "noise_stds": [], "seeds": 8, "budget_fraction": 0.1, "epochs": 30, "lr": 1e-3,
              "batch_size": 128}  # fmt: skip
@@ -212,11 +230,46 @@ class Clock:
         return {"wall": time.perf_counter() - self.wall, "cpu": time.process_time() - self.cpu}
 
 
+def grid_settings(name: str, point) -> list[dict]:
+    """The ``--grid-size`` settings of ``name`` spread over SCALE_GRIDS (its fixed keywords and
+    the batch size of the step methods included)."""
+    fixed, knob, values = SCALE_GRIDS[name]
+    picks = np.unique(np.linspace(0, len(values) - 1, min(point.grid_size, len(values))).round())
+    if point.grid_size == 1:
+        picks = [len(values) // 2]
+    base = {"batch_size": point.batch_size} if name in gp.STEP_METHODS else {}
+    return [{**base, **fixed, knob: values[int(i)]} for i in picks]
+
+
 def tune(point, loaded: dict) -> dict:
-    """gaussian_poisoning's search at this point: grid, chosen settings, trained reference, cost."""
+    """gaussian_poisoning's rule at this point, on SCALE_GRIDS: per method the setting of least
+    mean |GUS z| within ``max_acc_drop`` mean test-accuracy drop over the tuning seeds (else the
+    least drop, marked infeasible); returns the grid, the chosen settings, the trained model's
+    reference and the cost."""
     clock = Clock()
-    grid, chosen, trained = gp.search(point, loaded["train_set"], loaded["train"], loaded["test"])
-    return {"search": grid, "chosen": chosen, "search_trained": trained, "cost": clock.seconds()}
+    settings = {name: grid_settings(name, point) for name in point.methods}
+    runs = {name: [[] for _ in settings[name]] for name in point.methods}
+    trained_rows = []
+    for seed in range(point.tuning_seed, point.tuning_seed + point.tuning_seeds):
+        experiment = gp.Experiment(
+            point, loaded["train_set"], loaded["train"], loaded["test"], seed
+        )
+        trained = experiment.audit(experiment.model)
+        trained_rows.append(trained)
+        for name in point.methods:
+            for k, setting in enumerate(settings[name]):
+                row = experiment.audit(experiment.unlearn(name, setting).model)
+                runs[name][k].append({"gus_z": row["gus_z"], "test_acc": row["test_acc"],
+                                      "test_acc_drop": trained["test_acc"] - row["test_acc"]})  # fmt: skip
+    grid = {name: [gp.grid_point(setting, rows, point.max_acc_drop)
+                   for setting, rows in zip(settings[name], runs[name])]
+            for name in point.methods}  # fmt: skip
+    chosen = {name: gp.choose(grid[name]) for name in point.methods}
+    reference = {
+        key: float(np.mean([r[key] for r in trained_rows])) for key in ("gus_z", "test_acc")
+    }
+    reference["z_per_seed"] = [r["gus_z"] for r in trained_rows]
+    return {"search": grid, "chosen": chosen, "search_trained": reference, "cost": clock.seconds()}
 
 
 def run_point(point, loaded: dict, chosen: dict, seed: int) -> dict:
