@@ -230,6 +230,12 @@ class Clock:
         return {"wall": time.perf_counter() - self.wall, "cpu": time.process_time() - self.cpu}
 
 
+def audit(experiment, model) -> dict:
+    """gaussian_poisoning's audit with the model in eval mode (GUS as Pawelczyk et al. score it;
+    GroupNorm computes the same in both modes, a BatchNorm model would not)."""
+    return experiment.audit(model.eval())
+
+
 def grid_settings(name: str, point) -> list[dict]:
     """The ``--grid-size`` settings of ``name`` spread over SCALE_GRIDS (its fixed keywords and
     the batch size of the step methods included)."""
@@ -254,11 +260,11 @@ def tune(point, loaded: dict) -> dict:
         experiment = gp.Experiment(
             point, loaded["train_set"], loaded["train"], loaded["test"], seed
         )
-        trained = experiment.audit(experiment.model)
+        trained = audit(experiment, experiment.model)
         trained_rows.append(trained)
         for name in point.methods:
             for k, setting in enumerate(settings[name]):
-                row = experiment.audit(experiment.unlearn(name, setting).model)
+                row = audit(experiment, experiment.unlearn(name, setting).model)
                 runs[name][k].append({"gus_z": row["gus_z"], "test_acc": row["test_acc"],
                                       "test_acc_drop": trained["test_acc"] - row["test_acc"]})  # fmt: skip
     grid = {name: [gp.grid_point(setting, rows, point.max_acc_drop)
@@ -278,16 +284,16 @@ def run_point(point, loaded: dict, chosen: dict, seed: int) -> dict:
     clock = Clock()
     experiment = gp.Experiment(point, loaded["train_set"], loaded["train"], loaded["test"], seed)
     seconds = {"train": clock.seconds()}
-    rows = {"trained": experiment.audit(experiment.model)}
+    rows = {"trained": audit(experiment, experiment.model)}
     clock = Clock()
     for name in point.methods:
         run = experiment.unlearn(name, chosen[name])
         # steps and spent show a method the budget barely lets move (scrub's first max-steps
         # start at its own teacher, where the KL gradient is zero)
-        rows[name] = {**experiment.audit(run.model), "steps": run.steps, "spent": run.spent}
+        rows[name] = {**audit(experiment, run.model), "steps": run.steps, "spent": run.spent}
     seconds["unlearn"] = clock.seconds()
     clock = Clock()
-    rows["retrain"] = experiment.audit(experiment.retrain().model)
+    rows["retrain"] = audit(experiment, experiment.retrain().model)
     seconds["retrain"] = clock.seconds()
     rows["trained"]["train_acc"] = gp.accuracy(experiment.model, *experiment.poisoned)
     return {"rows": rows, "seconds": seconds, "n_forget": experiment.poison.count,

@@ -36,6 +36,8 @@ def test_width_study_on_both_datasets(run_example):
         assert result["tuning"][key]["search_trained"]["z_per_seed"]
         assert result["points"][key]["model"] == "resnet8"
     assert result["total_seconds"]["wall"] > 0
+    rows = result["per_seed"]["0"]["w2"]["rows"]
+    assert {"steps", "spent"} <= rows["fine_tune"].keys() and rows["fine_tune"]["spent"] > 0
     for name in ("scale_width_mnist", "scale_width_synthetic"):
         assert (folder / f"{name}.png").exists() and (folder / f"{name}.json").exists()
 
