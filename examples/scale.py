@@ -401,7 +401,7 @@ def band(ax, x, summaries: list[dict], color, label: str, marker: str = "o") -> 
     ax.plot(x, mean, marker + "-", color=color, label=label, ms=4)
     if summaries[0]["n"] > 1:
         ax.fill_between(x, [s["low"] for s in summaries], [s["high"] for s in summaries],
-                        color=color, alpha=0.15)  # fmt: skip
+                        color=color, alpha=0.1)  # fmt: skip
     for xi, s in zip(x, summaries):
         ax.scatter(np.full(len(s["values"]), xi), s["values"], s=6, color=color, alpha=0.35)
 
@@ -482,6 +482,10 @@ def plot_dose(result: dict, path) -> None:
         fit_to_seeds(ax, [result["summary"][k]["rows"][name]["gus_z"] for k in keys
                           for name in row_order(result)], extra=(gp.ONE_SIDED, -gp.TWO_SIDED))  # fmt: skip
         label = "poison fraction (%)" if field == "fraction" else "poison noise std"
+        if field == "noise_std":
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [f"{v:g}" for v in x])
+            ax.minorticks_off()
         fixed = (f"noise std {config['noise_std']:g}" if field == "fraction"
                  else f"fraction {100 * config['fraction']:g}%")  # fmt: skip
         ax.set(xlabel=label, ylabel="GUS z",
