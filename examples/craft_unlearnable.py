@@ -351,7 +351,7 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
     axes[1, 1].set_xscale("symlog", linthresh=0.1)
     legend(axes[1, 1], [("tab:purple", "relative remaining"),
                         ("tab:orange", "surviving fraction <theta_u - theta_r, d> / ||d||^2")],
-           "lower left")  # fmt: skip
+           "upper left")  # fmt: skip
     fig.suptitle("Crafted vs Gaussian poisons of the same norm: mean, 95% CI over seeds "
                  "(dots: seeds)", fontsize=14)  # fmt: skip
     save_figure(fig, path, dpi=100)
