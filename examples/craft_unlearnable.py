@@ -349,6 +349,7 @@ def plot(records, differences, path: Path, objective_name: str) -> None:
     forest(axes[1, 1], rows, "crafted - Gaussian, paired by seed (symlog axis)",
            "paired differences", [(0.0, dict(color="0.3", ls="-"))])  # fmt: skip
     axes[1, 1].set_xscale("symlog", linthresh=0.1)
+    axes[1, 1].set_ylim(len(differences) - 0.4, -1.7)  # room above the rows for the legend
     legend(axes[1, 1], [("tab:purple", "relative remaining"),
                         ("tab:orange", "surviving fraction <theta_u - theta_r, d> / ||d||^2")],
            "upper left")  # fmt: skip
