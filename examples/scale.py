@@ -41,6 +41,14 @@ default signal 0.3 leaves a CNN near chance after an epoch), the same ResNet-8 w
 (gaussian_poisoning's powered setting). Dose: fractions 0.5 / 1 / 1.5 / 2 / 2.5 / 5% at std 1.0
 and stds 0.25 / 0.5 / 1 / 2 at 5%, ResNet-8 width 8 on MNIST. Tuning: 2 seeds (1000, 1001).
 
+Measured cost (one tuning seed and one report seed per point, 2 threads on a shared 2-core
+machine, CPU seconds): a report seed (train, 4 methods, retrain, 6 audits) takes 6 / 7 / 11 /
+24 s on MNIST at widths 2 / 4 / 8 / 16 and 3 / 4 / 6 / 13 s on synthetic; a tuning seed (train
+and 12 unlearning runs, audited) 10 / 12 / 17 / 39 s and 6 / 5 / 11 / 23 s. With 2 tuning and 8
+report seeds the defaults project to about 9 min (MNIST width study) + 5 min (synthetic) + 13.5
+min (dose: 9 points x 8 seeds x 11 s, tuned once), about 27 min in all; each point's measured
+seconds are in its JSON (``summary[point].cost``, ``total_seconds``).
+
     python examples/scale.py --study all                   # both studies on the CPU
     python examples/scale.py --study width --seeds 5
     python examples/scale.py --preset pawelczyk --data-dir DIR --device cuda
