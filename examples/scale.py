@@ -91,13 +91,11 @@ from _setup import (  # noqa: E402
 from influx import data  # noqa: E402
 
 METHODS = ["gradient_ascent", "neggrad_plus", "fine_tune", "scrub"]
-ROWS = ["trained", "retrain"]
 # Per dataset: the model, its widths, epochs and Adam lr of the default width study.
 WIDTH_DEFAULTS = {
     "mnist": {"model": "resnet8", "widths": [2, 4, 8, 16], "epochs": 6, "lr": 3e-3},
     "synthetic": {"model": "resnet8", "widths": [2, 4, 8, 16], "epochs": 3, "lr": 3e-3},
 }
-# The preset: the fraction arm only (no noise-std arm), tuned at the middle fraction.
 # Each method's knob on a log grid of factor 4 (3 points at --grid-size 3): gaussian_poisoning's
 # grids moved one step down for the step methods, whose lowest digits setting won at every MNIST
 # width in a first run; strongest removal last.
@@ -108,6 +106,7 @@ SCALE_GRIDS: dict[str, tuple[dict, str, tuple[float, ...]]] = {
     "fine_tune": ({}, "lr", (0.03125, 0.0625, 0.125, 0.25, 0.5)),
     "scrub": ({}, "lr", (0.03125, 0.0625, 0.125, 0.25, 0.5)),
 }
+# The preset: the fraction arm only (no noise-std arm), tuned at the middle fraction.
 PAWELCZYK = {"dataset": "cifar10", "width": 64, "fractions": [0.015, 0.02, 0.025], "fraction": 0.02,
              "noise_stds": [], "seeds": 8, "budget_fraction": 0.1, "epochs": 30, "lr": 1e-3,
              "batch_size": 128}  # fmt: skip
