@@ -274,6 +274,10 @@ def tune(point, loaded: dict) -> dict:
                 row = audit(experiment, experiment.unlearn(name, setting).model)
                 runs[name][k].append({"gus_z": row["gus_z"], "test_acc": row["test_acc"],
                                       "test_acc_drop": trained["test_acc"] - row["test_acc"]})  # fmt: skip
+        print(
+            f"{point.dataset} {point.model} width {point.width}: tuning seed {seed} done",
+            flush=True,
+        )
     grid = {name: [gp.grid_point(setting, rows, point.max_acc_drop)
                    for setting, rows in zip(settings[name], runs[name])]
             for name in point.methods}  # fmt: skip
