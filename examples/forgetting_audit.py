@@ -3,7 +3,7 @@ LiRA and the loss attack on the unlearned models, each next to its ceiling and i
 
 Setup (per seed; the seed draws the poison subset, its noise, every initialization, batch order
 and unlearning stream): a fraction of the training set gets Gaussian noise on its inputs (labels
-kept, :func:`influx.poison.gaussian`, the constants of ``gaussian_poisoning.py``). Four ensembles
+kept, :func:`influx.poison.gaussian`, the constants of ``gaussian_poisoning.py``). Three ensembles
 of ``--models`` models are trained at once (:func:`influx.memorization.fit_ensemble`, vmapped
 minibatch Adam): *trained* on the poisoned set, and two independent *retrained* sets A and B on
 the retain set only. Every method of :mod:`influx.unlearn` then unlearns each trained model on its
