@@ -7,7 +7,8 @@ from test_data import write_tiny_cifar10
 
 ROWS = ["trained", "gradient_ascent", "fine_tune", "retrain"]
 TOY = ["--seeds", "2", "--tuning-seeds", "1", "--train-size", "120", "--test-size", "40",
-       "--epochs", "2", "--batch-size", "16", "--methods", "gradient_ascent", "fine_tune"]  # fmt: skip
+       "--epochs", "2", "--batch-size", "16", "--unlearn-batch-size", "8",
+       "--methods", "gradient_ascent", "fine_tune"]  # fmt: skip
 
 
 def check_point(summary: dict, seeds: int) -> None:
