@@ -45,12 +45,14 @@ batches of 64 gave scrub and neggrad_plus one to five steps (``steps`` in every 
 first max-step, taken at its own teacher, has a zero KL gradient.
 
 Measured cost (one tuning seed and one report seed per point, 2 threads on a shared 2-core
-machine, CPU seconds): a report seed (train, 4 methods, retrain, 6 audits) takes 6 / 7 / 11 /
-24 s on MNIST at widths 2 / 4 / 8 / 16 and 3 / 4 / 6 / 13 s on synthetic; a tuning seed (train
-and 12 unlearning runs, audited) 10 / 12 / 17 / 39 s and 6 / 5 / 11 / 23 s. With 2 tuning and 8
-report seeds the defaults project to about 9 min (MNIST width study) + 5 min (synthetic) + 13.5
-min (dose: 9 points x 8 seeds x 11 s, tuned once), about 27 min in all; each point's measured
-seconds are in its JSON (``summary[point].cost``, ``total_seconds``).
+machine, CPU seconds, unlearning batches of 64): a report seed (train, 4 methods, retrain, 6
+audits) took 6 / 7 / 11 / 24 s on MNIST at widths 2 / 4 / 8 / 16 and 3 / 4 / 6 / 13 s on
+synthetic; a tuning seed (train and 12 unlearning runs, audited) 10 / 12 / 17 / 39 s and
+5 / 7 / 11 / 22 s. Batches of 16 (the default) cost about 1.3x per report seed (MNIST width 8:
+14.1 s, tuning seed 18.6 s). With 2 tuning and 8 report seeds the defaults project to about
+11 min (MNIST width study) + 6 min (synthetic) + 17.5 min (dose: 9 points x 8 seeds x 14 s,
+tuned once), about 35 min of CPU in all (``--seeds 5`` or ``--dose-width 4``: about 25 min).
+Each point's measured seconds are in its JSON (``summary[point].cost``, ``total_seconds``).
 
     python examples/scale.py --study all                   # both studies on the CPU
     python examples/scale.py --study width --seeds 5
