@@ -51,7 +51,7 @@ synthetic; a tuning seed (train and 12 unlearning runs, audited) 10 / 12 / 17 / 
 5 / 7 / 11 / 22 s. Batches of 16 (the default) cost about 1.3x per report seed (MNIST width 8:
 14.1 s, tuning seed 18.6 s). With 2 tuning and 8 report seeds the defaults project to about
 11 min (MNIST width study) + 6 min (synthetic) + 17.5 min (dose: 9 points x 8 seeds x 14 s,
-tuned once), about 35 min of CPU in all (``--seeds 5`` or ``--dose-width 4``: about 25 min).
+tuned once), about 35 min of CPU in all (``--seeds 5``: about 24 min; ``--dose-width 4``: 29).
 Each point's measured seconds are in its JSON (``summary[point].cost``, ``total_seconds``).
 
     python examples/scale.py --study all                   # both studies on the CPU
