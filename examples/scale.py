@@ -6,11 +6,11 @@ poisons, 8 seeds, unlearning budget 10% of the training compute):
 
 - ``--study width``: GUS z (the Gaussian unlearning score, N(0, 1) under the null), train and test
   accuracy of the trained model, the retrain oracle and each tuned unlearning method against the
-  parameter count, on real MNIST (``influx.data.load("mnist")``, a small CNN of growing width) and
-  on a CIFAR-shaped synthetic set (3x32x32 class prototypes plus noise, a ResNet-8 of growing
-  width); one JSON per dataset, ``scale_width_<dataset>.json``.
+  parameter count, on real MNIST (``influx.data.load("mnist")``) and on a CIFAR-shaped synthetic
+  set (3x32x32 class prototypes plus noise), each with a GroupNorm ResNet-8 of growing width; one
+  JSON per dataset, ``scale_width_<dataset>.json``.
 - ``--study dose``: the same rows against the poison fraction (at the default noise std) and
-  against the noise std (at the default fraction), on MNIST with the mid-size CNN;
+  against the noise std (at the default fraction), on MNIST with the width-8 ResNet-8;
   ``scale_dose_mnist.json``.
 - ``--preset pawelczyk``: ResNet-18 (GroupNorm) on CIFAR-10 from ``--data-dir``, fractions
   1.5 / 2 / 2.5%, 8 seeds, budget 10%, GUS in eval mode; ``scale_pawelczyk_cifar10.json``.
