@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from influx import data, models, provenance, train
+from influx.seeds import derive_seed
 
 # INFLUX_RESULTS_DIR redirects the outputs (the smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("INFLUX_RESULTS_DIR", Path(__file__).parent / "results"))
@@ -154,6 +155,33 @@ def limit_threads(args: argparse.Namespace) -> None:
     side on a 2-core machine; an oversubscribed machine makes multi-threaded runs crawl)."""
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+
+
+def for_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` with ``seed`` in place of ``--seed`` (the model init and batch order read it)."""
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+def seeded_subset(args: argparse.Namespace, count: int):
+    """(dataset, inputs, targets): ``count`` training examples drawn at random by ``args.seed``."""
+    dataset = data.load(args.dataset, root=args.data_dir)
+    inputs, targets, _ = data.as_tensors(dataset)
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
+    chosen = torch.randperm(targets.numel(), generator=generator)[:count]
+    dtype = getattr(torch, args.dtype)
+    return dataset, inputs[chosen].to(args.device, dtype), targets[chosen].to(args.device)
+
+
+def load_train_test(args: argparse.Namespace):
+    """(train dataset, train (x, y), test (x, y)): the first ``--train-size`` training examples
+    and the whole test split, as tensors on ``--device`` in ``--dtype``."""
+    dtype = getattr(torch, args.dtype)
+    train_set = data.load(args.dataset, root=args.data_dir, max_examples=args.train_size)
+    test_set = data.load(args.dataset, root=args.data_dir, split="test")
+    x, y, _ = data.as_tensors(train_set)
+    xt, yt, _ = data.as_tensors(test_set)
+    return train_set, (x.to(args.device, dtype), y.to(args.device)), (
+        xt.to(args.device, dtype), yt.to(args.device))  # fmt: skip
 
 
 def load_examples(args: argparse.Namespace, count: int):

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from influx import commutator, data, stats, train  # noqa: E402
+from influx import commutator, stats, train  # noqa: E402
 from influx.seeds import derive_seed  # noqa: E402
 
 CROSS_ENTROPY = train.cross_entropy_per_example
@@ -62,21 +62,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=int, default=8, help="O3 checkpoints after step 0")
     parser.add_argument("--o3-examples", type=int, default=64, help="O3 full-batch size")
     return parser.parse_args()
-
-
-def for_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """``args`` with ``seed`` in place of ``--seed`` (the model init and batch order read it)."""
-    return argparse.Namespace(**{**vars(args), "seed": seed})
-
-
-def seeded_subset(args: argparse.Namespace, count: int):
-    """(dataset, inputs, targets): ``count`` training examples drawn at random by ``args.seed``."""
-    dataset = data.load(args.dataset, root=args.data_dir)
-    inputs, targets, _ = data.as_tensors(dataset)
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
-    chosen = torch.randperm(targets.numel(), generator=generator)[:count]
-    dtype = getattr(torch, args.dtype)
-    return dataset, inputs[chosen].to(args.device, dtype), targets[chosen].to(args.device)
 
 
 def label_effect(values: torch.Tensor, same: torch.Tensor) -> dict:
@@ -198,9 +183,9 @@ def asymptotic_commutation(dataset, inputs, targets, args) -> dict:
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
-    args = for_seed(args, seed)
+    args = _setup.for_seed(args, seed)
     seconds, start = {}, time.perf_counter()
-    dataset, inputs, targets = seeded_subset(args, args.examples)
+    dataset, inputs, targets = _setup.seeded_subset(args, args.examples)
     trained = {}
     for name in args.models:
         model = _setup.seeded_model(name, dataset, args)

@@ -51,12 +51,13 @@ from _setup import (  # noqa: E402
     Results,
     example_parser,
     limit_threads,
+    load_train_test,
     over_seeds,
     results_stem,
     save_figure,
 )
 
-from influx import data, memorization, models, poison, stats, train, unlearn  # noqa: E402
+from influx import memorization, models, poison, stats, train, unlearn  # noqa: E402
 from influx.audit.forgetting import forgetting_quality  # noqa: E402
 from influx.audit.mia import (  # noqa: E402
     confidence_from_logits,
@@ -159,17 +160,6 @@ def takes_seed(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Data, poison and ensembles
 # ------------------------------------------------------------------------------------------------
-
-
-def load(args):
-    """(train dataset, train (x, y), test (x, y)) as tensors on the device."""
-    dtype = getattr(torch, args.dtype)
-    train_set = data.load(args.dataset, root=args.data_dir, max_examples=args.train_size)
-    test_set = data.load(args.dataset, root=args.data_dir, split="test")
-    x, y, _ = data.as_tensors(train_set)
-    xt, yt, _ = data.as_tensors(test_set)
-    return train_set, (x.to(args.device, dtype), y.to(args.device)), (
-        xt.to(args.device, dtype), yt.to(args.device))  # fmt: skip
 
 
 def poisoned_setup(args, train_xy, test_xy, seed: int) -> dict:
@@ -447,7 +437,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     limit_threads(args)
     start = time.perf_counter()
-    dataset, train_xy, test_xy = load(args)
+    dataset, train_xy, test_xy = load_train_test(args)
     settings, source = method_settings(args)
     name = f"forgetting_audit_{args.dataset}_{args.model}"
     results = Results(name, args)

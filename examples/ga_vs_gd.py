@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 from torch.func import grad, vmap  # noqa: E402
 
-from influx import commutator, curvature, data, grads, stats, train  # noqa: E402
+from influx import commutator, curvature, grads, stats, train  # noqa: E402
 from influx.seeds import derive_seed  # noqa: E402
 
 LOSS = train.cross_entropy_per_example
@@ -55,24 +55,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def for_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """``args`` with ``seed`` in place of ``--seed`` (the model init and batch order read it)."""
-    return argparse.Namespace(**{**vars(args), "seed": seed})
-
-
-def seeded_subset(args: argparse.Namespace, count: int):
-    """(dataset, inputs, targets): ``count`` training examples drawn at random by ``args.seed``."""
-    dataset = data.load(args.dataset, root=args.data_dir)
-    inputs, targets, _ = data.as_tensors(dataset)
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
-    chosen = torch.randperm(targets.numel(), generator=generator)[:count]
-    dtype = getattr(torch, args.dtype)
-    return dataset, inputs[chosen].to(args.device, dtype), targets[chosen].to(args.device)
-
-
 def build(args: argparse.Namespace):
     """Pretrained model and (inputs, targets) of ``--examples`` training examples."""
-    dataset, inputs, targets = seeded_subset(args, args.examples)
+    dataset, inputs, targets = _setup.seeded_subset(args, args.examples)
     model = _setup.seeded_model(args.model, dataset, args)
     # A briefly trained model gives points a spread of losses (at init they are all about log C).
     _setup.pretrain(
@@ -171,7 +156,7 @@ def per_point_study(model, inputs, targets, args) -> dict:
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
-    args = for_seed(args, seed)
+    args = _setup.for_seed(args, seed)
     seconds, start = {}, time.perf_counter()
     model, inputs, targets = build(args)
     seconds["pretrain"] = time.perf_counter() - start

@@ -69,13 +69,14 @@ from _setup import (  # noqa: E402
     Results,
     example_parser,
     limit_threads,
+    load_train_test,
     over_seeds,
     results_stem,
     save_figure,
     seed_list,
 )
 
-from influx import data, models, poison, stats, train, unlearn  # noqa: E402
+from influx import models, poison, stats, train, unlearn  # noqa: E402
 from influx.audit.gus import gus_of  # noqa: E402
 from influx.audit.mia import loss_attack  # noqa: E402
 from influx.seeds import derive_seed  # noqa: E402
@@ -143,17 +144,6 @@ def tuning_seeds(args) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 # Data, models, one seed's experiment
 # ------------------------------------------------------------------------------------------------
-
-
-def load(args):
-    """(train dataset, train (x, y), test (x, y)) as tensors on the device."""
-    dtype = getattr(torch, args.dtype)
-    train_set = data.load(args.dataset, root=args.data_dir, max_examples=args.train_size)
-    test_set = data.load(args.dataset, root=args.data_dir, split="test")
-    x, y, _ = data.as_tensors(train_set)
-    xt, yt, _ = data.as_tensors(test_set)
-    return train_set, (x.to(args.device, dtype), y.to(args.device)), (
-        xt.to(args.device, dtype), yt.to(args.device))  # fmt: skip
 
 
 def sub_seed(seed: int, stream: int) -> int:
@@ -521,7 +511,7 @@ def main() -> None:
     args = parse_args()
     limit_threads(args)
     start = time.perf_counter()
-    train_set, train_xy, test_xy = load(args)
+    train_set, train_xy, test_xy = load_train_test(args)
     results = Results(f"gaussian_poisoning_{args.dataset}_{args.model}", args)
     phases = results["phase_seconds"] = {"load": time.perf_counter() - start}
     clock = time.perf_counter()

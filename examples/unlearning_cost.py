@@ -31,10 +31,8 @@ matplotlib.use("Agg")
 import _setup  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from influx import commutator, data, stats, train  # noqa: E402
-from influx.seeds import derive_seed  # noqa: E402
+from influx import commutator, stats, train  # noqa: E402
 
 LOSS = train.cross_entropy_per_example
 ORDERS = ("reversed", "same")
@@ -54,24 +52,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def for_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """``args`` with ``seed`` in place of ``--seed`` (the model init and batch order read it)."""
-    return argparse.Namespace(**{**vars(args), "seed": seed})
-
-
-def seeded_subset(args: argparse.Namespace, count: int):
-    """(dataset, inputs, targets): ``count`` training examples drawn at random by ``args.seed``."""
-    dataset = data.load(args.dataset, root=args.data_dir)
-    inputs, targets, _ = data.as_tensors(dataset)
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
-    chosen = torch.randperm(targets.numel(), generator=generator)[:count]
-    dtype = getattr(torch, args.dtype)
-    return dataset, inputs[chosen].to(args.device, dtype), targets[chosen].to(args.device)
-
-
 def build(args: argparse.Namespace):
     """Model trained on the retain set (theta_0) and the forget set (inputs, targets)."""
-    dataset, inputs, targets = seeded_subset(args, args.retain + args.forget)
+    dataset, inputs, targets = _setup.seeded_subset(args, args.retain + args.forget)
     model = _setup.seeded_model(args.model, dataset, args)
     retain = (inputs[: args.retain], targets[: args.retain])
     _setup.pretrain(model, retain, args, lr=1e-2, epochs=5)
@@ -121,7 +104,7 @@ def log_log_slope(epochs: list[int], values: list[float]) -> float:
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
-    args = for_seed(args, seed)
+    args = _setup.for_seed(args, seed)
     seconds, start = {}, time.perf_counter()
     model, forget = build(args)
     seconds["pretrain"] = time.perf_counter() - start

@@ -89,3 +89,12 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int):
         return self.inputs[position], self.targets[position], int(self.indices[position])
+
+
+def numbers(node):
+    """Every int or float leaf of nested dicts (booleans excluded), e.g. a per-seed result."""
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from numbers(value)
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield node

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import math
 
+from utils import numbers
+
 TOY = ("--seeds", "2", "--models", "4", "--methods", "gradient_ascent", "fine_tune",
        "--train-size", "120", "--epochs", "2", "--noise-copies", "1")  # fmt: skip
-
-
-def _numbers(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _numbers(value)
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield node
 
 
 def test_forgetting_audit_toy_run(run_example):
@@ -26,7 +20,7 @@ def test_forgetting_audit_toy_run(run_example):
     for record in result["per_seed"].values():
         for metric in ("forgetting", "lira", "loss_mia", "accuracy"):
             assert set(record[metric]) == rows
-        assert all(math.isfinite(v) for v in _numbers(record))
+        assert all(math.isfinite(v) for v in numbers(record))
         assert 0 <= record["forgetting"]["retrain"]["F"] <= 1
         # Pooled pairs: models x forget examples members, models x test examples non-members.
         assert record["lira"]["retrain"]["n"] == 4 * record["n_forget"]

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import math
 
+from utils import numbers
+
 TOY = ("--seeds", "2", "--train-size", "128", "--epochs", "1")
 RULES = {"mean", "median", "trimmed_mean", "krum", "multi_krum"}
-
-
-def _numbers(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _numbers(value)
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield node
 
 
 def test_interlacing_toy_run(run_example):
@@ -27,7 +21,7 @@ def test_interlacing_toy_run(run_example):
         for placement in ("concentrated", "interlaced"):
             assert set(record[placement]) == RULES
             assert 0 <= record[placement]["krum"]["selected_poison_share"] <= 1
-        assert all(math.isfinite(v) for v in _numbers(record))
+        assert all(math.isfinite(v) for v in numbers(record))
     # seeds differ: another poison draw, init and order give another GUS z
     assert records[0]["interlaced"]["mean"]["gus_z"] != records[1]["interlaced"]["mean"]["gus_z"]
     summary = result["summary"]

@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import math
 
+from utils import numbers
+
 TOY = ("--seeds", "2", "--pool", "200", "--epochs", "2", "--shadows", "4", "--epsilons", "4")
-
-
-def _numbers(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _numbers(value)
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
-        yield node
 
 
 def test_privacy_toy_run(run_example):
@@ -22,7 +16,7 @@ def test_privacy_toy_run(run_example):
     assert result["seeds"] == [0, 1]
     for record in result["per_seed"].values():
         assert set(record["dp"]) == set(record["matched"]) == {"4"}
-        assert all(math.isfinite(v) for v in _numbers(record))
+        assert all(math.isfinite(v) for v in numbers(record))
         assert record["n_nonmembers"] == 100
         dp_row, matched = record["dp"]["4"], record["matched"]["4"]
         assert 0 <= matched["step"] <= record["steps"]
