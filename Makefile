@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: demo test lint bench bench-micro results clean
+.PHONY: demo test test-fast lint bench bench-micro results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(RUNTIME_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The fast lane while editing: every test but those marked slow (CI runs them all).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check influx kernels tests benchmarks examples

@@ -103,6 +103,7 @@ def test_kernels_know_nothing_of_influx():
             )
 
 
+@pytest.mark.slow
 def test_only_the_cli_prints_or_exits():
     for path in PACKAGE.rglob("*.py"):
         if path.name == "cli.py":

@@ -52,6 +52,7 @@ def rows():
         yield trak_scale.run(Namespace(device="cpu", quick=False, repeats=None))
 
 
+@pytest.mark.slow
 def test_every_row_finishes(rows):
     training, *measured = rows
     assert training["kind"] == "training"
@@ -74,6 +75,7 @@ def test_every_row_finishes(rows):
         assert row["train"] == 64 and row["queries"] == 8
 
 
+@pytest.mark.slow
 def test_influx_rows_are_compared_with_traker(rows):
     by_key = {(r["kind"], r["projection"], r["dim"]): r for r in rows if r["impl"] == "influx"}
     for key, row in by_key.items():
@@ -86,6 +88,7 @@ def test_influx_rows_are_compared_with_traker(rows):
             assert math.isfinite(row["vs_traker_per_query"])
 
 
+@pytest.mark.slow
 def test_results_carry_provenance_and_the_column_notes(rows, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     meta = common.provenance("cpu")

@@ -73,6 +73,7 @@ def finished(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_writes_aligned_scores_summary_and_report(finished):
     table = read_table(finished)
     train = data.load("digits", max_examples=300)
@@ -100,6 +101,7 @@ def test_writes_aligned_scores_summary_and_report(finished):
     assert len(manifest["shards"]) == 2 + 3 * 30, "model, record and 3 groups x 30 shards"
 
 
+@pytest.mark.slow
 def test_scores_match_references(finished):
     table = read_table(finished)
     train = data.load("digits", max_examples=300)
@@ -162,6 +164,7 @@ def test_commutator_statistic_is_the_bracket_with_the_reference_batch():
     assert_close(norms, expected, rtol=1e-10, name="commutator")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_same_files(finished, tmp_path):
     out = tmp_path / "killed"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -186,6 +189,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_files(finished, tmp_path):
     assert_same_files(out, finished)
 
 
+@pytest.mark.slow
 def test_interrupt_then_rerun_resumes_and_matches(finished, tmp_path, monkeypatch, capsys):
     out = tmp_path / "interrupted"
     real = cli.Scorer.compute
@@ -206,6 +210,7 @@ def test_interrupt_then_rerun_resumes_and_matches(finished, tmp_path, monkeypatc
     assert_same_files(out, finished)
 
 
+@pytest.mark.slow
 def test_damaged_shards_and_model_are_named_and_recomputed(finished, tmp_path, capsys):
     out = tmp_path / "damaged"
     shutil.copytree(finished, out)
@@ -225,6 +230,7 @@ def test_damaged_shards_and_model_are_named_and_recomputed(finished, tmp_path, c
     assert_same_files(out, finished)
 
 
+@pytest.mark.slow
 def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, capsys):
     out = tmp_path / "other"
     shutil.copytree(finished, out)
@@ -236,6 +242,7 @@ def test_other_settings_in_the_same_folder_are_refused(finished, tmp_path, capsy
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "untouched"
 
 
+@pytest.mark.slow
 def test_another_data_dir_is_another_run(tmp_path, capsys):
     from test_data import write_tiny_cifar10
 
@@ -272,6 +279,7 @@ def test_the_device_is_part_of_a_run_only_through_dense_projections(scores, monk
     )
 
 
+@pytest.mark.slow
 def test_checkpoint_scores_an_existing_model(finished, tmp_path, capsys):
     state, _ = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())
     torch.save(state, tmp_path / "model.pt")
@@ -291,6 +299,7 @@ class _Payload:
         return (os.system, ("echo payload ran",))
 
 
+@pytest.mark.slow
 def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
     torch.save({"weights": _Payload()}, tmp_path / "payload.pt")
     (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(256))
@@ -379,11 +388,13 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "code, message",
     [(28, "no space left on the device while writing"), (13, "choose a writable --out")],
     ids=["full-disk", "read-only"],
 )
+@pytest.mark.slow
 def test_write_failures_are_one_line_and_resume(finished, tmp_path, monkeypatch, capsys, code,
                                                 message):  # fmt: skip
     out = tmp_path / "failing"
@@ -422,6 +433,7 @@ def test_non_finite_scores_fail_with_advice(tmp_path, monkeypatch, capsys):
     assert "lower --lr" in err and not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_damaged_cifar_file_is_named(tmp_path):
     from test_data import write_tiny_cifar10
 
@@ -445,6 +457,7 @@ def test_parse_scores_defaults_and_methods():
     assert "tracin" not in [s.name for s in with_checkpoint]
 
 
+@pytest.mark.slow
 def test_poisoning_study_scores(tmp_path, capsys):
     out = tmp_path / "poison"
     args = ["--max-examples", "60", "--epochs", "1", "--chunk-size", "30", "--no-progress",
@@ -467,6 +480,7 @@ def test_poisoning_study_scores(tmp_path, capsys):
     assert summary["gus"]["poisoned"] == 6 and summary["gus"]["gus"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_a_rerun_of_a_finished_run_reports_the_commutator_reference(tmp_path, capsys):
     args = ["--max-examples", "40", "--epochs", "1", "--scores", "commutator", "--no-progress"]
     out = tmp_path / "commutator"

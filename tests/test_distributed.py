@@ -55,6 +55,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_the_single_process_run(tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     result = _run([sys.executable, "-m", "influx.cli", *ARGS, "--out", str(single)])

@@ -290,6 +290,7 @@ def test_without_noise_or_clipping_dp_training_is_plain_training():
     assert result.privacy["epsilon"] == math.inf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_recorded_epsilon_equals_opacus_privacy_engine_on_the_same_schedule(accountant):
     from opacus import PrivacyEngine
@@ -322,6 +323,7 @@ def test_recorded_epsilon_equals_opacus_privacy_engine_on_the_same_schedule(acco
     assert ours.privacy["epsilon"] == dp.epsilon(sigma, 0.25, 8, delta, accountant=accountant)
 
 
+@pytest.mark.slow
 def test_noise_multiplier_for_a_target_epsilon():
     sigma = dp.noise_multiplier_for(3.0, 0.05, 200, 1e-5)
     spent = dp.epsilon(sigma, 0.05, 200, 1e-5)
@@ -436,6 +438,7 @@ def test_numpy_scalars_are_settings_like_python_numbers():
     )
 
 
+@pytest.mark.slow
 def test_poisson_dp_training_is_reproducible_and_records_its_batches():
     runs = []
     for _ in range(2):
@@ -453,6 +456,7 @@ def test_poisson_dp_training_is_reproducible_and_records_its_batches():
     assert "epsilon=" in repr(a)
 
 
+@pytest.mark.slow
 def test_the_default_noise_follows_the_training_seed():
     noise = {}
     for seed in (0, 0, 1):

@@ -51,6 +51,7 @@ def test_per_class_means_are_the_class_averages():
         assert means[i, 0] == pytest.approx(cols["loss"][targets == i].mean(), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_writes_report_and_figures_deterministically(tmp_path):
     cols = columns()
     targets = np.arange(60) % 4
@@ -123,6 +124,7 @@ def test_survival_panel_for_positive_scores_and_a_density_floor_for_signed_ones(
     assert low == pytest.approx(0.5 / (400 * width), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_report_table_shows_the_power_law_of_non_negative_scores(tmp_path):
     cols = columns(200)
     path = report.write_report(tmp_path, cols, targets=np.arange(200) % 4)

@@ -23,6 +23,7 @@ def test_summarize_matches_the_t_interval_by_hand():
     assert s.values == tuple(values) and s.n == 8
 
 
+@pytest.mark.slow
 def test_summarize_interval_agrees_with_scipy_and_covers_at_its_level():
     rng = np.random.default_rng(0)
     covered = 0

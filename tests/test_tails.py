@@ -166,6 +166,7 @@ def test_bootstrap_pvalue_is_uniform_under_the_null():
     assert 0.38 < np.mean(pvalues) < 0.62, np.mean(pvalues)
 
 
+@pytest.mark.slow
 def test_plot(t_report, tmp_path):
     _, report = t_report
     fig = report.plot(tmp_path / "tails.png", title="t(3)")
@@ -217,6 +218,7 @@ def test_iterative_fits_are_scale_equivariant(name):
         assert fitted.loglik >= reference_ll - 1e-7 * abs(reference_ll), c
 
 
+@pytest.mark.slow
 def test_t_fit_is_never_below_its_normal_limit():
     # The normal is the t family's limit nu -> inf, so sup ll_t >= ll_normal and LR >= 0. The
     # t fit at nu = 1e12 is the normal fit up to n (kurtosis - 3) / (4 nu) ~ 1e-11 at n = 200:
@@ -375,6 +377,7 @@ def test_x_min_recovered_on_a_lognormal_body_with_a_pareto_tail():
     assert lognormal.favours == "power_law" or lognormal.pvalue > 0.1
 
 
+@pytest.mark.slow
 def test_x_min_scan_equals_brute_force_with_scipy_kstest():
     # Every distinct value leaving >= 10 points above it is a candidate; D is scipy's kstest
     # against the Pareto law with b = alpha - 1 and scale x_min.
@@ -472,6 +475,7 @@ def test_vuong_direction_on_clear_cases(case, favoured):
     assert test.favours == favoured and test.pvalue < 0.01, test
 
 
+@pytest.mark.slow
 def test_power_law_bootstrap_keeps_a_true_power_law_and_is_seeded():
     # Pure Pareto: the semi-parametric bootstrap p-value is uniform, so this seeded draw (0.097)
     # falling below 0.05 would take a change in the procedure or a 5% event. (Rejection is not
@@ -548,6 +552,7 @@ def test_positive_refits_and_ks_equal_scipy():
     assert report.fits["exponential"].ks_pvalue == pytest.approx(1 / 31)
 
 
+@pytest.mark.slow
 def test_positive_plot_is_log_log_survival(tmp_path):
     x = _mixture(np.random.default_rng(34), n=300)
     report = tails.fit(np.r_[np.zeros(40), x], bootstrap=0)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 TOY = ("--seeds", "2", "--models", "mlp", "--examples", "48", "--pair-batch", "12",
        "--pretrain-epochs", "1", "--order-lrs", "0.01", "0.03", "--order-examples", "32",
        "--batch-size", "8", "--perms", "1", "--gd-steps", "10", "--checkpoints", "1",
        "--o3-examples", "24", "--width", "8")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_commutation_reports_effect_sizes_and_errors_over_seeds(run_example):
     result, folder = run_example("commutation.py", *TOY)
     summary = result["summary"]

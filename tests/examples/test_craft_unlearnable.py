@@ -10,6 +10,7 @@ TOY = ("--seeds", "2", "--retain", "40", "--poisons", "6", "--train-steps", "6",
 UNROLLED = "gradient_ascent (unrolled)"
 
 
+@pytest.mark.slow
 def test_craft_unlearnable_toy_run(run_example):
     result, folder = run_example("craft_unlearnable.py", *TOY)
     assert (folder / "craft_unlearnable_digits_mlp.png").exists()

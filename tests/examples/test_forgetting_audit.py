@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from utils import numbers
 
 TOY = ("--seeds", "2", "--models", "4", "--methods", "gradient_ascent", "fine_tune",
        "--train-size", "120", "--epochs", "2", "--noise-copies", "1")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_forgetting_audit_toy_run(run_example):
     result, folder = run_example("forgetting_audit.py", *TOY)
     assert (folder / "forgetting_audit_digits_mlp.png").exists()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 TOY = ("--seeds", "2", "--examples", "48", "--points", "12", "--pretrain-epochs", "1",
        "--power-iters", "3", "--batch-size", "16", "--width", "8")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ga_vs_gd_summarizes_every_setting_over_seeds(run_example):
     result, folder = run_example("ga_vs_gd.py", *TOY)
     summary = result["summary"]

@@ -8,11 +8,14 @@ import argparse
 import importlib
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 METHODS = ["gradient_ascent", "fine_tune", "ssd"]
 
 
+@pytest.mark.slow
 def test_gaussian_poisoning_toy_run(run_example):
     result, folder = run_example(
         "gaussian_poisoning.py", "--seeds", "2", "--tuning-seeds", "1", "--grid-size", "2",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 
+
+@pytest.mark.slow
 def test_influence_tails_toy_run(run_example):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny models: damping and conditioning warnings

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from utils import numbers
 
 TOY = ("--seeds", "2", "--train-size", "128", "--epochs", "1")
 RULES = {"mean", "median", "trimmed_mean", "krum", "multi_krum"}
 
 
+@pytest.mark.slow
 def test_interlacing_toy_run(run_example):
     result, folder = run_example("interlacing.py", *TOY)
     assert (folder / "interlacing_digits_mlp.png").exists()

@@ -15,6 +15,7 @@ ROWS = {"gradient_ascent", "fine_tune", "newton (no budget)", "retrain, other ba
         "poisoned retrain, other batch order"}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_model_shift_toy_run(run_example):
     result, folder = run_example("model_shift.py", *TOY)
     assert (folder / "model_shift_digits_mlp.png").exists()

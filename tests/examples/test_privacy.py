@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from utils import numbers
 
 TOY = ("--seeds", "2", "--pool", "200", "--epochs", "2", "--shadows", "4", "--epsilons", "4")
 
 
+@pytest.mark.slow
 def test_privacy_toy_run(run_example):
     result, folder = run_example("privacy.py", *TOY)
     assert (folder / "privacy_digits_mlp.png").exists()

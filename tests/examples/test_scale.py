@@ -3,6 +3,7 @@ two arms, and the Pawelczyk preset on a CIFAR-10 folder written here."""
 
 from __future__ import annotations
 
+import pytest
 from test_data import write_tiny_cifar10
 
 ROWS = ["trained", "gradient_ascent", "fine_tune", "retrain"]
@@ -23,6 +24,7 @@ def check_point(summary: dict, seeds: int) -> None:
     assert summary["cost"]["report_seeds_wall"] > 0 and summary["cost"]["tuning"]["cpu"] >= 0
 
 
+@pytest.mark.slow
 def test_width_study_on_both_datasets(run_example):
     result, folder = run_example("scale.py", "--study", "width", "--widths", "2", "4", *TOY,
                                  json_name="scale_width_mnist.json")  # fmt: skip
@@ -43,6 +45,7 @@ def test_width_study_on_both_datasets(run_example):
         assert (folder / f"{name}.png").exists() and (folder / f"{name}.json").exists()
 
 
+@pytest.mark.slow
 def test_dose_study_arms_share_the_default_dose(run_example):
     result, folder = run_example("scale.py", "--study", "dose", "--dose-width", "2",
                                  "--fractions", "0.02", "0.05", "--noise-stds", "0.5", "1.0",
@@ -59,6 +62,7 @@ def test_dose_study_arms_share_the_default_dose(run_example):
     assert (folder / "scale_dose_mnist.png").exists()
 
 
+@pytest.mark.slow
 def test_pawelczyk_preset_on_a_cifar10_folder(run_example, tmp_path):
     write_tiny_cifar10(tmp_path / "data", images_per_batch=40)  # 200 train, 40 test
     result, folder = run_example("scale.py", "--preset", "pawelczyk", "--data-dir",

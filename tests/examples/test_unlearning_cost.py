@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 TOY = ("--seeds", "2", "--retain", "48", "--forget", "16", "--epochs", "1", "2",
        "--batch-size", "8", "--width", "8")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_unlearning_cost_reports_floors_orders_and_slopes_over_seeds(run_example):
     result, folder = run_example("unlearning_cost.py", *TOY)
     summary = result["summary"]

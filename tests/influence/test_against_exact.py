@@ -38,6 +38,7 @@ def exact_scores(tiny_mlp):
     return fitted.scores(query).values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(SOLVERS))
 def test_solver_scores_equal_the_exact_solve(tiny_mlp, exact_scores, method):
     model, loss_fn, train, query = tiny_mlp

@@ -167,6 +167,7 @@ def _fit(method, tiny_mlp):
     return influence.fit(model, loss_fn, train, method=method, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", influence.METHODS)
 def test_self_influence_is_the_diagonal(tiny_mlp, method):
     _, _, train, _ = tiny_mlp
@@ -325,6 +326,7 @@ def test_errors(tiny_mlp):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cg", "ekfac", "tracin"])
 def test_batch_size_changes_nothing_but_the_batching(tiny_mlp, method, monkeypatch):
     model, loss_fn, train, query = tiny_mlp

@@ -223,6 +223,7 @@ def test_curvature_products_of_a_transformer_match_finite_differences():
     assert torch.isfinite(gv).all() and float(v @ gv) >= 0  # G is PSD for cross-entropy
 
 
+@pytest.mark.slow
 def test_first_curvature_product_raises_no_warning_from_torch_internals():
     # torch compiles its forward-AD decompositions with the deprecated torch.jit.script on first
     # use; a fresh interpreter shows whether a user would see that warning from an HVP

@@ -179,6 +179,7 @@ def test_lazy_kernel_jits_its_helpers_for_the_same_mode(monkeypatch):
         assert isinstance(scope["gram_tile"].fn.__globals__["load_tile"], expected), interpret
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
     # A fresh process: Triton cannot compile where it was imported in interpreter mode.
     if not _dispatch.HAS_TRITON:

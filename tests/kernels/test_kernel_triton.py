@@ -99,6 +99,7 @@ PAIRWISE_SHAPES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("shape", PAIRWISE_SHAPES)
 def test_pairwise_grad_dot_matches_reference(shape, dtype, device):
@@ -158,6 +159,7 @@ def test_score_topk_writes_through_a_numpy_memmap(tmp_path, device):
     assert_close(on_disk, (query @ train.T).cpu(), rtol=RTOL_SAME_INPUTS, name="memmap scores")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
 def test_half_precision_error_against_float64_truth(dtype, device):
     # Only the input rounding (relative 2**-11) separates these from the float64 values.

@@ -158,6 +158,7 @@ def synthetic_signals(num_models: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.stack(columns_u, axis=1), np.stack(columns_r, axis=1)
 
 
+@pytest.mark.slow
 def test_threshold_counts_match_direct_definition():
     # Every (false positive, false negative) pair each rule reaches, example by example: this is
     # where "<" vs "<=", the float32 grid and the roles of the groups show, signals on grid points
@@ -180,6 +181,7 @@ def test_threshold_counts_match_direct_definition():
             assert got == want, f"example {i}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_models", [8, 33])
 def test_epsilons_match_direct_definition(num_models):
     unlearned, retrained = synthetic_signals(num_models, seed=num_models)

@@ -319,6 +319,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_lira_separates_members_on_digits(one_thread):
     # 200 digits, a 64-32-10 MLP; 2 targets and 8 shadows, each trained on a random half by
     # full-batch Adam (150 steps, lr 0.02: training accuracy ~100%, so members are fitted better).
