@@ -405,9 +405,21 @@ def test_conv1d_both_norm_forms(norm_form):
     ).double()
     x = torch.randn(4, 3, length, dtype=torch.float64)
     model(x)
-    check_all(model, cross_entropy, x, torch.randint(0, 2, (4,)), rtol=1e-10)
-    projected = per_sample_projected(model, cross_entropy, x, torch.randint(0, 2, (4,)), dim=24)
-    assert projected.shape[0] == 4 and torch.isfinite(projected).all()
+    y = torch.randint(0, 2, (4,))
+    check_all(model, cross_entropy, x, y, rtol=1e-10)
+    # The Kronecker projection of the circular, dilated Conv1d (and of the head) equals
+    # P_out G_i P_in^T applied to each example's materialized [weight | bias] gradient from the
+    # per-example loop, with the factors the engine draws for the same seed (12 dims per layer:
+    # 3 x 4 for the conv's [4, 3 * 3 + 1] gradient, 2 x 6 for the head's [2, 161]). float64 on
+    # both sides: the same products summed in another order, over at most a few hundred terms per
+    # entry, so ~1e-15 relative; 1e-10 of the largest entry leaves wide room yet fails on any
+    # wrong factor, patch or bias column (errors of order one relative).
+    expected = kronecker_reference(model, x, y, 24, 5)
+    got = per_sample_projected(model, cross_entropy, x, y, dim=24, seed=5)
+    assert got.shape == (4, 24)
+    assert_close(got, expected, rtol=1e-10, name="conv1d kronecker")
+    chunked = per_sample_projected(model, cross_entropy, x, y, dim=24, seed=5, chunk_size=3)
+    assert_close(chunked, expected, rtol=1e-10, name="conv1d kronecker, chunked")
 
 
 @pytest.mark.parametrize("reparametrize", ["weight_norm", "prune"])

@@ -183,8 +183,20 @@ def test_reads_of_a_parameter_that_carry_no_gradient_are_allowed():
                 scale = weight.norm()
             return self.head(self.fc(x) + shift + 0 * scale + 0 * weight.detach().sum())
 
-    grads = per_sample_grads(Reads(), cross_entropy, *batch())
+    torch.manual_seed(0)
+    model = Reads().double()
+    x, y = batch()
+    x = x.double()
+    grads = per_sample_grads(model, cross_entropy, x, y)
+    assert list(grads) == ["fc.weight", "fc.bias", "head.weight", "head.bias"]
     assert grads["fc.weight"].shape == (5, 4, 4)
+    # the reads add nothing to any gradient: the values are those of the per-example loop.
+    # float64 on both sides, the same sums in another order over a few terms: ~1e-16 relative,
+    # so rtol 1e-10 per entry (atol 1e-12 for entries that cancel to about zero; the entries
+    # here reach a few units) is loose for rounding and tight for any wrong value
+    expected = naive_per_sample_grads(model, cross_entropy, x, y)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
 
 
 def test_outputs_without_the_batch_first_are_refused():
