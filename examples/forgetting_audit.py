@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _setup import (  # noqa: E402
-    RESULTS,
+    FALLBACK_UNLEARN_SETTINGS,
     Results,
     example_parser,
     limit_threads,
@@ -55,6 +54,7 @@ from _setup import (  # noqa: E402
     over_seeds,
     results_stem,
     save_figure,
+    tuned_unlearning,
 )
 
 from influx import memorization, models, poison, stats, train, unlearn  # noqa: E402
@@ -70,19 +70,6 @@ from influx.seeds import derive_seed  # noqa: E402
 LOSS = train.cross_entropy_per_example
 FPR = 0.01
 CEILING, FLOOR = "retrain", "no_unlearning"
-# Used when gaussian_poisoning's result holds no "chosen_settings" for this dataset and model: its
-# hand-set settings (SGD learning rates that keep the digits MLP's test accuracy).
-DEFAULT_SETTINGS: dict[str, dict] = {
-    "gradient_ascent": {"lr": 1e-2},
-    "neggrad_plus": {"lr": 5e-2, "beta": 0.95},
-    "fine_tune": {"lr": 5e-2},
-    "noisy_gd": {"lr": 5e-2, "noise_std": 0.05},
-    "cf_k": {"lr": 5e-2, "k": 1},
-    "eu_k": {"lr": 5e-2, "k": 1},
-    "scrub": {"lr": 5e-2},
-    "ssd": {"alpha": 10.0, "dampening": 1.0},
-    "newton": {"damping": 1e-2},
-}
 # Every method of influx.unlearn (one model at a time: 64 runs per method and seed, ~1 s per method
 # and seed at this size). newton's gradient and one Hessian-vector product cost more than 10% of
 # training here, so it returns the trained model unchanged: it sits on the floor by construction.
@@ -125,26 +112,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_settings(args) -> tuple[dict, dict]:
     """({method: kwargs}, {"settings_source": ..., ...}): gaussian_poisoning's ``chosen_settings``
-    when its result was made for the same dataset, model and width, else :data:`DEFAULT_SETTINGS`.
-    Setup keys that differ are recorded (the settings were tuned for that setup)."""
-    path = RESULTS / f"gaussian_poisoning_{args.dataset}_{args.model}.json"
+    when its result was made for the same dataset, model and width, else
+    ``FALLBACK_UNLEARN_SETTINGS``. Setup keys that differ are recorded (the settings were tuned for
+    that setup)."""
+    stored, path = tuned_unlearning(args)
     chosen, source, differences = None, "defaults in forgetting_audit.py", {}
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except ValueError:
-            stored = {}
+    if stored is not None:
         config = stored.get("config", {})
-        if stored.get("chosen_settings") and all(
-            config.get(k) == getattr(args, k) for k in SETTINGS_KEYS
-        ):
+        if all(config.get(k) == getattr(args, k) for k in SETTINGS_KEYS):
             chosen, source = stored["chosen_settings"], f"{path.name} chosen_settings"
             differences = {k: {"there": config.get(k), "here": getattr(args, k)}
                            for k in SETUP_KEYS if config.get(k) != getattr(args, k)}  # fmt: skip
-    table = chosen if chosen is not None else DEFAULT_SETTINGS
+    table = chosen if chosen is not None else FALLBACK_UNLEARN_SETTINGS
     settings = {}
     for name in args.methods:
-        kwargs = dict(table.get(name, DEFAULT_SETTINGS[name]))
+        kwargs = dict(table.get(name, FALLBACK_UNLEARN_SETTINGS[name]))
         if "lr" in kwargs:
             kwargs.setdefault("batch_size", args.batch_size)
         settings[name] = kwargs

@@ -27,7 +27,8 @@ The other batch orders measure what training noise alone does, with the same ini
 Across seeds (a shared initialization, each seed's own poisons and batch order), the cosine of each
 seed's shift with the mean of the other seeds' shifts says whether the poisoning direction
 generalizes beyond one poison draw. Unlearning settings come from ``chosen_settings`` of
-``gaussian_poisoning_<dataset>_<model>.json`` when that file holds them, else from ``SETTINGS``.
+``gaussian_poisoning_<dataset>_<model>.json`` when that file holds them, else from
+``_setup.FALLBACK_UNLEARN_SETTINGS``.
 
     python examples/model_shift.py                                   # digits + MLP, 8 seeds, CPU
     python examples/model_shift.py --dataset cifar10 --model resnet18 --device cuda \
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import math
 import time
 from pathlib import Path
@@ -53,13 +53,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _setup import (  # noqa: E402
-    RESULTS,
+    FALLBACK_UNLEARN_SETTINGS,
     Results,
     example_parser,
     limit_threads,
     over_seeds,
     results_stem,
     seed_list,
+    tuned_unlearning,
 )
 
 from influx import data, models, poison, shift, stats, train, unlearn  # noqa: E402
@@ -68,19 +69,6 @@ from influx.seeds import derive_seed  # noqa: E402
 
 LOSS = train.cross_entropy_per_example
 KINDS = ("gaussian", "label_flip")
-# Fallback settings at the shared budget (SGD, batch 64 unless stated), used when
-# gaussian_poisoning has not written its chosen_settings.
-SETTINGS: dict[str, dict] = {
-    "gradient_ascent": {"lr": 1e-2},
-    "neggrad_plus": {"lr": 5e-2, "beta": 0.95},
-    "fine_tune": {"lr": 5e-2},
-    "noisy_gd": {"lr": 5e-2, "noise_std": 0.05},
-    "cf_k": {"lr": 5e-2, "k": 1},
-    "eu_k": {"lr": 5e-2, "k": 1},
-    "scrub": {"lr": 5e-2},
-    "ssd": {"alpha": 10.0, "dampening": 1.0},
-    "newton": {"damping": 1e-2},
-}
 UNBUDGETED = "newton (no budget)"
 CEILING = "retrain, other batch order"
 NULL = "poisoned retrain, other batch order"
@@ -125,20 +113,18 @@ def parse_args() -> argparse.Namespace:
 
 def method_settings(args) -> tuple[dict[str, dict], str]:
     """({method: kwargs}, where they came from): gaussian_poisoning's ``chosen_settings`` for this
-    dataset and model when its result holds them, else ``SETTINGS``; ``--methods`` selects."""
-    path = RESULTS / f"gaussian_poisoning_{args.dataset}_{args.model}.json"
-    chosen, source = None, "model_shift.py SETTINGS (no chosen_settings found)"
-    if path.exists():
-        try:
-            chosen = json.loads(path.read_text()).get("chosen_settings")
-        except (OSError, ValueError):
-            chosen = None
-        if isinstance(chosen, dict) and chosen:
-            source = f"{path.name}: chosen_settings"
-        else:
-            chosen = None
+    dataset and model when its result holds them, else ``FALLBACK_UNLEARN_SETTINGS``;
+    ``--methods`` selects."""
+    stored, path = tuned_unlearning(args)
+    if stored is not None:
+        chosen, source = stored["chosen_settings"], f"{path.name}: chosen_settings"
+    else:
+        chosen, source = (
+            FALLBACK_UNLEARN_SETTINGS,
+            "_setup.py FALLBACK_UNLEARN_SETTINGS (no chosen_settings found)",
+        )
     settings = {name: {k: v for k, v in dict(kw).items() if k not in OWN_KEYS}
-                for name, kw in (chosen or SETTINGS).items()}  # fmt: skip
+                for name, kw in chosen.items()}  # fmt: skip
     unknown = sorted(set(settings) - set(unlearn.METHODS))
     if unknown:
         raise SystemExit(f"{source} names methods influx.unlearn lacks: {unknown}")

@@ -20,7 +20,7 @@ def test_model_shift_toy_run(run_example):
     result, folder = run_example("model_shift.py", *TOY)
     assert (folder / "model_shift_digits_mlp.png").exists()
     assert result["seeds"] == [0, 1]
-    # No gaussian_poisoning result in the temporary folder: the script's own settings.
+    # No gaussian_poisoning result in the temporary folder: the fallback settings.
     assert "SETTINGS" in result["settings_source"]
     parameters = result["summary"]["parameters"]
     assert parameters == 64 * 32 + 32 + 32 * 10 + 10
