@@ -1,9 +1,16 @@
 """Datasets and the data-argument convention.
 
-Every data argument in influx (``train``, ``query``, ``forget``, ...) accepts either a tuple
-``(inputs, targets)`` of tensors or a torch ``Dataset`` yielding ``(input, target)`` or
-``(input, target, index)``. :func:`as_tensors` and :func:`iter_batches` turn any of them into
-batches that carry the dataset indices, so every score can be aligned to its example.
+Every data argument in influx (``train``, ``query``, ``forget``, ...) accepts a tuple
+``(inputs, targets)`` (or ``(inputs, targets, indices)``) of tensors, a torch ``Dataset`` yielding
+``(input, target)`` or ``(input, target, index)``, or a ``DataLoader`` over such a dataset.
+:func:`iter_batches` streams any of them as batches that carry the dataset indices, so every
+score can be aligned to its example, and reads each example once per pass: a Dataset is never
+concatenated. :func:`as_tensors` does concatenate, and is kept for tuples and for the few
+computations that need all of a (small) set at once.
+
+A ``DataLoader`` is iterated as it is built (its batch size, workers and collation win over a
+``batch_size=`` argument); one that shuffles must yield the indices, or scores could not be
+aligned, and is refused otherwise.
 
 :func:`load` returns influx's datasets (``digits``, embedded; ``cifar10``, from a local folder;
 ``synthetic``, generated), each yielding ``(input, target, index)`` and carrying ``targets``,
@@ -16,19 +23,23 @@ import functools
 import importlib.util
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from influx.errors import InfluxValueError
 from influx.seeds import derive_seed
 
 # inputs [B, ...], targets [B, ...], indices [B]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# loss_fn(outputs, targets) -> per-example losses [B] (reduction="none"); a measurement of a query
+# (influence's ``measurement=``) has the same signature. Defined here, once, for every module.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_DATA_KINDS = "a tuple (inputs, targets), a torch Dataset or a DataLoader"
 
 
 def _with_index(item: Any, position: int) -> tuple:
@@ -109,15 +120,13 @@ def as_tensors(data) -> Batch:
         else:
             indices = torch.arange(inputs.shape[0], device="cpu")
         return inputs, targets, indices
-    if isinstance(data, Dataset):
+    if isinstance(data, (Dataset, DataLoader)):
         batches = list(iter_batches(data, batch_size=1024))
         if not batches:
             raise InfluxValueError("the dataset is empty")
         inputs, targets, indices = (torch.cat(parts) for parts in zip(*batches, strict=True))
         return inputs, targets, _check_indices(indices, inputs.shape[0])
-    raise InfluxValueError(
-        f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
-    )
+    raise InfluxValueError(f"data must be {_DATA_KINDS}; got {type(data).__name__}")
 
 
 def iter_batches(data, batch_size: int) -> Iterator[Batch]:
@@ -135,16 +144,56 @@ def iter_batches(data, batch_size: int) -> Iterator[Batch]:
         for inputs, targets, indices in loader:
             yield inputs, targets, _tensor(indices, torch.long)
         return
-    raise InfluxValueError(
-        f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
-    )
+    if isinstance(data, DataLoader):
+        yield from _loader_batches(data)
+        return
+    raise InfluxValueError(f"data must be {_DATA_KINDS}; got {type(data).__name__}")
+
+
+def _loader_batches(loader: DataLoader) -> Iterator[Batch]:
+    """A user's DataLoader as it is built; batches without indices get running positions, which
+    are dataset indices only when the loader visits the dataset in order."""
+    in_order = isinstance(loader.sampler, SequentialSampler)
+    position = 0
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise InfluxValueError(
+                "a DataLoader batch must be (inputs, targets) or (inputs, targets, indices); got "
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        inputs, targets = _check_pair(tuple(batch[:2]))
+        if len(batch) == 3:
+            indices = _tensor(batch[2], torch.long)
+        elif in_order:
+            indices = torch.arange(position, position + inputs.shape[0], device="cpu")
+        else:
+            raise InfluxValueError(
+                "this DataLoader does not visit its dataset in order and its batches carry no "
+                "indices, so scores could not be aligned to examples: build it with shuffle=False, "
+                "or let the dataset yield (input, target, index)"
+            )
+        position += inputs.shape[0]
+        yield inputs, targets, _check_indices(indices, inputs.shape[0])
 
 
 def num_examples(data) -> int:
-    """Number of examples in a data argument."""
+    """Number of examples in a data argument (a DataLoader's: those its sampler visits)."""
     if isinstance(data, (tuple, list)):
         return _check_pair(data)[0].shape[0]
-    return len(data)
+    if isinstance(data, DataLoader):
+        sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+        return len(sampler)
+    if isinstance(data, Dataset):
+        return len(data)
+    raise InfluxValueError(f"data must be {_DATA_KINDS}; got {type(data).__name__}")
+
+
+def first_batch(data, batch_size: int) -> Batch:
+    """The first batch of ``data`` (for checks and shape probes), reading only that batch."""
+    for batch in iter_batches(data, batch_size):
+        return batch
+    raise InfluxValueError("the data is empty: pass at least one example")
 
 
 def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
@@ -162,14 +211,35 @@ def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator
             positions = order[start : start + batch_size]
             yield inputs[positions], targets[positions], indices[positions]
         return
+    if isinstance(data, DataLoader):
+        # Random access goes to the loader's dataset, through the loader's own collation.
+        loader = DataLoader(
+            _IndexedDataset(data.dataset),
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=data.num_workers,
+            collate_fn=_indexed_collate(data.collate_fn),
+        )
+        for inputs, targets, indices in loader:
+            yield inputs, targets, _tensor(indices, torch.long)
+        return
     if isinstance(data, Dataset):
         loader = DataLoader(_IndexedDataset(data), batch_size=batch_size, sampler=order.tolist())
         for inputs, targets, indices in loader:
             yield inputs, targets, _tensor(indices, torch.long)
         return
-    raise InfluxValueError(
-        f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
-    )
+    raise InfluxValueError(f"data must be {_DATA_KINDS}; got {type(data).__name__}")
+
+
+def _indexed_collate(collate: Callable) -> Callable:
+    """``collate`` over items ``(input, target, index)``: the indices, where the user's collation
+    may not know them, are stacked apart from it."""
+
+    def collate_with_index(items):
+        inputs, targets = collate([(item[0], item[1]) for item in items])
+        return inputs, targets, torch.as_tensor([int(item[2]) for item in items], device="cpu")
+
+    return collate_with_index
 
 
 # ----------------------------------------------------------------------------------------------

@@ -404,3 +404,47 @@ def test_mnist_without_the_extra_names_the_fix(monkeypatch):
             data.load("mnist")
     finally:
         data._mnist_arrays.cache_clear()
+
+
+def test_data_loaders_stream_in_order_with_indices_and_read_each_example_once():
+    from torch.utils.data import DataLoader
+    from utils import LazyDataset
+
+    from influx.data import (
+        as_tensors,
+        first_batch,
+        iter_batches,
+        iter_ordered_batches,
+        num_examples,
+    )
+
+    dataset = LazyDataset(10)
+    inputs, targets = dataset.tensors()
+    loader = DataLoader(dataset, batch_size=4)
+    assert num_examples(loader) == 10
+    batches = list(iter_batches(loader, batch_size=999))  # the loader's own batch size wins
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[0] for b in batches]), inputs)
+    assert torch.equal(torch.cat([b[2] for b in batches]), torch.arange(10))
+    assert dataset.reads.tolist() == [1] * 10
+    # Two-item batches from an in-order loader get running positions.
+    pairs = DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=3)
+    assert torch.equal(as_tensors(pairs)[2], torch.arange(10))
+    assert torch.equal(first_batch(pairs, 1)[0], inputs[:3])
+    order = torch.tensor([7, 2, 9])
+    x, y, index = next(iter_ordered_batches(loader, order, batch_size=3))
+    assert torch.equal(x, inputs[order]) and torch.equal(index, order)
+
+
+def test_shuffled_loaders_without_indices_and_other_objects_are_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from influx.data import iter_batches, num_examples
+
+    pairs = TensorDataset(torch.randn(6, 2), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(InfluxValueError, match="shuffle=False"):
+        list(iter_batches(DataLoader(pairs, batch_size=2, shuffle=True), 2))
+    with pytest.raises(InfluxValueError, match="DataLoader"):
+        num_examples(object())
+    with pytest.raises(InfluxValueError, match="must be"):
+        list(iter_batches(DataLoader([torch.zeros(2)] * 3, batch_size=2), 2))

@@ -1,5 +1,5 @@
 """Shared test helpers: one comparison function, one tolerance table, a model that calls a
-module with keyword arguments and a tiny Transformer."""
+module with keyword arguments, a tiny Transformer and a lazy dataset that counts its reads."""
 
 from __future__ import annotations
 
@@ -98,3 +98,32 @@ def numbers(node):
             yield from numbers(value)
     elif isinstance(node, (int, float)) and not isinstance(node, bool):
         yield node
+
+
+class LazyDataset(torch.utils.data.Dataset):
+    """``n`` classification examples generated from their index on every read (no tensor of all
+    inputs exists anywhere), counting how often each example is read: ``reads`` [n].
+
+    Items are ``(input [*shape], target, index)``; the same index always gives the same example.
+    """
+
+    def __init__(self, n: int, shape=(6,), classes: int = 3, *, seed: int = 0, dtype=torch.float64):
+        self.n, self.shape, self.classes, self.seed, self.dtype = n, tuple(shape), classes, seed, dtype
+        self.reads = torch.zeros(n, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        self.reads[index] += 1
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        x = torch.randn(self.shape, generator=generator, dtype=self.dtype)
+        return x, torch.tensor(index % self.classes), index
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set in memory (for references in tests; does not count as reads)."""
+        reads = self.reads.clone()
+        items = [self[i] for i in range(self.n)]
+        self.reads = reads
+        return torch.stack([x for x, _, _ in items]), torch.stack([y for _, y, _ in items])

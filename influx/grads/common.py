@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from influx.data import LossFn  # noqa: F401 - re-exported: the one definition is in influx.data
 from influx.errors import InfluxValueError, UnsupportedModelError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # At most this many offending example indices are listed in an error message.
 SHOWN_INDICES = 10
 
