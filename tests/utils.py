@@ -13,12 +13,22 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bf
 
 
 def assert_close(
-    actual, expected, *, rtol: float | None = None, atol: float | None = None, name=""
+    actual,
+    expected,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    name="",
+    elementwise: bool = False,
 ):
     """Compare two tensors; report max-abs and max-relative error; NaN/Inf anywhere fails.
 
-    The relative error is measured against the largest magnitude of ``expected`` (a norm-wise
-    criterion), so entries that are zero up to cancellation do not produce meaningless ratios.
+    By default the relative error is measured against the largest magnitude of ``expected`` (a
+    norm-wise criterion), so entries that are zero up to cancellation do not produce meaningless
+    ratios. ``elementwise=True`` bounds every entry by its own magnitude,
+    ``|actual_i - expected_i| <= rtol * |expected_i| + atol``: use it for vectors whose entries
+    span orders of magnitude (scores, norms), where a wrong small entry hides under the largest
+    one. Entries that may be zero up to cancellation then need an ``atol``.
     """
     actual = torch.as_tensor(actual)
     expected = torch.as_tensor(expected)
@@ -36,14 +46,36 @@ def assert_close(
     e = expected.detach().to(torch.float64).cpu()
     if a.numel() == 0:
         return
-    max_abs = (a - e).abs().max().item()
+    atol = atol or 0.0
+    err = (a - e).abs()
+    if elementwise:
+        # The worst entry is the one that exceeds its own bound by the largest factor (an
+        # entry with a zero bound and any error exceeds it infinitely).
+        bound = rtol * e.abs() + atol
+        over = err > bound
+        unbounded = torch.where(over, float("inf"), 0.0)
+        ratio = torch.where(bound > 0, err / bound.clamp_min(1e-300), unbounded)
+        flat = int(ratio.reshape(-1).argmax())
+        if over.any():
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), e.shape))
+            got, want = a.reshape(-1)[flat].item(), e.reshape(-1)[flat].item()
+            worst = err.reshape(-1)[flat].item()
+            rel = worst / abs(want) if want != 0 else float("inf")
+            count = int(over.sum())
+            raise AssertionError(
+                f"{name}: {count} of {e.numel()} entries out of tolerance; worst at index "
+                f"{index}: actual {got:.6e}, expected {want:.6e}, abs err {worst:.3e}, rel err "
+                f"{rel:.3e} (elementwise rtol {rtol:.1e}, atol {atol:.1e})"
+            )
+        return
+    max_abs = err.max().item()
     scale = e.abs().max().item()
     rel = max_abs / scale if scale > 0 else max_abs
-    bound = rtol * scale + (atol or 0.0)
+    bound = rtol * scale + atol
     if max_abs > bound:
         raise AssertionError(
             f"{name}: max abs err {max_abs:.3e}, max rel err {rel:.3e} (rtol {rtol:.1e}, "
-            f"atol {atol or 0.0:.1e}, scale {scale:.3e})"
+            f"atol {atol:.1e}, scale {scale:.3e})"
         )
 
 
@@ -108,7 +140,8 @@ class LazyDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, shape=(6,), classes: int = 3, *, seed: int = 0, dtype=torch.float64):
-        self.n, self.shape, self.classes, self.seed, self.dtype = n, tuple(shape), classes, seed, dtype
+        self.n, self.shape, self.classes = n, tuple(shape), classes
+        self.seed, self.dtype = seed, dtype
         self.reads = torch.zeros(n, dtype=torch.long)
 
     def __len__(self) -> int:
