@@ -7,6 +7,9 @@ number of any type, again never a bool. A bad value raises
 e.g. ``max_grad_norm must be a finite number > 0; got inf``. The checks return the value as a
 Python ``float`` / ``int``, so numpy scalars do not meet tensors in numpy's terms downstream.
 
+Two rules shared by many modules live here too: :func:`check_choice` (a setting that names one of
+a few options) and :func:`check_damping` (the one rule for a curvature damping).
+
 A leaf: imports nothing from influx but :mod:`influx.errors`.
 """
 
@@ -14,11 +17,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from typing import NoReturn
 
 from influx.errors import InfluxValueError
 
-__all__ = ["check_count_or_none", "check_integer", "check_number", "is_integer", "is_real"]
+__all__ = [
+    "check_choice",
+    "check_count_or_none",
+    "check_damping",
+    "check_integer",
+    "check_number",
+    "is_integer",
+    "is_real",
+]
 
 
 def is_real(value) -> bool:
@@ -90,6 +102,29 @@ def check_count_or_none(name: str, value) -> int | None:
     if not (is_integer(value) and value >= 1):
         _refuse(name, "be a positive integer or None", value)
     return int(value)
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    """Refuse ``value`` unless it is one of ``choices``:
+    ``{name} must be one of ('a', 'b'); got 'c'``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise InfluxValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def check_damping(value, *, auto: bool = True, name: str = "damping") -> float | str:
+    """The one rule for a damping added to a curvature matrix (``H + damping I``).
+
+    A damping is a finite real number >= 0 (numpy scalars accepted, returned as a Python float;
+    bools, NaN and inf refused: an infinite damping is no solve at all), or the string ``'auto'``
+    where the caller estimates one from the spectrum (``auto=True``; returned as is). Anything
+    else raises ``damping must be a finite number >= 0 or 'auto'; got ...``.
+    """
+    if auto and isinstance(value, str) and value == "auto":
+        return value
+    if not (is_real(value) and _finite(value) and value >= 0):
+        _refuse(name, "be a finite number >= 0" + (" or 'auto'" if auto else ""), value)
+    return float(value)
 
 
 def _finite(value) -> bool:

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from influx import grads
-from influx.checks import check_count_or_none, check_integer, check_number, is_integer, is_real
+from influx.checks import (
+    check_choice,
+    check_count_or_none,
+    check_damping,
+    check_integer,
+    check_number,
+    is_integer,
+    is_real,
+)
 from influx.errors import InfluxValueError
 
 
@@ -121,3 +129,80 @@ def test_per_sample_norms_refuses_a_fractional_chunk_size():
         grads.per_sample_norms(model, loss_fn, inputs, targets, chunk_size=2.5)
     norms = grads.per_sample_norms(model, loss_fn, inputs, targets, chunk_size=np.int64(2))
     assert torch.allclose(norms, grads.per_sample_norms(model, loss_fn, inputs, targets))
+
+
+def test_check_choice_names_the_choices_and_the_value():
+    check_choice("mode", "a", ("a", None))
+    check_choice("mode", None, ("a", None))
+    with pytest.raises(
+        InfluxValueError, match=re.escape("mode must be one of ('a', 'b'); got 'c'")
+    ):
+        check_choice("mode", "c", iter(["a", "b"]))
+
+
+def test_check_damping_accepts_real_numbers_and_auto_where_allowed():
+    for value in (0, 0.0, 2, 1e-3, np.float32(0.5), np.float64(0.25), np.int64(3)):
+        checked = check_damping(value)
+        assert type(checked) is float and checked == float(value)
+    assert check_damping("auto") == "auto"
+    with pytest.raises(
+        InfluxValueError, match=r"^damping must be a finite number >= 0; got 'auto'"
+    ):
+        check_damping("auto", auto=False)
+
+
+@pytest.mark.parametrize(
+    "bad", [True, False, np.bool_(True), -1e-9, math.inf, math.nan, "1", "Auto", None, 10**400]
+)
+def test_check_damping_refuses_bools_negatives_and_non_finite_values(bad):
+    with pytest.raises(
+        InfluxValueError, match=r"^damping must be a finite number >= 0 or 'auto'; got"
+    ):
+        check_damping(bad)
+    with pytest.raises(InfluxValueError, match=r"^damping must be a finite number >= 0; got"):
+        check_damping(bad, auto=False)
+
+
+def _tiny_regression():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randn(12, 2, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    return nn.Linear(3, 2).double(), inputs, targets
+
+
+def _newton(damping):
+    from influx import unlearn
+    from influx.train import mse_per_example
+
+    model, inputs, targets = _tiny_regression()
+    forget, retain = (inputs[:2], targets[:2]), (inputs[2:], targets[2:])
+    return unlearn.newton(model, mse_per_example, forget, retain, damping=damping,
+                          solver="dense", budget=math.inf, progress=False)  # fmt: skip
+
+
+def _influence(damping):
+    from influx import influence
+    from influx.train import mse_per_example
+
+    model, inputs, targets = _tiny_regression()
+    return influence.fit(model, mse_per_example, (inputs, targets), method="exact", damping=damping)
+
+
+def _resolve(damping):
+    from influx.curvature import Spectrum, resolve_damping
+
+    return resolve_damping(damping, Spectrum(mean=1.0, maximum=2.0, minimum=0.5))
+
+
+@pytest.mark.parametrize("caller", [_newton, _influence, _resolve])
+@pytest.mark.parametrize("bad", [True, math.inf, math.nan, -1.0])
+def test_every_damping_follows_the_one_rule(caller, bad):
+    with pytest.raises(InfluxValueError, match="damping must be a finite number >= 0"):
+        caller(bad)
+
+
+@pytest.mark.parametrize("caller", [_newton, _influence, _resolve])
+def test_every_damping_takes_numpy_scalars(caller):
+    caller(np.float64(0.5))
+    caller(np.float32(0.5))

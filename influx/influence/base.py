@@ -18,12 +18,13 @@ of a pair sum to its score exactly.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
+from influx.checks import check_choice, check_damping  # noqa: F401 - re-exported
 from influx.curvature import ParamSpace
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_grads
@@ -162,20 +163,6 @@ def options_with_batch_size(
 def option(default, help: str):  # noqa: A002 - mirrors argparse
     """A dataclass field that carries help text (shown by ``influx.influence.describe``)."""
     return field(default=default, metadata={"help": help})
-
-
-def check_choice(name: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise InfluxValueError(f"{name} must be one of {choices}; got {value!r}")
-
-
-def check_damping(value) -> None:
-    if isinstance(value, str):
-        if value != "auto":
-            raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {value!r}")
-    elif not value >= 0:
-        raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {value!r}")
 
 
 def float64_copy(model: nn.Module) -> nn.Module:

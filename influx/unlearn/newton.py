@@ -43,6 +43,7 @@ import warnings
 import torch
 from torch import nn
 
+from influx.checks import check_damping
 from influx.curvature import (
     NonPositiveDefiniteWarning,
     ParamSpace,
@@ -186,8 +187,7 @@ def newton(
     alone); ``params`` restricts the step to these parameter names (default: all trainable);
     ``chunk_size`` retain examples per product. Pass ``budget=math.inf`` for an unlimited solve.
     """
-    if not (isinstance(damping, (int, float)) and damping >= 0):
-        raise InfluxValueError(f"damping must be a number >= 0; got {damping!r}")
+    damping = check_damping(damping, auto=False)
     if not (
         isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0
     ):

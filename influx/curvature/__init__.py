@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from influx.checks import check_integer, check_number
+from influx.checks import check_damping, check_integer
 from influx.errors import InfluxValueError
 from influx.grads.common import (
     LossFn,
@@ -338,13 +338,12 @@ def resolve_damping(
     tenth of its mean eigenvalue. A mean eigenvalue <= 0 leaves nothing to scale from, so
     ``|max eigenvalue| * relative`` is used.
     """
-    if isinstance(damping, str):
-        if damping != "auto":
-            raise InfluxValueError(f"damping must be a number >= 0 or 'auto'; got {damping!r}")
+    damping = check_damping(damping)
+    if damping == "auto":
         scale = spectrum.mean if spectrum.mean > 0 else abs(spectrum.maximum)
         shift = max(0.0, -spectrum.minimum) if spectrum.minimum is not None else 0.0
         return float(shift + relative * scale)
-    return check_number("damping", damping, at_least=0, hint="or 'auto'")
+    return damping
 
 
 def check_damped_spectrum(spectrum: Spectrum, damping: float, *, what: str = "curvature") -> None:
@@ -406,6 +405,22 @@ def power_iteration(
             break
         v = w / norm
     return value + shift
+
+
+def largest_eigenvalue(
+    matvec, size: int, *, iterations: int, seed: int, dtype, device: torch.device | str = "cpu"
+) -> float:
+    """|mu_max| of a (possibly non-symmetric) operator on [K, P] rows, by power iteration on the
+    norm ratio ||M v|| / ||v||, which, unlike the Rayleigh quotient, needs no symmetry. The start
+    vector is drawn on the CPU (the same on every device), then moved to ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, size, generator=generator, dtype=dtype, device="cpu").to(device)
+    value = 0.0
+    for _ in range(iterations):
+        v = v / v.norm()
+        v = matvec(v)
+        value = float(v.norm())
+    return value
 
 
 def hutchinson_trace(
