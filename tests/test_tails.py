@@ -14,6 +14,7 @@ from scipy import stats
 
 from influx import tails
 from influx.errors import InfluxValueError
+from influx.tails import families
 
 SAMPLERS = {
     "normal": lambda rng, n: rng.normal(1.5, 2.0, n),
@@ -130,10 +131,10 @@ def test_vectorized_refits_and_ks_equal_scipy():
     rng = np.random.default_rng(9)
     samples = rng.standard_t(3.0, (6, 400))
     for name in ("normal", "laplace"):
-        refits = tails._refit_block(name, samples, (0.0, 1.0))
+        refits = families._refit_block(name, samples, (0.0, 1.0))
         for row, params in zip(samples, refits):
             np.testing.assert_allclose(params, tails.FAMILIES[name].fit(row), rtol=1e-13)
-        ks = tails._ks_statistics(name, np.sort(samples, 1), refits)
+        ks = families._ks_statistics(name, np.sort(samples, 1), refits)
         expected = [
             stats.kstest(row, tails.FAMILIES[name].cdf, args=tuple(p)).statistic
             for row, p in zip(samples, refits)
@@ -276,6 +277,33 @@ def test_hill_is_infinite_with_a_warning_when_the_top_is_tied():
     assert estimate.alphas[29] == pytest.approx(direct, rel=1e-12)  # float64 sums of 30 logs
     with pytest.warns(UserWarning, match=r"all 20 nonzero \|scores\| equal 1"):
         assert tails.hill(np.r_[np.zeros(20), np.ones(20)]).alpha == np.inf
+
+
+def test_warnings_name_the_callers_line():
+    # The package's warnings point at the user's call of hill() / fit(), not inside influx.tails.
+    top_tied = np.r_[np.random.default_rng(4).normal(size=100), np.full(30, 5.0)]
+    with pytest.warns(UserWarning, match="tied") as record:
+        tails.hill(top_tied)
+    with pytest.warns(UserWarning, match="tied") as record_fit:
+        tails.fit(top_tied, families=("normal",), bootstrap=0)
+    collapsed = np.r_[np.zeros(400), np.random.default_rng(5).normal(size=100)]
+    with pytest.warns(UserWarning, match="collapsed onto the score 0") as record_collapse:
+        tails.fit(collapsed, families=("normal", "cauchy"), bootstrap=0)
+    for caught in (record, record_fit, record_collapse):
+        assert {w.filename for w in caught} == {__file__}
+
+
+def test_every_public_name_is_importable_from_influx_tails():
+    public = {
+        "FAMILIES", "POSITIVE_FAMILIES", "SUPPORTS", "SYMMETRIC_FAMILIES", "FamilyFit",
+        "HillEstimate", "LikelihoodRatioTest", "PowerLawFit", "TailReport", "VuongTest",
+        "choose_support", "fit", "hill", "power_law", "vuong",
+    }  # fmt: skip
+    assert set(tails.__all__) == public
+    assert all(hasattr(tails, name) for name in public)
+    # the functions, not the submodules of the same job
+    assert callable(tails.hill) and callable(tails.power_law) and callable(tails.fit)
+    assert tails.fit(np.arange(1.0, 31.0), bootstrap=0).hill.__class__ is tails.HillEstimate
 
 
 def test_hill_k_is_validated():
@@ -539,11 +567,11 @@ def test_positive_fits_are_scale_equivariant():
 def test_positive_refits_and_ks_equal_scipy():
     samples = np.random.default_rng(33).lognormal(0.0, 1.0, (5, 300))
     for name in ("lognormal", "exponential"):
-        refits = tails._refit_block(name, samples, (1.0, 0.0, 1.0))
+        refits = families._refit_block(name, samples, (1.0, 0.0, 1.0))
         for row, params in zip(samples, refits):
             np.testing.assert_allclose(params, tails.FAMILIES[name].fit(row, floc=0), rtol=1e-10,
                                        atol=1e-14)  # fmt: skip
-        ks = tails._ks_statistics(name, np.sort(samples, 1), refits)
+        ks = families._ks_statistics(name, np.sort(samples, 1), refits)
         expected = [stats.kstest(row, tails.FAMILIES[name].cdf, args=tuple(p)).statistic
                     for row, p in zip(samples, refits)]  # fmt: skip
         np.testing.assert_allclose(ks, expected, rtol=1e-12)
