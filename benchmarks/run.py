@@ -3,7 +3,7 @@
 python benchmarks/run.py --suite persample [--device cpu|cuda] [--quick]
 python benchmarks/run.py --suite kernels | commutator | influence | influence_scale | trak_scale
                               | gus | dp | ensemble | score
-                              | defaults | all
+                              | defaults | kronfluence_defaults | stream | all
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ SUITES = (
     "ensemble",
     "score",
     "defaults",
+    "kronfluence_defaults",
+    "stream",
 )
 
 

@@ -1,0 +1,71 @@
+"""The stream suite at a small scale: its lazily generated dataset, each example read once per
+pass by EK-FAC self-influence and per-sample gradient norms with the values of the same data as
+tensors, and (slow) peak memory that does not grow from 2,000 to 20,000 examples. Times are not
+checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.suites import stream
+from influx import influence
+from influx.grads import per_sample_norms
+from influx.train import cross_entropy_per_example
+from tests.utils import assert_close
+
+FACTOR_BATCH = 512  # EK-FAC's default factor batch: the first batch is also read by the checks
+
+
+def tensors_of(dataset: stream.IndexedSynthetic) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(len(dataset))]
+    dataset.reads.zero_()
+    return torch.stack([x for x, _, _ in items]), torch.stack([y for _, y, _ in items])
+
+
+def test_examples_are_generated_from_their_index_and_counted():
+    dataset = stream.IndexedSynthetic(10)
+    first, again = dataset[3], dataset[3]
+    assert torch.equal(first[0], again[0]) and int(first[1]) == int(again[1]) and first[2] == 3
+    assert first[0].shape == stream.INPUT_SHAPE
+    assert not torch.equal(dataset[4][0], first[0])
+    assert dataset.reads.tolist() == [0, 0, 0, 2, 1, 0, 0, 0, 0, 0]
+    # no tensor of all inputs: the dataset holds its read counts only
+    assert [k for k, v in vars(dataset).items() if torch.is_tensor(v)] == ["reads"]
+
+
+def test_per_sample_norms_read_each_example_once():
+    model = stream.build_model()
+    dataset = stream.IndexedSynthetic(700)
+    reference = per_sample_norms(model, cross_entropy_per_example, tensors_of(dataset))
+    norms = per_sample_norms(model, cross_entropy_per_example, dataset)
+    assert dataset.reads.tolist() == [1] * 700
+    assert_close(norms, reference)
+
+
+@pytest.mark.slow
+def test_ekfac_self_influence_reads_each_example_once_per_pass():
+    model = stream.build_model()
+    dataset = stream.IndexedSynthetic(1300)
+    expected = influence.fit(
+        model, cross_entropy_per_example, tensors_of(dataset), method="ekfac"
+    ).self_influence()
+    values = influence.fit(model, cross_entropy_per_example, dataset, method="ekfac")
+    values = values.self_influence()
+    # Past the first batch (which the input checks also read) every example is read equally
+    # often: once per pass (factors, eigenvalue refit, self-influence), whatever the label draws.
+    later = dataset.reads[FACTOR_BATCH:]
+    assert int(later.min()) == int(later.max()) <= 3
+    assert int(dataset.reads.max()) <= int(later.max()) + 2
+    assert_close(values, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("work", stream.WORKS)
+def test_peak_memory_does_not_grow_with_the_number_of_examples(work, monkeypatch):
+    monkeypatch.setenv("INFLUX_STREAM_THREADS", "1")
+    small, large = stream.child(work, 2_000), stream.child(work, 20_000)
+    assert "peak_rss_mb" in small and "peak_rss_mb" in large, (small, large)
+    # The inputs of 18,000 more examples are 211 MB: holding them would fail this by far.
+    assert large["peak_rss_mb"] < 1.1 * small["peak_rss_mb"], (small, large)
+    assert large["reads_min"] >= 1 and large["reads_max"] <= small["reads_max"]
