@@ -33,7 +33,7 @@ from torch.func import grad, vmap
 
 from influx import curvature
 from influx.checks import check_integer, check_number
-from influx.data import as_tensors, iter_batches
+from influx.data import as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_grads
 from influx.grads.common import LossFn, check_finite, check_model
@@ -51,6 +51,7 @@ __all__ = [
     "bracket",
     "order_shift",
     "pairwise",
+    "reference_bracket_norms",
     "step",
 ]
 
@@ -247,6 +248,30 @@ def _check_finite_data(inputs, targets, what_inputs, what_targets, indices=None)
     """NaN / inf inputs or targets are refused by example (positions, or dataset ``indices``)."""
     check_finite(inputs, what_inputs, indices=indices)
     check_finite(targets, what_targets, indices=indices)
+
+
+# Points per block when ascent_residual(mode="point") streams its data.
+_POINT_BLOCK = 1024
+
+
+def _streamed_examples(data, batch_size: int):
+    """``(inputs, targets, indices)`` batches of ``data``, each checked finite; refuses empty data."""
+    empty = True
+    for inputs, targets, indices in iter_batches(data, batch_size):
+        _check_finite_data(inputs, targets, "inputs", "targets", indices=indices)
+        empty = False
+        yield inputs, targets, indices
+    if empty:
+        raise InfluxValueError("data is empty; pass at least one example")
+
+
+def _unique(indices: torch.Tensor) -> torch.Tensor:
+    """Dataset indices gathered from batches, refused unless one distinct index per example."""
+    if torch.unique(indices).numel() != indices.numel():
+        raise InfluxValueError(
+            "the dataset indices must be distinct: give each example its own index"
+        )
+    return indices
 
 
 def _examples_of(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -496,6 +521,61 @@ def pairwise(
     return PairwiseResult(norms, per_grads.norm(dim=1), targets, kind, lr, same, different)
 
 
+# Per-example [B, P] buffers of reference_bracket_norms stay under this many floats by default.
+REFERENCE_BRACKET_FLOATS = 1 << 25
+_REFERENCE_BRACKET_BATCH = 256
+
+
+def reference_bracket_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data,
+    reference,
+    *,
+    batch_size: int | None = None,
+    params: Iterable[str] | None = None,
+) -> torch.Tensor:
+    """``||H_i g_R - H_R g_i||`` for every example i of ``data`` [N], in the data's order.
+
+    The bracket (see :func:`bracket`) of one SGD step on example i with one on the batch
+    ``reference`` R (mean loss): the commutator of the two steps is ``lr^2`` times this vector
+    plus O(lr^3), so a large value means that training on i before or after a typical batch
+    leads to different parameters. ``data`` (a tuple, Dataset or DataLoader) is streamed in
+    batches of ``batch_size`` (default: at most 256, and at most
+    :data:`REFERENCE_BRACKET_FLOATS` per [B, P] buffer). Each example's ``(g_i, H_i g_R)`` comes
+    from one jvp of its own gradient along ``g_R``, vmapped over the batch; ``H_R g_i`` [B, P]
+    from a vmapped Hessian-vector product. Equals ``bracket(model, loss_fn, z_i, reference).norm``
+    example by example.
+    """
+    check_model(model)
+    reference = _as_batch(reference, "reference")
+    objective, space = curvature.batch_objective(model, loss_fn, reference, params=params)
+    theta = space.current(model)
+    if batch_size is None:
+        batch_size = max(
+            1, min(_REFERENCE_BRACKET_BATCH, REFERENCE_BRACKET_FLOATS // max(1, theta.numel()))
+        )
+    batch_size = check_integer("batch_size", batch_size, minimum=1)
+    g_reference = grad(objective)(theta)
+    example_grad = grad(_example_objective(model, loss_fn, params))
+
+    def gradient_and_product(x: torch.Tensor, y: torch.Tensor):
+        # The vmap wraps the jvp: a jvp of vmapped gradients is wrong through LayerNorm in torch
+        # (see _pair_bracket_norms).
+        return curvature.jvp(lambda t: example_grad(t, x, y), (theta,), (g_reference,))
+
+    over_examples = vmap(gradient_and_product)
+    reference_products = vmap(lambda v: curvature.jvp(grad(objective), (theta,), (v,))[1])
+    norms = []
+    for inputs, targets, indices in iter_batches(data, batch_size):
+        _check_finite_data(inputs, targets, "inputs", "targets", indices=indices)
+        gradients, h_i_g_reference = over_examples(inputs, targets)
+        norms.append((h_i_g_reference - reference_products(gradients)).norm(dim=1))
+    if not norms:
+        raise InfluxValueError("data is empty; pass at least one example")
+    return torch.cat(norms)
+
+
 # --------------------------------------------------------------------------------------------
 # Public API: whole runs
 # --------------------------------------------------------------------------------------------
@@ -566,7 +646,8 @@ def order_shift(
     visits them in order for ``epochs`` epochs; each of ``perms`` runs visits the same batches in
     a fresh random order every epoch (seeded). Both start at the model's parameters, which stay
     untouched. The prediction sums brackets at the start point (see :func:`bracket`): it is the
-    ``lr^2`` term and degrades as ``lr * steps * curvature`` grows.
+    ``lr^2`` term and degrades as ``lr * steps * curvature`` grows. Every run revisits all K
+    batches, so ``data`` is held whole (it is read once).
     """
     lr = check_number("lr", lr, above=0)
     epochs = check_integer("epochs", epochs, minimum=1)
@@ -659,6 +740,9 @@ def ascent_residual(
     ``chunk_size`` points at a time; ``batch_size`` and ``order`` play no role). For linear
     regression and one point, ``theta_end - theta_0 = -lr^2 (theta_0.x - y) ||x||^2 x``: ascent
     never undoes descent unless the residual is 0.
+
+    ``"point"`` and ``"batch"`` stream ``data`` (each run needs its own examples only);
+    ``"dataset"`` holds every batch, since its run revisits each of them every epoch.
     """
     lr = check_number("lr", lr, above=0)
     epochs = check_integer("epochs", epochs, minimum=1)
@@ -673,21 +757,34 @@ def ascent_residual(
     theta = curvature.ParamSpace.of(model, params).current(model)
     common = dict(mode=mode, order=order, lr=lr, epochs=epochs, ascent_epochs=ascent_epochs)
     if mode == "point":
-        inputs, targets, indices = _examples_of(data)
-        residual, displacement = _per_point_residuals(
-            model, loss_fn, inputs, targets, theta, lr, epochs, ascent_epochs, params, chunk_size
-        )
-        return AscentResult(residual, displacement, indices=indices, **common)
-    batches = _batches_of(data, batch_size)
-    objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
+        # Every point is its own run: the data is streamed, a block of points at a time.
+        parts = []
+        for inputs, targets, indices in _streamed_examples(data, _POINT_BLOCK):
+            residual, displacement = _per_point_residuals(
+                model, loss_fn, inputs, targets, theta, lr, epochs, ascent_epochs, params,
+                chunk_size,
+            )  # fmt: skip
+            parts.append((residual, displacement, indices))
+        residual, displacement, indices = (torch.cat(p) for p in zip(*parts, strict=True))
+        return AscentResult(residual, displacement, indices=_unique(indices), **common)
     if mode == "batch":
-        runs = [
-            _descent_then_ascent([obj], theta, lr, epochs, ascent_epochs, order)
-            for obj in objectives
-        ]
+        # Every batch is its own run: the data is streamed, a batch at a time.
+        size = (
+            max(1, num_examples(data))
+            if batch_size is None
+            else check_integer("batch_size", batch_size, minimum=1)
+        )
+        runs = []
+        for inputs, targets, _ in _streamed_examples(data, size):
+            batch = (inputs, targets)
+            objective = curvature.batch_objective(model, loss_fn, batch, params=params)[0]
+            runs.append(_descent_then_ascent([objective], theta, lr, epochs, ascent_epochs, order))
         residual = torch.stack([(end - theta).norm() for end, _, _ in runs])
         displacement = torch.stack([(mid - theta).norm() for _, mid, _ in runs])
         return AscentResult(residual, displacement, **common)
+    # One run revisits every batch each epoch: the batches are held whole.
+    batches = _batches_of(data, batch_size)
+    objectives = [curvature.batch_objective(model, loss_fn, b, params=params)[0] for b in batches]
     end, after_descent, trajectory = _descent_then_ascent(
         objectives, theta, lr, epochs, ascent_epochs, order
     )

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from utils import IndexedDataset, assert_close, tiny_transformer
+from utils import IndexedDataset, LazyDataset, assert_close, tiny_transformer
 
-from influx import cli, commutator
+from influx import commutator
 from influx.errors import InfluxValueError, UnsupportedModelError
 
 DTYPE = torch.float64
@@ -348,15 +348,48 @@ def test_pairwise_brackets_through_layer_norm_match_dense_hessians():
     assert_close(result.norms, expected, rtol=DENSE_RTOL, name="pairwise vs dense, LayerNorm")
 
 
-def test_cli_commutator_statistic_through_layer_norm_matches_dense_hessians():
+def test_reference_bracket_norms_through_layer_norm_match_dense_hessians():
     model = layer_norm_mlp()
     x, y = classification_batch(7, shape=(4,))
     hessians, gradients = dense_hessians_and_gradients(model, x, y)
     # Examples 0..3 are scored against the reference batch 4..6 (mean loss).
     h_reference, g_reference = hessians[4:].mean(0), gradients[4:].mean(0)
     expected = (hessians[:4] @ g_reference - gradients[:4] @ h_reference).norm(dim=1)
-    norms = cli.commutator_norms(model, cross_entropy, x[:4], y[:4], (x[4:], y[4:]))
-    assert_close(norms, expected, rtol=DENSE_RTOL, name="cli commutator vs dense, LayerNorm")
+    # batch_size 3: a ragged last batch
+    norms = commutator.reference_bracket_norms(
+        model, cross_entropy, (x[:4], y[:4]), (x[4:], y[4:]), batch_size=3
+    )
+    assert_close(norms, expected, rtol=DENSE_RTOL, name="reference brackets vs dense, LayerNorm")
+
+
+def test_reference_bracket_norms_are_the_bracket_norms_example_by_example():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    inputs, targets = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    reference = (torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,)))
+    norms = commutator.reference_bracket_norms(model, cross_entropy, (inputs, targets), reference)
+    expected = torch.tensor([
+        commutator.bracket(model, cross_entropy, (x[None], y[None]), reference).norm
+        for x, y in zip(inputs, targets)
+    ], dtype=DTYPE)  # fmt: skip
+    # float64, the same HVPs in another arrangement: a few hundred ulps.
+    assert_close(norms, expected, rtol=1e-10, name="reference brackets vs bracket")
+
+
+def test_reference_bracket_norms_stream_a_dataset_reading_each_example_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = LazyDataset(23, shape=(6,), classes=3)
+    reference = (torch.randn(4, 6, dtype=DTYPE), torch.tensor([0, 1, 2, 0]))
+    streamed = commutator.reference_bracket_norms(
+        model, cross_entropy, data, reference, batch_size=5
+    )
+    assert data.reads.tolist() == [1] * 23, "one read per example, no concatenation"
+    whole = commutator.reference_bracket_norms(model, cross_entropy, data.tensors(), reference)
+    assert torch.equal(streamed, whole), "batches change nothing: each row is its own example"
+    with pytest.raises(InfluxValueError, match="data is empty"):
+        empty = (torch.zeros(0, 6, dtype=DTYPE), torch.zeros(0, dtype=torch.long))
+        commutator.reference_bracket_norms(model, cross_entropy, empty, reference)
 
 
 def test_pairwise_through_a_transformer_layer_matches_reverse_mode_products():
@@ -512,3 +545,22 @@ def test_linear_model_commutes_at_convergence_on_realizable_data():
         model.weight.copy_(optimum)
     end = commutator.pairwise(model, half_squared_error, (x, y)).norms.mean().item()
     assert end < 1e-10 * start
+
+
+def test_point_and_batch_residuals_stream_a_dataset_reading_each_example_once():
+    model = nn.Sequential(nn.Linear(6, 3)).double()
+    data = LazyDataset(11, shape=(6,), classes=3)
+    whole = data.tensors()
+    for mode, batch_size in (("point", None), ("batch", 4), ("batch", None)):
+        data.reads.zero_()
+        streamed = commutator.ascent_residual(
+            model, cross_entropy, data, lr=0.1, mode=mode, batch_size=batch_size
+        )
+        assert data.reads.tolist() == [1] * 11, f"{mode}: one read per example"
+        held = commutator.ascent_residual(
+            model, cross_entropy, whole, lr=0.1, mode=mode, batch_size=batch_size
+        )
+        assert torch.equal(streamed.residual, held.residual), mode
+        assert streamed.residual.shape == (
+            (11,) if mode == "point" else (-(-11 // (batch_size or 11)),)
+        )
