@@ -11,6 +11,11 @@
     report/top_examples.png    the top-k examples of each score as an image grid
     report/spearman.png        Spearman rank correlations between the scores
     report/per_class.png       per-class means of each score (z-scored across classes)
+    report/planted.png         with ``planted=`` (flipped labels, poisons): the top examples of
+                               the score that finds each planted kind best, planted ones framed
+
+With ``planted=``, the report opens with how well each score finds each planted kind: ROC AUC
+and the precision among its top k for k = the number planted, beside the base rate.
 
 The report holds no timings: the same scores give the same files, byte for byte (the PNGs are
 rendered by matplotlib's Agg canvas without a pyplot state or a global backend change).
@@ -24,12 +29,14 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from influx.errors import InfluxValueError
 from influx.store import atomic_write_bytes, atomic_write_text
@@ -42,8 +49,10 @@ MAX_GRID_ROWS = 8
 # Scores whose notable examples are the lowest (a small margin or confidence marks a hard or
 # mislabeled example); the others' are the highest.
 ASCENDING = ("margin", "mem_confidence")
+# Frame colours of the planted kinds in report/planted.png, in the order they are given.
+PLANTED_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#8c564b")
 
-__all__ = ["spearman_matrix", "tail_fits", "write_report"]
+__all__ = ["Detection", "planted_detection", "spearman_matrix", "tail_fits", "write_report"]
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -76,6 +85,95 @@ def spearman_matrix(columns: Mapping[str, np.ndarray]) -> np.ndarray:
             warnings.simplefilter("ignore")  # a constant column: NaN, as documented
             result[i, j] = result[j, i] = spearmanr(values[i][both], values[j][both]).statistic
     return result
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How well one score finds one planted kind, over the ``examples`` where the score is finite.
+
+    The score ranks the examples from its suspicious end (largest first, smallest first for the
+    scores in ``ascending``). ``auc``: the probability that a planted example ranks above a clean
+    one, ties counting one half (0.5 is chance); ``precision``: the planted share of the ``k``
+    top-ranked examples, ``k = planted`` (a tie across the k-th place shares its slots in
+    proportion, the expectation over the orders of the tie); ``base_rate = planted / examples``,
+    what a random ranking gets. NaN where undefined (no planted or no clean example there).
+    """
+
+    score: str
+    kind: str
+    examples: int
+    planted: int
+    auc: float
+    precision: float
+    base_rate: float
+
+
+def _suspicion(name: str, values: np.ndarray, ascending: Sequence[str]) -> np.ndarray:
+    """The values oriented so that larger is more suspicious (the end the report lists first)."""
+    values = np.asarray(values, dtype=np.float64)
+    return -values if name in ascending else values
+
+
+def _precision_at_k(oriented: np.ndarray, mask: np.ndarray, k: int) -> float:
+    """Planted share of the k largest values, a tie across the k-th place counted in proportion."""
+    threshold = np.sort(oriented)[::-1][k - 1]
+    above, tied = oriented > threshold, oriented == threshold
+    slots = k - int(above.sum())
+    return float((mask[above].sum() + slots * mask[tied].mean()) / k)
+
+
+def _check_planted(planted: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    masks = {}
+    for kind, mask in planted.items():
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (size,):
+            raise InfluxValueError(
+                f"planted[{kind!r}] must be a boolean mask with one entry per example ({size}); "
+                f"got dtype {mask.dtype}, shape {mask.shape}: pass np.isin(np.arange({size}), "
+                "planted_indices)"
+            )
+        if not mask.any() or mask.all():
+            raise InfluxValueError(
+                f"planted[{kind!r}] marks {int(mask.sum())} of {size} examples: it must mark "
+                "some but not all of them (leave out a kind that was not planted)"
+            )
+        masks[str(kind)] = mask
+    return masks
+
+
+def planted_detection(
+    columns: Mapping[str, np.ndarray],
+    planted: Mapping[str, np.ndarray],
+    *,
+    ascending: Sequence[str] = ASCENDING,
+) -> list[Detection]:
+    """How well each score finds each planted kind: one :class:`Detection` per (kind, score).
+
+    ``planted``: kind -> boolean mask [N] (e.g. ``{"flipped": ..., "poisoned": ...}``); each
+    score is judged over the examples where it is finite (GUS is defined on the poisoned ones
+    only), ranked from the end the report lists first.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    sizes = {np.asarray(values).shape for values in columns.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise InfluxValueError(f"score columns must share one shape [N]; got {sorted(sizes)}")
+    masks = _check_planted(planted, next(iter(sizes))[0])
+    found = []
+    for kind, mask in masks.items():
+        for name, values in columns.items():
+            oriented = _suspicion(name, values, ascending)
+            finite = np.isfinite(oriented)
+            oriented, hits = oriented[finite], mask[finite]
+            count = int(hits.sum())
+            auc = precision = math.nan
+            if 0 < count < hits.size:
+                auc = float(roc_auc_score(hits, oriented))
+            if count:
+                precision = _precision_at_k(oriented, hits, count)
+            base = count / hits.size if hits.size else math.nan
+            found.append(Detection(name, kind, int(hits.size), count, auc, precision, base))
+    return found
 
 
 def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
@@ -192,6 +290,47 @@ def _mosaic(tiles: list[np.ndarray]) -> tuple[np.ndarray, int]:
     return canvas, rgb[0].shape[1] + gap
 
 
+def _grid(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    targets: np.ndarray,
+    images: Callable[[int], np.ndarray],
+    class_names: Sequence[str] | None,
+    k: int,
+    path: Path,
+    marks: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """One row per (label, values, positions): the images at ``positions`` as one mosaic, each
+    captioned with index, label and value; those in a ``marks`` mask framed in its colour."""
+    marks = marks or {}
+    colours = dict(zip(marks, itertools.cycle(PLANTED_COLOURS)))
+    # inches per row and above the first: a marked caption has a third line (the kinds)
+    step, top_margin = (1.85, 0.3) if marks else (1.6, 0.0)
+    height = top_margin + step * len(rows)
+    figure = Figure(figsize=(1.1 * k + 1.2, height))
+    for row, (label, values, top) in enumerate(rows):
+        tiles = [images(int(position)) for position in top]
+        bottom = 1 - (top_margin + (row + 0.8) * step) / height
+        axis = figure.add_axes((0.1, bottom, 0.88, 0.6 * step / height))
+        canvas, width = _mosaic(tiles)
+        axis.imshow(canvas, interpolation="nearest")
+        for col, position in enumerate(top):
+            target = int(targets[position])
+            caption = f"#{int(position)} {class_names[target] if class_names else target}"
+            caption += f"\n{values[position]:.3g}"
+            kinds = [kind for kind, mask in marks.items() if mask[position]]
+            if kinds:
+                tile_height, tile_width = tiles[col].shape[:2]
+                axis.add_patch(Rectangle((col * width - 0.5, -0.5), tile_width, tile_height,
+                                         fill=False, edgecolor=colours[kinds[0]], lw=2.5, clip_on=False))  # fmt: skip
+                caption += "\n" + ", ".join(kinds)
+            axis.text(col * width + width / 2, -1, caption, ha="center", va="bottom", fontsize=7,
+                      color=colours[kinds[0]] if kinds else "black")  # fmt: skip
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(label, fontsize=8)
+    _save(figure, path)
+
+
 def _image_grid(
     columns: Mapping[str, np.ndarray],
     targets: np.ndarray,
@@ -202,33 +341,42 @@ def _image_grid(
     ascending: Sequence[str],
 ) -> dict[str, list[int]]:
     """One row per score: its top-k images as one mosaic, captioned with index, label, value."""
-    names = list(columns)[:MAX_GRID_ROWS]
-    figure = Figure(figsize=(1.1 * k + 1.2, 1.6 * len(names)))
-    tops = {}
-    for row, name in enumerate(names):
+    rows, tops = [], {}
+    for name in list(columns)[:MAX_GRID_ROWS]:
         values = np.asarray(columns[name], dtype=np.float64)
-        top = _top_positions(-values if name in ascending else values, k)
+        top = _top_positions(_suspicion(name, values, ascending), k)
         tops[name] = [int(i) for i in top]
-        tiles = [images(int(position)) for position in top]
-        axis = figure.add_axes((0.1, 1 - (row + 0.8) / len(names), 0.88, 0.6 / len(names)))
-        canvas, width = _mosaic(tiles)
-        axis.imshow(canvas, interpolation="nearest")
-        for col, position in enumerate(top):
-            label = int(targets[position])
-            label_name = class_names[label] if class_names else str(label)
-            axis.text(
-                col * width + width / 2, -1, f"#{int(position)} {label_name}\n{values[position]:.3g}",
-                ha="center", va="bottom", fontsize=7,
-            )  # fmt: skip
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_ylabel(name + (" (lowest)" if name in ascending else ""), fontsize=8)
-    _save(figure, path)
+        rows.append((name + (" (lowest)" if name in ascending else ""), values, top))
+    _grid(rows, targets, images, class_names, k, path)
     return tops
 
 
-def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: Path, *,
-             title: str, annotations: np.ndarray, symmetric: bool) -> None:  # fmt: skip
+def _best_detections(found: Sequence[Detection]) -> dict[str, Detection]:
+    """Per planted kind, the score with the highest AUC (the first listed among equals), among
+    the scores defined on the most examples: an AUC over the few examples where a score like
+    GUS is defined says little about finding the planted ones among all."""
+    widest = max(d.examples for d in found)
+    best: dict[str, Detection] = {}
+    for d in found:
+        if d.examples == widest and math.isfinite(d.auc):
+            if d.kind not in best or d.auc > best[d.kind].auc:
+                best[d.kind] = d
+    return best
+
+
+def _text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with a cell of colour ``rgba`` (WCAG 2 relative
+    luminance; the two are equal at luminance 0.179). A transparent cell (NaN) shows the white
+    figure behind it: black."""
+    if len(rgba) > 3 and rgba[3] == 0:
+        return "black"
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "white" if 1.05 / (luminance + 0.05) > (luminance + 0.05) / 0.05 else "black"
+
+
+def _heatmap_figure(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, title: str,
+                    annotations: np.ndarray, symmetric: bool) -> Figure:  # fmt: skip
     figure = Figure(
         figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.45 * len(rows) + 0.8), layout="constrained"
     )
@@ -240,10 +388,17 @@ def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path:
     axis.set_yticks(range(len(rows)), rows, fontsize=8)
     for i in range(len(rows)):
         for j in range(len(cols)):
-            axis.text(j, i, _fmt(annotations[i, j]), ha="center", va="center", fontsize=7)
+            colour = _text_colour(image.cmap(image.norm(matrix[i, j])))
+            axis.text(j, i, _fmt(annotations[i, j]), ha="center", va="center", fontsize=7,
+                      color=colour)  # fmt: skip
     axis.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axis, shrink=0.8)
-    _save(figure, path)
+    return figure
+
+
+def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: Path,
+             **options) -> None:  # fmt: skip
+    _save(_heatmap_figure(matrix, rows, cols, **options), path)
 
 
 def _per_class(
@@ -268,6 +423,49 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _planted_section(
+    found: Sequence[Detection],
+    masks: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    ascending: Sequence[str],
+) -> list[str]:
+    """Markdown: what was planted, one table row per (kind, score) best AUC first, the best."""
+    size = next(iter(masks.values())).size
+    lowest = ", ".join(f"`{n}`" for n in names if n in ascending)
+    lines = ["## Finding the planted examples\n"]
+    lines.append(
+        "Planted: "
+        + ", ".join(
+            f"`{kind}` {int(m.sum())} of {size} ({m.mean():.1%})" for kind, m in masks.items()
+        )
+        + ". Each score ranks the examples from its suspicious end (largest first"
+        + (f"; smallest first for {lowest}" if lowest else "")
+        + "). AUC: the chance that a planted example ranks above a clean one (0.5 is chance, 1 "
+        "puts every planted one first). Precision: the planted share of the top k, k = the "
+        "number planted, beside the base rate that a random ranking gets. A score undefined on "
+        "some examples is judged on the rest (n/a: none or all of them planted).\n"
+    )
+    rows = []
+    for kind in masks:
+        mine = [d for d in found if d.kind == kind]
+        # best AUC first, the scores defined on fewer examples after the others
+        mine.sort(key=lambda d: (d.examples < size, -d.auc if math.isfinite(d.auc) else math.inf))
+        rows += [
+            [f"`{kind}`", f"`{d.score}`", _fmt(d.auc), _fmt(d.precision), str(d.planted),
+             _fmt(d.base_rate), str(d.examples)]
+            for d in mine
+        ]  # fmt: skip
+    header = ["planted", "score", "AUC", "precision in top k", "k", "base rate", "examples"]
+    lines.append(_table(header, rows))
+    for kind, d in _best_detections(found).items():
+        lines.append(
+            f"Best at finding `{kind}`: `{d.score}`, AUC {_fmt(d.auc)}; "
+            f"{d.precision * d.planted:.4g} of its top {d.planted} are `{kind}` (precision "
+            f"{_fmt(d.precision)} against a base rate of {_fmt(d.base_rate)}).\n"
+        )
+    return lines
+
+
 def write_report(
     out: str | Path,
     columns: Mapping[str, np.ndarray],
@@ -278,6 +476,7 @@ def write_report(
     summary: Mapping[str, Any] | None = None,
     top_k: int = 10,
     ascending: Sequence[str] = ASCENDING,
+    planted: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``out/report.md`` and its figures under ``out/report/``; return the report's path.
 
@@ -286,7 +485,9 @@ def write_report(
     [H, W] or [H, W, 3] in [0, 1] for the top-k grid (no grid without it); ``summary`` the run's
     summary (dataset, model, sizes, accuracy, score_definitions) for the header. The grid and
     the top-k table list the largest values of each score, the smallest for those in
-    ``ascending``.
+    ``ascending``. ``planted``: kind -> boolean mask [N] of the examples planted in the run
+    (``{"flipped": ..., "poisoned": ...}``); the report then opens with how well each score
+    finds each kind (:func:`planted_detection`) and the top examples of the best one.
     """
     if not columns:
         raise InfluxValueError("write_report needs at least one score column")
@@ -299,6 +500,7 @@ def write_report(
         )
     if not 1 <= top_k <= MAX_TOP_K:
         raise InfluxValueError(f"top_k must be in 1..{MAX_TOP_K}; got {top_k}")
+    found = planted_detection(columns, planted, ascending=ascending) if planted else []
     out = Path(out)
     figures = out / FIGURES
     figures.mkdir(parents=True, exist_ok=True)
@@ -320,6 +522,22 @@ def write_report(
         lines.append("Scores:\n")
         lines += [f"- `{name}`: {text}" for name, text in definitions.items()]
         lines.append("")
+    if found:
+        masks = _check_planted(planted, targets.shape[0])
+        lines += _planted_section(found, masks, names, ascending)
+        best = _best_detections(found)
+        if images is not None and best:
+            rows = [
+                (f"{kind}: {d.score}", np.asarray(columns[d.score], dtype=np.float64),
+                 _top_positions(_suspicion(d.score, columns[d.score], ascending), k))
+                for kind, d in best.items()
+            ]  # fmt: skip
+            _grid(rows, targets, images, class_names, k, figures / "planted.png", masks)
+            lines.append(f"![what the best scores found]({FIGURES}/planted.png)\n")
+            lines.append(
+                f"Each row: the top {k} examples of the score that finds that kind best (highest "
+                "AUC), planted ones framed and named in the kind's colour.\n"
+            )
 
     lines.append("## Distributions\n")
     fitted = _histograms(columns, figures / "histograms.png")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy.stats import rankdata
@@ -133,3 +135,163 @@ def test_report_table_shows_the_power_law_of_non_negative_scores(tmp_path):
     assert "(x >= " in row and any(f in row for f in ("lognormal", "gamma", "exponential"))
     row = next(line for line in text.splitlines() if line.startswith("| `noise` |"))
     assert "(x >= " not in row
+
+
+# --- planted examples: how well each score finds them ---------------------------------------
+
+
+def detections(columns, planted, **options):
+    found = report.planted_detection(columns, planted, **options)
+    return {(d.kind, d.score): d for d in found}
+
+
+def test_auc_and_precision_match_hand_computed_values_with_ties_and_ascending():
+    # planted {0, 2}: pairs (planted, clean) = (.9, .8) win, (.9, .1) win, (.8, .8) tie = 1/2,
+    # (.8, .1) win: AUC 3.5 / 4. The top 2 are .9 and one of the tied .8s (one planted of two):
+    # precision (1 + 1/2) / 2. Row 4 is NaN: left out of both, though marked.
+    values = np.array([0.9, 0.8, 0.8, 0.1, np.nan])
+    flipped = np.array([True, False, True, False, True])
+    last = np.array([False, False, False, True, False])
+    found = detections(
+        {"loss": values, "margin": values}, {"flipped": flipped, "last": last}
+    )  # margin: ascending by default, its suspicious end is the smallest
+    d = found["flipped", "loss"]
+    assert (d.examples, d.planted) == (4, 2)
+    assert d.auc == pytest.approx(3.5 / 4, abs=1e-15)
+    assert d.precision == pytest.approx(0.75, abs=1e-15) and d.base_rate == 0.5
+    d = found["flipped", "margin"]  # lowest first: .1 (clean), then one of the tied .8s
+    assert d.auc == pytest.approx(0.5 / 4, abs=1e-15)
+    assert d.precision == pytest.approx(0.25, abs=1e-15)
+    assert found["last", "loss"].auc == 0.0 and found["last", "loss"].precision == 0.0
+    assert found["last", "margin"].auc == 1.0 and found["last", "margin"].precision == 1.0
+    assert found["last", "loss"].base_rate == 0.25
+    # ascending= names the scores read from the smallest; nothing else is special about margin
+    plain = detections({"margin": values}, {"flipped": flipped}, ascending=())
+    assert plain["flipped", "margin"].auc == pytest.approx(3.5 / 4, abs=1e-15)
+
+
+def test_a_constant_score_finds_nothing():
+    mask = np.array([True, False, False, True, False, False])
+    d = detections({"flat": np.ones(6)}, {"x": mask})["x", "flat"]
+    assert d.auc == 0.5 and d.precision == pytest.approx(d.base_rate, abs=1e-15) == 1 / 3
+
+
+@pytest.mark.slow
+def test_auc_and_precision_equal_brute_force_over_pairs_and_tie_orders():
+    # AUC: the share of (planted, clean) pairs the planted one wins, ties 1/2; precision: the
+    # mean, over every order of the tied values, of the planted share among the first k.
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        values = rng.integers(0, 3, size=6).astype(float)  # many ties
+        mask = rng.random(6) < 0.4
+        if not 0 < mask.sum() < 6:
+            continue
+        d = detections({"s": values}, {"k": mask})["k", "s"]
+        wins = [
+            1.0 if a > b else 0.5 if a == b else 0.0
+            for a, b in itertools.product(values[mask], values[~mask])
+        ]
+        assert d.auc == pytest.approx(np.mean(wins), abs=1e-12), trial
+        k = int(mask.sum())
+        shares = [
+            mask[np.lexsort((order, -values))[:k]].mean()
+            for order in itertools.permutations(range(6))
+        ]
+        assert d.precision == pytest.approx(np.mean(shares), abs=1e-12), trial
+
+
+def test_a_score_defined_on_some_examples_is_judged_there_and_never_picked_best():
+    flipped = np.zeros(10, dtype=bool)
+    flipped[[0, 1]] = True
+    loss = np.arange(10.0)[::-1].copy()  # examples 0, 1 largest: AUC 1
+    loss[0], loss[5] = loss[5], loss[0]  # one flipped example drops to the middle
+    partial = np.full(10, np.nan)
+    partial[[0, 2]] = [5.0, 1.0]  # perfect on its two examples
+    found = report.planted_detection({"loss": loss, "gus": partial}, {"flipped": flipped})
+    by_score = {d.score: d for d in found}
+    assert by_score["gus"].auc == 1.0 and by_score["gus"].examples == 2
+    assert by_score["loss"].auc < 1.0
+    assert report._best_detections(found)["flipped"].score == "loss"
+    section = "\n".join(
+        report._planted_section(found, {"flipped": flipped}, ["loss", "gus"], report.ASCENDING)
+    )
+    assert "`flipped` 2 of 10 (20.0%)" in section
+    assert f"| `flipped` | `loss` | {by_score['loss'].auc:.4g} | 0.5 | 2 | 0.2 | 10 |" in section
+    assert "| `flipped` | `gus` | 1 | 1 | 1 | 0.5 | 2 |" in section
+    assert "Best at finding `flipped`: `loss`" in section
+    assert "1 of its top 2 are `flipped`" in section
+
+
+def test_planted_masks_are_checked_before_any_work(tmp_path):
+    cols = {"loss": np.arange(4.0)}
+    cases = [
+        ({"flipped": np.array([0, 1, 0, 0])}, "boolean mask with one entry per example"),
+        ({"flipped": np.array([True, False])}, "one entry per example \\(4\\)"),
+        ({"flipped": np.zeros(4, dtype=bool)}, "marks 0 of 4 examples"),
+        ({"flipped": np.ones(4, dtype=bool)}, "marks 4 of 4 examples"),
+    ]
+    for planted, message in cases:
+        with pytest.raises(InfluxValueError, match=message):
+            report.write_report(tmp_path / "out", cols, targets=np.zeros(4), planted=planted)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_report_with_planted_examples_says_how_well_each_score_finds_them(tmp_path):
+    rng = np.random.default_rng(6)
+    n = 80
+    flipped = np.zeros(n, dtype=bool)
+    flipped[:8] = True
+    poisoned = np.zeros(n, dtype=bool)
+    poisoned[[10, 11, 12]] = True
+    loss = rng.exponential(size=n) + 4 * flipped
+    cols = {"loss": loss, "margin": -loss, "grad_norm": rng.exponential(size=n) + 5 * poisoned}
+    planted = {"flipped": flipped, "poisoned": poisoned}
+    images = lambda i: np.full((8, 8), i / n)
+    for out in (tmp_path / "a", tmp_path / "b"):
+        report.write_report(out, cols, targets=np.arange(n) % 4, images=images, planted=planted)
+    text = (tmp_path / "a/report.md").read_text()
+    assert text.index("## Finding the planted examples") < text.index("## Distributions")
+    expected = {d.kind + d.score: d for d in report.planted_detection(cols, planted)}
+    for kind, score in itertools.product(("flipped", "poisoned"), cols):
+        d = expected[kind + score]
+        row = f"| `{kind}` | `{score}` | {report._fmt(d.auc)} | {report._fmt(d.precision)} |"
+        assert row in text, row
+    assert "Best at finding `poisoned`: `grad_norm`" in text
+    assert "![what the best scores found](report/planted.png)" in text
+    for name in ("report.md", "report/planted.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    without = report.write_report(tmp_path / "c", cols, targets=np.arange(n) % 4)
+    assert "planted" not in without.read_text()
+
+
+# --- heatmap numbers readable on every cell colour -----------------------------------------
+
+
+def test_text_colour_follows_the_cell_luminance():
+    import matplotlib
+
+    assert report._text_colour((0.0, 0.0, 0.0, 1.0)) == "white"
+    assert report._text_colour((1.0, 1.0, 1.0, 1.0)) == "black"
+    assert report._text_colour((0.0, 0.0, 0.0, 0.0)) == "black", "a NaN cell shows the white page"
+    cmap = matplotlib.colormaps["RdBu_r"]
+    assert report._text_colour(cmap(0.0)) == report._text_colour(cmap(1.0)) == "white"
+    assert report._text_colour(cmap(0.5)) == "black"
+
+    def luminance(rgb):
+        linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    for level in np.linspace(0, 1, 101):  # WCAG contrast of the chosen text on every colour
+        cell = luminance(cmap(level)[:3])
+        text = 1.0 if report._text_colour(cmap(level)) == "white" else 0.0
+        ratio = (max(cell, text) + 0.05) / (min(cell, text) + 0.05)
+        assert ratio >= 4.5, (level, ratio)
+
+
+def test_heatmap_numbers_take_the_colour_chosen_for_their_cell():
+    matrix = np.array([[1.0, 0.0], [np.nan, -1.0]])
+    figure = report._heatmap_figure(matrix, ["a", "b"], ["a", "b"], title="t",
+                                    annotations=matrix, symmetric=True)  # fmt: skip
+    texts = {t.get_text(): t.get_color() for t in figure.axes[0].texts}
+    assert texts == {"1": "white", "0": "black", "n/a": "black", "-1": "white"}
