@@ -24,7 +24,15 @@ from influx.errors import InfluxRuntimeError, InfluxValueError
 # Long enough for rank 0 to train a model while the other ranks wait at a barrier.
 DEFAULT_TIMEOUT = datetime.timedelta(hours=6)
 
-__all__ = ["Context", "all_errors", "barrier", "finalize", "init", "my_items"]
+__all__ = [
+    "Context",
+    "all_errors",
+    "barrier",
+    "finalize",
+    "init",
+    "my_items",
+    "rank_and_world",
+]
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,23 @@ def all_errors(error: str | None) -> list[str]:
 def my_items(items: Sequence[int], context: Context) -> list[int]:
     """The items of ``items`` this rank handles: item ``i`` goes to rank ``i % world_size``."""
     return [item for item in items if item % context.world_size == context.rank]
+
+
+def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` as given, or, when neither is, the process group's (0 and 1
+    without one). Ranks given by hand split work without a process group (each writes its own
+    output, merged afterwards)."""
+    if rank is None and world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise InfluxValueError("give both rank and world_size, or neither")
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise InfluxValueError(
+            f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}"
+        )
+    return rank, world_size
 
 
 def finalize() -> None:

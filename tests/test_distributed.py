@@ -31,6 +31,15 @@ def test_without_torchrun_everything_is_a_no_op(monkeypatch):
     distributed.finalize()
 
 
+def test_rank_and_world_as_given_or_from_the_process_group():
+    assert distributed.rank_and_world() == (0, 1)  # no process group
+    assert distributed.rank_and_world(2, 3) == (2, 3)
+    with pytest.raises(InfluxValueError, match="give both rank and world_size, or neither"):
+        distributed.rank_and_world(rank=1)
+    with pytest.raises(InfluxValueError, match=r"need 0 <= rank < world_size; got rank=3"):
+        distributed.rank_and_world(3, 3)
+
+
 def test_items_are_dealt_round_robin_and_cover_everything_once():
     contexts = [distributed.Context(rank, 3, rank) for rank in range(3)]
     dealt = [distributed.my_items(range(10), c) for c in contexts]
