@@ -34,14 +34,15 @@ import torch.nn.grad
 from torch import nn
 
 from influx.checks import check_count_or_none, check_integer, check_number, is_integer
-from influx.data import num_examples
-from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.data import LossFn, num_examples
+from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads import LayerRule, select_parameters
 from influx.grads.capture import LayerCall, capture, first_output
-from influx.grads.engine import plan_layers, tied_parameters
+from influx.grads.common import refuse_batchnorm
+from influx.grads.engine import data_chunks, plan_layers, tied_parameters
 from influx.grads.rules import FUNCTIONAL_RULE, rule_for
 from influx.seeds import derive_seed
-from influx.train import LossFn, TrainResult, total_steps
+from influx.train import TrainResult, total_steps
 from influx.train import train as _train
 
 __all__ = [
@@ -65,8 +66,8 @@ _CONVS = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2
 def clipped_grad(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     max_grad_norm: float,
     chunk_size: int | None = None,
@@ -76,9 +77,12 @@ def clipped_grad(
     ``g_i`` is the gradient of example i's loss w.r.t. all trainable parameters together, ``C`` is
     ``max_grad_norm``. No per-sample gradient is materialized (ghost clipping, see the module
     docstring); ``chunk_size`` bounds memory by processing that many examples at a time (the sum is
-    the same). An empty batch gives zeros. BatchNorm in train mode is refused.
+    the same). ``data`` is the inputs with ``targets`` next, or one data argument (a tuple, Dataset
+    or DataLoader, streamed ``chunk_size`` examples at a time, 256 for a Dataset when None; see
+    :func:`influx.grads.per_sample_grads`). An empty batch gives zeros. BatchNorm in train mode is
+    refused.
     """
-    return _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size).grads
+    return _clip(model, loss_fn, data, targets, max_grad_norm, chunk_size).grads
 
 
 @dataclass
@@ -92,16 +96,16 @@ def _check_max_grad_norm(max_grad_norm: float) -> float:
     return check_number("max_grad_norm", max_grad_norm, above=0)
 
 
-def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _Clipped:
+def _named(positions: torch.Tensor, indices: torch.Tensor | None, offset: int) -> str:
+    """Examples named by dataset index when the data carries indices, else by batch position."""
+    if indices is None:
+        return f"{(positions + offset).tolist()} (batch positions)"
+    return f"{indices[positions.cpu()].tolist()} (dataset indices)"
+
+
+def _clip(model, loss_fn, data, targets, max_grad_norm, chunk_size=None) -> _Clipped:
     max_grad_norm = _check_max_grad_norm(max_grad_norm)
-    if inputs.shape[0] != targets.shape[0]:
-        raise InfluxValueError(
-            f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
-        )
     check_count_or_none("chunk_size", chunk_size)
-    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-        bad = (~torch.isfinite(inputs.flatten(1))).any(1).nonzero().flatten().tolist()
-        raise InfluxValueError(f"inputs of examples {bad} (batch positions) contain NaN or inf")
     selected = select_parameters(model)
     layers = plan_layers(model, selected)
     tied = tied_parameters(layers)
@@ -109,21 +113,22 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
     reference = next(iter(selected.values()))
     total: dict[str, torch.Tensor] = {}
     losses = []
-    n = inputs.shape[0]
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, max(step, 1)):
-        x, y = inputs[start : start + step], targets[start : start + step]
+    for start, x, y, ids in data_chunks(data, targets, chunk_size, reference.device):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten()
+            raise InfluxValueError(
+                f"inputs of examples {_named(bad, ids, start)} contain NaN or inf"
+            )
         chunk_losses, calls = capture(
-            model, loss_fn, x, y, modules, list(selected.values()), offset=start
+            model, loss_fn, x, y, modules, list(selected.values()), offset=start, indices=ids
         )
-        _check_finite_losses(chunk_losses, start)
         sqnorms, materialized = _sqnorms(layers, calls, tied, x.shape[0], reference)
         chunk_norms = sqnorms.sqrt()
         bad = (~torch.isfinite(chunk_norms)).nonzero().flatten()
         if bad.numel():
             raise InfluxRuntimeError(
-                f"per-sample gradients of examples {(bad + start).tolist()} (batch positions) are "
-                "NaN or inf: check those inputs and the learning rate"
+                f"per-sample gradients of examples {_named(bad, ids, start)} are NaN or inf: "
+                "check those inputs and the learning rate"
             )
         # c_i = min(1, C / ||g_i||); a zero gradient keeps c_i = 1 (it contributes nothing anyway)
         scale = torch.where(
@@ -151,14 +156,6 @@ def _clip(model, loss_fn, inputs, targets, max_grad_norm, chunk_size=None) -> _C
 
 def _accumulate(total: dict, name: str, value: torch.Tensor) -> None:
     total[name] = total[name] + value if name in total else value
-
-
-def _check_finite_losses(losses: torch.Tensor, start: int) -> None:
-    bad = (~torch.isfinite(losses)).nonzero().flatten()
-    if bad.numel():
-        raise InfluxRuntimeError(
-            f"the losses of examples {(bad + start).tolist()} (batch positions) are NaN or inf"
-        )
 
 
 def _sqnorms(layers, calls, tied: set[str], n: int, reference: torch.Tensor):
@@ -382,17 +379,6 @@ def noise_multiplier_for(
     return float(sigma)
 
 
-def _refuse_batchnorm(model: nn.Module) -> None:
-    # checked before training: the trainer puts the model in train mode
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise UnsupportedModelError(
-                f"model contains {type(module).__name__} ({name or 'the root module'}): DP-SGD "
-                "needs per-sample gradients, which batch statistics make ill-defined in train "
-                "mode; call influx.models.convert_batchnorm(model) to use GroupNorm"
-            )
-
-
 def train(
     model: nn.Module,
     data,
@@ -439,7 +425,8 @@ def train(
             raise InfluxValueError(f"dp.train sets the gradient itself; do not pass {key}=")
     _check_max_grad_norm(max_grad_norm)
     _check_accountant(accountant)
-    _refuse_batchnorm(model)
+    # checked before training: the trainer puts the model in train mode
+    refuse_batchnorm(model, trains="DP-SGD")
     total = total_steps(n, batch_size, epochs, steps)
     sample_rate = batch_size / n
     _check_schedule(sample_rate, total, delta)

@@ -32,10 +32,9 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
 from influx.checks import check_integer, check_number, is_integer
-from influx.data import as_tensors, num_examples
+from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
-from influx.grads.common import check_finite
-from influx.train import LossFn
+from influx.grads.common import call_loss, check_finite
 
 __all__ = [
     "AdversarialPoison",
@@ -408,8 +407,8 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 def input_gradients(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     batch_size: int = 256,
 ) -> torch.Tensor:
@@ -419,51 +418,88 @@ def input_gradients(
     its running statistics) loss ``i`` depends on input ``i`` only, so
     ``d(sum_j l_j)/d x_i = d l_i / d x_i`` exactly. No parameter gradient is computed or stored.
     The model's train/eval mode is restored afterwards; the result is on the inputs' device and
-    dtype. A non-finite loss or gradient raises an error naming the example positions.
+    dtype. ``data`` is the inputs with ``targets`` next, or one data argument (a tuple, Dataset
+    or DataLoader; ``targets`` left out), streamed ``batch_size`` examples at a time. A
+    non-finite loss or gradient raises an error naming the examples (positions in the inputs,
+    or the dataset indices a data argument carries).
     """
-    if inputs.shape[0] != targets.shape[0]:
-        raise InfluxValueError(
-            f"inputs and targets disagree on the number of examples: {inputs.shape[0]} vs "
-            f"{targets.shape[0]}"
-        )
     batch_size = check_integer("batch_size", batch_size, minimum=1)
-    if not inputs.is_floating_point():
-        raise InfluxValueError(f"input gradients need floating-point inputs; got {inputs.dtype}")
-    device = _model_device(model, inputs.device)
-    grads = torch.empty_like(inputs)
+    if isinstance(data, torch.Tensor):
+        if targets is None or data.shape[0] != targets.shape[0]:
+            got = "no targets" if targets is None else f"{targets.shape[0]} targets"
+            raise InfluxValueError(
+                f"inputs and targets disagree on the number of examples: {data.shape[0]} inputs, "
+                f"{got}"
+            )
+        if not data.is_floating_point():
+            raise InfluxValueError(f"input gradients need floating-point inputs; got {data.dtype}")
+        grads = torch.empty_like(data)
+        for start, (_, _, _, grad) in zip(
+            range(0, data.shape[0], batch_size),
+            gradient_batches(model, loss_fn, _slices(data, targets, batch_size), by="positions"),
+        ):
+            grads[start : start + grad.shape[0]] = grad.to(grads.device)
+        return grads
+    if targets is not None:
+        raise InfluxValueError(
+            "targets goes with inputs given as a tensor; data given as a tuple, Dataset or "
+            "DataLoader carries its own targets: leave targets out"
+        )
+    parts = [grad for *_, grad in gradient_batches(model, loss_fn, iter_batches(data, batch_size))]
+    if not parts:
+        raise InfluxValueError("the data is empty: pass at least one example")
+    return torch.cat(parts)
+
+
+def _slices(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int):
+    """Batches of a tensor pair, named by position."""
+    positions = torch.arange(inputs.shape[0], device="cpu")
+    for start in range(0, inputs.shape[0], batch_size):
+        stop = start + batch_size
+        yield inputs[start:stop], targets[start:stop], positions[start:stop]
+
+
+def gradient_batches(model: nn.Module, loss_fn: LossFn, batches, *, by: str = "indices"):
+    """``(inputs, targets, indices, input gradients)`` of each batch of ``batches`` in turn, the
+    gradients on the inputs' device (see :func:`input_gradients`). The model is in eval mode
+    until the batches are exhausted (or the iterator is closed); errors name the examples by
+    their ``indices``, called ``by`` in the message ("indices" or "positions")."""
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            for start in range(0, inputs.shape[0], batch_size):
-                stop = min(start + batch_size, inputs.shape[0])
-                x = inputs[start:stop].detach().to(device).requires_grad_(True)
-                losses = loss_fn(model(x), targets[start:stop].to(device))
-                if losses.shape != (stop - start,):
+        for inputs, targets, indices in batches:
+            if not inputs.is_floating_point():
+                raise InfluxValueError(
+                    f"input gradients need floating-point inputs; got {inputs.dtype}"
+                )
+            device = _model_device(model, inputs.device)
+            with torch.enable_grad():
+                x = inputs.detach().to(device).requires_grad_(True)
+                losses = call_loss(loss_fn, model(x), targets.to(device), indices=indices)
+                if losses.shape != (x.shape[0],):
                     raise InfluxValueError(
-                        f"loss_fn must return per-example losses of shape [{stop - start}]; got "
+                        f"loss_fn must return per-example losses of shape [{x.shape[0]}]; got "
                         f"shape {tuple(losses.shape)} (pass reduction='none')"
                     )
-                _check_finite(losses, start, "loss")
+                _check_finite(losses, indices, "loss", by)
                 (grad,) = torch.autograd.grad(losses.sum(), x)
-                _check_finite(grad.flatten(1), start, "input gradient")
-                grads[start:stop] = grad.to(grads.device)
+            _check_finite(grad.flatten(1), indices, "input gradient", by)
+            yield inputs, targets, indices, grad.to(inputs.device)
     finally:
         model.train(was_training)
-    return grads
 
 
-def _check_finite(values: torch.Tensor, offset: int, what: str) -> None:
+def _check_finite(values: torch.Tensor, indices: torch.Tensor, what: str, by: str) -> None:
     if torch.isfinite(values).all():
         return
     bad = ~torch.isfinite(values)
     if bad.dim() > 1:
         bad = bad.any(dim=1)
     if bad.any():
-        positions = (torch.nonzero(bad).flatten() + offset).tolist()
+        named = indices[torch.nonzero(bad).flatten().cpu()].tolist()
         raise InfluxRuntimeError(
-            f"non-finite {what} at example positions {positions[:10]}"
-            + (f" and {len(positions) - 10} more" if len(positions) > 10 else "")
+            f"non-finite {what} at example {by} {named[:10]}"
+            + (f" and {len(named) - 10} more" if len(named) > 10 else "")
             + ": check those inputs and the model's numerics"
         )
 

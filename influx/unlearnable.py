@@ -48,10 +48,9 @@ import torch
 from torch import nn
 
 from influx import commutator, memorization
-from influx.data import as_tensors
+from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Pair = tuple[torch.Tensor, torch.Tensor]
 # retrain(forget, retain) and method(model, loss_fn, forget, retain) return a model, or an
 # influx.unlearn.UnlearnResult (its .model is used).
@@ -90,7 +89,15 @@ def _last_linear(model: nn.Module) -> str:
 
 @torch.no_grad()
 def embeddings(model: nn.Module, data, *, layer: str | None = None, batch_size: int = 512):
-    """Eval-mode inputs of module ``layer`` (default: the last ``nn.Linear``), flattened: [N, D]."""
+    """Eval-mode inputs of module ``layer`` (default: the last ``nn.Linear``), flattened: [N, D].
+
+    ``data`` (a tuple, Dataset or DataLoader) is streamed ``batch_size`` examples at a time."""
+    return _embed(model, data, layer, batch_size)[0]
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, data, layer: str | None, batch_size: int):
+    """(embeddings [N, D], targets [N], dataset indices [N]) from one streamed pass."""
     name = layer if layer is not None else _last_linear(model)
     modules = dict(model.named_modules())
     if name not in modules:
@@ -102,14 +109,16 @@ def embeddings(model: nn.Module, data, *, layer: str | None = None, batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inputs, _, _ = as_tensors(data)
+    targets, indices = [], []
     try:
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start : start + batch_size].to(device))
+        for x, y, index in iter_batches(data, batch_size):
+            model(x.to(device))
+            targets.append(y)
+            indices.append(index)
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(captured)
+    return torch.cat(captured), torch.cat(targets), torch.cat(indices)
 
 
 def entanglement_score(retain: torch.Tensor, forget: torch.Tensor) -> float:
@@ -272,6 +281,13 @@ class Ranking:
         return found
 
 
+def _indices(data) -> torch.Tensor:
+    """The dataset indices [N] of ``data``: a tuple's own; a Dataset's from one streamed pass."""
+    if isinstance(data, (tuple, list)):
+        return as_tensors(data)[2]
+    return torch.cat([batch[2] for batch in iter_batches(data, 1024)])
+
+
 def rank(
     model: nn.Module,
     loss_fn: LossFn,
@@ -305,10 +321,16 @@ def rank(
     weights = {name: float((weights or {}).get(name, 1.0)) for name in components}
     if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
         raise InfluxValueError(f"weights must be >= 0 and not all 0; got {weights}")
-    inputs, targets, indices = as_tensors(train)
-    n = inputs.shape[0]
+    n = num_examples(train)
+    if n == 0:
+        raise InfluxValueError(
+            "train is empty: rank needs the examples to rank (a tuple (inputs, targets), a "
+            "Dataset or a DataLoader with at least one example)"
+        )
+    # A tuple goes on as (inputs, targets); a Dataset or DataLoader is streamed by each component.
+    data = tuple(as_tensors(train)[:2]) if isinstance(train, (tuple, list)) else train
     if memorization_scores is not None:
-        memorization_scores = torch.as_tensor(memorization_scores, device=inputs.device)
+        memorization_scores = torch.as_tensor(memorization_scores)
         if memorization_scores.shape != (n,):
             raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
     found: dict[str, torch.Tensor] = {}
@@ -316,22 +338,25 @@ def rank(
         found["memorization"] = (
             memorization_scores
             if memorization_scores is not None
-            else memorization.curvature(model, loss_fn, (inputs, targets), batch_size=batch_size)
+            else memorization.curvature(model, loss_fn, data, batch_size=batch_size)
         )
     if "self_influence" in components:
         found["self_influence"] = memorization.self_influence(
-            model, loss_fn, (inputs, targets), method=influence_method, **(influence_options or {})
+            model, loss_fn, data, method=influence_method, **(influence_options or {})
         )
+    indices = None
     if "ood" in components or "entanglement" in components:
-        embedded = embeddings(model, (inputs, targets), layer=layer, batch_size=batch_size)
+        embedded, targets, indices = _embed(model, data, layer, batch_size)
         if "ood" in components:
             found["ood"] = ood_score(embedded, targets, retain=retain, method=ood, k=knn_k)
         if "entanglement" in components:
             found["entanglement"] = entanglement(embedded, retain=retain)
     if "ascent_residual" in components:
         found["ascent_residual"] = commutator.ascent_residual(
-            model, loss_fn, (inputs, targets), lr=ascent_lr, epochs=ascent_epochs, mode="point"
+            model, loss_fn, data, lr=ascent_lr, epochs=ascent_epochs, mode="point"
         ).residual
+    if indices is None or isinstance(train, (tuple, list)):
+        indices = _indices(train)
     components_cpu = {name: found[name].detach().to(torch.float64).cpu() for name in components}
     ranks = {name: _fraction_ranks(values) for name, values in components_cpu.items()}
     stacked = torch.stack([ranks[name] for name in components])

@@ -60,9 +60,9 @@ from scipy import stats
 from torch import nn
 
 from influx.checks import check_integer, check_number
+from influx.data import LossFn, iter_batches, num_examples
 from influx.errors import InfluxValueError
-from influx.poison import GaussianPoison, input_gradients
-from influx.train import LossFn
+from influx.poison import GaussianPoison, gradient_batches
 
 __all__ = ["GusResult", "gus", "gus_of"]
 
@@ -129,7 +129,20 @@ def _statistics(scores: torch.Tensor, threshold: float) -> tuple[float, float, f
     return mean, z, p_value, (finite > threshold).double().mean().item()
 
 
-def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss_dtype) -> None:
+def _check_settings(noise_std, fpr, null_seed, loss_dtype) -> None:
+    check_number("noise_std", noise_std, above=0, hint="the std the noise was drawn with")
+    check_number("fpr", fpr, above=0, below=1)
+    check_integer("null_seed", null_seed, minimum=0)
+    if loss_dtype is not None and not (
+        isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
+    ):
+        raise InfluxValueError(
+            f"loss_dtype must be a floating-point torch.dtype or None; got {loss_dtype!r}"
+        )
+
+
+def _check_tensors(base_inputs, targets, noise, indices) -> None:
+    """The checks of the tensor form, all before any gradient."""
     if not isinstance(base_inputs, torch.Tensor) or not base_inputs.is_floating_point():
         raise InfluxValueError("base_inputs must be a floating-point tensor [n, *input_shape]")
     if base_inputs.dim() < 2:
@@ -149,9 +162,6 @@ def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss
         raise InfluxValueError(
             f"targets must be a tensor with {base_inputs.shape[0]} rows (one per point); got {got}"
         )
-    check_number("noise_std", noise_std, above=0, hint="the std the noise was drawn with")
-    check_number("fpr", fpr, above=0, below=1)
-    check_integer("null_seed", null_seed, minimum=0)
     if indices is not None and (
         not isinstance(indices, torch.Tensor) or indices.shape != base_inputs.shape[:1]
     ):
@@ -161,12 +171,64 @@ def _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss
     if not torch.isfinite(noise).all():
         bad = torch.nonzero(~torch.isfinite(noise.flatten(1)).all(dim=1)).flatten().tolist()
         raise InfluxValueError(f"noise has NaN/inf at points {bad[:10]}")
-    if loss_dtype is not None and not (
-        isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
-    ):
+
+
+def _noise_of(noise, n: int):
+    """``noise`` as a function (positions [b], dataset indices [b]) -> rows [b, ...]: a tensor
+    [n, ...] by position, a callable by dataset index."""
+    if callable(noise) and not isinstance(noise, torch.Tensor):
+        return lambda positions, indices: noise(indices)
+    if not isinstance(noise, torch.Tensor) or noise.dim() < 1 or noise.shape[0] != n:
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise InfluxValueError(
-            f"loss_dtype must be a floating-point torch.dtype or None; got {loss_dtype!r}"
+            f"noise must be a tensor [n = {n}, *input_shape] (row p: the noise of the p-th "
+            f"point) or a callable (dataset indices [b]) -> [b, *input_shape]; got {got}"
         )
+    return lambda positions, indices: noise[positions.to(noise.device)]
+
+
+def _noise_batch(noise_of, positions, indices, inputs: torch.Tensor) -> torch.Tensor:
+    """One batch of the training noise, checked against its inputs."""
+    rows = noise_of(positions, indices)
+    if not isinstance(rows, torch.Tensor) or rows.shape != inputs.shape:
+        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise InfluxValueError(
+            f"noise must give rows shaped like the inputs {tuple(inputs.shape)}; got {got}"
+        )
+    bad = ~torch.isfinite(rows.flatten(1)).all(dim=1)
+    if bad.any():
+        raise InfluxValueError(
+            f"noise has NaN/inf at points {indices[bad.cpu()][:10].tolist()} (dataset indices)"
+        )
+    return rows
+
+
+# The null noise is drawn in blocks of this many values (a multiple of 16): torch's CPU normal
+# sampler transforms uniform draws in groups of 16, so blocks of whole groups continue one
+# generator exactly as a single draw of the whole [n, *input_shape] would.
+_NULL_BLOCK = 16 * 65_536
+
+
+class _NullNoise:
+    """The draws of ``noise_std * randn(total)`` from one CPU generator, handed out in pieces
+    without ever holding all of them: equal, value for value, to one draw of the whole."""
+
+    def __init__(self, total: int, dtype: torch.dtype, seed: int):
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.total, self.dtype, self.drawn = total, dtype, 0
+        self.buffer = torch.empty(0, dtype=dtype, device="cpu")
+
+    def take(self, count: int) -> torch.Tensor:
+        while self.buffer.numel() < count:
+            left = self.total - self.drawn
+            # the last draw takes all that is left (at least 16 when the whole would): it is
+            # the one that ends the sequence, as the single draw does
+            size = left if left <= 2 * _NULL_BLOCK else _NULL_BLOCK
+            block = torch.randn(size, generator=self.generator, dtype=self.dtype, device="cpu")
+            self.buffer = torch.cat([self.buffer, block])
+            self.drawn += size
+        piece, self.buffer = self.buffer[:count], self.buffer[count:]
+        return piece
 
 
 def _loss_in(loss_fn: LossFn, dtype: torch.dtype | None) -> LossFn:
@@ -201,10 +263,10 @@ def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
 def gus(
     model: nn.Module,
     loss_fn: LossFn,
-    base_inputs: torch.Tensor,
-    targets: torch.Tensor,
-    noise: torch.Tensor,
-    noise_std: float,
+    data,
+    targets: torch.Tensor | None = None,
+    noise=None,
+    noise_std: float | None = None,
     *,
     indices: torch.Tensor | None = None,
     fpr: float = 0.01,
@@ -214,34 +276,77 @@ def gus(
 ) -> GusResult:
     """Gaussian Unlearning Score of ``model`` on n Gaussian poisons (module docstring).
 
-    ``base_inputs`` [n, *input_shape] are the clean inputs, ``targets`` [n] their labels,
-    ``noise`` [n, *input_shape] the draws of N(0, noise_std^2 I) that were added in training;
-    ``indices`` [n] (default ``arange(n)``) label the points in the result. Gradients are taken
-    in eval mode, ``batch_size`` points per backward, and the model's mode is restored. The null
-    noise is drawn on a CPU generator seeded by ``null_seed`` (the same draw on every device), in
-    float64 for float64 data and in float32 otherwise (4-5x cheaper: for a CIFAR-sized batch the
-    float64 draw costs a tenth of the input gradients on CPU), then cast to the data's device and
-    dtype. The loss is computed in ``loss_dtype`` (default float64, see Precision in the module
-    docstring); ``None`` computes it in the outputs' dtype, for a ``loss_fn`` that only works there.
+    Two forms. ``gus(model, loss_fn, base_inputs, targets, noise, noise_std)``: the clean inputs
+    [n, *input_shape], their labels [n] and the draws of N(0, noise_std^2 I) added in training
+    [n, *input_shape]; ``indices`` [n] (distinct; default ``arange(n)``) label the points.
+    ``gus(model, loss_fn, data, noise, noise_std)``: ``data`` the clean points as a tuple
+    ``(inputs, targets[, indices])``, a Dataset or a DataLoader, streamed ``batch_size`` points
+    at a time (each read once; the result is labelled by the dataset indices they carry), and
+    ``noise`` a tensor [n, *input_shape] (row p for the p-th point) or a callable mapping a
+    batch's dataset indices [b] to its noise [b, *input_shape], so that no tensor of all points
+    need exist.
+
+    Gradients are taken in eval mode, ``batch_size`` points per backward, and the model's mode
+    is restored. The null noise is drawn on a CPU generator seeded by ``null_seed`` (the same
+    draw on every device), in float64 for float64 data and in float32 otherwise (4-5x cheaper:
+    for a CIFAR-sized batch the float64 draw costs a tenth of the input gradients on CPU), then
+    cast to the data's device and dtype; it is drawn batch by batch, equal to one draw of all
+    points. The loss is computed in ``loss_dtype`` (default float64, see Precision in the module
+    docstring); ``None`` computes it in the outputs' dtype, for a ``loss_fn`` that only works
+    there.
     """
-    _check(base_inputs, targets, noise, noise_std, indices, fpr, null_seed, loss_dtype)
-    n_points = base_inputs.shape[0]
-    grads = input_gradients(
-        model, _loss_in(loss_fn, loss_dtype), base_inputs, targets, batch_size=batch_size
-    )
-    descent = _unit_rows(-grads.flatten(1))  # [n, d], rescaled: I_z is scale-invariant per row
-    norms = descent.norm(dim=1)  # [n]
-    zero = norms == 0
+    if not isinstance(data, torch.Tensor) and noise_std is None:
+        # gus(model, loss_fn, data, noise, noise_std): the data carries its own targets
+        targets, noise, noise_std = None, targets, noise
+    _check_settings(noise_std, fpr, null_seed, loss_dtype)
+    batch_size = check_integer("batch_size", batch_size, minimum=1)
+    if isinstance(data, torch.Tensor):
+        _check_tensors(data, targets, noise, indices)
+        # distinct indices are checked here; positions when none are given
+        data = (data, targets) if indices is None else (data, targets, indices)
+    elif targets is not None or indices is not None:
+        raise InfluxValueError(
+            "data given as a tuple, Dataset or DataLoader carries its own targets and indices: "
+            "call gus(model, loss_fn, data, noise, noise_std)"
+        )
+    n_points = num_examples(data)
+    if n_points == 0:
+        raise InfluxValueError("GUS needs at least one poisoned point; the data is empty")
+    noise_of = _noise_of(noise, n_points)
+    loss = _loss_in(loss_fn, loss_dtype)
+    threshold = statistics.NormalDist().inv_cdf(1.0 - fpr)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    null = None
+    position = 0
+    for inputs, _, labels, grads in gradient_batches(model, loss, iter_batches(data, batch_size)):
+        if inputs.dim() < 2:
+            raise InfluxValueError(
+                f"inputs must be [n, *input_shape] with one row per point; got shape "
+                f"{tuple(inputs.shape)} (for scalar inputs give inputs[:, None])"
+            )
+        positions = torch.arange(position, position + inputs.shape[0], device="cpu")
+        position += inputs.shape[0]
+        train_noise = _noise_batch(noise_of, positions, labels, inputs)
+        if null is None:
+            wide = inputs.dtype == torch.float64
+            null = _NullNoise(
+                n_points * inputs[0].numel(), torch.float64 if wide else torch.float32, null_seed
+            )
+        null_noise = (noise_std * null.take(inputs.numel())).view(inputs.shape)
+        null_noise = null_noise.to(device=inputs.device, dtype=inputs.dtype)
+        descent = _unit_rows(-grads.flatten(1))  # [b, d], rescaled: I_z is scale-invariant per row
+        norms = descent.norm(dim=1)  # [b]
+        # Zero-norm rows give 0 / 0 = NaN, as documented.
+        scale = noise_std * norms
+        scores = (train_noise.flatten(1).to(descent) * descent).sum(dim=1) / scale
+        null_scores = (null_noise.flatten(1) * descent).sum(dim=1) / scale
+        parts.append((scores, null_scores, norms == 0, labels.to(inputs.device)))
+    scores, null_scores, zero, labels = (torch.cat(column) for column in zip(*parts))
     if zero.all():
         raise InfluxValueError(
             "every point has a zero input gradient (the loss is flat at all of them): GUS is "
             "undefined; check the model and loss_fn"
         )
-    labels = (
-        indices.to(base_inputs.device)
-        if indices is not None
-        else torch.arange(n_points, device=base_inputs.device)
-    )
     if zero.any():
         warnings.warn(
             f"{int(zero.sum())} point(s) have a zero input gradient, so no direction to test: "
@@ -250,18 +355,6 @@ def gus(
             RuntimeWarning,
             stacklevel=2,
         )
-    null_noise = noise_std * torch.randn(
-        base_inputs.shape,
-        generator=torch.Generator(device="cpu").manual_seed(null_seed),
-        dtype=torch.float64 if base_inputs.dtype == torch.float64 else torch.float32,
-        device="cpu",
-    )
-    null_noise = null_noise.to(device=base_inputs.device, dtype=base_inputs.dtype)
-    # Zero-norm rows give 0 / 0 = NaN, as documented.
-    scale = noise_std * norms
-    scores = (noise.flatten(1).to(descent) * descent).sum(dim=1) / scale
-    null_scores = (null_noise.flatten(1) * descent).sum(dim=1) / scale
-    threshold = statistics.NormalDist().inv_cdf(1.0 - fpr)
     gus_, z, p, tpr = _statistics(scores, threshold)
     null_gus, null_z, null_p, null_tpr = _statistics(null_scores, threshold)
     return GusResult(

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from influx.errors import UnsupportedModelError
 from influx.grads.common import (
     LossFn,
+    call_loss,
     check_batch,
     check_finite,
     check_model,
@@ -217,12 +218,15 @@ def capture(
     parameters=(),
     *,
     offset: int = 0,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, list[LayerCall]]]:
     """Run forward + backward once; return the per-example losses [N] and the calls per module.
 
     ``modules`` maps names to the modules to watch; ``parameters`` are made to require grad for
-    the duration, so the watched outputs are part of the graph. A NaN / inf loss raises an error
-    naming the example (its position in ``inputs`` plus ``offset``) before the backward.
+    the duration, so the watched outputs are part of the graph. A NaN / inf loss (or a class
+    target out of range) raises an error naming the example before the backward: its dataset
+    index from ``indices`` [N], else its position in ``inputs`` plus ``offset``. ``offset`` 0
+    marks the first batch of a pass, which the parameter-use watch inspects.
     """
     check_batch(inputs, targets)
     check_model(model)
@@ -246,9 +250,9 @@ def capture(
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):
             with _watched(modules, parameters, offset):
-                losses = loss_fn(model(inputs), targets)
+                losses = call_loss(loss_fn, model(inputs), targets, indices=indices, offset=offset)
             check_per_example_losses(losses, inputs.shape[0])
-            check_finite(losses.detach(), "losses", offset=offset)
+            check_finite(losses.detach(), "losses", indices=indices, offset=offset)
             if pending or others:
                 edges = [edge for *_, edge, _ in pending] + [edge for *_, edge in others]
                 grads = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
@@ -275,6 +279,7 @@ def capture_streaming(
     parameters=(),
     *,
     offset: int = 0,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`capture`, but each module's calls go to ``on_module(name, calls)`` *during* the
     backward, as soon as the last of them has its output gradient, and are not kept.
@@ -334,9 +339,10 @@ def capture_streaming(
     try:
         with torch.enable_grad(), _requiring_grad(list(parameters)):
             with _watched(modules, parameters, offset):
-                losses = loss_fn(model(inputs if leaf is None else leaf), targets)
+                outputs = model(inputs if leaf is None else leaf)
+                losses = call_loss(loss_fn, outputs, targets, indices=indices, offset=offset)
             check_per_example_losses(losses, inputs.shape[0])
-            check_finite(losses.detach(), "losses", offset=offset)
+            check_finite(losses.detach(), "losses", indices=indices, offset=offset)
             wanted = ([] if leaf is None else [leaf]) + roots + [edge for *_, edge in others]
             if wanted and (any(pending.values()) or others):
                 grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
@@ -347,7 +353,7 @@ def capture_streaming(
     unreached = {name: modules[name] for name, calls in pending.items() if calls}
     if unreached:
         for name, calls in capture(
-            model, loss_fn, inputs, targets, unreached, parameters, offset=offset
+            model, loss_fn, inputs, targets, unreached, parameters, offset=offset, indices=indices
         )[1].items():
             on_module(name, calls)
     return losses.detach()

@@ -99,16 +99,35 @@ def check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def check_no_train_batchnorm(model: nn.Module) -> None:
-    """BatchNorm in train mode mixes examples through the batch statistics: refuse it."""
+def refuse_batchnorm(model: nn.Module, *, trains: str | None = None) -> None:
+    """The one BatchNorm refusal: batch statistics mix the examples of a batch, so per-example
+    gradients, losses and budgets lose their meaning.
+
+    By default a BatchNorm in train mode is refused (one in eval mode uses its running statistics
+    and is fine). ``trains`` names a computation that will put the model in train mode itself
+    (``"DP-SGD"``, ``"unlearning"``): then any BatchNorm is refused.
+    """
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = f"{type(module).__name__} ({name or 'the root module'})"
+        if trains is not None:
             raise UnsupportedModelError(
-                f"model contains {type(module).__name__} ({name or 'the root module'}) in train mode: "
-                "per-sample gradients are ill-defined because batch statistics mix the examples; "
-                "call influx.models.convert_batchnorm(model) to use GroupNorm, or model.eval() "
-                "to use the running statistics"
+                f"model contains {where} and {trains} runs it in train mode, where batch "
+                "statistics mix the examples of a batch: call "
+                "influx.models.convert_batchnorm(model) to use GroupNorm"
             )
+        if module.training:
+            raise UnsupportedModelError(
+                f"model contains {where} in train mode: per-sample gradients are ill-defined "
+                "because batch statistics mix the examples; call "
+                "influx.models.convert_batchnorm(model) to use GroupNorm, or model.eval() to use "
+                "the running statistics"
+            )
+
+
+# the earlier name of the train-mode refusal
+check_no_train_batchnorm = refuse_batchnorm
 
 
 def warn_train_dropout(model: nn.Module) -> None:
@@ -127,7 +146,7 @@ def warn_train_dropout(model: nn.Module) -> None:
 
 def check_model(model: nn.Module) -> None:
     """The checks on a model that every per-example computation needs, before any work."""
-    check_no_train_batchnorm(model)
+    refuse_batchnorm(model)
     warn_train_dropout(model)
 
 
@@ -157,15 +176,52 @@ def check_finite(
     positions = nonfinite_rows(values)
     if positions.numel() == 0:
         return
-    named = (positions + offset) if indices is None else indices.to(positions.device)[positions]
-    shown = named[:SHOWN_INDICES].tolist()
-    more = (
-        f" and {positions.numel() - SHOWN_INDICES} more"
-        if positions.numel() > SHOWN_INDICES
-        else ""
-    )
     raise InfluxValueError(
-        f"{what} of {positions.numel()} example(s) hold NaN or inf: example indices {shown}{more}; "
+        f"{what} of {positions.numel()} example(s) hold NaN or inf: example indices "
+        f"{example_names(positions, indices, offset)}; "
         "remove or repair those examples (check the data loading, the loss and the model's "
         "parameters for NaN / inf)"
     )
+
+
+def example_names(positions: torch.Tensor, indices: torch.Tensor | None, offset: int = 0) -> str:
+    """The dataset indices of the rows at ``positions`` (``indices[positions]``, or ``offset +
+    position`` without indices), the first :data:`SHOWN_INDICES` of them, as message text."""
+    named = (positions + offset) if indices is None else indices.to(positions.device)[positions]
+    more = positions.numel() - SHOWN_INDICES
+    return f"{named[:SHOWN_INDICES].tolist()}" + (f" and {more} more" if more > 0 else "")
+
+
+def call_loss(
+    loss_fn: LossFn,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    indices: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``; when it fails on class targets outside ``[0, C)`` (torch's
+    bare IndexError of a cross-entropy), the error names the examples (dataset ``indices`` of
+    the rows, else ``offset + position``), their targets and the valid range."""
+    try:
+        return loss_fn(outputs, targets)
+    except (IndexError, RuntimeError) as error:
+        classes = outputs.shape[1] if outputs.dim() >= 2 else 0
+        if (
+            targets.dim() != 1
+            or targets.is_floating_point()
+            or targets.is_complex()
+            or targets.dtype == torch.bool
+            or targets.shape[0] != outputs.shape[0]
+            or classes == 0
+        ):
+            raise
+        outside = ((targets < 0) | (targets >= classes)).nonzero().flatten()
+        if outside.numel() == 0:
+            raise
+        raise InfluxValueError(
+            f"class targets must lie in [0, {classes}) for outputs of {classes} classes; "
+            f"{outside.numel()} do not, at example indices {example_names(outside, indices, offset)} "
+            f"(targets {targets[outside][:SHOWN_INDICES].tolist()}): fix those labels, or give "
+            "the model as many outputs as there are classes"
+        ) from error

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from influx.checks import check_count_or_none
+from influx.data import iter_batches, num_examples
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
 from influx.grads.common import (
@@ -68,25 +69,55 @@ def tied_parameters(layers: list[PlannedLayer]) -> set[str]:
     return tied
 
 
-def _chunks(
-    inputs, targets, chunk_size: int | None
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(offset, inputs, targets) of each chunk of at most ``chunk_size`` examples."""
-    check_batch(inputs, targets)
+# Examples per chunk when a Dataset or DataLoader is streamed with chunk_size=None (a tensor or a
+# tuple of tensors is then taken whole, as it already is in memory).
+STREAM_CHUNK = 256
+
+
+def data_chunks(
+    data, targets, chunk_size: int | None, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(offset, inputs, targets, dataset indices) of each chunk of at most ``chunk_size`` examples.
+
+    ``data`` is inputs [N, ...] with ``targets`` [N] (the indices are then None: errors name
+    positions), or a data argument (a tuple, Dataset or DataLoader, streamed by
+    :func:`influx.data.iter_batches`, each example read once, each chunk moved to ``device``).
+    """
     chunk_size = check_count_or_none("chunk_size", chunk_size)
-    n = inputs.shape[0]
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, max(step, 1)):
-        yield start, inputs[start : start + step], targets[start : start + step]
+    if isinstance(data, torch.Tensor):
+        if targets is None:
+            raise InfluxValueError(
+                "inputs given as a tensor need their targets: pass (model, loss_fn, inputs, "
+                "targets), or the data as one argument (inputs, targets) / a Dataset"
+            )
+        check_batch(data, targets)
+        n = data.shape[0]
+        step = n if chunk_size is None else chunk_size
+        for start in range(0, n, max(step, 1)):
+            yield start, data[start : start + step], targets[start : start + step], None
+        return
+    if targets is not None:
+        raise InfluxValueError(
+            "targets goes with inputs given as a tensor; data given as a tuple, Dataset or "
+            "DataLoader carries its own targets: leave targets out"
+        )
+    if chunk_size is None:
+        chunk_size = num_examples(data) if isinstance(data, (tuple, list)) else STREAM_CHUNK
+    offset = 0
+    for inputs, labels, indices in iter_batches(data, max(chunk_size, 1)):
+        yield offset, inputs.to(device), labels.to(device), indices
+        offset += inputs.shape[0]
 
 
 def _capture_chunk(
-    model, loss_fn, inputs, targets, layers, offset: int = 0
+    model, loss_fn, inputs, targets, layers, offset: int = 0, indices=None
 ) -> dict[str, list[LayerCall]]:
     modules = {layer.name: layer.module for layer in layers}
     params = dict(model.named_parameters())
     wanted = [params[full] for layer in layers for full in layer.params.values()]
-    _, calls = capture(model, loss_fn, inputs, targets, modules, wanted, offset=offset)
+    _, calls = capture(
+        model, loss_fn, inputs, targets, modules, wanted, offset=offset, indices=indices
+    )
     return calls
 
 
@@ -112,9 +143,9 @@ def _layer_grads(layers, calls) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _grads_of_chunk(
-    model, loss_fn, inputs, targets, layers, selected, offset
+    model, loss_fn, inputs, targets, layers, selected, offset, indices=None
 ) -> dict[str, torch.Tensor]:
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset, indices)
     out: dict[str, torch.Tensor] = {}
     for name, g in _layer_grads(layers, calls):
         _accumulate(out, name, g)
@@ -126,11 +157,15 @@ def _grads_of_chunk(
     }
 
 
+def _reference(selected: dict[str, nn.Parameter]) -> torch.Tensor:
+    return next(iter(selected.values()))
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
@@ -138,13 +173,18 @@ def per_sample_grads(
     """Per-sample gradients of every selected parameter: name -> [N, *param.shape].
 
     ``params`` selects parameter names (default: all that require grad); ``chunk_size`` bounds
-    memory by processing that many examples per forward/backward.
+    memory by processing that many examples per forward/backward. ``data`` is the inputs [N, ...]
+    with ``targets`` [N] next, or one data argument (a tuple ``(inputs, targets[, indices])``, a
+    Dataset or a DataLoader; ``targets`` left out) streamed ``chunk_size`` examples at a time (a
+    Dataset 256 when None, a DataLoader its own batches), each example read once, errors naming
+    its dataset indices.
     """
     selected = select_parameters(model, params)
     layers = plan_layers(model, selected)
+    device = _reference(selected).device
     parts = [
-        _grads_of_chunk(model, loss_fn, x, y, layers, selected, offset)
-        for offset, x, y in _chunks(inputs, targets, chunk_size)
+        _grads_of_chunk(model, loss_fn, x, y, layers, selected, offset, indices)
+        for offset, x, y, indices in data_chunks(data, targets, chunk_size, device)
     ]
     if not parts:
         return _empty_grads(selected)
@@ -154,9 +194,9 @@ def per_sample_grads(
 
 
 def _sqnorms_of_chunk(
-    model, loss_fn, inputs, targets, layers, selected, offset
+    model, loss_fn, inputs, targets, layers, selected, offset, indices=None
 ) -> dict[str, torch.Tensor]:
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset, indices)
     tied = tied_parameters(layers)
     out: dict[str, torch.Tensor] = {}
     tied_grads: dict[str, torch.Tensor] = {}
@@ -181,8 +221,8 @@ def _sqnorms_of_chunk(
 def per_sample_norms(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     params: Iterable[str] | None = None,
     by_layer: bool = False,
@@ -191,17 +231,21 @@ def per_sample_norms(
     """Per-sample L2 gradient norms [N] (or name -> [N] with ``by_layer=True``).
 
     Layers with a rule never materialize per-sample gradients: Linear/Conv use the ghost norm or
-    the direct form, whichever is cheaper for that layer.
+    the direct form, whichever is cheaper for that layer. ``data`` is the inputs [N, ...]
+    with ``targets`` [N] next, or one data argument (a tuple ``(inputs, targets[, indices])``, a
+    Dataset or a DataLoader; ``targets`` left out) streamed ``chunk_size`` examples at a time (a
+    Dataset 256 when None, a DataLoader its own batches), each example read once, errors naming
+    its dataset indices.
     """
     selected = select_parameters(model, params)
     layers = plan_layers(model, selected)
+    reference = _reference(selected)
     parts = [
-        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected, offset)
-        for offset, x, y in _chunks(inputs, targets, chunk_size)
+        _sqnorms_of_chunk(model, loss_fn, x, y, layers, selected, offset, indices)
+        for offset, x, y, indices in data_chunks(data, targets, chunk_size, reference.device)
     ]
-    dtype = next(iter(selected.values())).dtype
     if not parts:
-        sqnorms = {name: inputs.new_zeros(0, dtype=dtype) for name in selected}
+        sqnorms = {name: reference.new_zeros(0) for name in selected}
     elif len(parts) == 1:
         sqnorms = parts[0]  # one chunk: no copies (a GPU launches each one)
     else:
@@ -214,8 +258,8 @@ def per_sample_norms(
 def per_sample_projected(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     dim: int,
     seed: int = 0,
@@ -236,50 +280,52 @@ def per_sample_projected(
     as soon as they are formed: memory holds one layer's per-sample gradients, never the flat
     [N, P]. Same ``seed``, same projection.
     ``by_layer=True`` (Kronecker only) returns module name -> [N, k_module] instead, in the order
-    of the columns of the [N, K] result.
+    of the columns of the [N, K] result. ``data`` and ``targets`` as in :func:`per_sample_grads`.
     """
     if kind not in ("kronecker", "dense"):
         raise InfluxValueError(f"kind must be 'kronecker' or 'dense'; got {kind!r}")
     if dim < 1:
         raise InfluxValueError(f"dim must be >= 1; got {dim}")
     selected = select_parameters(model, params)
+    reference = _reference(selected)
+    chunks = data_chunks(data, targets, chunk_size, reference.device)
     if kind == "dense":
         if by_layer:
             raise InfluxValueError("by_layer=True needs kind='kronecker' (a dense JL mixes layers)")
-        if inputs.shape[0] == 0:
-            return next(iter(selected.values())).new_zeros(0, dim)
         # Chunk by chunk (the matrix is regenerated per chunk: the same seed gives the same
         # projection), each chunk one layer at a time.
         layers = plan_layers(model, selected)
-        return torch.cat([
-            _dense_projected_chunk(model, loss_fn, x, y, layers, selected, offset, dim, seed)
-            for offset, x, y in _chunks(inputs, targets, chunk_size)
-        ])  # fmt: skip
+        blocks = [
+            _dense_projected_chunk(model, loss_fn, x, y, layers, selected, offset, dim, seed, ids)
+            for offset, x, y, ids in chunks
+        ]
+        return torch.cat(blocks) if blocks else reference.new_zeros(0, dim)
     layers = plan_layers(model, selected)
     if tied_parameters(layers):
         raise UnsupportedModelError(
             f"parameters {sorted(tied_parameters(layers))} are shared between modules; Kronecker projection "
             "needs one owner per weight: use kind='dense' or select the parameters with params="
         )
-    reference = next(iter(selected.values()))
     projector = Projector(
         budget=max(1, dim // len(layers)), seed=seed, dtype=reference.dtype, device=reference.device
     )
     parts: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
-    for offset, x, y in _chunks(inputs, targets, chunk_size):
-        calls = _capture_chunk(model, loss_fn, x, y, layers, offset)
+    seen = 0
+    for offset, x, y, ids in chunks:
+        calls = _capture_chunk(model, loss_fn, x, y, layers, offset, ids)
         for layer in layers:
             parts[layer.name].append(
                 _project_layer(layer, calls[layer.name], projector, x.shape[0])
             )
-    if inputs.shape[0] == 0:
+        seen += x.shape[0]
+    if seen == 0:
         return {} if by_layer else reference.new_zeros(0, 0)
     blocks = {name: torch.cat(chunks) for name, chunks in parts.items()}
     return blocks if by_layer else torch.cat(list(blocks.values()), dim=1)
 
 
 def _dense_projected_chunk(
-    model, loss_fn, inputs, targets, layers, selected, offset, dim: int, seed: int
+    model, loss_fn, inputs, targets, layers, selected, offset, dim: int, seed: int, indices=None
 ) -> torch.Tensor:
     """``dense_project(flatten_per_sample(per_sample_grads(...)))`` of one chunk, [n, dim], with
     each layer's gradients projected as soon as they are formed and then dropped (with the
@@ -288,7 +334,7 @@ def _dense_projected_chunk(
     columns, width = {}, 0
     for name, param in selected.items():
         columns[name], width = width, width + param.numel()
-    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset)
+    calls = _capture_chunk(model, loss_fn, inputs, targets, layers, offset, indices)
     tied = tied_parameters(layers)
     out = next(iter(selected.values())).new_zeros(inputs.shape[0], dim)
     pending: dict[str, torch.Tensor] = {}

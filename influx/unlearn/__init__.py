@@ -25,29 +25,35 @@ from influx.unlearn.methods import (
     noisy_gd,
 )
 from influx.unlearn.newton import newton
+from influx.unlearn.registry import Methods, UnknownMethodError
 from influx.unlearn.result import TrajectoryPoint, UnlearnResult
 from influx.unlearn.retrain import reinitialize, retrain
 from influx.unlearn.scrub import distillation_kl, scrub
 from influx.unlearn.ssd import fisher_diagonal, ssd
 
-# The budgeted methods by name (the retrain oracle is apart: it ignores the budget).
-METHODS = {
-    "gradient_ascent": gradient_ascent,
-    "fine_tune": fine_tune,
-    "noisy_gd": noisy_gd,
-    "neggrad_plus": neggrad_plus,
-    "eu_k": eu_k,
-    "cf_k": cf_k,
-    "scrub": scrub,
-    "ssd": ssd,
-    "newton": newton,
-}
+# The budgeted methods by name (the retrain oracle is apart: it ignores the budget). A name that
+# is not there raises a KeyError naming the closest method and all of them.
+METHODS = Methods(
+    {
+        "gradient_ascent": gradient_ascent,
+        "fine_tune": fine_tune,
+        "noisy_gd": noisy_gd,
+        "neggrad_plus": neggrad_plus,
+        "eu_k": eu_k,
+        "cf_k": cf_k,
+        "scrub": scrub,
+        "ssd": ssd,
+        "newton": newton,
+    }
+)
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
     "METHODS",
+    "Methods",
     "StepOptions",
     "TrajectoryPoint",
+    "UnknownMethodError",
     "UnlearnResult",
     "cf_k",
     "distillation_kl",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from influx.checks import check_number, is_real
 from influx.errors import InfluxValueError
 
 __all__ = ["DEFAULT_BUDGET_FRACTION", "Meter", "resolve_budget"]
@@ -46,13 +47,15 @@ def resolve_budget(
             f"the default budget is {DEFAULT_BUDGET_FRACTION:g} x train_compute (Pawelczyk et al. 2024)"
         )
     if budget is not None:
+        # a number, not a bool or a string: True would be a budget of 1, "100" a typo for 100
+        if not (is_real(budget) and budget >= 0):
+            raise InfluxValueError(
+                f"budget must be a number >= 0 of per-example gradient evaluations (math.inf for "
+                f"no limit); got {budget!r}"
+            )
         value = float(budget)
-        if not value >= 0:
-            raise InfluxValueError(f"budget must be >= 0 (or math.inf); got {budget!r}")
         return value if math.isinf(value) else float(math.floor(value))
-    compute = float(train_compute)  # type: ignore[arg-type]
-    if not (compute >= 0 and math.isfinite(compute)):
-        raise InfluxValueError(f"train_compute must be a finite number >= 0; got {train_compute!r}")
+    compute = check_number("train_compute", train_compute, at_least=0)
     if not 0 < fraction <= 1:
         raise InfluxValueError(f"fraction must lie in (0, 1]; got {fraction!r}")
     return float(math.floor(fraction * compute))

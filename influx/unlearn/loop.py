@@ -1,6 +1,12 @@
 """Machinery shared by the methods: input checks, the working copy, seeded batch streams, and the
 budgeted step loop that records the trajectory.
 
+The forget and retain sets are data arguments (tuples, Datasets or DataLoaders) and are streamed:
+a batch stream gathers each mini-batch by position (:func:`influx.data.iter_ordered_batches`),
+so a Dataset is never concatenated and each shuffled pass reads each example once. A set given
+as a Dataset whose items carry dataset indices is read once up front for them, so that a forget
+set that overlaps the retain set is refused before any step.
+
 Every first-order method is a *plan*: an iterator of steps, each with its cost in per-example
 gradient evaluations and a closure returning the objective to minimize. :meth:`Session.run` takes
 a step only if the budget affords it, so no method can overspend.
@@ -17,19 +23,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from influx.checks import check_integer, check_number, is_integer
-from influx.data import as_tensors, num_examples
-from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.data import Batch, LossFn, as_tensors, iter_batches, iter_ordered_batches, num_examples
+from influx.errors import InfluxRuntimeError, InfluxValueError
+from influx.grads.common import SHOWN_INDICES, call_loss, refuse_batchnorm
 from influx.seeds import derive_seed
 from influx.unlearn.budget import Meter, resolve_budget
 from influx.unlearn.result import TrajectoryPoint, UnlearnResult
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[nn.Module, int], dict]
-# inputs [B, ...], targets [B, ...], dataset indices [B]
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _OPTIMIZERS = ("sgd", "adam")
 
 
@@ -106,38 +111,99 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device
 
 
-def refuse_batchnorm(model: nn.Module) -> None:
-    """Unlearning steps run in train mode, where BatchNorm mixes the examples of a batch."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise UnsupportedModelError(
-                f"model contains {type(module).__name__} ({name or 'the root module'}): unlearning "
-                "steps run in train mode, where batch statistics mix the examples of a batch (and "
-                "the per-example budget and losses lose their meaning); call "
-                "influx.models.convert_batchnorm(model) and fine-tune it first"
-            )
-
-
-def load_set(data, what: str) -> Batch:
-    """``data`` as in-memory (inputs, targets, indices); an empty set is an error."""
-    if num_examples(data) == 0:
-        raise InfluxValueError(
-            f"the {what} set is empty: unlearning needs at least one {what} example"
-        )
-    return as_tensors(data)
-
-
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
 
 
+def _carries_indices(data) -> bool:
+    """Whether the examples of ``data`` carry dataset indices of their own (a third item), as
+    opposed to positions: only then can two sets be told apart by index."""
+    if isinstance(data, (tuple, list)):
+        return len(data) == 3
+    if isinstance(data, DataLoader):
+        first = next(iter(data), None)
+    else:
+        first = data[0]
+    return isinstance(first, (tuple, list)) and len(first) == 3
+
+
+class UnlearnSet:
+    """One set of an unlearning method (forget or retain): its size, the dataset indices its
+    examples carry (None for positions), and batches gathered by position.
+
+    A tuple is held as its tensors (views, no copy); a Dataset or DataLoader is read batch by
+    batch when a batch is asked for, never concatenated (:meth:`whole` does that, for a method
+    that needs the set in memory).
+    """
+
+    def __init__(self, data, what: str):
+        self.what = what
+        self.n = num_examples(data)
+        if self.n == 0:
+            raise InfluxValueError(
+                f"the {what} set is empty: unlearning needs at least one {what} example"
+            )
+        self.source = data
+        self.tensors = as_tensors(data) if isinstance(data, (tuple, list)) else None
+        # a tuple as its (inputs, targets, indices); a Dataset or DataLoader as given
+        self.data = self.tensors if self.tensors is not None else data
+        self.indices: torch.Tensor | None = None
+        if _carries_indices(data):
+            self.indices = (
+                self.tensors[2]
+                if self.tensors is not None
+                else torch.cat([batch[2] for batch in iter_batches(data, 1024)])
+            )
+        self._whole: Batch | None = None
+
+    def gather(self, positions: torch.Tensor) -> Batch:
+        """The examples at ``positions`` [B] (CPU LongTensor), in that order."""
+        if self.tensors is not None:
+            inputs, targets, indices = self.tensors
+            on_device = positions.to(inputs.device)
+            return inputs[on_device], targets[on_device], indices[positions]
+        return next(iter_ordered_batches(self.data, positions, positions.shape[0]))
+
+    def batches(self, batch_size: int, positions: torch.Tensor | None = None):
+        """Batches of at most ``batch_size`` examples, in order (of ``positions`` when given)."""
+        if positions is None:
+            return iter_batches(self.data, batch_size)
+        return iter_ordered_batches(self.data, positions, batch_size)
+
+    def whole(self) -> Batch:
+        """The set in memory, concatenated once (for methods that need all of it at once)."""
+        if self._whole is None:
+            self._whole = self.tensors if self.tensors is not None else as_tensors(self.data)
+        return self._whole
+
+
+def refuse_overlap(forget: UnlearnSet, retain: UnlearnSet) -> None:
+    """A forget example in the retain set would be trained on while it is being forgotten (and
+    fine-tuning on a retain set equal to the forget set "unlearns" by learning it again)."""
+    if forget.source is retain.source:
+        raise InfluxValueError(
+            "forget and retain are the same set: the retain set holds the examples to keep, "
+            "without those to forget (e.g. poison.retain beside poison.forget)"
+        )
+    if forget.indices is None or retain.indices is None:
+        return
+    shared = forget.indices[torch.isin(forget.indices, retain.indices.to(forget.indices.device))]
+    if shared.numel():
+        raise InfluxValueError(
+            f"the forget and retain sets share {shared.numel()} of the forget set's "
+            f"{forget.n} dataset indices (e.g. {shared[:SHOWN_INDICES].tolist()}): the retain "
+            "set must hold the examples to keep without those to forget; remove them from it"
+        )
+
+
 class BatchStream:
     """Endless fixed-size batches of one set: seeded shuffled passes, a batch may straddle two
-    passes, so every batch has exactly ``size = min(batch_size, n)`` examples (and cost)."""
+    passes, so every batch has exactly ``size = min(batch_size, n)`` examples (and cost). Each
+    batch is gathered by position: a Dataset is read batch by batch, each pass once."""
 
-    def __init__(self, data: Batch, batch_size: int, seed: int):
-        self.inputs, self.targets, self.indices = data
-        self.n = self.inputs.shape[0]
+    def __init__(self, data: UnlearnSet, batch_size: int, seed: int):
+        self.data = data
+        self.n = data.n
         self.size = min(batch_size, self.n)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.long, device="cpu")
@@ -147,8 +213,7 @@ class BatchStream:
             fresh = torch.randperm(self.n, generator=self.generator, device="cpu")
             self.order = torch.cat([self.order, fresh])
         positions, self.order = self.order[: self.size], self.order[self.size :]
-        positions = positions.to(self.inputs.device)
-        return self.inputs[positions], self.targets[positions], self.indices[positions.cpu()]
+        return self.data.gather(positions)
 
 
 @dataclass(frozen=True)
@@ -182,30 +247,50 @@ class Session:
             raise InfluxValueError("loss_fn must be a callable (outputs, targets) -> losses [N]")
         self.loss_fn = loss_fn
         self.device = model_device(model)
-        self.forget = load_set(forget, "forget")
-        self.retain = load_set(retain, "retain")
         budget_value = resolve_budget(budget, train_compute) if limited else math.inf
+        refuse_batchnorm(model, trains="unlearning")
+        self.forget_set = UnlearnSet(forget, "forget")
+        self.retain_set = UnlearnSet(retain, "retain")
+        refuse_overlap(self.forget_set, self.retain_set)
         self.meter = Meter(budget_value)
-        refuse_batchnorm(model)
         self.was_training = model.training
         self.model = model if self.options.inplace else copy.deepcopy(model)
         self.trajectory: list[TrajectoryPoint] = []
         self.steps = 0
 
+    @property
+    def forget(self) -> Batch:
+        """The forget set in memory (inputs, targets, indices), for a method that needs it whole."""
+        return self.forget_set.whole()
+
+    @property
+    def retain(self) -> Batch:
+        """The retain set in memory (inputs, targets, indices), for a method that needs it whole."""
+        return self.retain_set.whole()
+
+    def set_of(self, which: str) -> UnlearnSet:
+        return self.forget_set if which == "forget" else self.retain_set
+
     def stream(self, which: str, offset: int = 0) -> BatchStream:
-        data = self.forget if which == "forget" else self.retain
-        return BatchStream(data, self.options.batch_size, derive_seed(self.options.seed, offset))
+        return BatchStream(
+            self.set_of(which), self.options.batch_size, derive_seed(self.options.seed, offset)
+        )
 
     def batch_size_of(self, which: str) -> int:
         """Examples per batch of the ``"forget"`` or ``"retain"`` set (= cost of a pass over it)."""
-        data = self.forget if which == "forget" else self.retain
-        return min(self.options.batch_size, data[0].shape[0])
+        return min(self.options.batch_size, self.set_of(which).n)
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``loss_fn`` on a batch's outputs, checked: per-example, finite, class targets in range
+        (an error names the examples by dataset index)."""
+        _, targets, indices = batch
+        losses = call_loss(self.loss_fn, outputs, targets.to(self.device), indices=indices)
+        return self.checked(losses, indices)
 
     def losses(self, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
         """Per-example losses [B] of a batch; non-finite ones are an error naming the examples."""
-        inputs, targets, indices = batch
-        outputs = (self.model if model is None else model)(inputs.to(self.device))
-        return self.checked(self.loss_fn(outputs, targets.to(self.device)), indices)
+        outputs = (self.model if model is None else model)(batch[0].to(self.device))
+        return self.loss(outputs, batch)
 
     def checked(self, losses: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if losses.dim() != 1 or losses.shape[0] != indices.shape[0]:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from influx.checks import check_number
+from influx.data import LossFn
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.seeds import derive_seed
-from influx.unlearn.loop import LossFn, Session, Step
+from influx.unlearn.loop import Session, Step
 from influx.unlearn.result import UnlearnResult
 
 # derive_seed(seed, _NOISE_STREAM) seeds noisy_gd's noise; the batch streams use other streams

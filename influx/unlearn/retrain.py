@@ -14,9 +14,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from influx.data import LossFn
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.train import train
-from influx.unlearn.loop import LossFn, Session
+from influx.unlearn.loop import Session
 from influx.unlearn.result import TrajectoryPoint, UnlearnResult
 
 __all__ = ["reinitialize", "retrain"]
@@ -84,14 +85,14 @@ def retrain(
         work.load_state_dict(init)
     else:
         reinitialize(work, init_seed)
-    n = session.retain[0].shape[0]
+    n = session.retain_set.n
     size = n if batch_size is None else batch_size
     total = epochs * math.ceil(n / size)
     checkpoints = (
         sorted({*range(0, total + 1, record_every), total}) if record_every is not None else ()
     )
     run = train(
-        work, session.retain, loss=loss_fn, optimizer=optimizer, lr=lr, epochs=epochs,  # type: ignore[arg-type]
+        work, session.retain_set.data, loss=loss_fn, optimizer=optimizer, lr=lr, epochs=epochs,  # type: ignore[arg-type]
         batch_size=batch_size, seed=seed, momentum=momentum, weight_decay=weight_decay,
         lr_schedule=lr_schedule, checkpoints=checkpoints, device=session.device,  # type: ignore[arg-type]
         progress=progress,

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from influx.data import LossFn
 from influx.errors import InfluxValueError
-from influx.unlearn.loop import LossFn, Session, Step
+from influx.unlearn.loop import Session, Step
 from influx.unlearn.result import UnlearnResult
 
 __all__ = ["distillation_kl", "scrub"]
@@ -111,7 +112,7 @@ def scrub(
 
     def min_objective(batch) -> torch.Tensor:
         kl, student = divergence(batch)
-        ce = session.checked(session.loss_fn(student, batch[1].to(session.device)), batch[2])
+        ce = session.loss(student, batch)
         return kl_weight * kl.mean() + ce_weight * ce.mean()
 
     def plan() -> Iterator[Step]:

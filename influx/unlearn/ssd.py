@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from influx.data import LossFn, iter_batches
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_grads, select_parameters
-from influx.unlearn.loop import LossFn, Session
+from influx.unlearn.loop import Session
 from influx.unlearn.result import UnlearnResult
 
 __all__ = ["fisher_diagonal", "ssd"]
@@ -35,27 +36,42 @@ __all__ = ["fisher_diagonal", "ssd"]
 def fisher_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    data,
+    targets: torch.Tensor | None = None,
     *,
     chunk_size: int = 64,
     params=None,
 ) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient, name -> [*param.shape], over ``inputs`` [N, ...].
+    """Mean squared per-example gradient, name -> [*param.shape], over the examples of ``data``.
 
-    Per-example gradients come from influx's engine ``chunk_size`` examples at a time (the model
-    is evaluated in its current train/eval mode).
+    ``data`` is the inputs [N, ...] with ``targets`` [N] next, or one data argument (a tuple, a
+    Dataset or a DataLoader; ``targets`` left out), streamed. Per-example gradients come from
+    influx's engine ``chunk_size`` examples at a time (the model is evaluated in its current
+    train/eval mode).
     """
+    if isinstance(data, torch.Tensor):
+        data = (data, targets)
+    elif targets is not None:
+        raise InfluxValueError(
+            "targets goes with inputs given as a tensor; data given as a tuple, Dataset or "
+            "DataLoader carries its own targets: leave targets out"
+        )
+    return _fisher(model, loss_fn, iter_batches(data, chunk_size), params)
+
+
+def _fisher(model, loss_fn, batches, params=None) -> dict[str, torch.Tensor]:
+    """:func:`fisher_diagonal` over ``batches`` of (inputs, targets, indices)."""
     selected = select_parameters(model, params)
     total = {name: torch.zeros_like(p) for name, p in selected.items()}
     device = next(iter(selected.values())).device
-    for start in range(0, inputs.shape[0], chunk_size):
-        x = inputs[start : start + chunk_size].to(device)
-        y = targets[start : start + chunk_size].to(device)
+    count = 0
+    for inputs, targets, _ in batches:
+        x, y = inputs.to(device), targets.to(device)
         grads = per_sample_grads(model, loss_fn, x, y, params=list(selected))
         for name, g in grads.items():
             total[name] += g.detach().square().sum(0)
-    return {name: value / inputs.shape[0] for name, value in total.items()}
+        count += inputs.shape[0]
+    return {name: value / count for name, value in total.items()}
 
 
 def ssd(
@@ -87,32 +103,26 @@ def ssd(
                    keep_states=keep_states, on_checkpoint=on_checkpoint, batch_size=chunk_size)  # fmt: skip
     session = Session("ssd", model, loss_fn, forget, retain, budget=budget,
                       train_compute=train_compute, options=options)  # fmt: skip
-    forget_x, forget_y, _ = session.forget
-    retain_x, retain_y, _ = session.retain
-    n_forget, n_retain = forget_x.shape[0], retain_x.shape[0]
+    forget, retain = session.forget_set, session.retain_set
+    n_forget, n_retain = forget.n, retain.n
     if not session.meter.affords(n_forget):
         raise InfluxValueError(
             f"ssd needs at least the {n_forget} forget-set gradient evaluations for its forget "
             f"importance; the budget is {session.meter.budget:.0f}"
         )
     used = int(min(n_retain, session.meter.remaining - n_forget))
+    chosen = None  # the whole retain set, in order
     if used < n_retain:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         chosen = torch.randperm(n_retain, generator=generator, device="cpu")[:used]
-        retain_x, retain_y = (
-            retain_x[chosen.to(retain_x.device)],
-            retain_y[chosen.to(retain_y.device)],
-        )
     work = session.model
     if record_every is not None:
         session.record()
     work.eval()
-    forget_importance = fisher_diagonal(work, loss_fn, forget_x, forget_y, chunk_size=chunk_size)
+    forget_importance = _fisher(work, loss_fn, forget.batches(chunk_size))
     session.meter.charge(n_forget)
     if used > 0:
-        retain_importance = fisher_diagonal(
-            work, loss_fn, retain_x, retain_y, chunk_size=chunk_size
-        )
+        retain_importance = _fisher(work, loss_fn, retain.batches(chunk_size, chosen))
         session.meter.charge(used)
     dampened = 0
     with torch.no_grad():

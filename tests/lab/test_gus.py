@@ -199,8 +199,11 @@ def test_a_loss_that_only_runs_in_float32_is_told_to_pass_loss_dtype_none():
 def test_non_finite_inputs_name_the_point():
     inputs, targets, noise = _points(n=10)
     inputs[6, 1, 2] = float("nan")
-    with pytest.raises(InfluxRuntimeError, match=r"example positions \[6\]"):
+    with pytest.raises(InfluxRuntimeError, match=r"example indices \[6\]"):
         gus(_model(), LOSS, inputs, targets, noise, 0.4)
+    # with dataset indices, the point is named by its own
+    with pytest.raises(InfluxRuntimeError, match=r"example indices \[106\]"):
+        gus(_model(), LOSS, inputs, targets, noise, 0.4, indices=torch.arange(100, 110))
 
 
 @pytest.mark.parametrize(
