@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,11 +37,10 @@ from tqdm.auto import tqdm
 from influx.aggregate import Aggregator
 from influx.aggregate import mean as _mean_aggregator
 from influx.checks import check_integer, check_number
-from influx.data import iter_batches, iter_ordered_batches, num_examples
+from influx.data import LossFn, iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.seeds import derive_seed
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (model, loss_fn, inputs, targets) -> (per-example losses [n] detached, {name: gradient})
 GradientFn = Callable[
     [nn.Module, LossFn, torch.Tensor, torch.Tensor],
@@ -135,15 +135,30 @@ class TrainResult:
         )
 
 
-def _resolve_loss(loss: str | LossFn) -> LossFn:
-    if callable(loss):
-        return loss
-    if loss not in _LOSSES:
+def _resolve_loss(loss_fn: str | LossFn) -> LossFn:
+    if callable(loss_fn):
+        return loss_fn
+    if loss_fn not in _LOSSES:
         raise InfluxValueError(
-            f"loss must be one of {sorted(_LOSSES)} or a callable "
-            f"(outputs, targets) -> losses [N]; got {loss!r}"
+            f"loss_fn must be one of {sorted(_LOSSES)} or a callable "
+            f"(outputs, targets) -> losses [N]; got {loss_fn!r}"
         )
-    return _LOSSES[loss]
+    return _LOSSES[loss_fn]
+
+
+def _renamed_loss(loss_fn: str | LossFn, loss: str | LossFn | None, function: str):
+    """``loss_fn``, or the deprecated ``loss=`` of ``function`` when that was given instead."""
+    if loss is None:
+        return loss_fn
+    if loss_fn != "cross_entropy":
+        raise InfluxValueError(f"{function}() got both loss_fn= and loss=: pass loss_fn= only")
+    warnings.warn(
+        f"{function}(loss=...) is deprecated: pass loss_fn=... (the name every influx function "
+        "uses)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return loss
 
 
 def total_steps(n: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
@@ -214,16 +229,19 @@ def evaluate(
     model: nn.Module,
     data,
     *,
-    loss: str | LossFn = "cross_entropy",
+    loss_fn: str | LossFn = "cross_entropy",
     batch_size: int = 512,
     device: str | torch.device | None = None,
+    loss: str | LossFn | None = None,
 ) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on ``data`` in eval mode.
 
-    Accuracy compares ``argmax`` of the outputs [N, C] with the targets [N]; it is NaN for a loss
-    other than cross-entropy. The model's train/eval mode is restored afterwards.
+    ``loss_fn`` is ``"cross_entropy"``, ``"mse"`` or a callable giving per-example losses
+    (``loss=`` is its deprecated name). Accuracy compares ``argmax`` of the outputs [N, C] with
+    the targets [N]; it is NaN for a loss other than cross-entropy. The model's train/eval mode is
+    restored afterwards.
     """
-    loss_fn = _resolve_loss(loss)
+    loss_fn = _resolve_loss(_renamed_loss(loss_fn, loss, "evaluate"))
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -315,7 +333,7 @@ def train(
     model: nn.Module,
     data,
     *,
-    loss: str | LossFn = "cross_entropy",
+    loss_fn: str | LossFn = "cross_entropy",
     optimizer: Literal["adam", "sgd"] = "adam",
     lr: float = 1e-3,
     epochs: int | None = None,
@@ -332,12 +350,13 @@ def train(
     aggregator: Aggregator | Callable | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    loss: str | LossFn | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with mini-batches in a seeded random order.
 
     Give exactly one of ``epochs`` and ``steps``. ``batch_size=None`` trains on the full batch.
-    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable mapping (outputs, targets) to
-    per-example losses [N]; each step minimizes their mean. ``checkpoints`` lists the steps
+    ``loss_fn`` is ``"cross_entropy"``, ``"mse"`` or a callable mapping (outputs, targets) to
+    per-example losses [N] (``loss=`` is its deprecated name); each step minimizes their mean. ``checkpoints`` lists the steps
     (0 = before training, up to the total number of steps) at which to keep a parameter copy, or
     ``"epochs"`` for the initial model and the end of every epoch. ``lr_schedule="cosine"`` decays
     the learning rate to 0 over the run. The global RNG state is left untouched: the seed drives
@@ -351,6 +370,7 @@ def train(
     worker: the mean aggregator weights the parts equally, so when N is not a multiple of M it
     differs slightly from the batch's mean gradient (parts of 4 and 3 examples: 4/7 vs 1/2).
     """
+    loss = _renamed_loss(loss_fn, loss, "train")
     n = num_examples(data)
     if n == 0:
         raise InfluxValueError("cannot train on empty data")
@@ -395,7 +415,7 @@ def train(
             model, data, loss_fn, opt, total, batch_size, seed, lr, lr_schedule,
             checkpoint_steps, device, progress, sampling, step_gradient,
         )  # fmt: skip
-    final_loss, final_accuracy = evaluate(model, data, loss=loss_fn, device=device)
+    final_loss, final_accuracy = evaluate(model, data, loss_fn=loss_fn, device=device)
     return TrainResult(
         steps=total,
         epochs=total / steps_per_epoch,

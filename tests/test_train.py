@@ -185,7 +185,7 @@ def test_trains_on_a_dataset_and_restores_the_mode(tmp_path):
         ({"epochs": 1, "checkpoints": [7]}, r"checkpoint steps must lie in \[0, 2\]"),
         ({"epochs": 1, "checkpoints": "steps"}, "checkpoints must be step numbers or 'epochs'"),
         ({"epochs": 1, "optimizer": "lbfgs"}, "optimizer must be one of"),
-        ({"epochs": 1, "loss": "hinge"}, "loss must be one of"),
+        ({"epochs": 1, "loss_fn": "hinge"}, "loss_fn must be one of"),
         ({"epochs": 1, "batch_size": 0}, r"batch_size must be an integer >= 1; got 0 \(or None"),
         ({"epochs": 1, "batch_size": 8.0}, r"batch_size must be an integer >= 1"),
         ({"epochs": 1, "lr": 0.0}, "lr must be a finite number > 0"),
@@ -218,6 +218,30 @@ def test_a_nan_example_or_a_diverging_loss_stops_training_by_name():
     with pytest.raises(InfluxValueError, match="the loss diverged"):
         train(small_model(), blobs(20), optimizer="sgd", lr=1e38, epochs=3, batch_size=20,
               progress=False)  # fmt: skip
+
+
+def mse_of_logits(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (outputs - F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)).square().sum(1)
+
+
+def test_loss_is_the_deprecated_name_of_loss_fn():
+    data = blobs(30)
+    settings = dict(epochs=2, batch_size=8, progress=False)
+    new_model, old_model = small_model(), small_model()
+    new = train(new_model, data, loss_fn=mse_of_logits, **settings)
+    with pytest.warns(DeprecationWarning, match=r"train\(loss=...\) is deprecated: pass loss_fn="):
+        old = train(old_model, data, loss=mse_of_logits, **settings)
+    assert torch.equal(new.losses, old.losses) and new.config == old.config
+    for (name, a), b in zip(new_model.state_dict().items(), old_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The default stays cross-entropy; evaluate takes the same two names.
+    assert train(small_model(), data, **settings).config["loss"] == "cross_entropy"
+    with pytest.warns(DeprecationWarning, match=r"evaluate\(loss=...\)"):
+        old_loss, old_accuracy = evaluate(new_model, data, loss=mse_of_logits)
+    new_loss, new_accuracy = evaluate(new_model, data, loss_fn=mse_of_logits)
+    assert old_loss == new_loss and math.isnan(old_accuracy) and math.isnan(new_accuracy)
+    with pytest.raises(InfluxValueError, match="both loss_fn= and loss="):
+        train(small_model(), data, loss_fn="mse", loss=mse_of_logits, **settings)
 
 
 def test_ensemble_equals_independent_torch_optim_runs():
