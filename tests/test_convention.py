@@ -50,57 +50,67 @@ _BATCH_HELPER = (
     "entry point that takes user data"
 )
 _OLD_TARGETS = (
-    "`targets=None` is the second half of the older `(inputs, targets)` form, kept positional so "
-    "that calls written before data became one argument still work"
+    "`targets=None` (and the rest of the older `(inputs, targets, ...)` form) stays positional "
+    "so that calls written before data became one argument still work"
+)
+_OLD_ORDER = (
+    "`train=None` lets the deprecated older order, without `loss_fn`, through (it warns); the "
+    "data is not a setting"
+)
+_SAVED_FILE = "the saved file is the subject and comes first, then (model, loss_fn, train)"
+_TRAINER_LOSS = (
+    "trainers take the loss as a keyword defaulting to cross-entropy (a name or a function), so "
+    "that `train(model, data)` works"
 )
 ALLOWED = {
+    # Data as one argument, with the older positional form still accepted.
     ("grads.per_sample_grads", "keyword-settings"): _OLD_TARGETS,
     ("grads.per_sample_norms", "keyword-settings"): _OLD_TARGETS,
     ("grads.per_sample_projected", "keyword-settings"): _OLD_TARGETS,
+    ("dp.clipped_grad", "keyword-settings"): _OLD_TARGETS,
+    ("poison.input_gradients", "keyword-settings"): _OLD_TARGETS,
+    ("unlearn.fisher_diagonal", "keyword-settings"): _OLD_TARGETS,
+    ("audit.gus", "keyword-settings"): _OLD_TARGETS,
+    ("memorization.estimate", "keyword-settings"): _OLD_ORDER,
+    ("memorization.margin", "keyword-settings"): _OLD_ORDER,
+    ("memorization.fit_ensemble", "loss-second"): "deprecated alias keeping the older order; "
+    "influx.ensembles.fit_ensemble(model_fn, loss_fn, train, masks) is the new form",
+    # The batch-level engine and the helpers that a streaming caller hands one batch.
     ("grads.per_sample_gram", "one-data-argument"): _BATCH_ENGINE,
     ("grads.capture_matmul_layers", "one-data-argument"): _BATCH_ENGINE,
     ("grads.reference.per_sample_grads", "one-data-argument"): _BATCH_ENGINE,
     ("grads.reference.naive_per_sample_grads", "one-data-argument"): _BATCH_ENGINE,
     ("grads.capture.capture", "one-data-argument"): _BATCH_ENGINE,
     ("grads.capture.capture_streaming", "one-data-argument"): _BATCH_ENGINE,
-    # The layers to watch and the parameters they own are the capture's own plumbing, passed
-    # positionally by the engine's two call sites.
-    ("grads.capture.capture", "keyword-settings"): "`parameters` is engine plumbing",
-    ("grads.capture.capture_streaming", "keyword-settings"): "`parameters` is engine plumbing",
-    # DP-SGD's clipped gradient is the per-batch `gradient=` hook of influx.train.train.
-    ("dp.clipped_grad", "one-data-argument"): "per-batch gradient hook of train.train",
-    ("train.mean_gradient", "one-data-argument"): "per-batch gradient hook of train.train",
-    ("poison.input_gradients", "one-data-argument"): _BATCH_ENGINE,
-    # GUS reads clean inputs, labels and the noise that poisoned them as aligned tensors;
-    # `gus_of(model, loss_fn, poison)` is its one-data-argument form.
-    ("audit.gus", "one-data-argument"): "aligned tensors; gus_of is the one-argument form",
-    ("unlearn.fisher_diagonal", "one-data-argument"): _BATCH_HELPER,
+    ("grads.capture.capture", "keyword-settings"): "`parameters` (the tensors to watch) is "
+    "engine plumbing, passed positionally by the engine's call sites",
+    ("grads.capture.capture_streaming", "keyword-settings"): "as grads.capture.capture",
+    ("train.mean_gradient", "one-data-argument"): "the per-batch `gradient=` hook of train.train",
     ("influence.base.per_example_gradients", "one-data-argument"): _BATCH_HELPER,
-    ("influence.exact.dense_curvature", "one-data-argument"): _BATCH_HELPER,
-    ("influence.iterative.fit_preconditioner", "one-data-argument"): _BATCH_HELPER,
-    # Chooses the Fisher option from its value first; the model and batch only resolve "auto".
-    ("influence.kfac.resolve_fisher", "model-first"): "the option is the subject, the model "
-    "and batch only resolve 'auto'",
-    ("influence.kfac.resolve_fisher", "loss-second"): "as model-first",
+    ("influence.stream.check_batch", "one-data-argument"): _BATCH_HELPER,
+    ("influence.stream.check_batch", "keyword-settings"): "helper: `values` names what the "
+    "message says was checked",
     ("influence.kfac.resolve_fisher", "one-data-argument"): _BATCH_HELPER,
-    # `load(path, model, loss_fn, train)`: the file is the subject; the model, loss and data it
-    # is bound to follow in the usual order.
-    ("influence.load", "model-first"): "the saved file comes first, then (model, loss_fn, train)",
-    ("influence.load", "loss-second"): "the saved file comes first, then (model, loss_fn, train)",
-    # Trainers from scratch take `loss_fn` as a keyword defaulting to cross-entropy today; the
-    # memorization rework moves it to `(model_fn, loss_fn, data)`.
-    ("memorization.estimate", "loss-second"): "loss_fn is a keyword with a default today",
-    ("memorization.fit_ensemble", "loss-second"): "loss_fn is a keyword with a default today",
-    # Trainers take the loss as a keyword defaulting to cross-entropy (a name or a function), so
-    # that `train(model, data)` works; `loss=` is the deprecated spelling of `loss_fn=`.
-    ("train.train", "loss-second"): "loss_fn is a keyword with a cross-entropy default",
-    ("train.evaluate", "loss-second"): "loss_fn is a keyword with a cross-entropy default",
-    ("train.train", "loss-name"): "`loss=` is a deprecated alias of `loss_fn=`",
-    ("train.evaluate", "loss-name"): "`loss=` is a deprecated alias of `loss_fn=`",
+    # Helpers whose subject is not the model: the model and loss only resolve or evaluate it.
+    ("influence.kfac.resolve_fisher", "model-first"): "the Fisher option is the subject; the "
+    "model and batch only resolve 'auto'",
+    ("influence.kfac.resolve_fisher", "loss-second"): "as model-first",
+    ("influence.stream.checked", "model-first"): "wraps `data`, its subject, for a check of its "
+    "first pass; the model and loss only evaluate it",
+    ("influence.stream.checked", "loss-second"): "as model-first",
+    ("influence.load", "model-first"): _SAVED_FILE,
+    ("influence.load", "loss-second"): _SAVED_FILE,
+    ("influence.factors_io.read", "model-first"): _SAVED_FILE,
+    ("influence.factors_io.read", "loss-second"): _SAVED_FILE,
+    # The trainer and its evaluation; `loss=` is the deprecated spelling of `loss_fn=`.
+    ("train.train", "loss-second"): _TRAINER_LOSS,
+    ("train.evaluate", "loss-second"): _TRAINER_LOSS,
+    ("train.train", "loss-name"): "`loss=` is a deprecated alias of `loss_fn=` (it warns)",
+    ("train.evaluate", "loss-name"): "`loss=` is a deprecated alias of `loss_fn=` (it warns)",
     # The probe sets are optional data (the sets the shift is measured on), not settings.
     ("shift.analyze", "keyword-settings"): "`probes` is optional data, not a setting",
     ("shift.trajectory", "keyword-settings"): "`probes` is optional data, not a setting",
-    # Small internal helpers whose second argument is part of what they compute.
+    # Small helpers whose second argument is part of what they compute.
     ("curvature.check_steps", "keyword-settings"): "helper: `name` labels the message",
     ("grads.select_parameters", "keyword-settings"): "helper: `params` is the selection itself",
     ("grads.common.example_names", "keyword-settings"): "helper: `offset` locates the rows",
