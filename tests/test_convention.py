@@ -30,6 +30,7 @@ PACKAGES = (
     "unlearnable",
     "shift",
     "train",
+    "ensembles",
 )
 MODEL_NAMES = ("model", "model_fn")
 LOSS_NAMES = ("loss", "loss_func", "loss_function", "criterion")
