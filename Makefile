@@ -23,7 +23,7 @@ $(RUNTIME_STAMP): $(BIN)/python pyproject.toml
 	touch $(RUNTIME_STAMP)
 
 demo: $(RUNTIME_STAMP)
-	$(BIN)/influx-score --dataset digits --model mlp --out runs/digits-mlp
+	$(BIN)/influx-score --dataset digits --model mlp --flip-labels 0.1 --poison gaussian:0.02:0.3 --out runs/digits-mlp
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

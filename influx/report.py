@@ -364,6 +364,14 @@ def _best_detections(found: Sequence[Detection]) -> dict[str, Detection]:
     return best
 
 
+def _kinds_by_score(best: Mapping[str, Detection]) -> dict[str, list[str]]:
+    """The best scores, each with the kinds it finds best: one picture row per score."""
+    kinds: dict[str, list[str]] = {}
+    for kind, d in best.items():
+        kinds.setdefault(d.score, []).append(kind)
+    return kinds
+
+
 def _text_colour(rgba: Sequence[float]) -> str:
     """Black or white, whichever contrasts more with a cell of colour ``rgba`` (WCAG 2 relative
     luminance; the two are equal at luminance 0.179). A transparent cell (NaN) shows the white
@@ -528,15 +536,15 @@ def write_report(
         best = _best_detections(found)
         if images is not None and best:
             rows = [
-                (f"{kind}: {d.score}", np.asarray(columns[d.score], dtype=np.float64),
-                 _top_positions(_suspicion(d.score, columns[d.score], ascending), k))
-                for kind, d in best.items()
+                (f"{', '.join(kinds)}: {score}", np.asarray(columns[score], dtype=np.float64),
+                 _top_positions(_suspicion(score, columns[score], ascending), k))
+                for score, kinds in _kinds_by_score(best).items()
             ]  # fmt: skip
             _grid(rows, targets, images, class_names, k, figures / "planted.png", masks)
             lines.append(f"![what the best scores found]({FIGURES}/planted.png)\n")
             lines.append(
-                f"Each row: the top {k} examples of the score that finds that kind best (highest "
-                "AUC), planted ones framed and named in the kind's colour.\n"
+                f"Each row: the top {k} examples of the score that finds the kinds named on its "
+                "left best (highest AUC), planted ones framed and named in the kind's colour.\n"
             )
 
     lines.append("## Distributions\n")

@@ -212,6 +212,12 @@ def test_a_score_defined_on_some_examples_is_judged_there_and_never_picked_best(
     assert by_score["gus"].auc == 1.0 and by_score["gus"].examples == 2
     assert by_score["loss"].auc < 1.0
     assert report._best_detections(found)["flipped"].score == "loss"
+    # one picture row per best score, naming every kind it finds best
+    poisoned = np.zeros(10, dtype=bool)
+    poisoned[[1, 3]] = True
+    both = report.planted_detection({"loss": loss}, {"flipped": flipped, "poisoned": poisoned})
+    best = report._best_detections(both)
+    assert report._kinds_by_score(best) == {"loss": ["flipped", "poisoned"]}
     section = "\n".join(
         report._planted_section(found, {"flipped": flipped}, ["loss", "gus"], report.ASCENDING)
     )
