@@ -3,7 +3,9 @@ damaged files, refusals, and every bad input as one line on stderr with exit cod
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
@@ -20,7 +22,8 @@ import pytest
 import torch
 from utils import assert_close
 
-from influx import cli, commutator, data, influence, store
+from influx import cli, data, influence, store
+from influx.cli.lock import LOCK_FILE, FolderLock
 from influx.errors import InfluxValueError
 from influx.grads import projection
 from influx.train import cross_entropy_per_example
@@ -64,12 +67,21 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
 
 
+def main_in_process(args) -> tuple[int, str, str]:
+    """``cli.main(args)`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(args)
+    return status, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "digits"
-    result = run_cli([*ARGS, "--out", str(out)])
-    assert result.returncode == 0, result.stderr
-    assert "report: " + str(out / "report.md") in result.stdout
+    status, stdout, stderr = main_in_process([*ARGS, "--out", str(out)])
+    assert status == 0, stderr
+    assert "report: " + str(out / "report.md") in stdout
+    assert not (out / LOCK_FILE).exists(), "the lock is released on exit"
     return out
 
 
@@ -148,22 +160,6 @@ def test_scores_match_references(finished):
     assert_close(torch.tensor(table["self_influence_ekfac"]), expected, rtol=1e-5, name="s(z)")
 
 
-def test_commutator_statistic_is_the_bracket_with_the_reference_batch():
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
-    model = model.double()
-    inputs = torch.randn(6, 5, dtype=torch.float64)
-    targets = torch.randint(0, 3, (6,))
-    reference = (torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,)))
-    norms = cli.commutator_norms(model, cross_entropy_per_example, inputs, targets, reference)
-    expected = torch.tensor([
-        commutator.bracket(model, cross_entropy_per_example, (x[None], y[None]), reference).norm
-        for x, y in zip(inputs, targets)
-    ], dtype=torch.float64)  # fmt: skip
-    # float64, same HVPs in another arrangement: a few hundred ulps.
-    assert_close(norms, expected, rtol=1e-10, name="commutator")
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_same_files(finished, tmp_path):
     out = tmp_path / "killed"
@@ -183,9 +179,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_files(finished, tmp_path):
     done = len(list((out / "store").glob("*.npy.sha256")))
     assert 3 <= done < 120, done
 
-    result = run_cli([*ARGS, "--out", str(out)])
-    assert result.returncode == 0, result.stderr
-    assert "shards were already done" in result.stderr
+    status, _, stderr = main_in_process([*ARGS, "--out", str(out)])
+    assert status == 0, stderr
+    assert "shards were already done" in stderr
     assert_same_files(out, finished)
 
 
@@ -265,7 +261,7 @@ def test_another_data_dir_is_another_run(tmp_path, capsys):
 def test_the_device_is_part_of_a_run_only_through_dense_projections(scores, monkeypatch):
     # a dense projection of CUDA gradients is drawn on the GPU: TRAK's scores depend on the kind
     # of device, nothing else does
-    monkeypatch.setattr(cli, "data_identity", lambda dataset: {})
+    monkeypatch.setattr(sys.modules["influx.cli.run"], "data_identity", lambda dataset: {})
     config = {"scores": scores, "checkpoint": None, "seed": 0}
     prints = {
         device: cli.fingerprint(cli.run_identity({**config, "device": device}, None, None))
@@ -304,8 +300,9 @@ def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
     torch.save({"weights": _Payload()}, tmp_path / "payload.pt")
     (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(256))
     torch.save({"other.weight": torch.zeros(2)}, tmp_path / "other.pt")
-    torch.save({"w": torch.full((2,), float("nan"))}, tmp_path / "nan.pt")
     trained = cli._load_state_bytes((finished / "store/model.safetensors").read_bytes())[0]
+    torch.save({k: v.clone().fill_(float("nan")) if k == "1.weight" else v
+                for k, v in trained.items()}, tmp_path / "nan.pt")  # fmt: skip
     torch.save({k: v[:5] if k == "3.bias" else v for k, v in trained.items()},
                tmp_path / "five_classes.pt")  # fmt: skip
     cases = {
@@ -314,13 +311,14 @@ def test_unsafe_or_foreign_checkpoints_are_refused(finished, tmp_path, capsys):
         "random.bin": "neither a safetensors file nor a torch.save file",
         "other.pt": "does not fit this --model: missing",
         "missing.pt": "does not exist",
+        "nan.pt": "holds NaN/inf weights in ['1.weight']; it diverged",
     }
     for name, message in cases.items():
         out = tmp_path / f"out-{name}"
         assert cli.main([*ARGS, "--checkpoint", str(tmp_path / name), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-        assert not (out / "summary.json").exists()
+        assert not out.exists(), "refused before anything was written"
 
 
 def test_any_random_bytes_are_refused_with_the_checkpoint_message(tmp_path):
@@ -440,10 +438,11 @@ def test_damaged_cifar_file_is_named(tmp_path):
     write_tiny_cifar10(tmp_path / "data")
     damaged = tmp_path / "data/cifar-10-batches-py/data_batch_2"
     damaged.write_bytes(damaged.read_bytes()[:50])
-    result = run_cli(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
-                      "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
-    assert result.returncode == 2 and str(damaged) in result.stderr
-    assert result.stderr.count("\n") == 1
+    status, _, stderr = main_in_process(["--dataset", "cifar10", "--data-dir",
+                                         str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                                         "--no-progress"])  # fmt: skip
+    assert status == 2 and str(damaged) in stderr
+    assert stderr.count("\n") == 1
 
 
 def test_parse_scores_defaults_and_methods():
@@ -491,3 +490,138 @@ def test_a_rerun_of_a_finished_run_reports_the_commutator_reference(tmp_path, ca
     capsys.readouterr()
     reference = summaries[0]["commutator_reference"]
     assert len(reference) > 0 and summaries[1]["commutator_reference"] == reference
+
+
+def test_a_second_run_into_a_held_folder_is_refused(tmp_path, capsys):
+    # Two runs into one --out (the second with --overwrite and another seed) would mix their
+    # files: the folder is locked by the first, and the second names its pid.
+    out = tmp_path / "held"
+    with FolderLock(out):
+        assert (out / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+        args = [*ARGS, "--scores", "loss", "--out", str(out), "--overwrite", "--seed", "1"]
+        assert cli.main(args) == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"is in use by another influx-score (pid {os.getpid()}" in line
+        assert "wait for it to finish or choose another --out" in line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE], "nothing else written"
+    assert not (out / LOCK_FILE).exists(), "released"
+
+
+def test_a_run_holds_its_folder_and_a_dead_process_lock_is_reclaimed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "stale"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(f"pid {dead.pid} on elsewhere\n")
+    real = cli.Scorer.compute
+    seen = []
+
+    def holding(self, group, positions):
+        seen.append((out / LOCK_FILE).read_text())
+        with pytest.raises(InfluxValueError, match="is in use by another influx-score"):
+            FolderLock(out).acquire()
+        return real(self, group, positions)
+
+    monkeypatch.setattr(cli.Scorer, "compute", holding)
+    args = ["--max-examples", "20", "--epochs", "1", "--scores", "loss", "--no-progress"]
+    assert cli.main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert seen and all(text.startswith(f"pid {os.getpid()} ") for text in seen)
+    assert not (out / LOCK_FILE).exists(), "released on exit"
+
+
+def test_a_folder_of_the_users_own_score_files_is_refused(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "scores.csv").write_text("my,own\n")
+    (out / "report.md").write_text("# my report\n")
+    for extra in ([], ["--overwrite"]):
+        assert cli.main([*ARGS, "--scores", "loss", "--out", str(out), *extra]) == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"--out {out} holds scores.csv, report.md, which influx-score did not write" in line
+        assert "choose another --out, or move those files away" in line
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "scores.csv"], "untouched"
+    assert (out / "scores.csv").read_text() == "my,own\n"
+
+
+@pytest.mark.slow
+def test_a_damaged_store_is_cleared_by_overwrite(tmp_path, capsys):
+    out = tmp_path / "damaged-store"
+    args = ["--max-examples", "20", "--epochs", "1", "--scores", "loss", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    (out / "store/manifest.json").write_text("{ not json")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "is damaged" in line and "pass --overwrite to clear it and start over" in line
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "store/manifest.json").read_text())["shards"]
+
+
+def test_a_divergent_learning_rate_is_named(tmp_path, capsys):
+    out = tmp_path / "diverged"
+    args = ["--max-examples", "100", "--epochs", "1", "--lr", "1e30", "--no-progress"]
+    assert cli.main([*args, "--out", str(out)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "training diverged: the train loss went from" in line
+    assert "with --lr 1e+30; lower --lr (the digits default is 0.01)" in line
+    assert "examples" not in line, "the data is not blamed"
+
+
+@pytest.mark.slow
+def test_flipped_labels_are_planted_and_marked(tmp_path, capsys):
+    out = tmp_path / "flipped"
+    args = ["--max-examples", "100", "--epochs", "1", "--scores", "loss", "--no-progress",
+            "--flip-labels", "0.1", "--seed", "3", "--poison", "gaussian:0.05:0.5",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0, capsys.readouterr().err
+    table = pq.read_table(out / "scores.parquet")
+    assert table.column_names == ["index", "target", "loss", "flipped", "poisoned", "gus_iz"]
+    assert str(table.schema.field("flipped").type) == "bool"
+    expected = data.flip_labels(data.load("digits", max_examples=100), 0.1, 3)
+    flipped = np.asarray(table.column("flipped").to_pylist())
+    assert np.flatnonzero(flipped).tolist() == expected.flipped.tolist() and flipped.sum() == 10
+    targets = np.asarray(table.column("target").to_pylist())
+    assert np.array_equal(targets, expected.targets.numpy()), "trained and scored on the flips"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flip_labels"] == {"fraction": 0.1, "flipped": 10}
+    assert cli.main([*args[:-2], "--flip-labels", "0.2", "--out", str(out)]) == 2
+    assert "flip_labels: 0.1 -> 0.2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1"])
+def test_flip_labels_out_of_range_is_refused(tmp_path, capsys, fraction):
+    out = tmp_path / "o"
+    assert cli.main([*ARGS, "--flip-labels", fraction, "--out", str(out)]) == 2
+    assert "--flip-labels takes the fraction of training labels to flip" in error_line(
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_tracin_and_commutator_entries_are_the_library_calls():
+    # No score is computed in the CLI: its entries return what the library returns.
+    from influx import commutator
+
+    train = data.load("digits", max_examples=40)
+    torch.manual_seed(0)
+    model = cli.build_model("mlp", train.input_shape, train.num_classes).eval()
+    states = [({k: v + 0.01 * k_ for k, v in model.state_dict().items()}, lr)
+              for k_, lr in ((1, 0.1), (2, 0.05))]  # fmt: skip
+    scorer = cli.Scorer(model, train, {"device": "cpu", "seed": 0}, states)
+    positions = torch.arange(10, 25)
+    inputs, targets = train.inputs[10:25], train.targets[10:25]
+    tracin = influence.fit(model, cross_entropy_per_example, train, method="tracin",
+                           checkpoints=[s for s, _ in states], learning_rates=[0.1, 0.05])  # fmt: skip
+    expected = tracin.self_influence((inputs, targets)).double().numpy()
+    assert np.array_equal(scorer.compute("tracin", positions)["tracin"], expected)
+    reference = (
+        train.inputs[scorer.reference_positions()],
+        train.targets[scorer.reference_positions()],
+    )
+    expected = commutator.reference_bracket_norms(
+        model, cross_entropy_per_example, (inputs, targets), reference
+    )
+    computed = scorer.compute("commutator", positions)["commutator"]
+    assert np.array_equal(computed, expected.double().numpy())
+    assert all(entry.columns == cli.SCORES[name][0] for name, entry in cli.SCORES.items())
