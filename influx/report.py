@@ -431,6 +431,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
 def _planted_section(
     found: Sequence[Detection],
     masks: Mapping[str, np.ndarray],
@@ -445,6 +449,12 @@ def _planted_section(
         "Planted: "
         + ", ".join(
             f"`{kind}` {int(m.sum())} of {size} ({m.mean():.1%})" for kind, m in masks.items()
+        )
+        + "".join(
+            f"; {_count(int((masks[a] & masks[b]).sum()), 'example is', 'examples are')} both "
+            f"`{a}` and `{b}` (each kind's numbers count them)"
+            for a, b in itertools.combinations(masks, 2)
+            if (masks[a] & masks[b]).any()
         )
         + ". Each score ranks the examples from its suspicious end (largest first"
         + (f"; smallest first for {lowest}" if lowest else "")

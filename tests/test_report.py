@@ -218,10 +218,13 @@ def test_a_score_defined_on_some_examples_is_judged_there_and_never_picked_best(
     both = report.planted_detection({"loss": loss}, {"flipped": flipped, "poisoned": poisoned})
     best = report._best_detections(both)
     assert report._kinds_by_score(best) == {"loss": ["flipped", "poisoned"]}
+    masks = {"flipped": flipped, "poisoned": poisoned}
+    section = "\n".join(report._planted_section(both, masks, ["loss"], report.ASCENDING))
+    assert "`poisoned` 2 of 10 (20.0%); 1 example is both `flipped` and `poisoned`" in section
     section = "\n".join(
         report._planted_section(found, {"flipped": flipped}, ["loss", "gus"], report.ASCENDING)
     )
-    assert "`flipped` 2 of 10 (20.0%)" in section
+    assert "`flipped` 2 of 10 (20.0%)." in section, "no overlap: nothing said about it"
     assert f"| `flipped` | `loss` | {by_score['loss'].auc:.4g} | 0.5 | 2 | 0.2 | 10 |" in section
     assert "| `flipped` | `gus` | 1 | 1 | 1 | 0.5 | 2 |" in section
     assert "Best at finding `flipped`: `loss`" in section
