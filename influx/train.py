@@ -31,7 +31,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from influx.aggregate import Aggregator
@@ -596,32 +595,11 @@ def train_ensemble(
     lr: float,
     chunk: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """Train K copies of ``model`` by full-batch Adam, copy k on ``sum_i weights[k, i] l_i``.
+    """Train K copies of ``model`` by full-batch Adam, copy k on ``sum_i weights[k, i] l_i``:
+    :func:`influx.ensembles.fit_weighted` on the data ``(inputs, targets)``. Returns name ->
+    [K, *shape]."""
+    from influx import ensembles
 
-    ``weights`` [K, N] (0/1 for subsets, any value for upweighting); ``init`` the starting
-    parameters (default: the model's). The copies are stacked and their losses ``vmap``-ed,
-    ``chunk`` copies at a time; Adam is elementwise, so one ``torch.optim.Adam`` over the stacked
-    parameters is K independent optimizers. Returns name -> [K, *shape].
-    """
-    start = {n: (init[n] if init is not None else p).detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def objective(params, w):
-        losses = loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
-        return (losses * w).sum()
-
-    batched_objective = vmap(objective)
-    results: dict[str, list[torch.Tensor]] = {n: [] for n in start}
-    for block in weights.split(chunk):
-        stacked = {
-            n: p.unsqueeze(0).repeat(block.shape[0], *([1] * p.dim())).requires_grad_()
-            for n, p in start.items()
-        }
-        optimizer = torch.optim.Adam(stacked.values(), lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            batched_objective(stacked, block).sum().backward()
-            optimizer.step()
-        for n, p in stacked.items():
-            results[n].append(p.detach())
-    return {n: torch.cat(parts) for n, parts in results.items()}
+    return ensembles.fit_weighted(
+        model, loss_fn, (inputs, targets), weights, init=init, steps=steps, lr=lr, chunk=chunk
+    )

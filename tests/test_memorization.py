@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -14,7 +13,8 @@ from torch.func import functional_call, grad, vmap
 from utils import assert_close
 
 from influx import data, memorization, models
-from influx.errors import InfluxRuntimeError, InfluxValueError
+from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
+from influx.memorization.proxies import _at, _probe_signs
 from influx.train import cross_entropy_per_example, train
 
 LOSS = cross_entropy_per_example
@@ -122,7 +122,7 @@ def _same(a: memorization.MemorizationResult, b: memorization.MemorizationResult
 def single_run(digits_subset):
     train_set, test_set = digits_subset
     with pytest.warns(UserWarning, match="never in"):
-        return memorization.estimate(_tiny_mlp, train_set, test=test_set, **SETUP)
+        return memorization.estimate(_tiny_mlp, LOSS, train_set, test=test_set, **SETUP)
 
 
 def test_estimate_is_finite_and_bounded(single_run):
@@ -139,18 +139,47 @@ def test_estimate_resumes_to_the_same_result(digits_subset, single_run, tmp_path
     train_set, test_set = digits_subset
     with pytest.warns(UserWarning, match="1 of 3 chunks"):
         partial = memorization.estimate(
-            _tiny_mlp, train_set, test=test_set, out=tmp_path, max_chunks=1, **SETUP
+            _tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, max_chunks=1, **SETUP
         )
     assert not partial.complete and partial.n_models == 2
     with pytest.warns(UserWarning, match="never in"):
-        resumed = memorization.estimate(_tiny_mlp, train_set, test=test_set, out=tmp_path, **SETUP)
+        resumed = memorization.estimate(
+            _tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, **SETUP
+        )
     assert resumed.complete
     _same(resumed, single_run)
     # Another setup in the same folder is refused rather than mixed in.
-    with pytest.raises(InfluxValueError, match="different setup"):
+    with pytest.raises(InfluxValueError, match=r"other settings \(lr: 0.01 -> 0.5\)"):
         memorization.estimate(
-            _tiny_mlp, train_set, test=test_set, out=tmp_path, **{**SETUP, "lr": 0.5}
+            _tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, **{**SETUP, "lr": 0.5}
         )
+
+
+def test_a_damaged_chunk_is_trained_again(digits_subset, single_run, tmp_path):
+    train_set, test_set = digits_subset
+    with pytest.warns(UserWarning, match="never in"):
+        memorization.estimate(_tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, **SETUP)
+    shard = tmp_path / "chunk-00001.correct.npy"
+    shard.write_bytes(shard.read_bytes()[:-8])  # truncated outside influx
+    with pytest.warns(UserWarning, match=r"2 of 3 chunks of runs are present \(missing \[1\]"):
+        # max_chunks=0: nothing is retrained, and the damaged chunk is not used.
+        partial = memorization.estimate(
+            _tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, max_chunks=0, **SETUP
+        )
+    assert not partial.complete and partial.n_models == 4 and not shard.exists()
+    with pytest.warns(UserWarning, match="never in"):
+        again = memorization.estimate(
+            _tiny_mlp, LOSS, train_set, test=test_set, out=tmp_path, **SETUP
+        )
+    _same(again, single_run)
+
+
+def test_merge_refuses_a_folder_estimate_did_not_write(tmp_path):
+    with pytest.raises(InfluxValueError, match="no readable manifest.json of memorization"):
+        memorization.merge([tmp_path])
+    (tmp_path / "manifest.json").write_text('{"format": 1, "fingerprint": "x", "meta": {}}')
+    with pytest.raises(InfluxValueError, match="no readable manifest.json of memorization"):
+        memorization.merge([tmp_path])
 
 
 def test_two_ranks_merge_to_the_single_process_run(digits_subset, single_run, tmp_path):
@@ -159,8 +188,9 @@ def test_two_ranks_merge_to_the_single_process_run(digits_subset, single_run, tm
     for rank, folder in enumerate(folders):
         with pytest.warns(UserWarning):
             memorization.estimate(
-                _tiny_mlp, train_set, test=test_set, out=folder, rank=rank, world_size=2, **SETUP
-            )
+                _tiny_mlp, LOSS, train_set, test=test_set, out=folder, rank=rank, world_size=2,
+                **SETUP,
+            )  # fmt: skip
     with pytest.raises(InfluxRuntimeError, match=r"chunks \[1\]"):
         memorization.merge(folders[:1])
     with pytest.warns(UserWarning, match="never in"):
@@ -168,40 +198,42 @@ def test_two_ranks_merge_to_the_single_process_run(digits_subset, single_run, tm
     _same(merged, single_run)
 
 
-def test_ensemble_training_equals_one_model_at_a_time(digits_subset):
-    """vmapped chunk == each model trained alone with the same id (float64, same arithmetic)."""
-    inputs, targets = digits_subset[0]
-    batch = (inputs.double(), targets)
-    masks = memorization.subset_masks(120, [4, 5, 6], 0.5, seed=1)
-    assert torch.equal(masks[1:2], memorization.subset_masks(120, [5], 0.5, seed=1))
-    recipe = dict(epochs=2, lr=1e-2, batch_size=25, seed=1)
-    together = memorization.fit_ensemble(
-        lambda: _tiny_mlp().double(), batch, masks, model_ids=[4, 5, 6], **recipe
-    )
-    for k, model_id in enumerate([4, 5, 6]):
-        alone = memorization.fit_ensemble(
-            lambda: _tiny_mlp().double(), batch, masks[k : k + 1], model_ids=[model_id], **recipe
-        )
-        for name, stacked in together.params.items():
-            # Batched vs single matmuls differ in summation order only: float64 ulps, amplified
-            # a little by Adam's division by sqrt(v); 1e-9 is far below any training effect.
-            assert_close(stacked[k], alone.params[name][0], rtol=1e-9, name=name)
-
-
 def test_estimate_rejects_bad_settings(digits_subset):
     train_set, _ = digits_subset
     common = {**SETUP}
     with pytest.raises(InfluxValueError, match="subset_frac"):
-        memorization.estimate(_tiny_mlp, train_set, **{**common, "subset_frac": 1.0})
+        memorization.estimate(_tiny_mlp, LOSS, train_set, **{**common, "subset_frac": 1.0})
     with pytest.raises(InfluxValueError, match="out=<folder>"):
-        memorization.estimate(_tiny_mlp, train_set, rank=1, world_size=2, **common)
-    with pytest.raises(InfluxValueError, match="BatchNorm"):
+        memorization.estimate(_tiny_mlp, LOSS, train_set, rank=1, world_size=2, **common)
+    with pytest.raises(InfluxValueError, match="give both rank and world_size"):
+        memorization.estimate(_tiny_mlp, LOSS, train_set, rank=1, **common)
+    with pytest.raises(UnsupportedModelError, match="BatchNorm1d .*convert_batchnorm"):
         memorization.estimate(
-            lambda: torch.nn.Sequential(torch.nn.BatchNorm1d(3)), train_set, **common
+            lambda: torch.nn.Sequential(torch.nn.BatchNorm1d(3)), LOSS, train_set, **common
         )
     inputs, targets = train_set
     with pytest.raises(InfluxValueError, match=r"integer class indices \[N\].*targets.long\(\)"):
-        memorization.estimate(_tiny_mlp, (inputs, targets.float()), **common)
+        memorization.estimate(_tiny_mlp, LOSS, (inputs, targets.float()), **common)
+    with pytest.raises(InfluxValueError, match="needs the data after loss_fn"):
+        memorization.estimate(_tiny_mlp, LOSS, **common)
+
+
+def test_the_old_argument_order_still_works_with_a_deprecation_warning(digits_subset):
+    """estimate(model_fn, data) and margin(model, data): cross-entropy, the same numbers."""
+    train_set, _ = digits_subset
+    setup = {**SETUP, "n_models": 2, "chunk": 2, "epochs": 1}
+    with pytest.warns(UserWarning, match="never in"):
+        new = memorization.estimate(_tiny_mlp, LOSS, train_set, **setup)
+    with pytest.warns(DeprecationWarning, match=r"estimate\(model_fn, loss_fn, train"):
+        with pytest.warns(UserWarning, match="never in"):
+            old = memorization.estimate(_tiny_mlp, train_set, **setup)
+    for name in ("mem", "stderr", "n_in"):
+        assert torch.equal(getattr(old, name).nan_to_num(9.0), getattr(new, name).nan_to_num(9.0))
+    model = _tiny_mlp()
+    with pytest.warns(DeprecationWarning, match=r"margin\(model, loss_fn, train\)") as caught:
+        old_margin = memorization.margin(model, train_set)
+    assert caught[0].filename == __file__  # points at the caller
+    assert torch.equal(old_margin, memorization.margin(model, LOSS, train_set))
 
 
 # --- proxies -------------------------------------------------------------------------------------
@@ -233,12 +265,12 @@ def test_curvature_equals_a_per_example_loop(with_checkpoints):
         model, LOSS, (inputs, targets), checkpoints=states, probes=probes, h=h, seed=5,
         batch_size=batch_size,
     )  # fmt: skip
-    nets = [model] if states is None else [memorization._at(model, s) for s in states]
+    nets = [model] if states is None else [_at(model, s) for s in states]
     expected = torch.zeros(20, dtype=torch.float64, device="cpu")
     for net in nets:
         for start in range(0, 20, batch_size):
             count = min(batch_size, 20 - start)
-            signs = memorization._probe_signs(5, start, count, (6,), probes).double()
+            signs = _probe_signs(5, start, count, (6,), probes).double()
             for offset in range(count):
                 i = start + offset
 
@@ -264,7 +296,7 @@ def test_recorded_proxies_equal_direct_evaluation():
     assert recorded.losses.shape == (3, 30) and recorded.steps == [4, 8, 12]
     losses, probabilities = [], []
     for checkpoint in recorded.train_result.checkpoints:
-        net = memorization._at(model, checkpoint.state_dict).eval()
+        net = _at(model, checkpoint.state_dict).eval()
         logits = net(inputs)
         losses.append(LOSS(logits, targets))
         probabilities.append(logits.softmax(1)[torch.arange(30), targets])
@@ -276,7 +308,8 @@ def test_recorded_proxies_equal_direct_evaluation():
         torch.cat([logits[i, :c], logits[i, c + 1 :]]).max() for i, c in enumerate(targets.tolist())
     ])  # fmt: skip
     assert_close(
-        memorization.margin(model, (inputs, targets)), logits[torch.arange(30), targets] - others
+        memorization.margin(model, LOSS, (inputs, targets)),
+        logits[torch.arange(30), targets] - others,
     )
     assert_close(memorization.final_loss(model, LOSS, (inputs, targets)), LOSS(logits, targets))
 
@@ -333,85 +366,6 @@ def test_compare_equals_scipy_and_a_direct_overlap():
     assert "| loss |" in table.to_markdown()
     again = memorization.compare(mem_with_gap, {"loss": noisy, "margin": anti}, k=20, n_boot=200)
     assert again.rows == table.rows  # the bootstrap is seeded
-
-
-# --- dropout: masks seeded per model -------------------------------------------------------------
-
-
-class _ReusedDropoutMLP(torch.nn.Module):
-    """One nn.Dropout module called twice per forward (a common hand-written pattern)."""
-
-    def __init__(self, d=6, width=16, classes=3, p=0.5):
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(d, width), torch.nn.Linear(width, width)
-        self.out, self.drop = torch.nn.Linear(width, classes), torch.nn.Dropout(p)
-
-    def forward(self, x):
-        x = self.drop(torch.relu(self.fc1(x)))
-        return self.out(self.drop(torch.relu(self.fc2(x))))
-
-
-class _FunctionalDropoutMLP(_ReusedDropoutMLP):
-    def forward(self, x):
-        x = torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, self.training)
-        return self.out(torch.relu(self.fc2(x)))
-
-
-def test_seeded_dropout_is_dropout_with_the_given_noise():
-    x = torch.randn(4, 5, dtype=torch.float64, device="cpu")
-    noise = torch.rand(2 * 20, device="cpu")
-    module = memorization._SeededDropout(0.3)
-    module.noise = noise
-    first, second = module(x), module(2 * x)  # two calls read consecutive noise
-    keep = (noise >= 0.3).double().view(2, 4, 5)
-    # Same elementwise products: exact up to the rounding of 1 / 0.7.
-    assert_close(first, x * keep[0] / 0.7, rtol=1e-15, name="first call")
-    assert_close(second, 2 * x * keep[1] / 0.7, rtol=1e-15, name="second call")
-    assert torch.equal(module.eval()(x), x)
-
-
-def test_dropout_runs_do_not_depend_on_the_chunk():
-    inputs, targets = _fresh_batch(n=40)
-    batch = (inputs, targets)
-
-    def model_fn():
-        return _ReusedDropoutMLP().double()
-
-    masks = memorization.subset_masks(40, range(4), 0.5, seed=2)
-    recipe = dict(epochs=3, lr=0.05, batch_size=8, seed=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nn.Dropout alone: nothing drawn from a shared stream
-        together = memorization.fit_ensemble(model_fn, batch, masks, **recipe)
-        pair = memorization.fit_ensemble(model_fn, batch, masks[2:], model_ids=[2, 3], **recipe)
-        alone = memorization.fit_ensemble(model_fn, batch, masks[2:3], model_ids=[2], **recipe)
-    for name, stacked in together.params.items():
-        # Batched vs single matmuls: float64 ulps amplified a little by Adam (as above); with
-        # chunk-dependent masks model 2 differed by 0.56 here.
-        assert_close(stacked[2:], pair.params[name], rtol=1e-9, name=name)
-        assert_close(stacked[2], alone.params[name][0], rtol=1e-9, name=name)
-    # Dropout is active: the same runs without it end elsewhere.
-    plain = memorization.fit_ensemble(
-        lambda: _ReusedDropoutMLP(p=0.0).double(), batch, masks, **recipe
-    )
-    assert not torch.allclose(plain.params["fc1.weight"], together.params["fc1.weight"])
-    setup = dict(n_models=4, subset_frac=0.5, epochs=2, lr=0.05, batch_size=8, seed=2)
-    with pytest.warns(UserWarning, match="never in"):
-        by_four = memorization.estimate(model_fn, batch, chunk=4, **setup)
-    with pytest.warns(UserWarning, match="never in"):
-        by_two = memorization.estimate(model_fn, batch, chunk=2, **setup)
-    _same_mem = torch.equal(by_four.mem.nan_to_num(9.0), by_two.mem.nan_to_num(9.0))
-    assert _same_mem, (by_four.mem, by_two.mem)
-
-
-def test_random_draws_outside_dropout_modules_are_warned():
-    inputs, targets = _fresh_batch(n=16)
-    masks = memorization.subset_masks(16, range(2), 0.5, seed=0)
-    with pytest.warns(UserWarning, match="outside nn.Dropout") as record:
-        memorization.fit_ensemble(
-            lambda: _FunctionalDropoutMLP().double(), (inputs, targets), masks, epochs=1,
-            lr=0.05, batch_size=4,
-        )  # fmt: skip
-    assert record[0].filename == __file__  # the warning points at the user's call
 
 
 # --- compare: ties at the top-k boundary ---------------------------------------------------------
