@@ -22,7 +22,7 @@ import pytest
 import torch
 from utils import assert_close
 
-from influx import cli, data, influence, store
+from influx import cli, data, distributed, influence, store
 from influx.cli.lock import LOCK_FILE, FolderLock
 from influx.errors import InfluxValueError
 from influx.grads import projection
@@ -625,3 +625,42 @@ def test_tracin_and_commutator_entries_are_the_library_calls():
     computed = scorer.compute("commutator", positions)["commutator"]
     assert np.array_equal(computed, expected.double().numpy())
     assert all(entry.columns == cli.SCORES[name][0] for name, entry in cli.SCORES.items())
+
+
+def test_every_dataset_has_training_defaults(monkeypatch):
+    # --dataset mnist had none: resolving its settings failed with a KeyError
+    for name in data.DATASETS:
+        args = cli.build_parser().parse_args(["--dataset", name, "--device", "cpu"])
+        config = cli.resolve_config(args, distributed.Context())
+        assert config["epochs"] >= 1 and config["lr"] > 0 and config["batch_size"] >= 1, name
+
+
+def test_output_writes_from_plain_columns_without_the_run():
+    import ast
+
+    source = (ROOT / "influx/cli/output.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not any(module.startswith("influx.cli") for module in imported), imported
+
+
+@pytest.mark.slow
+def test_a_bad_setting_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    # torchrun exits 1 with its own summary whenever a rank fails; the ranks exit 2, and the
+    # error itself is said once
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "influx.cli", "--lr", "0", "--out", str(tmp_path / "o")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("influx-score:")]
+    assert errors == ["influx-score: error: --lr must be a finite number > 0; got 0.0. The digits "
+                      "default is 0.01"], result.stderr  # fmt: skip
+    # the first rank to exit 2 is named; torchrun may stop the other before it exits itself
+    assert "exitcode  : 2" in result.stderr and result.returncode == 1, result.stderr
+    assert not (tmp_path / "o").exists()
