@@ -320,8 +320,9 @@ def _grid(
             kinds = [kind for kind, mask in marks.items() if mask[position]]
             if kinds:
                 tile_height, tile_width = tiles[col].shape[:2]
-                axis.add_patch(Rectangle((col * width - 0.5, -0.5), tile_width, tile_height,
-                                         fill=False, edgecolor=colours[kinds[0]], lw=2.5, clip_on=False))  # fmt: skip
+                frame = Rectangle((col * width - 0.5, -0.5), tile_width, tile_height,
+                                  fill=False, edgecolor=colours[kinds[0]], lw=2.5, clip_on=False)  # fmt: skip
+                axis.add_patch(frame)
                 caption += "\n" + ", ".join(kinds)
             axis.text(col * width + width / 2, -1, caption, ha="center", va="bottom", fontsize=7,
                       color=colours[kinds[0]] if kinds else "black")  # fmt: skip
@@ -522,6 +523,7 @@ def write_report(
     out = Path(out)
     figures = out / FIGURES
     figures.mkdir(parents=True, exist_ok=True)
+    planted_figure = figures / "planted.png"
     summary = dict(summary or {})
     names = list(columns)
     k = min(top_k, targets.shape[0])
@@ -540,22 +542,25 @@ def write_report(
         lines.append("Scores:\n")
         lines += [f"- `{name}`: {text}" for name, text in definitions.items()]
         lines.append("")
+    best = _best_detections(found) if found else {}
     if found:
         masks = _check_planted(planted, targets.shape[0])
         lines += _planted_section(found, masks, names, ascending)
-        best = _best_detections(found)
-        if images is not None and best:
-            rows = [
-                (f"{', '.join(kinds)}: {score}", np.asarray(columns[score], dtype=np.float64),
-                 _top_positions(_suspicion(score, columns[score], ascending), k))
-                for score, kinds in _kinds_by_score(best).items()
-            ]  # fmt: skip
-            _grid(rows, targets, images, class_names, k, figures / "planted.png", masks)
-            lines.append(f"![what the best scores found]({FIGURES}/planted.png)\n")
-            lines.append(
-                f"Each row: the top {k} examples of the score that finds the kinds named on its "
-                "left best (highest AUC), planted ones framed and named in the kind's colour.\n"
-            )
+    if found and images is not None and best:
+        rows = [
+            (f"{', '.join(kinds)}: {score}" + (" (lowest)" if score in ascending else ""),
+             np.asarray(columns[score], dtype=np.float64),
+             _top_positions(_suspicion(score, columns[score], ascending), k))
+            for score, kinds in _kinds_by_score(best).items()
+        ]  # fmt: skip
+        _grid(rows, targets, images, class_names, k, planted_figure, masks)
+        lines.append(f"![what the best scores found]({FIGURES}/planted.png)\n")
+        lines.append(
+            f"Each row: the top {k} examples of the score that finds the kinds named on its "
+            "left best (highest AUC), planted ones framed and named in the kind's colour.\n"
+        )
+    else:
+        planted_figure.unlink(missing_ok=True)  # an earlier report's, of other planted examples
 
     lines.append("## Distributions\n")
     fitted = _histograms(columns, figures / "histograms.png")

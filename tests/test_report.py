@@ -270,8 +270,9 @@ def test_report_with_planted_examples_says_how_well_each_score_finds_them(tmp_pa
     assert "![what the best scores found](report/planted.png)" in text
     for name in ("report.md", "report/planted.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    without = report.write_report(tmp_path / "c", cols, targets=np.arange(n) % 4)
+    without = report.write_report(tmp_path / "a", cols, targets=np.arange(n) % 4, images=images)
     assert "planted" not in without.read_text()
+    assert not (tmp_path / "a/report/planted.png").exists(), "no picture left from the last run"
 
 
 # --- heatmap numbers readable on every cell colour -----------------------------------------
