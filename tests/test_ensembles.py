@@ -34,6 +34,7 @@ def _fresh_batch(n=20, d=6, classes=3, seed=0):
     return inputs, targets
 
 
+@pytest.mark.slow
 def test_ensemble_training_equals_one_model_at_a_time(digits_subset):
     """vmapped chunk == each model trained alone with the same id (float64, same arithmetic)."""
     inputs, targets = digits_subset[0]
@@ -94,6 +95,7 @@ def test_seeded_dropout_is_dropout_with_the_given_noise():
     assert torch.equal(module.eval()(x), x)
 
 
+@pytest.mark.slow
 def test_dropout_runs_do_not_depend_on_the_chunk():
     inputs, targets = _fresh_batch(n=40)
     batch = (inputs, targets)

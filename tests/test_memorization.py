@@ -125,6 +125,7 @@ def single_run(digits_subset):
         return memorization.estimate(_tiny_mlp, LOSS, train_set, test=test_set, **SETUP)
 
 
+@pytest.mark.slow
 def test_estimate_is_finite_and_bounded(single_run):
     defined = (single_run.n_in > 0) & (single_run.n_out > 0)
     assert defined.sum() > 100 and single_run.complete and single_run.n_models == 6
@@ -135,6 +136,7 @@ def test_estimate_is_finite_and_bounded(single_run):
     assert single_run.influence.shape == (120, 30)
 
 
+@pytest.mark.slow
 def test_estimate_resumes_to_the_same_result(digits_subset, single_run, tmp_path):
     train_set, test_set = digits_subset
     with pytest.warns(UserWarning, match="1 of 3 chunks"):
@@ -155,6 +157,7 @@ def test_estimate_resumes_to_the_same_result(digits_subset, single_run, tmp_path
         )
 
 
+@pytest.mark.slow
 def test_a_damaged_chunk_is_trained_again(digits_subset, single_run, tmp_path):
     train_set, test_set = digits_subset
     with pytest.warns(UserWarning, match="never in"):
@@ -182,6 +185,7 @@ def test_merge_refuses_a_folder_estimate_did_not_write(tmp_path):
         memorization.merge([tmp_path])
 
 
+@pytest.mark.slow
 def test_two_ranks_merge_to_the_single_process_run(digits_subset, single_run, tmp_path):
     train_set, test_set = digits_subset
     folders = [tmp_path / "rank0", tmp_path / "rank1"]
@@ -218,6 +222,7 @@ def test_estimate_rejects_bad_settings(digits_subset):
         memorization.estimate(_tiny_mlp, LOSS, **common)
 
 
+@pytest.mark.slow
 def test_the_old_argument_order_still_works_with_a_deprecation_warning(digits_subset):
     """estimate(model_fn, data) and margin(model, data): cross-entropy, the same numbers."""
     train_set, _ = digits_subset
@@ -251,6 +256,7 @@ def _tanh_mlp(d=6, classes=3):
     return models.mlp(d, (5,), classes).double()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_checkpoints", [False, True])
 def test_curvature_equals_a_per_example_loop(with_checkpoints):
     inputs, targets = _fresh_batch()
@@ -314,6 +320,7 @@ def test_recorded_proxies_equal_direct_evaluation():
     assert_close(memorization.final_loss(model, LOSS, (inputs, targets)), LOSS(logits, targets))
 
 
+@pytest.mark.slow
 def test_self_influence_proxies_equal_gradient_norms():
     inputs, targets = _fresh_batch(n=12)
     model = _tanh_mlp()
