@@ -37,7 +37,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import current_rss_bytes, kronfluence_classification_task, peak_rss_bytes
+from benchmarks.common import (
+    current_rss_bytes,
+    kronfluence_classification_task,
+    peak_rss_bytes,
+    provenance,
+    write_results,
+)
 from benchmarks.suites.influence_scale import (
     CONFIGS,
     Sizes,
@@ -51,6 +57,7 @@ from influx import influence
 from influx.influence.kfac import fisher_draws
 from influx.train import cross_entropy_per_example
 
+SUITE = "kronfluence_defaults"
 SIZES = (2000, 5000, 10000)
 KRONFLUENCE_BATCH = 512
 THREADS = int(os.environ.get("INFLUX_KD_THREADS", 2))
@@ -160,7 +167,7 @@ def run_one(args: Namespace) -> int:
 def _child(impl: str, folder: str) -> dict:
     root = Path(__file__).resolve().parents[2]
     command = [
-        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", "kronfluence_defaults",
+        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", SUITE,
         "--one", f"{impl}:{folder}",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
@@ -222,4 +229,6 @@ def run(args: Namespace) -> list[dict]:
     rows = []
     for train in sizes[:1] if quick else sizes:
         rows += _size_rows(train, runs, quick)
+        # Each size's rows are written when they are done: a run cut short keeps them.
+        write_results(SUITE, "cpu", rows, provenance("cpu"), columns=COLUMNS, notes=NOTES)
     return rows

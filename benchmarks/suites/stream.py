@@ -33,7 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import current_rss_bytes, memory_mark, peak_rss_bytes
+from benchmarks.common import (
+    current_rss_bytes,
+    memory_mark,
+    peak_rss_bytes,
+    provenance,
+    write_results,
+)
 from influx import influence, models
 from influx.grads import per_sample_norms
 from influx.train import cross_entropy_per_example
@@ -199,4 +205,6 @@ def run(args: Namespace) -> list[dict]:
             print(f"stream: {json.dumps(part[-1])}", flush=True)
         slope = slope_row(work, part)
         rows += part + ([slope] if slope else [])
+        # Each work's rows are written when they are done: a run cut short keeps them.
+        write_results("stream", "cpu", rows, provenance("cpu"), columns=COLUMNS, notes=NOTES)
     return rows
