@@ -26,6 +26,7 @@ from influx import cli, data, distributed, influence, store
 from influx.cli.lock import LOCK_FILE, FolderLock
 from influx.errors import InfluxValueError
 from influx.grads import projection
+from influx.seeds import derive_seed
 from influx.train import cross_entropy_per_example
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -578,13 +579,16 @@ def test_flipped_labels_are_planted_and_marked(tmp_path, capsys):
     table = pq.read_table(out / "scores.parquet")
     assert table.column_names == ["index", "target", "loss", "flipped", "poisoned", "gus_iz"]
     assert str(table.schema.field("flipped").type) == "bool"
-    expected = data.flip_labels(data.load("digits", max_examples=100), 0.1, 3)
+    seed = derive_seed(3, sys.modules["influx.cli.run"]._FLIP_STREAM)
+    expected = data.flip_labels(data.load("digits", max_examples=100), 0.1, seed)
     flipped = np.asarray(table.column("flipped").to_pylist())
     assert np.flatnonzero(flipped).tolist() == expected.flipped.tolist() and flipped.sum() == 10
     targets = np.asarray(table.column("target").to_pylist())
     assert np.array_equal(targets, expected.targets.numpy()), "trained and scored on the flips"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flip_labels"] == {"fraction": 0.1, "flipped": 10}
+    poisoned = np.asarray(table.column("poisoned").to_pylist()) > 0
+    assert (flipped & poisoned).sum() < poisoned.sum(), "the two kinds are drawn apart"
     assert cli.main([*args[:-2], "--flip-labels", "0.2", "--out", str(out)]) == 2
     assert "flip_labels: 0.1 -> 0.2" in capsys.readouterr().err
 

@@ -50,6 +50,7 @@ from influx.cli.output import (
 from influx.cli.scoring import SCORES, Scorer, check_finite, whole_set_groups
 from influx.errors import InfluxError, InfluxRuntimeError, InfluxValueError
 from influx.grads import projection
+from influx.seeds import derive_seed
 from influx.train import evaluate
 
 # Bumped whenever the stored layout or a score's definition changes: old stores are refused.
@@ -59,6 +60,8 @@ _GLOBAL_GROUPS = whole_set_groups()
 _DONE_FILES = ("summary.json",)
 _OUTPUT_FILES = OUTPUT_FILES
 _STORE, _MODEL_FILE, _TRAINING_FILE = STORE, MODEL_FILE, TRAINING_FILE
+# The purpose under which --flip-labels draws its stream of --seed.
+_FLIP_STREAM = 0x666C6970
 
 
 class _Terminated(BaseException):
@@ -234,9 +237,9 @@ class Job:
         self.clean_train = datasets.load(self.config["dataset"], split="train", **common)
         self.test_set = datasets.load(self.config["dataset"], split="test", **common)
         if self.config.get("flip_labels") is not None:
-            # influx.data.load's label flipping, seeded by --seed; the synthetic data itself
-            # stays the one of load's default seed
-            datasets.flip_labels(self.clean_train, self.config["flip_labels"], self.config["seed"])
+            # influx.data.load's label flipping, on a stream of --seed of its own: the poisons
+            # draw their subset from --seed itself, and the two kinds must not coincide
+            datasets.flip_labels(self.clean_train, self.config["flip_labels"], self.flip_seed())
         self.poison = None
         self.train_set = self.clean_train
         if self.config["poison"] is not None:
@@ -250,6 +253,10 @@ class Job:
             )
             self.train_set = self.poison.dataset
         self._time("data_seconds", started)
+
+    def flip_seed(self) -> int:
+        """The seed of --flip-labels: a stream of --seed (influx.seeds)."""
+        return derive_seed(self.config["seed"], _FLIP_STREAM)
 
     def planted(self) -> dict[str, np.ndarray]:
         """Boolean masks [N] of the examples this run planted: flipped labels, poisons."""
