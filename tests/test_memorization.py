@@ -177,6 +177,19 @@ def test_a_damaged_chunk_is_trained_again(digits_subset, single_run, tmp_path):
     _same(again, single_run)
 
 
+def test_estimate_refuses_a_folder_of_other_files(tmp_path):
+    """A folder the store did not write (the user's files, or chunks of the old layout beside a
+    meta.json) is refused by name before any training, never adopted or overwritten."""
+    (tmp_path / "meta.json").write_text("{}")
+    inputs, targets = _fresh_batch(n=8)
+    with pytest.raises(InfluxValueError, match=r"holds no influx store .*found meta.json"):
+        memorization.estimate(
+            lambda: models.mlp(6, (4,), 3).double(), LOSS, (inputs, targets), n_models=2,
+            epochs=1, lr=0.1, batch_size=4, out=tmp_path,
+        )  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
 def test_merge_refuses_a_folder_estimate_did_not_write(tmp_path):
     with pytest.raises(InfluxValueError, match="no readable manifest.json of memorization"):
         memorization.merge([tmp_path])
