@@ -668,3 +668,28 @@ def test_a_bad_setting_under_torchrun_is_one_line_from_rank_0(tmp_path):
     # the first rank to exit 2 is named; torchrun may stop the other before it exits itself
     assert "exitcode  : 2" in result.stderr and result.returncode == 1, result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_loader_that_moves_batches_to_the_device_gives_the_datasets_numbers(monkeypatch):
+    # On CUDA the scorer hands the library a DataLoader that moves each batch to the device;
+    # here that loader runs on the CPU and must give what the Dataset itself gives.
+    from influx.cli import scoring
+
+    train = data.load("digits", max_examples=60)
+    torch.manual_seed(0)
+    model = cli.build_model("mlp", train.input_shape, train.num_classes).eval()
+    scorer = cli.Scorer(model, train, {"device": "cpu", "seed": 0}, [])
+    assert scorer.train_data() is train, "on the CPU the Dataset itself, streamed"
+    monkeypatch.setattr(scorer, "device", torch.device("meta"))
+    loader = scorer.train_data()
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    moved = torch.utils.data.DataLoader(
+        train, batch_size=loader.batch_size, collate_fn=scoring._on_device(torch.device("cpu"))
+    )
+    loss = cross_entropy_per_example
+    for method in ("ekfac", "grad_dot"):
+        torch.manual_seed(0)
+        expected = influence.fit(model, loss, train, method=method).self_influence()
+        torch.manual_seed(0)
+        computed = influence.fit(model, loss, moved, method=method).self_influence()
+        assert torch.equal(computed, expected), method
