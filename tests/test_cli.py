@@ -508,6 +508,7 @@ def test_a_second_run_into_a_held_folder_is_refused(tmp_path, capsys):
     assert not (out / LOCK_FILE).exists(), "released"
 
 
+@pytest.mark.slow
 def test_a_run_holds_its_folder_and_a_dead_process_lock_is_reclaimed(tmp_path, monkeypatch, capsys):
     out = tmp_path / "stale"
     out.mkdir()
@@ -603,6 +604,7 @@ def test_flip_labels_out_of_range_is_refused(tmp_path, capsys, fraction):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tracin_and_commutator_entries_are_the_library_calls():
     # No score is computed in the CLI: its entries return what the library returns.
     from influx import commutator
@@ -670,6 +672,7 @@ def test_a_bad_setting_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_the_loader_that_moves_batches_to_the_device_gives_the_datasets_numbers(monkeypatch):
     # On CUDA the scorer hands the library a DataLoader that moves each batch to the device;
     # here that loader runs on the CPU and must give what the Dataset itself gives.
