@@ -330,7 +330,7 @@ def rank(
     # A tuple goes on as (inputs, targets); a Dataset or DataLoader is streamed by each component.
     data = tuple(as_tensors(train)[:2]) if isinstance(train, (tuple, list)) else train
     if memorization_scores is not None:
-        memorization_scores = torch.as_tensor(memorization_scores)
+        memorization_scores = torch.as_tensor(memorization_scores, device="cpu")
         if memorization_scores.shape != (n,):
             raise InfluxValueError(f"memorization_scores must be [{n}], aligned to train")
     found: dict[str, torch.Tensor] = {}

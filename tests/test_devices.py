@@ -145,7 +145,7 @@ def scanned_files() -> list[Path]:
 
 def test_the_scan_finds_the_package():
     names = {p.name for p in scanned_files()}
-    assert {"engine.py", "curvature.py", "api.py", "ghost_sqnorm.py"} <= names
+    assert {"engine.py", "gus.py", "api.py", "ghost_sqnorm.py"} <= names
 
 
 @pytest.mark.slow

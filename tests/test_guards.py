@@ -69,9 +69,9 @@ def test_estimators_built_directly_refuse_batchnorm_too(method):
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
     with pytest.raises(UnsupportedModelError, match="convert_batchnorm"):
         if method == "exact":
-            ExactEstimator(model, ce, *data(), ExactOptions(damping=0.5))
+            ExactEstimator(model, ce, data(), ExactOptions(damping=0.5))
         else:
-            IterativeEstimator(model, ce, *data(), IterativeOptions(damping=0.5), method="cg")
+            IterativeEstimator(model, ce, data(), IterativeOptions(damping=0.5), method="cg")
 
 
 @pytest.mark.parametrize("method", influence.METHODS)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
-from utils import assert_close
+from utils import IndexedDataset, assert_close
 
 from influx import data, memorization, models, unlearn, unlearnable
 from influx.errors import InfluxValueError
@@ -94,6 +94,22 @@ def _tiny_problem(n=24, seed=0):
     model = models.mlp(6, (5,), 3).double()
     train(model, (inputs, targets), epochs=5, lr=2e-2, batch_size=8, progress=False)
     return model.eval(), inputs, targets
+
+
+def test_rank_of_an_empty_set_says_so():
+    model, inputs, targets = _tiny_problem()
+    with pytest.raises(InfluxValueError, match="train is empty: rank needs the examples"):
+        unlearnable.rank(model, LOSS, (inputs[:0], targets[:0]))
+
+
+def test_rank_streams_a_dataset_to_the_same_ranking():
+    model, inputs, targets = _tiny_problem()
+    dataset = IndexedDataset(inputs, targets, torch.arange(100, 124))
+    options = dict(components=("memorization", "ood", "entanglement"), batch_size=5)
+    streamed = unlearnable.rank(model, LOSS, dataset, **options)
+    expected = unlearnable.rank(model, LOSS, (inputs, targets, torch.arange(100, 124)), **options)
+    assert torch.equal(streamed.order, expected.order)
+    assert torch.equal(streamed.score, expected.score)
 
 
 def test_rank_components_equal_direct_computations():

@@ -29,9 +29,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from influx.checks import check_integer, check_number
-from influx.data import as_tensors, iter_batches, num_examples
+from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
-from influx.train import LossFn, train_ensemble
+from influx.grads.common import call_loss, check_class_targets, example_names
+from influx.train import train_ensemble
 
 __all__ = [
     "LiraResult",
@@ -108,10 +109,14 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _per_example(model: nn.Module, data, batch_size: int, fn) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_example(
+    model: nn.Module, data, batch_size: int, fn, *, classes: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(outputs, targets)`` [B] over ``data`` in eval mode: values [N] and dataset indices [N].
 
     Batches run on the model's device; the results go to the device the data's inputs are on.
+    ``classes``: ``fn`` reads the targets as class indices, so targets outside ``[0, C)`` are
+    refused, naming the examples; otherwise they are diagnosed only when ``fn`` fails on them.
     """
     if num_examples(data) == 0:
         raise InfluxValueError("data is empty")
@@ -121,19 +126,22 @@ def _per_example(model: nn.Module, data, batch_size: int, fn) -> tuple[torch.Ten
     values, indices = [], []
     try:
         for inputs, targets, index in iter_batches(data, batch_size):
-            out = fn(model(inputs.to(device)), targets.to(device))
+            outputs = model(inputs.to(device))
+            if classes:
+                check_class_targets(outputs, targets, indices=index)
+            out = call_loss(fn, outputs, targets.to(device), indices=index)
             values.append(out.to(inputs.device))
             indices.append(index)
     finally:
         model.train(was_training)
-    values = torch.cat(values)
+    values, indices = torch.cat(values), torch.cat(indices)
     bad = (~torch.isfinite(values)).nonzero().flatten()
     if bad.numel():
         raise InfluxValueError(
-            f"non-finite values for the examples at positions {bad[:10].tolist()}: check the "
-            "model's outputs on them"
+            f"non-finite values for the examples at dataset indices "
+            f"{example_names(bad.cpu(), indices)}: check the model's outputs on them"
         )
-    return values, torch.cat(indices)
+    return values, indices
 
 
 def logit_confidence(
@@ -144,7 +152,7 @@ def logit_confidence(
     Entry i belongs to the i-th example of ``data`` (``return_indices=True`` also returns the
     dataset indices [N] the examples carry). The result is on the device of the data's inputs.
     """
-    values, indices = _per_example(model, data, batch_size, confidence_from_logits)
+    values, indices = _per_example(model, data, batch_size, confidence_from_logits, classes=True)
     return (values, indices) if return_indices else values
 
 
@@ -368,6 +376,15 @@ def _gaussian_fit(signals, mask, global_variance: bool, what: str):
                 "per-example variance needs two; pass global_variance=True or use more shadows"
             )
         std = (squares / counts).sqrt()
+    if global_variance and bool((std == 0).all()):
+        # pooled over examples: zero only when no example's shadows differ at all
+        fix = (
+            f"each example has a single {what} shadow, so there is no spread to pool: use at "
+            "least 4 shadows"
+            if bool((counts == 1).all())
+            else f"the {what} shadows agree exactly on every example: check that they differ"
+        )
+        raise InfluxValueError(f"the pooled {what} variance is 0: {fix}")
     if (std == 0).any():
         bad = (std == 0).nonzero().flatten()
         raise InfluxValueError(

@@ -43,7 +43,7 @@ def correct(model: nn.Module, data, *, batch_size: int = 512) -> torch.Tensor:
 
     On the device of the data's inputs; the model's train/eval mode is restored afterwards.
     """
-    values, _ = _per_example(model, data, batch_size, _is_correct)
+    values, _ = _per_example(model, data, batch_size, _is_correct, classes=True)
     return values
 
 

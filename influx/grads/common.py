@@ -192,6 +192,36 @@ def example_names(positions: torch.Tensor, indices: torch.Tensor | None, offset:
     return f"{named[:SHOWN_INDICES].tolist()}" + (f" and {more} more" if more > 0 else "")
 
 
+def check_class_targets(
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    indices: torch.Tensor | None = None,
+    offset: int = 0,
+) -> None:
+    """Refuse integer class targets [B] outside ``[0, C)`` for outputs [B, C, ...], naming the
+    examples (dataset ``indices`` of the rows, else ``offset + position``) and the valid range.
+    Targets of any other kind (floats, other shapes) are left alone."""
+    if (
+        outputs.dim() < 2
+        or targets.dim() != 1
+        or targets.shape[0] != outputs.shape[0]
+        or targets.is_floating_point()
+        or targets.is_complex()
+        or targets.dtype == torch.bool
+    ):
+        return
+    classes = outputs.shape[1]
+    outside = ((targets < 0) | (targets >= classes)).nonzero().flatten()
+    if outside.numel():
+        raise InfluxValueError(
+            f"class targets must lie in [0, {classes}) for outputs of {classes} classes; "
+            f"{outside.numel()} do not, at example indices {example_names(outside, indices, offset)} "
+            f"(targets {targets[outside][:SHOWN_INDICES].tolist()}): fix those labels, or give "
+            "the model as many outputs as there are classes"
+        )
+
+
 def call_loss(
     loss_fn: LossFn,
     outputs: torch.Tensor,
@@ -202,26 +232,13 @@ def call_loss(
 ) -> torch.Tensor:
     """``loss_fn(outputs, targets)``; when it fails on class targets outside ``[0, C)`` (torch's
     bare IndexError of a cross-entropy), the error names the examples (dataset ``indices`` of
-    the rows, else ``offset + position``), their targets and the valid range."""
+    the rows, else ``offset + position``), their targets and the valid range. Targets are only
+    inspected when the loss fails: a loss may give them another meaning (an ignore index)."""
     try:
         return loss_fn(outputs, targets)
     except (IndexError, RuntimeError) as error:
-        classes = outputs.shape[1] if outputs.dim() >= 2 else 0
-        if (
-            targets.dim() != 1
-            or targets.is_floating_point()
-            or targets.is_complex()
-            or targets.dtype == torch.bool
-            or targets.shape[0] != outputs.shape[0]
-            or classes == 0
-        ):
-            raise
-        outside = ((targets < 0) | (targets >= classes)).nonzero().flatten()
-        if outside.numel() == 0:
-            raise
-        raise InfluxValueError(
-            f"class targets must lie in [0, {classes}) for outputs of {classes} classes; "
-            f"{outside.numel()} do not, at example indices {example_names(outside, indices, offset)} "
-            f"(targets {targets[outside][:SHOWN_INDICES].tolist()}): fix those labels, or give "
-            "the model as many outputs as there are classes"
-        ) from error
+        try:
+            check_class_targets(outputs, targets, indices=indices, offset=offset)
+        except InfluxValueError as named:
+            raise named from error
+        raise

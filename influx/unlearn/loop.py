@@ -115,16 +115,27 @@ def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
 
 
-def _carries_indices(data) -> bool:
-    """Whether the examples of ``data`` carry dataset indices of their own (a third item), as
-    opposed to positions: only then can two sets be told apart by index."""
+def carried_indices(data, n: int) -> torch.Tensor | None:
+    """The dataset indices [n] the examples of ``data`` carry (a third item), or None when they
+    carry none (their positions would be no identity to compare two sets by). A Dataset or
+    DataLoader is read once for them, each example once."""
     if isinstance(data, (tuple, list)):
-        return len(data) == 3
-    if isinstance(data, DataLoader):
-        first = next(iter(data), None)
-    else:
+        return as_tensors(data)[2] if len(data) == 3 else None
+    # a DataLoader draws its base seed from the global generator: leave the caller's alone
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(data, DataLoader):
+            batches = iter(data)
+            first = next(batches)
+            if not (isinstance(first, (tuple, list)) and len(first) == 3):
+                return None
+            rest = [torch.as_tensor(batch[2], device="cpu") for batch in batches]
+            return torch.cat([torch.as_tensor(first[2], device="cpu"), *rest]).long()
         first = data[0]
-    return isinstance(first, (tuple, list)) and len(first) == 3
+        if not (isinstance(first, (tuple, list)) and len(first) == 3):
+            return None
+        rest = torch.arange(1, n, device="cpu")
+        parts = [batch[2] for batch in iter_ordered_batches(data, rest, 1024)]
+        return torch.cat([torch.tensor([int(first[2])], device="cpu"), *parts])
 
 
 class UnlearnSet:
@@ -147,13 +158,7 @@ class UnlearnSet:
         self.tensors = as_tensors(data) if isinstance(data, (tuple, list)) else None
         # a tuple as its (inputs, targets, indices); a Dataset or DataLoader as given
         self.data = self.tensors if self.tensors is not None else data
-        self.indices: torch.Tensor | None = None
-        if _carries_indices(data):
-            self.indices = (
-                self.tensors[2]
-                if self.tensors is not None
-                else torch.cat([batch[2] for batch in iter_batches(data, 1024)])
-            )
+        self.indices = carried_indices(data, self.n)
         self._whole: Batch | None = None
 
     def gather(self, positions: torch.Tensor) -> Batch:
@@ -162,7 +167,10 @@ class UnlearnSet:
             inputs, targets, indices = self.tensors
             on_device = positions.to(inputs.device)
             return inputs[on_device], targets[on_device], indices[positions]
-        return next(iter_ordered_batches(self.data, positions, positions.shape[0]))
+        # a DataLoader draws its base seed from the global generator: kept out of the seeded
+        # stream of the method (dropout), so that a Dataset trains as its tensors would
+        with torch.random.fork_rng(devices=[]):
+            return next(iter_ordered_batches(self.data, positions, positions.shape[0]))
 
     def batches(self, batch_size: int, positions: torch.Tensor | None = None):
         """Batches of at most ``batch_size`` examples, in order (of ``positions`` when given)."""
@@ -208,12 +216,35 @@ class BatchStream:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.long, device="cpu")
 
-    def next(self) -> Batch:
+    def next(self) -> PendingBatch:
         while self.order.shape[0] < self.size:
             fresh = torch.randperm(self.n, generator=self.generator, device="cpu")
             self.order = torch.cat([self.order, fresh])
         positions, self.order = self.order[: self.size], self.order[self.size :]
-        return self.data.gather(positions)
+        return PendingBatch(self.data, positions)
+
+
+class PendingBatch:
+    """A batch whose examples are drawn but read only when it is first used, as
+    ``(inputs, targets, indices)``: a step that the budget or ``max_steps`` stops reads nothing."""
+
+    def __init__(self, data: UnlearnSet, positions: torch.Tensor):
+        self.data, self.positions = data, positions
+        self._batch: Batch | None = None
+
+    def read(self) -> Batch:
+        if self._batch is None:
+            self._batch = self.data.gather(self.positions)
+        return self._batch
+
+    def __iter__(self):
+        return iter(self.read())
+
+    def __getitem__(self, item):
+        return self.read()[item]
+
+    def __len__(self) -> int:
+        return 3
 
 
 @dataclass(frozen=True)
@@ -395,10 +426,10 @@ class Session:
         return self.result(extra)
 
     def _affordable(self, plan: Iterable[Step]) -> Iterator[Step]:
-        for step in plan:
-            if self.options.max_steps is not None and self.steps >= self.options.max_steps:
-                return
-            if not self.meter.affords(step.cost):
+        steps = iter(plan)
+        while self.options.max_steps is None or self.steps < self.options.max_steps:
+            step = next(steps, None)
+            if step is None or not self.meter.affords(step.cost):
                 return
             yield step
 

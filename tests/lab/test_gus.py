@@ -4,6 +4,7 @@ poisons, and back to the null for the model retrained without them."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
-from utils import assert_close
+from torch.utils.data import DataLoader
+from utils import LazyDataset, assert_close
 
 from influx import data, models, poison, train
 from influx.audit.gus import GusResult, gus, gus_of
@@ -19,6 +21,8 @@ from influx.errors import InfluxRuntimeError, InfluxValueError
 
 DTYPE = torch.float64
 LOSS = train.cross_entropy_per_example
+# the module (influx.audit re-exports its function under the same name)
+gus_module = importlib.import_module("influx.audit.gus")
 
 
 def _points(n=29, shape=(2, 5), classes=4, std=0.4, seed=0):
@@ -302,3 +306,100 @@ def test_the_retrain_oracle_returns_to_the_null(poisoned, oracle):
     result = gus_of(oracle, LOSS, poisoned)
     assert abs(result.z) < 4
     assert result.ks_p_value > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+
+class NoWholeSet(LazyDataset):
+    """Points generated from their index on every read; never materialized."""
+
+    def tensors(self):
+        raise AssertionError("the whole set was asked for")
+
+
+def _lazy_noise(indices: torch.Tensor) -> torch.Tensor:
+    """The training noise of each point, generated from its dataset index (no [n, d] tensor)."""
+    rows = [
+        0.4 * torch.randn(2, 5, generator=torch.Generator().manual_seed(7_919 * int(i) + 1),
+                          dtype=DTYPE)
+        for i in indices
+    ]  # fmt: skip
+    return torch.stack(rows)
+
+
+class Batches(nn.Module):
+    """Records the largest batch the model sees."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.largest = inner, 0
+
+    def forward(self, x):
+        self.largest = max(self.largest, x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("batch_size", [7, 256])
+def test_gus_of_a_dataset_equals_the_tensor_call_and_reads_each_point_once(batch_size):
+    n = 61
+    dataset = NoWholeSet(n, shape=(2, 5), classes=4)
+    model = Batches(_model())
+    result = gus(model, LOSS, dataset, _lazy_noise, 0.4, batch_size=batch_size, null_seed=5)
+    assert torch.equal(dataset.reads, torch.ones(n, dtype=torch.long))
+    assert model.largest == min(batch_size, n)
+    inputs, targets = LazyDataset(n, shape=(2, 5), classes=4).tensors()
+    noise = _lazy_noise(torch.arange(n))
+    expected = gus(model, LOSS, inputs, targets, noise, 0.4, batch_size=batch_size, null_seed=5)
+    # the same batches, the same arithmetic, the null drawn block by block: bit for bit
+    assert torch.equal(result.scores, expected.scores)
+    assert torch.equal(result.null_scores, expected.null_scores)
+    assert torch.equal(result.indices, expected.indices)
+    assert (result.gus, result.z, result.null_gus) == (expected.gus, expected.z, expected.null_gus)
+    # and against the per-point loop
+    assert_close(result.scores, _loop_scores(model, inputs, targets, noise, 0.4), rtol=1e-12)
+
+
+def test_gus_of_a_tuple_or_dataloader_labels_points_by_their_dataset_indices():
+    inputs, targets, noise = _points(n=20)
+    expected = gus(_model(), LOSS, inputs, targets, noise, 0.4, indices=torch.arange(20) + 100)
+    streamed = gus(_model(), LOSS, (inputs, targets, torch.arange(20) + 100), noise, 0.4)
+    assert torch.equal(streamed.scores, expected.scores)
+    assert torch.equal(streamed.null_scores, expected.null_scores)
+    assert torch.equal(streamed.indices, torch.arange(20) + 100)
+    loader = DataLoader(list(zip(inputs, targets)), batch_size=6, shuffle=False)
+    by_loader = gus(_model(), LOSS, loader, noise=noise, noise_std=0.4, batch_size=6)
+    by_tensors = gus(_model(), LOSS, inputs, targets, noise, 0.4, batch_size=6)
+    assert torch.equal(by_loader.scores, by_tensors.scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("total", [1, 15, 16, 17, 33, 100, 4099])
+def test_the_null_noise_drawn_in_blocks_is_one_draw_of_the_whole(monkeypatch, dtype, total):
+    # small blocks, so that every case crosses several of them
+    monkeypatch.setattr(gus_module, "_NULL_BLOCK", 32)
+    whole = torch.randn(total, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    stream = gus_module._NullNoise(total, dtype, 9)
+    pieces, left = [], total
+    for size in [3, 40, 1, 17] * total:
+        if left == 0:
+            break
+        pieces.append(stream.take(min(size, left)))
+        left -= pieces[-1].numel()
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_repeated_indices_are_refused():
+    inputs, targets, noise = _points(n=6)
+    with pytest.raises(InfluxValueError, match=r"indices must be distinct; 1 repeat.*\[0\]"):
+        gus(_model(), LOSS, inputs, targets, noise, 0.4, indices=torch.zeros(6, dtype=torch.long))
+
+
+def test_noise_that_does_not_fit_the_points_is_refused():
+    dataset = LazyDataset(8, shape=(2, 5), classes=4)
+    with pytest.raises(InfluxValueError, match=r"noise must be a tensor \[n = 8"):
+        gus(_model(), LOSS, dataset, torch.zeros(7, 2, 5, dtype=DTYPE), 0.4)
+    with pytest.raises(InfluxValueError, match="rows shaped like the inputs"):
+        gus(_model(), LOSS, dataset, lambda indices: torch.zeros(len(indices), 10), 0.4)

@@ -14,6 +14,7 @@ from utils import IndexedDataset
 
 from influx.audit.mia import (
     GLOBAL_VARIANCE_BELOW,
+    _gaussian_fit,
     confidence_from_logits,
     ensemble_confidence,
     lira,
@@ -110,7 +111,7 @@ def test_logit_confidence_rejects_non_finite_outputs():
     model = nn.Linear(3, 2)
     inputs = torch.randn(6, 3)
     inputs[4, 0] = torch.nan
-    with pytest.raises(InfluxValueError, match=r"positions \[4\]"):
+    with pytest.raises(InfluxValueError, match=r"dataset indices \[4\]"):
         logit_confidence(model, (inputs, torch.zeros(6, dtype=torch.long)))
 
 
@@ -308,6 +309,41 @@ def test_lira_variance_auto_and_errors():
         lira_scores(shadows[0, :2], shadows, mask)
     with pytest.raises(InfluxValueError, match="global_variance"):
         lira_scores(shadows[0], shadows, mask, global_variance="yes")
+
+
+def test_lira_with_two_shadows_names_the_real_problem():
+    # two shadows: each example has one IN and one OUT shadow, whose spread is 0 even pooled;
+    # asking for global_variance=True again would not help
+    rng = np.random.default_rng(3)
+    mask = shadow_masks(2, 6, seed=0)
+    shadows = rng.normal(size=(2, 6))
+    for pooled in (True, "auto"):
+        with pytest.raises(
+            InfluxValueError, match="single OUT shadow.*at least 4 shadows"
+        ) as error:
+            lira_scores(shadows[0], shadows, mask, global_variance=pooled)
+        assert "global_variance=True" not in str(error.value)
+    with pytest.raises(InfluxValueError, match="pooled IN variance is 0.*at least 4"):
+        _gaussian_fit(torch.as_tensor(shadows), mask, True, "IN")
+    # shadows that agree exactly everywhere, pooled
+    flat = np.ones((4, 3))
+    with pytest.raises(InfluxValueError, match="agree exactly on every example"):
+        lira_scores(flat[0], flat, shadow_masks(4, 3, seed=0), global_variance=True)
+
+
+def test_out_of_range_labels_name_the_examples_by_dataset_index():
+    model = nn.Linear(3, 2)
+    inputs, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 0])
+    data = (inputs, labels, torch.arange(10, 16))
+    with pytest.raises(InfluxValueError, match=r"\[0, 2\).*example indices \[12\].*targets \[2\]"):
+        logit_confidence(model, data)
+    with pytest.raises(InfluxValueError, match=r"example indices \[12\]"):
+        per_example_losses(model, cross_entropy_per_example, data)
+    # accuracy too: a label no output can match is a broken label, not a miss
+    from influx.audit import accuracy
+
+    with pytest.raises(InfluxValueError, match=r"example indices \[12\]"):
+        accuracy(model, data)
 
 
 @pytest.fixture
