@@ -68,6 +68,25 @@ def test_from_runs_matches_a_direct_loop(kind):
     )
 
 
+def test_every_name_of_the_single_module_is_still_importable():
+    old = (
+        "Comparison Ensemble MemorizationResult TrainingRecord compare confidence cumulative_loss "
+        "curvature estimate final_loss fit_ensemble from_runs margin merge record self_influence "
+        "subset_masks tracin_self_influence train_and_record LOW_MEANS_MEMORIZED"
+    ).split()
+    assert all(hasattr(memorization, name) for name in old)
+    # The functions win over the submodules of the same name.
+    assert callable(memorization.estimate) and callable(memorization.compare)
+    from influx.memorization.compare import Comparison
+    from influx.memorization.estimate import MemorizationResult
+    from influx.memorization.proxies import TrainingRecord
+
+    assert (Comparison, MemorizationResult, TrainingRecord) == (
+        memorization.Comparison, memorization.MemorizationResult, memorization.TrainingRecord
+    )  # fmt: skip
+    assert callable(memorization.estimate) and callable(memorization.compare)
+
+
 def test_from_runs_marks_one_sided_examples_nan_with_a_warning():
     masks = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]])
     correct = torch.ones(3, 3, device="cpu")
