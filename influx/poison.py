@@ -7,8 +7,10 @@ Poisons (each returns a result object holding the poisoned dataset and everythin
 - :func:`label_flip`: a seeded random subset gets a different, uniformly drawn class.
 - :func:`adversarial`: clean-label FGSM poisons ``x + eps * sign(grad_x l(theta; x, y))``.
 
-The poisoned dataset yields ``(input, target, index)`` with the original dataset indices, so
-scores computed on it align with the clean data; ``result.forget`` and ``result.retain`` are its
+Data is a tuple, a Dataset or a DataLoader (whose dataset the examples are picked from); only
+the chosen examples are read, each once, and the poisoned dataset reads the rest from the base
+when asked. The poisoned dataset yields ``(input, target, index)`` with the original dataset
+indices, so scores computed on it align with the clean data; ``result.forget`` and ``result.retain`` are its
 poisoned and clean parts.
 
 Batch schedules (:func:`interlaced`, :func:`concentrated`) fix how the poisoned examples are
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from influx.checks import check_integer, check_number, is_integer
 from influx.data import LossFn, as_tensors, iter_batches, num_examples
@@ -57,10 +59,19 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+def _random_access(data):
+    """``data`` as something examples can be picked from by position: a DataLoader's dataset
+    (poisons choose positions, not batches)."""
+    if isinstance(data, DataLoader):
+        return data.dataset
+    return data
+
+
 def _num_examples(data) -> int:
     if not isinstance(data, (tuple, list, Dataset)):
         raise InfluxValueError(
-            f"data must be a tuple (inputs, targets) or a torch Dataset; got {type(data).__name__}"
+            "data must be a tuple (inputs, targets), a torch Dataset or a DataLoader; got "
+            f"{type(data).__name__}"
         )
     return num_examples(data)
 
@@ -120,6 +131,7 @@ class PoisonedDataset(Dataset):
         inputs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ):
+        base = _random_access(base)
         self.base = _tensor_triple(base) if isinstance(base, (tuple, list)) else base
         n = _num_examples(base)
         positions = positions.detach().cpu().long()
@@ -318,6 +330,7 @@ def gaussian(
     then drawn from the same CPU generator in float64 and cast to the inputs' device and dtype.
     A chosen example whose input holds NaN or inf is refused, named by its dataset index.
     """
+    dataset = _random_access(dataset)
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
     noise_std = check_number("noise_std", noise_std, above=0)
@@ -372,6 +385,7 @@ def label_flip(
     The subset is chosen as in :func:`gaussian`; then ``new = (y + s) mod C`` with ``s`` uniform
     on ``{1, ..., C - 1}`` from the same generator. ``num_classes`` defaults to the dataset's.
     """
+    dataset = _random_access(dataset)
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
     classes = _num_classes(dataset, num_classes)
@@ -523,6 +537,7 @@ def adversarial(
     ``batch_size``). ``clip=(low, high)`` clamps the poisoned inputs to the valid data range;
     ``perturbation`` is then the clamped difference.
     """
+    dataset = _random_access(dataset)
     n = _num_examples(dataset)
     k = _poison_count(n, fraction, count)
     check_number("eps", eps, above=0)

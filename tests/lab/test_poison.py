@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from utils import assert_close
+from utils import LazyDataset, assert_close
 
 from influx import data, models, poison, train
 from influx.errors import InfluxRuntimeError, InfluxValueError
@@ -421,3 +421,17 @@ def test_schedule_rejects_bad_arguments():
         poison.BatchSchedule(_mask(5, 1), 2, kind="random")
     with pytest.raises(InfluxValueError, match="epoch must be >= 0"):
         poison.interlaced(_mask(5, 1), 2).epoch_order(-1)
+
+
+def test_poisons_read_only_the_chosen_examples_of_a_dataset_or_dataloader():
+    dataset = LazyDataset(50, shape=(4,), classes=3)
+    result = poison.gaussian(dataset, count=6, noise_std=0.5, seed=2)
+    chosen = result.mask.nonzero().flatten()
+    assert torch.equal(dataset.reads[chosen], torch.ones(6, dtype=torch.long))
+    assert int(dataset.reads.sum()) == 6
+    inputs, targets = LazyDataset(50, shape=(4,), classes=3).tensors()
+    expected = poison.gaussian((inputs, targets), count=6, noise_std=0.5, seed=2)
+    assert torch.equal(result.noise, expected.noise)
+    assert torch.equal(result.base_inputs, expected.base_inputs)
+    by_loader = poison.gaussian(DataLoader(dataset, batch_size=8), count=6, noise_std=0.5, seed=2)
+    assert torch.equal(by_loader.noise, expected.noise) and torch.equal(by_loader.indices, chosen)
