@@ -7,7 +7,7 @@ raise :class:`NegativeCurvature`; :func:`solve_with_positive_damping` turns that
 damping, a warning and a fresh solve.
 
 * :func:`conjugate_gradients`: (preconditioned) CG, exact in at most P iterations on a positive
-  definite system; used by the ``cg`` influence estimator and by Newton removal.
+  definite system; the one CG, used by the ``cg`` influence estimator and by Newton removal.
 * :func:`lissa`: the Neumann series of Agarwal et al. (2017), i.e. Richardson iteration.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from influx.curvature import NonPositiveDefiniteWarning
+from influx.curvature.spectrum import DEFAULT_RELATIVE_DAMPING, NonPositiveDefiniteWarning
 from influx.errors import InfluxRuntimeError, InfluxValueError
 
 __all__ = [
@@ -67,10 +67,11 @@ def conjugate_gradients(
     preconditioner=None,
 ):
     """Solve (A + damping I) X^T = RHS^T for every row of ``rhs`` [M, P]; returns (X, iterations,
-    residual).
+    residual): ``iterations`` operator calls (at most ``max_iterations``; 0 when every row of
+    ``rhs`` is 0) and the largest relative residual ||r|| / ||rhs|| left.
 
-    Each row runs its own (preconditioned) CG with its own step sizes; rows that converged are
-    frozen. A search direction p with p^T (A + damping I) p <= 0 proves A + damping I indefinite
+    Each row runs its own (preconditioned) CG with its own step sizes; a row stops once its
+    relative residual is at most ``tolerance`` and is frozen while the others go on. A search direction p with p^T (A + damping I) p <= 0 proves A + damping I indefinite
     (CG's pivots are those of the Lanczos tridiagonal matrix, so this is met as soon as the
     Krylov space holds a negative Ritz value): :class:`NegativeCurvature` is raised, carrying the
     Rayleigh quotient of A along p (see :func:`solve_with_positive_damping`).
@@ -85,10 +86,9 @@ def conjugate_gradients(
     norms = rhs.norm(dim=1)
     active = norms > 0  # a zero right-hand side is solved by x = 0
     norms = norms.clamp_min(torch.finfo(rhs.dtype).tiny)
-    iterations = 0
-    for iterations in range(1, max_iterations + 1):  # noqa: B007 - returned after the loop
-        if not active.any():
-            break
+    iterations = 0  # operator calls, each on every active row
+    while iterations < max_iterations and active.any():
+        iterations += 1
         ap = operator(p) + damping * p
         curvature = (p * ap).sum(1)
         bad = active & (curvature <= 0)
@@ -161,7 +161,7 @@ def solve_with_positive_damping(
     solve_at: Callable[[float], object],
     damping: float,
     *,
-    margin: float,
+    margin: float | None,
     what: str,
     max_raises: int = MAX_DAMPING_RAISES,
 ) -> tuple[object, float]:
@@ -170,15 +170,20 @@ def solve_with_positive_damping(
     When ``solve_at`` raises :class:`NegativeCurvature` with Rayleigh quotient rho (<= -damping),
     the damping becomes ``-rho + margin``, so the damped curvature along that direction is
     ``margin`` > 0, and the solve starts again; a :class:`NonPositiveDefiniteWarning` names the new
-    value. Each raise adds at least ``margin``. Returns (the solve's result, the damping it used).
+    value. Each raise adds at least ``margin``. A caller that knows no curvature scale passes
+    ``margin=None``: each raise then lands at (1 + :data:`DEFAULT_RELATIVE_DAMPING`) |rho|, at
+    least 1.1 times the damping before it. Returns (the solve's result, the damping it used).
     """
-    if not margin > 0:
-        raise InfluxValueError(f"margin must be > 0; got {margin!r}")
+    if margin is not None and not margin > 0:
+        raise InfluxValueError(f"margin must be > 0 or None; got {margin!r}")
     for _ in range(max_raises + 1):
         try:
             return solve_at(damping), damping
         except NegativeCurvature as met:
-            raised = max(damping, -met.rayleigh) + margin
+            step = margin
+            if step is None:  # a flat direction (rho = 0) still moves the damping
+                step = max(DEFAULT_RELATIVE_DAMPING * abs(met.rayleigh), torch.finfo().eps)
+            raised = max(damping, -met.rayleigh) + step
             warnings.warn(
                 f"{what} met non-positive curvature at iteration {met.iteration}: "
                 f"v^T H v / v^T v = {met.rayleigh:.3e} along a search direction, below -damping "

@@ -23,12 +23,16 @@ penalty written there) would count as a constant. Such a ``loss_fn`` is refused;
 penalty's coefficient as ``weight_decay``.
 
 Solvers: ``"dense"`` forms H_R exactly (:func:`influx.curvature.dense_hessian`, P Hessian-vector
-products; small models) and solves in float64; ``"cg"`` runs conjugate gradients on
-Hessian-vector products (:func:`influx.curvature.hvp`), stopping at ``tolerance`` (relative
-residual), ``max_iterations`` or the budget. ``"auto"`` picks dense when P <= 5,000 and it fits the
-budget, else cg. H_R may be indefinite away from a minimum: the dense solver warns
-(:class:`influx.curvature.NonPositiveDefiniteWarning`) and cg stops at the first direction of
-non-positive curvature.
+products; small models) and solves in float64; ``"cg"`` runs the library's conjugate gradients
+(:func:`influx.curvature.conjugate_gradients`) on Hessian-vector products
+(:func:`influx.curvature.hvp`), stopping at ``tolerance`` (relative residual), ``max_iterations``
+or the budget. ``"auto"`` picks dense when P <= 5,000 and it fits the budget, else cg. H_R may be
+indefinite away from a minimum: the dense solver warns
+(:class:`influx.curvature.NonPositiveDefiniteWarning`) and solves as asked; cg, meeting a
+direction v of non-positive damped curvature, raises the damping to 1.1 |v^T H v| / v^T v, warns
+with the new value and solves again from 0 (at most 20 times) within the same budget, as the ``cg`` influence estimator does
+(:func:`influx.curvature.solve_with_positive_damping`). The damping it solved at is
+``options["solved_damping"]``.
 
 Budget: the gradient costs |R|; a Hessian-vector product over R costs 2 |R| (forward-over-reverse),
 so dense costs |R| (1 + 2 P) and cg |R| (1 + 2 x iterations). A budget that cannot afford the
@@ -37,15 +41,13 @@ gradient and one product leaves the model unchanged (with a warning). Evaluated 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import nn
 
-from influx.checks import check_damping
+from influx.checks import check_choice, check_damping, check_number
 from influx.curvature import (
-    NonPositiveDefiniteWarning,
     ParamSpace,
     Spectrum,
     check_damped_spectrum,
@@ -53,6 +55,7 @@ from influx.curvature import (
     gradient,
     hvp,
 )
+from influx.curvature.solvers import conjugate_gradients, solve_with_positive_damping
 from influx.errors import InfluxValueError
 from influx.unlearn.loop import LossFn, Session
 from influx.unlearn.result import UnlearnResult
@@ -103,33 +106,30 @@ class _RetainObjective:
         )
 
 
-def _conjugate_gradients(product, rhs, damping, iterations, tolerance) -> tuple[torch.Tensor, int]:
-    """Solve (A + damping I) x = rhs [P] by CG; returns (x, Hessian-vector products used)."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rs = r @ r
-    target = tolerance * rhs.norm()
+def _solve_by_cg(objective, grad, shift: float, *, cap: int, affordable: float, tolerance: float):
+    """(H_R + shift I)^-1 grad by the library's conjugate gradients: at most ``cap``
+    Hessian-vector products per solve and ``affordable`` in all; returns (step, shift used,
+    products used).
+
+    A direction of non-positive curvature raises the shift above it (a
+    :class:`~influx.curvature.NonPositiveDefiniteWarning` names the new value) and the solve
+    starts again from 0, its products charged to the same budget."""
     used = 0
-    while used < iterations and r.norm() > target:
-        ap = product(p) + damping * p
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        nonlocal used
         used += 1
-        curvature = p @ ap
-        if curvature <= 0:
-            warnings.warn(
-                "newton (cg): a direction of non-positive curvature of the damped retain Hessian; "
-                "stopped there (increase damping)",
-                NonPositiveDefiniteWarning,
-                stacklevel=3,
-            )
-            break
-        alpha = rs / curvature
-        x += alpha * p
-        r -= alpha * ap
-        rs_new = r @ r
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    return x, used
+        return objective.hvp(rows[0]).detach()[None]
+
+    def solve_at(damping: float) -> torch.Tensor:
+        limit = int(min(cap, affordable - used))
+        solved, _, _ = conjugate_gradients(
+            product, grad[None], damping=damping, max_iterations=limit, tolerance=tolerance
+        )
+        return solved[0]
+
+    step, shift = solve_with_positive_damping(solve_at, shift, margin=None, what="newton (cg)")
+    return step, shift, used
 
 
 def _refuse_a_loss_reading_parameters(
@@ -188,12 +188,8 @@ def newton(
     ``chunk_size`` retain examples per product. Pass ``budget=math.inf`` for an unlimited solve.
     """
     damping = check_damping(damping, auto=False)
-    if not (
-        isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0
-    ):
-        raise InfluxValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
-    if solver not in _SOLVERS:
-        raise InfluxValueError(f"solver must be one of {_SOLVERS}; got {solver!r}")
+    weight_decay = check_number("weight_decay", weight_decay, at_least=0)
+    check_choice("solver", solver, _SOLVERS)
     options = dict(inplace=inplace, progress=progress, record_every=record_every,
                    keep_states=keep_states, on_checkpoint=on_checkpoint, batch_size=chunk_size)  # fmt: skip
     session = Session("newton", model, loss_fn, forget, retain, budget=budget,
@@ -212,7 +208,7 @@ def newton(
             f"budget is {session.meter.budget:.0f}: pass solver='cg' or a larger budget"
         )
     affordable = (session.meter.remaining - n) // (2 * n)
-    cap = size if max_iterations is None else max_iterations
+    cap = size if max_iterations is None else max_iterations  # per solve; restarts add up
     iterations = int(min(cap, affordable)) if solver == "cg" else 0
     extra = {"damping": damping, "weight_decay": weight_decay, "solver": solver,
              "tolerance": tolerance, "params": list(space.names)}  # fmt: skip
@@ -248,15 +244,11 @@ def newton(
         spent = dense_cost
         extra["iterations"] = size
     else:
-        step, used = _conjugate_gradients(
-            lambda v: objective.hvp(v).detach(),
-            grad,
-            float(damping) + float(weight_decay),
-            iterations,
-            tolerance,
-        )
+        step, shift, used = _solve_by_cg(objective, grad, damping + weight_decay, cap=int(cap),
+                                         affordable=affordable, tolerance=tolerance)  # fmt: skip
         spent = n * (1 + 2 * used)
         extra["iterations"] = used
+        extra["solved_damping"] = shift - weight_decay
     session.meter.charge(spent)
     with torch.no_grad():
         named = dict(work.named_parameters())
