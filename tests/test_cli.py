@@ -696,3 +696,16 @@ def test_the_loader_that_moves_batches_to_the_device_gives_the_datasets_numbers(
         torch.manual_seed(0)
         computed = influence.fit(model, loss, moved, method=method).self_influence()
         assert torch.equal(computed, expected), method
+
+
+def test_the_old_commutator_helper_warns_and_forwards_to_the_library():
+    from influx import commutator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    reference = (x[:2], y[:2])
+    with pytest.warns(DeprecationWarning, match="reference_bracket_norms"):
+        old = cli.commutator_norms(model, cross_entropy_per_example, x, y, reference)
+    new = commutator.reference_bracket_norms(model, cross_entropy_per_example, (x, y), reference)
+    assert torch.equal(old, new)
