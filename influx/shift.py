@@ -21,12 +21,20 @@ predictions on probe sets, so one sees where the quadratic picture holds.
 
 Fisher products: ``"exact"`` is matrix-free (``influx.curvature.ggn_vp`` with cross-entropy, two
 products per decomposition, any model size, cost ~4 backward passes per probe example);
-``"kfac"`` / ``"ekfac"`` use Kronecker factors (``influx.curvature``) with labels sampled from the
-model (the true Fisher), block-diagonal over Linear / Conv layers; parameters of other layers
-(normalization affine, embeddings) are left out of the Fisher quantities and listed in
+``"kfac"`` / ``"ekfac"`` use Kronecker factors with labels sampled from the model (the true
+Fisher), block-diagonal over Linear / Conv layers of one group, fitted by
+``influx.curvature.fit_sampled_kronecker_factors``, the rule of the influence estimators' K-FAC:
+``fisher_draws("auto")`` labels per probe example (8 on small probes, one from 8,192 on),
+fresh draws for the EK-FAC eigenvalue refit. Parameters of other layers (normalization affine,
+embeddings, grouped convolutions) are left out of the Fisher quantities and listed in
 ``Decomposition.excluded``. Both are the true Fisher, with labels drawn from the model, not the
 empirical Fisher of the observed labels: ``"exact"`` takes the expectation over labels in closed
-form (hence equals the GGN), K-FAC samples one label per probe example.
+form (hence equals the GGN), K-FAC samples it. The probe streams batch by batch
+(``influx.data.iter_batches``) in every pass, as do the predictions of :func:`predictive_kl`,
+:func:`predictive_entropy` and :func:`analyze`.
+
+Refused: a zero poisoning shift (poisoned equals reference: every ratio would be 0 / 0) and NaN /
+inf parameters in any of the three states.
 
 States and modes. Predictions (:func:`predictive_kl`, :func:`predictive_entropy`, the KL and
 entropies of :func:`analyze`) and the Fisher at ``at`` evaluate ``model`` holding the state's own
@@ -65,18 +73,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from influx.checks import check_choice
 from influx.curvature import (
     KroneckerFactors,
     ParamSpace,
-    accumulate_ekfac_eigenvalues,
-    accumulate_kronecker_factors,
-    finalize_ekfac_eigenvalues,
-    finalize_kronecker_factors,
+    fit_sampled_kronecker_factors,
     ggn_vp,
 )
-from influx.data import as_tensors, iter_batches
+from influx.data import first_batch, iter_batches, num_examples
 from influx.errors import InfluxValueError
-from influx.grads import capture_matmul_layers
 from influx.grads.common import fixed_state
 from influx.train import cross_entropy_per_example
 
@@ -213,6 +218,12 @@ def _full_state(model: nn.Module, state: State) -> dict[str, torch.Tensor]:
             "model's architecture"
         )
     return {n: own.get(n, t).detach() for n, t in template.items()}
+
+
+def _same_state(model: nn.Module, a: State, b: State) -> bool:
+    """Whether two states agree in every parameter (frozen ones too) and buffer."""
+    full_a, full_b = _full_state(model, a), _full_state(model, b)
+    return all(torch.equal(full_a[n], full_b[n].to(full_a[n].device)) for n in full_a)
 
 
 @contextlib.contextmanager
@@ -356,6 +367,26 @@ def _decompose_pieces(
     )
 
 
+def _check_finite_states(names: list[str] | None, states) -> None:
+    """Refuse NaN / inf parameters (every quantity would be NaN), naming the state and parameter."""
+    for role, pieces in zip(_MODELS, states):
+        for i, piece in enumerate(pieces):
+            if not bool(torch.isfinite(piece).all()):
+                where = f" ({names[i]})" if names is not None else ""
+                raise InfluxValueError(
+                    f"shift.decompose: the {role} parameters hold NaN or inf{where}; pass a model "
+                    "whose parameters are finite (a diverged training run cannot be decomposed)"
+                )
+
+
+def _refuse_a_zero_shift() -> None:
+    """A zero poisoning shift leaves every ratio 0 / 0: refused instead of returning NaN."""
+    raise InfluxValueError(
+        "shift.decompose: the poisoning shift is zero (poisoned equals reference), so there is "
+        "nothing to remove; pass the model trained with the poisons as poisoned="
+    )
+
+
 def decompose(
     reference: State,
     poisoned: State,
@@ -375,7 +406,10 @@ def decompose(
     if metric is not None:
         return metric.decompose(reference, poisoned, unlearned)
     names, (ref, poi, unl) = _as_pieces([reference, poisoned, unlearned], params)
+    _check_finite_states(names, (ref, poi, unl))
     poison = [p - r for p, r in zip(poi, ref)]
+    if not any(bool(piece.any()) for piece in poison):
+        _refuse_a_zero_shift()
     update = [u - p for u, p in zip(unl, poi)]
     return _decompose_pieces(names, poison, update, poison, update, "euclidean")
 
@@ -383,14 +417,6 @@ def decompose(
 # --------------------------------------------------------------------------------------------------
 # Fisher metric
 # --------------------------------------------------------------------------------------------------
-
-
-def _sampled_labels(model: nn.Module, inputs: torch.Tensor, generator) -> torch.Tensor:
-    """Labels drawn from softmax(model(inputs)) on a CPU generator, moved to the inputs' device."""
-    with torch.no_grad():
-        logits = model(inputs)
-    probabilities = torch.softmax(logits.to(device="cpu", dtype=torch.float64), dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(inputs.device)
 
 
 def _layer_matrix(factor: KroneckerFactors, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -421,20 +447,18 @@ class FisherMetric:
         batch_size: int = 256,
         seed: int = 0,
     ):
-        if curvature not in ("exact", "kfac", "ekfac"):
-            raise InfluxValueError(
-                f"curvature must be 'exact', 'kfac' or 'ekfac'; got {curvature!r}"
-            )
+        check_choice("curvature", curvature, ("exact", "kfac", "ekfac"))
         if not isinstance(model, nn.Module):
             raise InfluxValueError("fisher needs the model (architecture) as an nn.Module")
         self.model, self.curvature, self.batch_size = model, curvature, batch_size
-        inputs, targets, _ = as_tensors(probe)
+        # The probe streams batch by batch (``influx.data.iter_batches``) on every pass.
+        _, targets, _ = first_batch(probe, batch_size)
         if targets.is_floating_point() or targets.dim() != 1:
             raise InfluxValueError(
                 "the Fisher of a categorical predictive distribution needs integer class targets "
                 f"[N] in the probe data; got {targets.dtype} of shape {tuple(targets.shape)}"
             )
-        self.inputs, self.targets = inputs, targets
+        self.probe, self.examples = probe, num_examples(probe)
         self.space = ParamSpace.of(model)
         self.names = list(self.space.names)
         # The Fisher at ``at``: a private eval-mode copy holds all of its state (frozen parameters
@@ -448,23 +472,16 @@ class FisherMetric:
     # -- K-FAC / EK-FAC --------------------------------------------------------------------------
 
     def _fit_kronecker(self, seed: int) -> None:
-        model = self.at_model
-        generator = torch.Generator().manual_seed(seed)
-        batches = [
-            (x, _sampled_labels(model, x, generator))
-            for x, *_ in iter_batches((self.inputs, self.targets), self.batch_size)
-        ]
-        self.factors: dict[str, KroneckerFactors] = {}
-        for x, y in batches:
-            captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
-            accumulate_kronecker_factors(self.factors, captures)
-        finalize_kronecker_factors(self.factors)
-        if self.curvature == "ekfac":
-            sums: dict[str, torch.Tensor] = {}
-            for x, y in batches:
-                captures = capture_matmul_layers(model, cross_entropy_per_example, x, y)
-                accumulate_ekfac_eigenvalues(self.factors, captures, sums)
-            finalize_ekfac_eigenvalues(self.factors, sums)
+        # The one fitter of sampled-Fisher factors (influx.curvature.factors): labels drawn from
+        # the model as influx.influence's K-FAC draws them, fresh ones for the EK-FAC refit.
+        self.factors: dict[str, KroneckerFactors] = fit_sampled_kronecker_factors(
+            self.at_model,
+            cross_entropy_per_example,
+            self.probe,
+            batch_size=self.batch_size,
+            seed=seed,
+            eigen_corrected=self.curvature == "ekfac",
+        )
         covered = set()
         for f in self.factors.values():
             covered |= {f.weight_name} | ({f.bias_name} if f.bias_name else set())
@@ -497,9 +514,9 @@ class FisherMetric:
             if vectors.dim() == 1:
                 return self._apply_kronecker(vectors)
             return torch.stack([self._apply_kronecker(v) for v in vectors])
-        n = self.inputs.shape[0]
+        n = self.examples
         total = torch.zeros_like(vectors)
-        for x, y, *_ in iter_batches((self.inputs, self.targets), self.batch_size):
+        for x, y, *_ in iter_batches(self.probe, self.batch_size):
             # F of the mean over the probe set = size-weighted mean of the batch means.
             theta = self.theta.to(x.dtype)
             product = ggn_vp(self.at_model, cross_entropy_per_example, (x, y), vectors.to(x.dtype),
@@ -508,9 +525,14 @@ class FisherMetric:
         return total
 
     def decompose(self, reference: State, poisoned: State, unlearned: State) -> Decomposition:
-        _, (ref, poi, unl) = _as_pieces([reference, poisoned, unlearned], space=self.space)
-        ref, poi, unl = (torch.cat(p).to(self.theta.device) for p in (ref, poi, unl))
+        _, pieces = _as_pieces([reference, poisoned, unlearned], space=self.space)
+        _check_finite_states(self.names, pieces)
+        ref, poi, unl = (torch.cat(p).to(self.theta.device) for p in pieces)
         poison, update = poi - ref, unl - poi
+        # A shift of frozen parameters or buffers alone is no shift in F's coordinates but moves
+        # the predictions (kl_poison = 0 is the answer); identical states are refused.
+        if not bool(poison.any()) and _same_state(self.model, reference, poisoned):
+            _refuse_a_zero_shift()
         keep = torch.ones_like(poison)
         if self.excluded:
             for name, piece in self.space.unflatten(keep).items():
@@ -551,19 +573,40 @@ def fisher(
 # --------------------------------------------------------------------------------------------------
 
 
-def _log_probs(model: nn.Module, state: State, inputs: torch.Tensor, batch_size: int):
-    """Eval-mode log-probabilities of ``model`` holding all of ``state`` (frozen parameters and
-    buffers included); ``model`` itself is left as it was, mode and buffers alike."""
-    full = {
-        name: t.to(device=inputs.device, dtype=_dtype_for(t, inputs))
-        for name, t in _full_state(model, state).items()
-    }
-    outs = []
+def _per_example(model: nn.Module, states: Mapping[str, State], data, batch_size: int, of):
+    """``of(log_probs)`` [B] per batch, concatenated to [N], where ``log_probs`` maps each state's
+    name to the eval-mode log-probabilities [B, C] of ``model`` holding all of that state (frozen
+    parameters and buffers included). ``data`` streams batch by batch; ``model`` itself is left
+    as it was, mode and buffers alike. Row by row, so the values do not depend on the batching."""
+    fulls, rows = None, []
     with torch.no_grad(), _eval_mode(model):
-        for start in range(0, inputs.shape[0], batch_size):
-            logits = torch.func.functional_call(model, full, (inputs[start : start + batch_size],))
-            outs.append(torch.log_softmax(logits.to(torch.float64), dim=-1))
-    return torch.cat(outs)
+        for inputs, *_ in iter_batches(data, batch_size):
+            if fulls is None:
+                fulls = {
+                    key: {
+                        name: t.to(device=inputs.device, dtype=_dtype_for(t, inputs))
+                        for name, t in _full_state(model, state).items()
+                    }
+                    for key, state in states.items()
+                }
+            log_probs = {
+                key: torch.log_softmax(
+                    torch.func.functional_call(model, full, (inputs,)).to(torch.float64), dim=-1
+                )
+                for key, full in fulls.items()
+            }
+            rows.append(of(log_probs))
+    if not rows:
+        raise InfluxValueError("the probe data is empty: pass at least one example")
+    return torch.cat(rows)
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _entropy_rows(log_p: torch.Tensor) -> torch.Tensor:
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 def _dtype_for(tensor: torch.Tensor, inputs: torch.Tensor) -> torch.dtype:
@@ -576,16 +619,17 @@ def _dtype_for(tensor: torch.Tensor, inputs: torch.Tensor) -> torch.dtype:
 
 def predictive_kl(model: nn.Module, p: State, q: State, data, *, batch_size: int = 512) -> float:
     """Mean over the inputs of ``KL(p(.|x) || q(.|x))`` in nats (``model`` gives the architecture)."""
-    inputs = as_tensors(data)[0]
-    log_p = _log_probs(model, p, inputs, batch_size)
-    log_q = _log_probs(model, q, inputs, batch_size)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    rows = _per_example(model, {"p": p, "q": q}, data, batch_size,
+                        lambda logs: _kl_rows(logs["p"], logs["q"]))  # fmt: skip
+    return float(rows.mean())
 
 
 def predictive_entropy(model: nn.Module, state: State, data, *, batch_size: int = 512) -> float:
     """Mean over the inputs of the entropy ``-sum_c p_c log p_c`` of the predictions, in nats."""
-    log_p = _log_probs(model, state, as_tensors(data)[0], batch_size)
-    return float(-(log_p.exp() * log_p).sum(-1).mean())
+    rows = _per_example(
+        model, {"p": state}, data, batch_size, lambda logs: _entropy_rows(logs["p"])
+    )
+    return float(rows.mean())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,14 +694,18 @@ def analyze(
     exact mean KL between the three models' predictions and their predictive entropies."""
     states = dict(zip(_MODELS, (reference, poisoned, unlearned)))
     kl, entropy = {}, {}
+    columns = [*_PAIRS, *_MODELS]  # a KL per pair, then an entropy per model
+
+    def rows(logs):
+        kls = [_kl_rows(logs[a], logs[b]) for a, b in _PAIRS.values()]
+        return torch.stack([*kls, *(_entropy_rows(logs[m]) for m in _MODELS)], dim=1)
+
     for probe, data in (probes or {}).items():
-        inputs = as_tensors(data)[0]
-        logs = {m: _log_probs(model, s, inputs, batch_size) for m, s in states.items()}
-        kl[probe] = {
-            pair: float((logs[a].exp() * (logs[a] - logs[b])).sum(-1).mean())
-            for pair, (a, b) in _PAIRS.items()
-        }
-        entropy[probe] = {m: float(-(lp.exp() * lp).sum(-1).mean()) for m, lp in logs.items()}
+        table = _per_example(model, states, data, batch_size, rows)
+        # Each column's mean over a contiguous copy: the same sums as a [N] tensor's.
+        means = {c: float(table[:, k].contiguous().mean()) for k, c in enumerate(columns)}
+        kl[probe] = {pair: means[pair] for pair in _PAIRS}
+        entropy[probe] = {m: means[m] for m in _MODELS}
     return ShiftReport(
         euclidean=decompose(
             reference, poisoned, unlearned, params=[n for n, _ in model.named_parameters()]

@@ -286,7 +286,8 @@ def test_kronecker_products_use_the_layer_layout(curvature):
         assert_close(shift._layer_matrix(factor, product), expected, name=factor.weight_name)
     for name in metric.excluded:
         assert torch.all(product[name] == 0)
-    assert "fisher" in metric.decompose(model, model, model).metric
+    shifted = space.current(model) + 0.01 * v
+    assert "fisher" in metric.decompose(model, shifted, model).metric
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,3 +456,138 @@ def test_fisher_is_taken_at_the_states_own_frozen_parameters_and_buffers():
     # Matrix-free products vs an explicit Jacobian contraction: round-off only.
     assert_close(metric.apply(v), v @ dense, rtol=1e-10, name="F v at the state")
     assert reference.training and metric.names == list(space.names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampled K-FAC / EK-FAC against a brute-force fit; refusals; streaming
+# --------------------------------------------------------------------------------------------------
+
+
+def _brute_force_kronecker(model, x, seed: int, batch_size: int, eigen_corrected: bool):
+    """Layer -> F applied to [d_out, d_in + 1] matrices, fitted by hand in float64: labels drawn
+    per batch as influx.curvature.sample_labels draws them (fisher_draws('auto') per example,
+    fresh draws for the EK-FAC refit), every per-example gradient from torch.func."""
+    from influx.curvature import fisher_draws
+
+    n, draws = x.shape[0], fisher_draws("auto", x.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def layer_grads(xi, yi):  # per layer: G = [dW | db] [d_out, d_in + 1]
+        def loss(p):
+            return cross_entropy_per_example(functional_call(model, p, (xi[None],)), yi[None])[0]
+
+        g = torch.func.grad(loss)(params)
+        return {
+            layer: torch.cat([g[f"{layer}.weight"], g[f"{layer}.bias"][:, None]], 1)
+            for layer in ("0", "2")
+        }
+
+    def draw_pass():  # (example, label) for every batch and draw, in the fitter's order
+        out = []
+        for s in range(0, n, batch_size):
+            xb = x[s : s + batch_size]
+            p = torch.softmax(model(xb).detach().to(torch.float64), -1)
+            labels = torch.multinomial(p, draws, replacement=True, generator=generator).T
+            out += [(s + i, labels[d, i]) for d in range(draws) for i in range(xb.shape[0])]
+        return out
+
+    first = draw_pass()
+    hidden = torch.tanh(model[0](x)).detach()
+    inputs = {"0": x, "2": hidden}
+    result = {}
+    grads_first = [layer_grads(x[i], y) for i, y in first]
+    for layer in ("0", "2"):
+        a = torch.cat([inputs[layer], torch.ones(n, 1, dtype=torch.float64)], 1)
+        activation = a.T @ a / n
+        b = torch.stack([g[layer][:, -1] for g in grads_first])  # the bias gradient is b (T = 1)
+        gradient = b.T @ b / (n * draws)
+        result[layer] = (activation, gradient)
+    if not eigen_corrected:
+        return {layer: (lambda v, A=A, S=S: S @ v @ A) for layer, (A, S) in result.items()}
+    grads_second = [layer_grads(x[i], y) for i, y in draw_pass()]
+    out = {}
+    for layer, (A, S) in result.items():
+        q_a, q_s = torch.linalg.eigh(A)[1], torch.linalg.eigh(S)[1]
+        values = sum((q_s.T @ g[layer] @ q_a) ** 2 for g in grads_second) / (n * draws)
+        out[layer] = lambda v, q_a=q_a, q_s=q_s, values=values: (
+            q_s @ ((q_s.T @ v @ q_a) * values) @ q_a.T
+        )
+    return out
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_sampled_kronecker_fisher_equals_a_brute_force_fit(curvature):
+    # Labels drawn as influence's K-FAC draws them (several per example on a small probe, fresh
+    # ones for the EK-FAC refit), factors from per-example gradients written out by hand.
+    model, (x, _) = _mlp(3), _probe(6, 4)
+    metric = shift.fisher(model, model, (x, torch.zeros(6, dtype=torch.long)),
+                          curvature=curvature, batch_size=4, seed=11)  # fmt: skip
+    expected = _brute_force_kronecker(model, x, 11, 4, curvature == "ekfac")
+    space = ParamSpace.of(model)
+    v = torch.randn(space.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    product, named = space.unflatten(metric.apply(v)), space.unflatten(v)
+    for layer, apply in expected.items():
+        matrix = torch.cat([named[f"{layer}.weight"], named[f"{layer}.bias"][:, None]], 1)
+        got = torch.cat([product[f"{layer}.weight"], product[f"{layer}.bias"][:, None]], 1)
+        # The same float64 sums in another order (and eigh's basis up to signs): round-off.
+        assert_close(got, apply(matrix), rtol=1e-10, name=f"layer {layer}")
+
+
+def test_decompose_refuses_a_zero_poisoning_shift():
+    reference, unlearned = _mlp(0), _mlp(1)
+    with pytest.raises(
+        InfluxValueError, match="^shift.decompose: the poisoning shift is zero.*poisoned=$"
+    ):
+        shift.decompose(reference, copy.deepcopy(reference), unlearned)
+    metric = shift.fisher(reference, reference, _probe(20, 1))
+    with pytest.raises(InfluxValueError, match="the poisoning shift is zero"):
+        metric.decompose(reference, reference.state_dict(), unlearned)
+
+
+@pytest.mark.parametrize("role", [0, 1, 2])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_decompose_refuses_nan_or_inf_parameters(role, bad):
+    states = [_mlp(s) for s in range(3)]
+    with torch.no_grad():
+        states[role][2].bias[1] = bad
+    which = ("reference", "poisoned", "unlearned")[role]
+    message = f"^shift.decompose: the {which} parameters hold NaN or inf \\(2.bias\\); pass a model"
+    with pytest.raises(InfluxValueError, match=message):
+        shift.decompose(*states)
+    metric = shift.fisher(_mlp(0), _mlp(0), _probe(20, 1))
+    with pytest.raises(InfluxValueError, match=message):
+        metric.decompose(*states)
+
+
+def test_a_dataset_probe_streams_and_gives_the_tensor_numbers():
+    from utils import LazyDataset
+
+    models = [_mlp(s) for s in range(3)]
+    data = LazyDataset(30, shape=(5,), classes=3, seed=1)
+    tensors = data.tensors()
+    by_tensors = shift.fisher(models[0], models[0], tensors, batch_size=8)
+    streamed = shift.fisher(models[0], models[0], data, batch_size=8)
+    assert data.reads.max() <= 1  # the first batch's check reads no more than that batch
+    expected = by_tensors.decompose(*models).as_dict()
+    before = data.reads.clone()
+    assert streamed.decompose(*models).as_dict() == expected  # the same batches: bit for bit
+    assert torch.equal(data.reads - before, torch.full((30,), 1))  # one pass per product block
+    before = data.reads.clone()
+    report = shift.analyze(models[0], *models, {"probe": data}, batch_size=8)
+    assert torch.equal(data.reads - before, torch.full((30,), 1))
+    assert report.kl == shift.analyze(models[0], *models, {"probe": tensors}, batch_size=8).kl
+    assert shift.predictive_kl(models[0], models[0], models[1], data, batch_size=8) == (
+        shift.predictive_kl(models[0], models[0], models[1], tensors, batch_size=8)
+    )
+    with pytest.raises(InfluxValueError, match="the probe data is empty"):
+        shift.predictive_entropy(models[0], models[0], LazyDataset(0, shape=(5,)))
+
+
+def test_kronecker_fisher_leaves_a_grouped_convolution_out_like_influence_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3)).double()
+    x = torch.randn(6, 2, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"parameters \['0.weight', '0.bias'\] are left out"):
+        metric = shift.fisher(model, model, (x, torch.zeros(6, dtype=torch.long)), curvature="kfac")
+    assert metric.excluded == ("0.weight", "0.bias") and list(metric.factors) == ["2"]
