@@ -23,7 +23,6 @@ rendered by matplotlib's Agg canvas without a pyplot state or a global backend c
 
 from __future__ import annotations
 
-import importlib
 import io
 import itertools
 import math
@@ -38,6 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from influx import tails
 from influx.errors import InfluxValueError
 from influx.store import atomic_write_bytes, atomic_write_text
 
@@ -184,13 +184,9 @@ def tail_fits(values: np.ndarray) -> dict[str, Any] | None:
     scores; normal, Laplace, Student-t and Cauchy for signed ones. Returns ``{"support":
     "positive" | "real", "fits": [(name, frozen scipy law, AIC)] best first (degenerate fits
     left out), "best": name, "hill": alpha, "power_law": (alpha, x_min, tail fraction) or None,
-    "zero_fraction": share of exact zeros}``; None when influx.tails is not installed or cannot
+    "zero_fraction": share of exact zeros}``; None when influx.tails cannot
     fit these values (e.g. all equal), in which case the report shows the plain histogram.
     """
-    try:
-        tails = importlib.import_module("influx.tails")
-    except ModuleNotFoundError:
-        return None
     try:
         with warnings.catch_warnings():
             # tied scores (memorization) collapse a t / Cauchy fit: it is left out below, and
