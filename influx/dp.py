@@ -33,7 +33,7 @@ import torch
 import torch.nn.grad
 from torch import nn
 
-from influx.checks import check_count_or_none, check_integer, check_number, is_integer
+from influx.checks import check_choice, check_count_or_none, check_integer, check_number, is_integer
 from influx.data import LossFn, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads import LayerRule, select_parameters
@@ -269,8 +269,7 @@ class DPGradient:
 
 
 def _check_accountant(accountant: str) -> None:
-    if accountant not in _ACCOUNTANTS:
-        raise InfluxValueError(f"accountant must be one of {_ACCOUNTANTS}; got {accountant!r}")
+    check_choice("accountant", accountant, _ACCOUNTANTS)
 
 
 def _check_schedule(sample_rate: float, steps: int, delta: float) -> None:
@@ -418,8 +417,7 @@ def train(
     if not (is_integer(batch_size) and 1 <= batch_size <= n):
         raise InfluxValueError(f"batch_size must be an integer in [1, N={n}]; got {batch_size!r}")
     batch_size = int(batch_size)
-    if sampling not in ("poisson", "shuffle"):
-        raise InfluxValueError(f"sampling must be 'poisson' or 'shuffle'; got {sampling!r}")
+    check_choice("sampling", sampling, ("poisson", "shuffle"))
     for key in ("gradient", "micro_batches", "aggregator"):
         if key in train_kwargs:
             raise InfluxValueError(f"dp.train sets the gradient itself; do not pass {key}=")

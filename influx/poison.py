@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from influx.checks import check_integer, check_number, is_integer
+from influx.checks import check_choice, check_integer, check_number, is_integer
 from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads.common import call_loss, check_finite
@@ -608,8 +608,7 @@ class BatchSchedule(Sampler):
             raise InfluxValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
         if batch_size < 1:
             raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
-        if kind not in _KINDS:
-            raise InfluxValueError(f"kind must be one of {_KINDS}; got {kind!r}")
+        check_choice("kind", kind, _KINDS)
         self.mask = mask.detach().cpu()
         self.batch_size = int(batch_size)
         self.seed = _check_seed(seed)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from influx import commutator, memorization
+from influx.checks import check_choice
 from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
 
@@ -58,6 +59,7 @@ Retrain = Callable[[Pair, Pair], Any]
 UnlearnMethod = Callable[..., Any]
 
 COMPONENTS = ("memorization", "self_influence", "ood", "entanglement", "ascent_residual")
+OOD_METHODS = ("mahalanobis", "knn")
 
 __all__ = [
     "COMPONENTS",
@@ -184,6 +186,7 @@ def ood_score(
     default all): ``"mahalanobis"`` (own-class mean, shared within-class covariance) or ``"knn"``
     (distance to the k-th nearest other retain example, normalized embeddings). See the module
     docstring for the formulas."""
+    check_choice("method", method, OOD_METHODS)
     n = embedded.shape[0]
     mask = (
         torch.ones(n, dtype=torch.bool, device=embedded.device)
@@ -209,16 +212,15 @@ def ood_score(
         offsets = z - means[targets]
         whitened = torch.linalg.solve_triangular(precision_factor, offsets.T, upper=False)
         return whitened.square().sum(0).to(embedded.dtype)
-    if method == "knn":
-        if not isinstance(k, int) or not 1 <= k < int(mask.sum()):
-            raise InfluxValueError(f"k must lie in [1, retain size - 1]; got {k!r}")
-        unit = torch.nn.functional.normalize(z, dim=1)
-        distances = torch.cdist(unit, unit[mask])
-        # An example is not its own neighbour.
-        positions = mask.nonzero().flatten()
-        distances[positions, torch.arange(positions.numel(), device=z.device)] = float("inf")
-        return distances.kthvalue(k, dim=1).values.to(embedded.dtype)
-    raise InfluxValueError(f"method must be 'mahalanobis' or 'knn'; got {method!r}")
+    # method == "knn"
+    if not isinstance(k, int) or not 1 <= k < int(mask.sum()):
+        raise InfluxValueError(f"k must lie in [1, retain size - 1]; got {k!r}")
+    unit = torch.nn.functional.normalize(z, dim=1)
+    distances = torch.cdist(unit, unit[mask])
+    # An example is not its own neighbour.
+    positions = mask.nonzero().flatten()
+    distances[positions, torch.arange(positions.numel(), device=z.device)] = float("inf")
+    return distances.kthvalue(k, dim=1).values.to(embedded.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +320,7 @@ def rank(
         raise InfluxValueError(
             f"components must be a non-empty subset of {COMPONENTS}; got {unknown}"
         )
+    check_choice("ood", ood, OOD_METHODS)
     weights = {name: float((weights or {}).get(name, 1.0)) for name in components}
     if any(w < 0 for w in weights.values()) or sum(weights.values()) == 0:
         raise InfluxValueError(f"weights must be >= 0 and not all 0; got {weights}")

@@ -82,8 +82,11 @@ def test_knn_ood_equals_sorted_distances():
     for i in range(40):
         distances = sorted(float((unit[i] - unit[j]).norm()) for j in range(40) if j != i)
         assert fast[i].item() == pytest.approx(distances[2], rel=1e-10)
-    with pytest.raises(InfluxValueError, match="'mahalanobis' or 'knn'"):
+    with pytest.raises(InfluxValueError, match=r"method must be one of \('mahalanobis', 'knn'\)"):
         unlearnable.ood_score(points, targets, method="lof")
+    # rank refuses it before computing any component
+    with pytest.raises(InfluxValueError, match=r"ood must be one of \('mahalanobis', 'knn'\)"):
+        unlearnable.rank(None, LOSS, (points, targets), ood="lof")
 
 
 def _tiny_problem(n=24, seed=0):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from influx.checks import check_count_or_none
+from influx.checks import check_choice, check_count_or_none
 from influx.data import iter_batches, num_examples
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import LayerCall, capture
@@ -282,8 +282,7 @@ def per_sample_projected(
     ``by_layer=True`` (Kronecker only) returns module name -> [N, k_module] instead, in the order
     of the columns of the [N, K] result. ``data`` and ``targets`` as in :func:`per_sample_grads`.
     """
-    if kind not in ("kronecker", "dense"):
-        raise InfluxValueError(f"kind must be 'kronecker' or 'dense'; got {kind!r}")
+    check_choice("kind", kind, ("kronecker", "dense"))
     if dim < 1:
         raise InfluxValueError(f"dim must be >= 1; got {dim}")
     selected = select_parameters(model, params)

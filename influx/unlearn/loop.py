@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from influx.checks import check_integer, check_number, is_integer
+from influx.checks import check_choice, check_integer, check_number, is_integer
 from influx.data import Batch, LossFn, as_tensors, iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads.common import SHOWN_INDICES, call_loss, refuse_batchnorm
@@ -68,10 +68,7 @@ class StepOptions:
 
     def __post_init__(self):
         check_number("lr", self.lr, above=0)
-        if self.optimizer not in _OPTIMIZERS:
-            raise InfluxValueError(
-                f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}"
-            )
+        check_choice("optimizer", self.optimizer, _OPTIMIZERS)
         check_number("momentum", self.momentum, at_least=0)
         check_number("weight_decay", self.weight_decay, at_least=0)
         check_integer("batch_size", self.batch_size, minimum=1)

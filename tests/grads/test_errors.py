@@ -50,7 +50,7 @@ def test_unknown_parameter_name():
 
 
 def test_bad_projection_arguments():
-    with pytest.raises(InfluxValueError, match="kind must be 'kronecker' or 'dense'"):
+    with pytest.raises(InfluxValueError, match=r"kind must be one of \('kronecker', 'dense'\)"):
         per_sample_projected(small(), cross_entropy, *batch(), dim=8, kind="sparse")
     with pytest.raises(InfluxValueError, match="dim must be >= 1"):
         per_sample_projected(small(), cross_entropy, *batch(), dim=0)
