@@ -44,11 +44,15 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMPORARY = re.compile(r"^\..+\.[0-9]+\.tmp$")
 
 __all__ = [
+    "SCORES_FORMAT",
+    "ScoreMatrix",
     "ShardStore",
     "StoreMismatchError",
     "atomic_replace",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_matrix_path",
+    "read_matrix",
     "sha256_bytes",
 ]
 
@@ -367,3 +371,178 @@ class ShardStore:
 def _listed(manifest: dict[str, Any]) -> dict[str, str]:
     shards = manifest.get("shards")
     return dict(shards) if isinstance(shards, dict) else {}
+
+
+# -- one matrix of scores (``influence.scores(..., store=path.npy)``) ------------------------------
+
+SCORES_FORMAT = "influx.scores/1"
+# What a manifest names the parts of a stored matrix's question by, in refusals.
+_IDENTITY_WORDS = {
+    "query_indices": "query set",
+    "train_indices": "train set",
+    "shape": "shape",
+    "method": "method",
+    "sign": "sign",
+}
+
+
+def _scores_manifest(path: Path) -> dict[str, Any] | None:
+    """The scores manifest at ``path``, or None when there is no such file or it is not one."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != SCORES_FORMAT:
+        return None
+    return manifest
+
+
+def check_matrix_path(path) -> Path:
+    """``path`` as a place to store a matrix of scores, refused before any work when it is not
+    a ``.npy`` file name or when writing there would overwrite a file influx did not write: the
+    ``.json`` beside it (the matrix's manifest goes there) or the ``.npy`` itself."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InfluxValueError(
+            f"store= must name a .npy file (e.g. store='scores.npy'); got {path!r}"
+        )
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise InfluxValueError(
+            f"store= must name a .npy file (the matrix; its manifest goes next to it as "
+            f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
+        )
+    manifest_path = path.with_suffix(".json")
+    ours = _scores_manifest(manifest_path) is not None
+    for taken in (manifest_path, path):
+        if taken.is_dir() or (taken.exists() and not ours):
+            raise InfluxValueError(
+                f"{str(taken)!r} exists and influx did not write it (no influx scores manifest "
+                f"{manifest_path.name!r} describes it); storing scores at {str(path)!r} would "
+                "overwrite it: choose another path, or delete it"
+            )
+    return path
+
+
+class ScoreMatrix:
+    """A ``.npy`` matrix [rows, cols] written in column blocks, and a ``.json`` manifest beside it.
+
+    A stored matrix never looks complete before it is: first the manifest is replaced by one
+    marked ``"complete": false`` and a previous matrix removed, then the matrix is written under
+    a temporary name and renamed into place when whole, and only then is the manifest marked
+    complete. An interrupted run leaves an incomplete manifest, which :func:`read_matrix`
+    refuses. ``identity`` (JSON values: method, sign, shape, the query and train indices when
+    known) says which question the matrix answers: a finished matrix that answers another one is
+    refused unless ``overwrite``, and files influx did not write always are
+    (:func:`check_matrix_path`).
+    """
+
+    def __init__(
+        self,
+        path,
+        shape: tuple[int, int],
+        dtype: str,
+        identity: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ):
+        path = check_matrix_path(path)
+        self.path, self.manifest_path = path, path.with_suffix(".json")
+        previous = _scores_manifest(self.manifest_path)
+        if previous is not None and previous.get("complete") is True and not overwrite:
+            _refuse_other_question(path, previous, {**identity, "shape": list(shape)})
+        self.manifest = {
+            **identity,
+            "format": SCORES_FORMAT,
+            "complete": False,
+            "shape": list(shape),
+            "dtype": dtype,
+        }
+        for known in ("query_indices", "train_indices"):
+            self.manifest.pop(known, None)  # written when complete
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.manifest_path, json.dumps(self.manifest))
+        path.unlink(missing_ok=True)
+        self.partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+        self.memmap = np.lib.format.open_memmap(
+            self.partial, mode="w+", dtype=dtype, shape=tuple(shape)
+        )
+
+    def write(self, start: int, stop: int, columns: np.ndarray) -> None:
+        """Columns [start, stop) of the matrix."""
+        self.memmap[:, start:stop] = columns
+
+    def finish(self, described: dict[str, Any]) -> np.ndarray:
+        """Move the whole matrix into place, mark the manifest complete with ``described`` added
+        (the query and train indices), and return the matrix memory-mapped."""
+        self.memmap.flush()
+        del self.memmap  # closes the file before it is renamed
+        atomic_replace(self.partial, self.path)
+        atomic_write_text(
+            self.manifest_path, json.dumps({**self.manifest, **described, "complete": True})
+        )
+        return np.load(self.path, mmap_mode="r+")
+
+    def abort(self) -> None:
+        """Drop the partial matrix; the manifest stays marked incomplete."""
+        self.memmap = None
+        self.partial.unlink(missing_ok=True)
+
+
+def _refuse_other_question(path: Path, previous: dict, identity: dict) -> None:
+    differ = [key for key, value in identity.items() if key in previous and previous[key] != value]
+    if differ:
+        shown = ", ".join(
+            f"another {_IDENTITY_WORDS.get(key, key)}"
+            if isinstance(identity[key], list) and key != "shape"
+            else f"{_IDENTITY_WORDS.get(key, key)} {previous[key]!r} -> {identity[key]!r}"
+            for key in differ
+        )
+        raise InfluxValueError(
+            f"{str(path)!r} holds finished scores of another question ({shown}): choose another "
+            "path, pass overwrite=True to replace them, or delete it"
+        )
+
+
+def read_matrix(path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The matrix (memory-mapped) and manifest that :class:`ScoreMatrix` wrote at ``path``.
+
+    Refused: a missing matrix or manifest, and a run that did not finish (an interrupted one
+    leaves its manifest marked incomplete), so a half-written matrix is never read as scores.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InfluxValueError(f"the path must name a .npy file of stored scores; got {path!r}")
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise InfluxValueError(
+            f"stored scores are a .npy file; got {str(path)!r}: use "
+            f"{str(path.with_suffix('.npy'))!r}"
+        )
+    manifest_path = path.with_suffix(".json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InfluxValueError(
+            f"no readable scores manifest at {str(manifest_path)!r} ({error}): write the scores "
+            "with scores(..., store=path.npy)"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SCORES_FORMAT:
+        raise InfluxValueError(
+            f"{str(manifest_path)!r} is not an influx scores manifest (format {SCORES_FORMAT!r}): "
+            "score again with scores(..., store=path.npy)"
+        )
+    if manifest.get("complete") is not True:
+        raise InfluxValueError(
+            f"the scores at {str(path)!r} are incomplete: the run that wrote them "
+            f"({manifest.get('method')!r}) was interrupted. Score again with store={str(path)!r}"
+        )
+    if not path.is_file():
+        raise InfluxValueError(
+            f"{str(manifest_path)!r} describes a matrix {str(path)!r} that is missing: score again"
+        )
+    values = np.load(path, mmap_mode="r+")
+    if list(values.shape) != manifest["shape"] or str(values.dtype) != manifest["dtype"]:
+        raise InfluxValueError(
+            f"{str(path)!r} holds a {values.dtype} {list(values.shape)} matrix but its manifest "
+            f"says {manifest['dtype']} {manifest['shape']} (changed after writing?): score again"
+        )
+    return values, manifest

@@ -12,8 +12,7 @@ grad l(z)``. TracIn ``(z, z') = sum_t eta_t grad l(w_t, z) . grad l(w_t, z')``. 
 :mod:`influx.influence.api` for the details and :func:`describe` for each method's options.
 """
 
-from influx.influence.api import METHODS, Influence, describe, fit
-from influx.influence.factors_io import load
+from influx.influence.api import METHODS, Influence, describe, fit, load
 from influx.influence.scores import Scores, TopK, read_stored
 
 __all__ = [

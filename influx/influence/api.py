@@ -14,6 +14,21 @@ same at the final weights; these have sign +1 (positive = helpful) and self-infl
 diagonal of their scores. Each method's sign is in :data:`REGISTRY` and travels with its
 :class:`Scores`.
 
+Measurements. ``scores(query, measurement=m)`` scores each query through ``m(outputs, targets)
+-> [Q]`` (a logit, a margin, a log-probability) instead of its training loss: the query feature is
+the gradient of m, the train feature stays the gradient of the loss, and the formulas keep their
+sign. For the influence methods (sign -1), ``I(z, q) = - grad m(q)^T (H + damping I)^-1 grad l(z)``
+is the rate at which m(q) changes when z is upweighted: positive = upweighting z raises m(q),
+harmful for a loss, helpful for a margin or a log-probability (larger is better). For TracIn and
+gradient similarity (sign +1), ``sum_t eta_t grad l(z) . grad m(q)`` is minus the change of m(q)
+under a gradient step on z: positive = the step lowers m(q), helpful for a loss, harmful for a
+margin. ``self_influence(measurement=m)`` is ``grad m(z)^T (H + damping I)^-1 grad l(z)`` (sum_t
+eta_t grad m . grad l for TracIn): z measured by m against itself as a train point.
+
+Data. ``train`` and ``query`` are data arguments (a tuple, a Dataset or a DataLoader) read batch by
+batch (:mod:`influx.influence.stream`), never concatenated: each pass reads each example once, and
+the checks of the data (finite inputs and losses, naming dataset indices) ride on the first pass.
+
 Devices: features, preconditioners and scores live on the device of the model and data (dense
 ``values``, ``per_layer`` and ``top_k`` included); only ``store=`` writes to host memory (a file).
 """
@@ -30,20 +45,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from influx.data import as_tensors
 from influx.errors import InfluxValueError
 from influx.grads.common import (
     LossFn,
     check_finite,
     check_model,
-    check_per_example_losses,
     select_parameters,
 )
+from influx.influence import stream
 from influx.influence.base import Estimator, default_batch_size, options_with_batch_size
-from influx.influence.scores import Scores, TrainBlock, check_top_k, stream_scores
-
-# Train features are kept in memory after the first pass when they fit in this many bytes.
-CACHE_BYTES = 1 << 30
+from influx.influence.scores import (
+    Scores,
+    TrainBlock,
+    check_scores_path,
+    check_top_k,
+    stream_scores,
+)
+from influx.influence.stream import CACHE_BYTES, check_data  # noqa: F401 - importable from here
 
 
 @dataclass(frozen=True)
@@ -85,51 +103,12 @@ def method_of(name: str) -> Method:
     return REGISTRY[name]
 
 
-def check_data(model: nn.Module, loss_fn, data, what: str, *, batch_size: int) -> None:
-    """Before any expensive work: ``data`` is not empty and its inputs and losses are finite.
-
-    Errors name the dataset indices of the offending examples. Costs one forward pass.
-    """
-    inputs, targets, indices = data
-    if inputs.shape[0] == 0:
-        raise InfluxValueError(
-            f"the {what} set is empty: pass at least one example (inputs of shape [N, ...], N >= 1)"
-        )
-    if inputs.is_floating_point():
-        check_finite(inputs, f"{what} inputs", indices=indices)
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            stop = start + batch_size
-            try:
-                outputs = model(inputs[start:stop])
-            except RuntimeError as error:
-                raise InfluxValueError(
-                    f"the model fails on the {what} inputs: {error}; {_input_hint(model, inputs)}"
-                ) from error
-            losses = loss_fn(outputs, targets[start:stop])
-            check_per_example_losses(losses, inputs[start:stop].shape[0])
-            check_finite(losses, f"{what} losses", indices=indices[start:stop])
-
-
-def _input_hint(model: nn.Module, inputs: torch.Tensor) -> str:
-    """What to check when the model's forward fails on inputs that passed every other check."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if inputs.is_floating_point() and dtype is not None and inputs.dtype != dtype:
-        return (
-            f"the inputs are {inputs.dtype} and the model's parameters {dtype}: cast one to the "
-            f"other (inputs.to({dtype}) or model.to({inputs.dtype}))"
-        )
-    return (
-        f"check that one example, of shape {tuple(inputs.shape[1:])}, has the shape the model "
-        "was built for"
-    )
-
-
 class Influence:
     """A fitted estimator with its training set: score queries, self-influence, per-layer shares.
 
     Build it with :func:`fit`. ``diagnostics`` holds the damping, the (estimated) spectrum, solver
-    iterations and the fit time.
+    iterations and the fit time. ``train`` is the data argument it was fitted on, kept as given
+    and read batch by batch by every pass (never concatenated).
     """
 
     def __init__(
@@ -138,7 +117,9 @@ class Influence:
         self.method = method
         self.estimator = estimator
         self.model, self.loss_fn = model, loss_fn
-        self.train_inputs, self.train_targets, self.train_indices = as_tensors(train)
+        # Checked on its first pass (the fit's, unless the fit read nothing) when the model is known.
+        self.train = stream.checked(train, model, loss_fn, "train")
+        self.num_train = self.train.size
         self.batch_size = batch_size
         # Estimators that computed the train features while fitting (trak) hand them over.
         self._train_features: torch.Tensor | None = getattr(
@@ -154,45 +135,40 @@ class Influence:
         """-1 for influence (I_up,loss), +1 for tracin / grad_dot / grad_cos."""
         return REGISTRY[self.method].sign
 
+    @property
+    def train_indices(self) -> torch.Tensor:
+        """The dataset indices [N] of the training set, in order: a tuple's at once, a Dataset's
+        from the first pass over it (read now if no pass has run yet)."""
+        if self.train.indices is None:
+            for _ in stream.batches(self.train, self.batch_size):
+                pass
+        return self.train.indices
+
     def __repr__(self) -> str:
         shown = {
             k: v for k, v in self.diagnostics.items() if not isinstance(v, (list, torch.Tensor))
         }
-        return f"Influence(method={self.method!r}, train={self.train_indices.numel()}, {shown})"
+        return f"Influence(method={self.method!r}, train={self.num_train}, {shown})"
 
-    def _checked(self, data, what: str):
-        """``as_tensors(data)``, checked (non-empty, finite) when the model is known."""
-        inputs, targets, indices = as_tensors(data)
-        if self.model is not None:
-            check_data(
-                self.model,
-                self.loss_fn,
-                (inputs, targets, indices),
-                what,
-                batch_size=self.batch_size,
-            )
-        return inputs, targets, indices
+    def _checked(self, data, what: str, measurement: LossFn | None = None) -> stream.Checked:
+        """``data`` checked on its first pass (non-empty, finite inputs and losses, or
+        measurements) when the model is known."""
+        if measurement is None:
+            return stream.checked(data, self.model, self.loss_fn, what)
+        return stream.checked(data, self.model, measurement, what, values="measurements")
 
     def _feature_block(self, inputs, targets, indices, what: str) -> torch.Tensor:
         block = self.estimator.features(inputs, targets)
         check_finite(block, f"{what} gradients", indices=indices)
         return block
 
-    def _batches(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(inputs, targets, dataset indices) of each ``batch_size`` block of train examples."""
-        if train is None:
-            inputs, targets, indices = self.train_inputs, self.train_targets, self.train_indices
-        else:
-            inputs, targets, indices = self._checked(train, "train")
-        for start in range(0, inputs.shape[0], self.batch_size):
-            stop = start + self.batch_size
-            yield inputs[start:stop], targets[start:stop], indices[start:stop]
+    def _train_data(self, train) -> stream.Checked:
+        return self.train if train is None else self._checked(train, "train")
 
     def _cacheable(self) -> bool:
         """Whether all the fitted set's features fit in :data:`CACHE_BYTES` (decided up front,
         so a pass that cannot keep them never holds a partial list)."""
-        whole = self.train_indices.numel() * self.estimator.bytes_per_example()
-        return whole <= CACHE_BYTES
+        return stream.fits_cache(self.num_train, self.estimator.bytes_per_example())
 
     def _contracts(self, train) -> bool:
         """Whether a pass over ``train`` contracts layer by layer without forming its features:
@@ -204,21 +180,30 @@ class Influence:
     def _blocks(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Feature blocks [B, K] with dataset indices [B]; the fitted set's are cached when small."""
         if train is None and self._train_features is not None:
+            indices = self.train_indices
             for start in range(0, self._train_features.shape[0], self.batch_size):
                 yield (
                     self._train_features[start : start + self.batch_size],
-                    self.train_indices[start : start + self.batch_size],
+                    indices[start : start + self.batch_size],
                 )
             return
         # Otherwise every pass streams, one block in memory, and the next one recomputes.
         kept: list[torch.Tensor] | None = [] if train is None and self._cacheable() else None
-        for inputs, targets, indices in self._batches(train):
+        for inputs, targets, indices in stream.batches(self._train_data(train), self.batch_size):
             block = self._feature_block(inputs, targets, indices, "train")
             if kept is not None:
                 kept.append(block)
             yield block, indices
         if kept:
             self._train_features = torch.cat(kept)
+
+    def keep_train_features(self) -> None:
+        """Compute the fitted set's features now and keep them, when they fit the cache: what
+        :func:`fit` does for estimators that fit nothing, so that their one pass over the
+        training set (which checks it) also serves every later score and self-influence."""
+        if self._train_features is None and self._cacheable():
+            for _ in self._blocks(None):
+                pass
 
     def _train_blocks(self, train, queries, *, per_layer: bool) -> Iterator[TrainBlock]:
         """What :func:`stream_scores` consumes: feature blocks, or score slabs [Q, B] from an
@@ -227,84 +212,128 @@ class Influence:
             for features, indices in self._blocks(train):
                 yield TrainBlock(indices, features=features)
             return
-        for inputs, targets, indices in self._batches(train):
+        for inputs, targets, indices in stream.batches(self._train_data(train), self.batch_size):
             slab, shares = self.estimator.score_batch(queries, inputs, targets, per_layer=per_layer)
             # The queries are finite (checked), so a train gradient's NaN / inf shows in its column.
             check_finite(slab.T, "train gradients", indices=indices)
             yield TrainBlock(indices, slab=slab, per_layer=shares)
 
-    def _preconditioned_queries(self, data) -> tuple[torch.Tensor, torch.Tensor]:
-        """precondition(f(q)) [Q, K] of every query, and their dataset indices [Q]. Estimators
-        that contract layer by layer write each batch straight into one [Q, K] buffer; others
-        hold one batch's features next to it at most."""
-        inputs, targets, indices = self._checked(data, "query")
+    def _preconditioned(self, inputs, targets, indices, *, measurement, out=None) -> torch.Tensor:
+        """precondition(f(q)) [B, K] of one batch, f the gradient of ``measurement`` (default:
+        the training loss), written into ``out`` by estimators that contract layer by layer."""
+        check = partial(check_finite, what="query gradients", indices=indices)
+        if out is not None:
+            return self.estimator.preconditioned_features(
+                inputs, targets, check, out=out, loss_fn=measurement
+            )
+        return self.estimator.preconditioned_features(inputs, targets, check, loss_fn=measurement)
+
+    def _preconditioned_queries(
+        self, data, measurement: LossFn | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """precondition(f(q)) [Q, K] of every query, and their dataset indices [Q], as the queries
+        stream. Estimators that contract layer by layer write each batch straight into one
+        [Q, K] buffer; others hold one batch's features next to it at most."""
+        query = self._checked(data, "query", measurement)
         streamed = self.estimator.contracts_layers
-        out = self.estimator.new_features(inputs.shape[0], inputs) if streamed else None
-        for start in range(0, inputs.shape[0], self.batch_size):
-            stop = start + self.batch_size
-            x, y = inputs[start:stop], targets[start:stop]
-            check = partial(check_finite, what="query gradients", indices=indices[start:stop])
+        out, start = None, 0
+        for inputs, targets, indices in stream.batches(query, self.batch_size):
+            stop = start + inputs.shape[0]
             if streamed:
-                self.estimator.preconditioned_features(x, y, check, out=out[start:stop])
-                continue
-            block = self.estimator.preconditioned_features(x, y, check)
-            if stop >= inputs.shape[0] and out is None:
-                return block, indices  # one batch: no copy
-            if out is None:
-                out = block.new_empty(inputs.shape[0], block.shape[1])
-            out[start:stop] = block
-        return out, indices
+                if out is None:
+                    out = self.estimator.new_features(query.size, inputs)
+                self._preconditioned(
+                    inputs, targets, indices, measurement=measurement, out=out[start:stop]
+                )
+            else:
+                block = self._preconditioned(inputs, targets, indices, measurement=measurement)
+                if out is None:
+                    # one batch holds every query: no copy
+                    out = (
+                        block if stop >= query.size else block.new_empty(query.size, block.shape[1])
+                    )
+                if out is not block:
+                    out[start:stop] = block
+            start = stop
+        return out, query.indices
 
     def scores(
         self,
         query,
         train=None,
         *,
+        measurement: LossFn | None = None,
         dense: bool = True,
         top_k: int | None = None,
         per_layer: bool = False,
         store: str | Path | None = None,
+        overwrite: bool = False,
     ) -> Scores:
         """Scores of every (query, train) pair, Q x N (see the module docstring for the sign).
 
-        ``train`` defaults to the fitted training set. ``dense=False`` with ``top_k=k`` keeps only
-        the k largest and smallest per query; ``store=path.npy`` also writes the matrix to a
-        ``.npy`` memmap in the scores' dtype, with a ``.json`` manifest next to it;
-        ``per_layer=True`` adds each layer's share (the shares sum to the total). Everything but
-        the stored file stays on the device of the model and data.
+        ``train`` defaults to the fitted training set; both sets stream batch by batch.
+        ``measurement(outputs, targets) -> [Q]`` scores each query through that function (a
+        logit, a margin, a log-probability) instead of its training loss: the query feature is
+        its gradient, the train feature stays the loss gradient (module docstring, "Measurements").
+        ``dense=False`` with ``top_k=k`` keeps only the k largest and smallest per query;
+        ``store=path.npy`` also writes the matrix to a ``.npy`` file in the scores' dtype, with a
+        ``.json`` manifest next to it (:mod:`influx.store`): a path holding files influx did not
+        write, or finished scores of another question (queries, train set, method), is refused
+        unless ``overwrite=True``. ``per_layer=True`` adds each layer's share (the shares sum to
+        the total). Everything but the stored file stays on the device of the model and data.
         """
         check_top_k(top_k)
-        preconditioned, query_indices = self._preconditioned_queries(query)
-        num_train = self.train_indices.numel() if train is None else as_tensors(train)[0].shape[0]
+        if store is not None:
+            check_scores_path(store)
+        train_data = self._train_data(train)
+        preconditioned, query_indices = self._preconditioned_queries(query, measurement)
+        known = train_data.indices  # a tuple's, or the fitted set's after its first pass
         return stream_scores(
             self.method,
             preconditioned,
             query_indices,
             self._train_blocks(train, preconditioned, per_layer=per_layer),
-            num_train,
+            train_data.size,
             sign=self.sign,
             layout=self.estimator.layout,
             dense=dense,
             top_k=top_k,
             per_layer=per_layer,
             store=store,
+            overwrite=overwrite,
+            train_indices=known,
         )
 
-    def self_influence(self, train=None) -> torch.Tensor:
+    def self_influence(self, train=None, *, measurement: LossFn | None = None) -> torch.Tensor:
         """s(z) = <f(z), precondition(f(z))> for every train point, [N], in O(N) (no Q x N matrix).
 
         For influence methods s(z) = grad l(z)^T (H + damping I)^-1 grad l(z) = -I_up,loss(z, z);
-        for tracin / grad_dot / grad_cos it equals the score of z with itself.
+        for tracin / grad_dot / grad_cos it equals the score of z with itself. With
+        ``measurement=m`` the first gradient is that of m: s(z) = grad m(z)^T (H + damping I)^-1
+        grad l(z), i.e. ``sign *`` the score of z as a query measured by m against itself as a
+        train point (each batch is read once and differentiated twice).
         """
+        if measurement is not None:
+            return self._measured_self_influence(train, measurement)
         if not self._contracts(train):
             return torch.cat(
                 [self.estimator.self_influence_of(features) for features, _ in self._blocks(train)]
             )
         parts = []
-        for inputs, targets, indices in self._batches(train):
+        for inputs, targets, indices in stream.batches(self._train_data(train), self.batch_size):
             values = self.estimator.self_influence_batch(inputs, targets)
             check_finite(values, "train gradients", indices=indices)
             parts.append(values)
+        return torch.cat(parts)
+
+    def _measured_self_influence(self, train, measurement: LossFn) -> torch.Tensor:
+        # This pass checks the measurement (finite, one per example) on the examples it reads.
+        data = self._checked(self.train.data if train is None else train, "train", measurement)
+        parts = []
+        for inputs, targets, indices in stream.batches(data, self.batch_size):
+            measured = self._preconditioned(inputs, targets, indices, measurement=measurement)
+            features = self._feature_block(inputs, targets, indices, "train")
+            parts.append((measured * features.to(measured.dtype)).sum(1))
         return torch.cat(parts)
 
     def save(self, path: str | Path) -> None:
@@ -324,7 +353,8 @@ def fit(
     batch_size: int | None = None,
     **options,
 ) -> Influence:
-    """Fit an influence estimator on ``train`` (a tuple (inputs, targets) or a Dataset).
+    """Fit an influence estimator on ``train`` (a tuple (inputs, targets), a Dataset or a
+    DataLoader), read batch by batch.
 
     ``loss_fn(outputs, targets)`` returns per-example losses [N] (reduction='none'). ``method`` is
     one of exact, cg, lissa, arnoldi, kfac, ekfac, trak, tracin, grad_dot, grad_cos; ``options``
@@ -334,23 +364,56 @@ def fit(
     fit their features in :data:`influx.influence.base.FEATURE_BATCH_BYTES`.
 
     Before any work the model is checked (no BatchNorm in train mode, a warning for active
-    Dropout, at least one parameter selected) and so is the data (not empty; finite inputs and
-    losses, else an error naming the offending dataset indices).
+    Dropout, at least one parameter selected) and the data is not empty; its inputs and losses
+    are checked finite batch by batch on the first pass (an error names the offending dataset
+    indices). tracin / grad_dot / grad_cos fit nothing: their fit computes and keeps the train
+    features when they fit :data:`influx.influence.stream.CACHE_BYTES` (that pass checks the
+    data and serves every later score); otherwise it reads nothing and the first score checks.
     """
     spec = method_of(method)
     if batch_size is not None and batch_size < 1:
         raise InfluxValueError(f"batch_size must be >= 1; got {batch_size}")
     check_model(model)
     select_parameters(model, options.get("params"))
-    data = as_tensors(train)
-    check_data(model, loss_fn, data, "train", batch_size=batch_size or 256)
+    data = stream.checked(train, model, loss_fn, "train")
     opts = options_with_batch_size(spec.load(spec.options), method, options, batch_size=batch_size)
     started = time.perf_counter()
-    estimator = spec.load(spec.estimator)(model, loss_fn, data[0], data[1], opts, **spec.extra)
+    estimator = spec.load(spec.estimator)(model, loss_fn, data, opts, **spec.extra)
     estimator.diagnostics["fit_seconds"] = time.perf_counter() - started
     if batch_size is None:
         batch_size = default_batch_size(estimator.bytes_per_example())
-    return Influence(method, estimator, train, batch_size=batch_size, model=model, loss_fn=loss_fn)
+    fitted = Influence(method, estimator, data, batch_size=batch_size, model=model, loss_fn=loss_fn)
+    if getattr(estimator, "fits_nothing", False):
+        fitted.keep_train_features()
+    return fitted
+
+
+def load(
+    path: str | Path,
+    model: nn.Module,
+    loss_fn: LossFn,
+    train,
+    *,
+    batch_size: int | None = None,
+) -> Influence:
+    """The fitted :class:`Influence` that ``fitted.save(path)`` wrote, for ``model`` and its
+    training set ``train``, without refitting (see :mod:`influx.influence.factors_io`).
+
+    ``batch_size`` defaults to the saved fit's. Refused before any work: a file that is not an
+    influx K-FAC file, and a model whose scored parameters differ from the saved fit's; then,
+    in one pass over ``train`` that also checks it, a training set other than the fit's.
+    """
+    from influx.influence import factors_io
+
+    saved = factors_io.read(path, model, loss_fn, train, batch_size=batch_size)
+    return Influence(
+        saved.method,
+        saved.estimator,
+        saved.train,
+        batch_size=saved.batch_size,
+        model=model,
+        loss_fn=loss_fn,
+    )
 
 
 def describe(method: str) -> str:

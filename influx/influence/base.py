@@ -88,7 +88,9 @@ def layer_of(parameter_name: str) -> str:
 class Estimator(abc.ABC):
     """A fitted estimator: features of a batch and the preconditioner applied to them.
 
-    Constructors take ``(model, loss_fn, inputs, targets, options, **method_specific)``.
+    Constructors take ``(model, loss_fn, data, options, **method_specific)``, ``data`` a data
+    argument (tuple, Dataset, DataLoader, or one checked by :mod:`influx.influence.stream`) that
+    they read through :func:`influx.influence.stream.batches`, batch by batch, never whole.
     """
 
     layout: FeatureLayout
@@ -104,21 +106,34 @@ class Estimator(abc.ABC):
         """Memory of one example's features (float64 bound), which sets default batch sizes."""
         return 8 * self.layout.size
 
+    #: True when fitting reads nothing (tracin, grad_dot, grad_cos): ``fit`` then computes the
+    #: train features in its one pass, where they fit the cache, so that the pass is not lost.
+    fits_nothing: bool = False
+
     @abc.abstractmethod
-    def features(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-example features [B, K] of one batch."""
+    def features(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn | None = None
+    ) -> torch.Tensor:
+        """Per-example features [B, K] of one batch: gradients of ``loss_fn`` (default: the
+        training loss; a query's measurement otherwise)."""
 
     @abc.abstractmethod
     def precondition(self, features: torch.Tensor) -> torch.Tensor:
         """The symmetric preconditioner applied to rows: [M, K] -> [M, K]."""
 
     def preconditioned_features(
-        self, inputs: torch.Tensor, targets: torch.Tensor, check: Callable = lambda rows: None
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        check: Callable = lambda rows: None,
+        *,
+        loss_fn: LossFn | None = None,
     ) -> torch.Tensor:
-        """``precondition(features(batch))`` [B, K], ``check`` (a finiteness guard naming rows)
-        applied to the features before a solve can mix rows. Estimators that precondition block
-        by block as the features arrive override it, so the raw features are never held whole."""
-        features = self.features(inputs, targets)
+        """``precondition(features(batch, loss_fn))`` [B, K], ``check`` (a finiteness guard
+        naming rows) applied to the features before a solve can mix rows. Estimators that
+        precondition block by block as the features arrive override it, so the raw features are
+        never held whole."""
+        features = self.features(inputs, targets, loss_fn)
         check(features)
         return self.precondition(features)
 

@@ -14,7 +14,9 @@
 
 The subset and retrain models are trained together as one vmapped ensemble (``torch.func``) with
 full-batch Adam on per-model example weights, so m models cost about one batched run. Data
-arguments follow the package convention: a tuple ``(inputs, targets[, indices])`` or a Dataset.
+arguments follow the package convention: a tuple ``(inputs, targets[, indices])``, a Dataset or a
+DataLoader. Query losses stream; the training set of the subset and retrain models is held whole,
+since full-batch training reads all of it at every step (these are small-scale evaluations).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, vmap
 
-from influx.data import as_tensors
+from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
 from influx.grads.common import LossFn, check_finite
 from influx.train import train_ensemble
+
+# Query examples per forward of every ensemble member at once.
+LOSS_BATCH = 1024
 
 # --------------------------------------------------------------------------------------------------
 # A weighted ensemble trainer: K models, one objective each, sum_i w_ki l(model_k, z_i)
@@ -40,17 +45,27 @@ from influx.train import train_ensemble
 
 
 def ensemble_losses(
-    model: nn.Module, loss_fn: LossFn, stacked: Mapping[str, torch.Tensor], data
+    model: nn.Module,
+    loss_fn: LossFn,
+    stacked: Mapping[str, torch.Tensor],
+    data,
+    *,
+    batch_size: int = LOSS_BATCH,
 ) -> torch.Tensor:
-    """Per-example losses of every ensemble member on ``data`` (any data argument): [K, M]."""
-    inputs, targets, _ = as_tensors(data)
+    """Per-example losses of every ensemble member on ``data`` (any data argument, streamed
+    ``batch_size`` examples at a time): [K, M]."""
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def losses(params):
-        return loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
-
+    parts = []
     with torch.no_grad():
-        return vmap(losses)(dict(stacked))
+        for inputs, targets, _ in iter_batches(data, batch_size):
+
+            def losses(params, inputs=inputs, targets=targets):
+                return loss_fn(functional_call(model, {**params, **buffers}, (inputs,)), targets)
+
+            parts.append(vmap(losses)(dict(stacked)))
+    if not parts:
+        raise InfluxValueError("the query set is empty: pass at least one example")
+    return torch.cat(parts, dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

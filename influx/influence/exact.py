@@ -38,6 +38,7 @@ from influx.curvature import (
 )
 from influx.errors import InfluxRuntimeError, InfluxValueError
 from influx.grads.common import LossFn, check_model
+from influx.influence import stream
 from influx.influence.base import (
     Estimator,
     FeatureLayout,
@@ -81,13 +82,14 @@ class ExactOptions:
 
 
 def dense_curvature(
-    model, loss_fn, inputs, targets, *, kind: str, batch_size: int, params=None
+    model, loss_fn, data, *, kind: str, batch_size: int, params=None, dtype=None
 ) -> torch.Tensor:
-    """The P x P curvature of the mean loss over all N examples, accumulated over batches."""
-    total = inputs.shape[0]
+    """The P x P curvature of the mean loss over all N examples of ``data``, accumulated batch
+    by batch as the data streams (one pass); floating inputs are cast to ``dtype`` if given."""
+    total = stream.size(data)
     matrix = None
-    for start in range(0, total, batch_size):
-        batch = (inputs[start : start + batch_size], targets[start : start + batch_size])
+    for inputs, targets, _ in stream.batches(data, batch_size):
+        batch = (inputs if dtype is None else cast_inputs(inputs, dtype), targets)
         part = dense_hessian(model, loss_fn, batch, params=params, kind=kind) * (
             batch[0].shape[0] / total
         )
@@ -98,7 +100,7 @@ def dense_curvature(
 class ExactEstimator(Estimator):
     """(H + damping I)^-1 from the dense float64 curvature; features: flat gradients [B, P]."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: ExactOptions):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data, options: ExactOptions):
         check_model(model)
         self.model = float64_copy(model)
         self.loss_fn = loss_fn
@@ -113,11 +115,11 @@ class ExactEstimator(Estimator):
         curvature = dense_curvature(
             self.model,
             loss_fn,
-            cast_inputs(inputs, torch.float64),
-            targets,
+            data,
             kind=options.curvature,
             batch_size=options.batch_size,
             params=list(self.space.names),
+            dtype=torch.float64,
         )
         self.cholesky = self.eigenvalues = self.eigenvectors = None
         if options.solver == "cholesky":
@@ -174,9 +176,13 @@ class ExactEstimator(Estimator):
         self.cholesky = factor
         check_damped_spectrum(self.spectrum, self.damping, what=options.curvature)
 
-    def features(self, inputs, targets):
+    def features(self, inputs, targets, loss_fn=None):
         return per_example_gradients(
-            self.model, self.loss_fn, cast_inputs(inputs, torch.float64), targets, self.space
+            self.model,
+            loss_fn or self.loss_fn,
+            cast_inputs(inputs, torch.float64),
+            targets,
+            self.space,
         )
 
     def precondition(self, features):

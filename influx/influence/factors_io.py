@@ -1,10 +1,13 @@
-"""Save a fitted K-FAC / EK-FAC estimator to one safetensors file and load it without refitting.
+"""Save a fitted K-FAC / EK-FAC estimator to one safetensors file and read it back without refitting.
 
     fitted = influence.fit(model, loss_fn, train, method="ekfac")
-    factors_io.save(fitted, "factors.safetensors")
+    fitted.save("factors.safetensors")           # factors_io.save(fitted, path)
     ...                                          # later, another process
-    fitted = factors_io.load("factors.safetensors", model, loss_fn, train)
+    fitted = influence.load("factors.safetensors", model, loss_fn, train)
     fitted.scores(new_queries)                   # no refit: the same scores, bit for bit
+
+This module only serializes: :func:`save` writes, :func:`read` checks and rebuilds the estimator,
+and :func:`influx.influence.load` wraps what it read in a fitted ``Influence``.
 
 The file holds every factor, eigenbasis, (corrected) eigenvalue and diagonal block as tensors,
 and as metadata the method, the options, the fit's diagnostics, a fingerprint of the model (the
@@ -16,10 +19,12 @@ model's device in the layout of the fit (row-major eigenbases), so a reloaded fi
 same scores bit for bit.
 
 The training set is hashed whole rather than sampled: a sample would miss a few flipped labels,
-which is exactly how two training sets of a label-noise study differ. Hashing reads every byte
-once (about a second for CIFAR-10's 600 MB on one core), less than the forward pass over the
-training set that loading runs anyway to check it is finite. Files written before the training
-set was recorded still load, checked by the training set's size only, with a warning.
+which is exactly how two training sets of a label-noise study differ. Hashing streams it batch by
+batch in one pass (the inputs' bytes go to the digest as they arrive; the targets and indices,
+one row per example, are held until the end, where the digest takes them), and loading checks
+each batch of that pass for finite inputs and losses, so it costs no pass of its own. Saving
+reads the training set once to hash it. Files written before the training set was recorded
+still load, checked by the training set's size only, with a warning.
 """
 
 from __future__ import annotations
@@ -27,15 +32,15 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from influx.data import as_tensors
 from influx.errors import InfluxValueError
 from influx.grads.common import LossFn
-from influx.influence.api import Influence, check_data
+from influx.influence import stream
 from influx.influence.base import default_batch_size
 from influx.influence.kfac import KFACEstimator
 
@@ -59,8 +64,12 @@ def fingerprint(model: nn.Module, names) -> dict:
 _HASH_CHUNK_BYTES = 64 << 20
 
 
-def _hash_tensor(digest, name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}:{str(tensor.dtype)}:{list(tensor.shape)};".encode())
+def _header(name: str, dtype: torch.dtype, shape) -> bytes:
+    return f"{name}:{str(dtype)}:{list(shape)};".encode()
+
+
+def _hash_rows(digest, tensor: torch.Tensor) -> None:
+    """The bytes of ``tensor`` (rows in order), a slice at a time."""
     tensor = tensor.detach()
     if tensor.dim() == 0 or tensor.numel() == 0:
         digest.update(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -75,8 +84,28 @@ def train_fingerprint(inputs: torch.Tensor, targets: torch.Tensor, indices: torc
     shapes and order)."""
     digest = hashlib.sha256()
     for name, tensor in (("inputs", inputs), ("targets", targets), ("indices", indices)):
-        _hash_tensor(digest, name, tensor)
+        digest.update(_header(name, tensor.dtype, tensor.shape))
+        _hash_rows(digest, tensor)
     return {"examples": int(inputs.shape[0]), "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(data, *, batch_size: int) -> dict:
+    """:func:`train_fingerprint` of a data argument (or a checked one), streamed in one pass:
+    the same digest, since SHA-256 of bytes fed in pieces is that of the bytes whole."""
+    digest = hashlib.sha256()
+    examples = stream.size(data)
+    targets, indices = [], []
+    for x, y, i in stream.batches(data, batch_size):
+        if not targets:
+            digest.update(_header("inputs", x.dtype, (examples, *x.shape[1:])))
+        _hash_rows(digest, x)
+        targets.append(y)
+        indices.append(i)
+    for name, parts in (("targets", targets), ("indices", indices)):
+        whole = torch.cat(parts)
+        digest.update(_header(name, whole.dtype, whole.shape))
+        _hash_rows(digest, whole)
+    return {"examples": examples, "sha256": digest.hexdigest()}
 
 
 def _scored(estimator: KFACEstimator) -> list[str]:
@@ -84,8 +113,9 @@ def _scored(estimator: KFACEstimator) -> list[str]:
     return coverage["kronecker"] + coverage["diagonal"]
 
 
-def save(fitted: Influence, path: str | Path) -> Path:
-    """Write ``fitted`` (a ``kfac`` / ``ekfac`` fit) to ``path`` (safetensors); return the path."""
+def save(fitted, path: str | Path) -> Path:
+    """Write ``fitted`` (an ``Influence`` of a ``kfac`` / ``ekfac`` fit) to ``path``
+    (safetensors); return the path. Reads the training set once, to fingerprint it."""
     from safetensors.torch import save_file
 
     if not isinstance(fitted.estimator, KFACEstimator):
@@ -101,7 +131,7 @@ def save(fitted: Influence, path: str | Path) -> Path:
         "batch_size": fitted.batch_size,
         "fit_seconds": estimator.diagnostics.get("fit_seconds"),
         "model": fingerprint(estimator.model, _scored(estimator)),
-        "train": train_fingerprint(fitted.train_inputs, fitted.train_targets, fitted.train_indices),
+        "train": data_fingerprint(fitted.train, batch_size=fitted.batch_size),
         "estimator": meta,
     }
     path = Path(path)
@@ -111,18 +141,30 @@ def save(fitted: Influence, path: str | Path) -> Path:
     return path
 
 
-def load(
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`read` rebuilt: the method, the estimator, the training set (checked, when its
+    fingerprint was compared, by that pass) and the batch size of scores."""
+
+    method: str
+    estimator: KFACEstimator
+    train: stream.Checked
+    batch_size: int
+
+
+def read(
     path: str | Path,
     model: nn.Module,
     loss_fn: LossFn,
     train,
     *,
     batch_size: int | None = None,
-) -> Influence:
-    """The :class:`Influence` saved by :func:`save`, for ``model`` and its training set ``train``.
+) -> Saved:
+    """The fit saved by :func:`save`, for ``model`` and its training set ``train``.
 
     ``batch_size`` defaults to the saved fit's. Refused before any work: a file that is not an
-    influx K-FAC file, and a model whose scored parameters differ from the saved fit's.
+    influx K-FAC file, and a model whose scored parameters differ from the saved fit's; then,
+    in one pass over ``train`` that also checks it, a training set other than the fit's.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -164,24 +206,23 @@ def load(
         )
     if meta.get("fit_seconds") is not None:
         estimator.diagnostics["fit_seconds"] = meta["fit_seconds"]
-    data = as_tensors(train)
-    _check_train(path, meta.get("train"), estimator, data)
+    data = stream.checked(train, model, loss_fn, "train")
     batch_size = batch_size or meta.get("batch_size")
-    check_data(model, loss_fn, data, "train", batch_size=batch_size or 256)
+    _check_train(path, meta.get("train"), estimator, data, batch_size=batch_size or 256)
     if batch_size is None:
         batch_size = default_batch_size(estimator.bytes_per_example())
-    return Influence(
-        meta["method"], estimator, train, batch_size=batch_size, model=model, loss_fn=loss_fn
-    )
+    return Saved(meta["method"], estimator, data, batch_size)
 
 
-def _check_train(path: Path, saved: dict | None, estimator: KFACEstimator, data) -> None:
+def _check_train(
+    path: Path, saved: dict | None, estimator: KFACEstimator, data, *, batch_size: int
+) -> None:
     """Refuse a training set other than the fit's: another size, or (when the file records it)
     other inputs, targets or indices."""
     counts = {f.count for f in estimator.factors.values()} | {
         f.count for f in estimator.diagonal.values()
     }
-    num_train = data[0].shape[0]
+    num_train = stream.size(data)
     if saved is not None:
         counts = {saved["examples"]}
     if counts and num_train not in counts:
@@ -195,10 +236,10 @@ def _check_train(path: Path, saved: dict | None, estimator: KFACEstimator, data)
             f"{str(path)!r} was saved without a fingerprint of its training set, so train is "
             "checked by its size only: once sure train is the fit's, save the loaded fit again "
             "(factors_io.save) to record it",
-            stacklevel=3,
+            stacklevel=4,
         )
         return
-    if train_fingerprint(*data)["sha256"] != saved["sha256"]:
+    if data_fingerprint(data, batch_size=batch_size)["sha256"] != saved["sha256"]:
         raise InfluxValueError(
             "train differs from the training set the factors were fitted on (same size, but "
             "other inputs, targets or indices, or another order or dtype): pass the training set "

@@ -32,21 +32,22 @@ class GradDotEstimator(Estimator):
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        inputs,
-        targets,
+        data,
         options: GradDotOptions,
         *,
         normalize: bool,
     ):
-        # Nothing is fitted: the training set (inputs, targets) is only scored against.
+        # Nothing is fitted: the training set is only scored against.
         check_model(model)
         self.model, self.loss_fn, self.normalize = model, loss_fn, normalize
         self.space = ParamSpace.of(model, options.params)
         self.layout = FeatureLayout.of_space(self.space)
         self.diagnostics = {"normalize": normalize}
 
-    def features(self, inputs, targets):
-        g = per_example_gradients(self.model, self.loss_fn, inputs, targets, self.space)
+    fits_nothing = True
+
+    def features(self, inputs, targets, loss_fn=None):
+        g = per_example_gradients(self.model, loss_fn or self.loss_fn, inputs, targets, self.space)
         if self.normalize:
             # A zero gradient has no direction; its cosine with anything is taken as 0.
             g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)

@@ -72,8 +72,9 @@ from influx.curvature.solvers import (
     lissa,
     solve_with_positive_damping,
 )
-from influx.errors import InfluxValueError, UnsupportedModelError
+from influx.errors import UnsupportedModelError
 from influx.grads.common import LossFn, check_model
+from influx.influence import stream
 from influx.influence.base import (
     Estimator,
     FeatureLayout,
@@ -90,31 +91,32 @@ DEFAULT_ITERATIONS = {"cg": 200, "lissa": 500}
 
 
 class TrainCurvature:
-    """The operator V [K, P] -> (H V^T)^T with H the curvature of the mean loss over the train set."""
+    """The operator V [K, P] -> (H V^T)^T with H the curvature of the mean loss over the train set.
 
-    def __init__(self, model, loss_fn, inputs, targets, *, kind: str, batch_size: int, params):
+    Every call streams the train set (``data``, any data argument) once, batch by batch, its
+    floating inputs cast to the model's dtype: ``passes`` counts the calls, ``products`` the
+    vectors."""
+
+    def __init__(self, model, loss_fn, data, *, kind: str, batch_size: int, params):
         self.model, self.loss_fn, self.kind = model, loss_fn, kind
-        self.inputs, self.targets = inputs, targets
+        self.data, self.total = data, stream.size(data)
         self.batch_size, self.params = batch_size, params
         self.space = ParamSpace.of(model, params)
         self.theta = self.space.current(model)
-        self.products = 0
+        self.products = self.passes = 0
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         product = hvp if self.kind == "hessian" else ggn_vp
-        total = self.inputs.shape[0]
         out = torch.zeros_like(vectors)
         vectors = vectors.to(self.theta.dtype)
-        for start in range(0, total, self.batch_size):
-            batch = (
-                self.inputs[start : start + self.batch_size],
-                self.targets[start : start + self.batch_size],
-            )
+        for inputs, targets, _ in stream.batches(self.data, self.batch_size):
+            batch = (cast_inputs(inputs, self.theta.dtype), targets)
             part = product(
                 self.model, self.loss_fn, batch, vectors, params=self.params, theta=self.theta
             )
-            out += part.to(out.dtype) * (batch[0].shape[0] / total)
+            out += part.to(out.dtype) * (batch[0].shape[0] / self.total)
         self.products += vectors.shape[0]
+        self.passes += 1
         return out
 
 
@@ -181,26 +183,26 @@ class FactoredPreconditioner:
         self,
         model,
         loss_fn,
-        inputs,
-        targets,
+        data,
         space: ParamSpace,
         damping: float,
         kind: str,
         *,
         fisher: str = "auto",
         batch_size: int = 512,
+        fisher_fallback: str | None = None,
     ):
         from influx.influence.kfac import KFACEstimator, KFACOptions
 
         self.kfac = KFACEstimator(
             model,
             loss_fn,
-            inputs,
-            targets,
+            data,
             KFACOptions(
                 damping=damping, fisher=fisher, batch_size=batch_size, params=tuple(space.names)
             ),
             eigen_corrected=kind == "ekfac",
+            fisher_fallback=fisher_fallback,
         )
         self.damping = damping
         self.offsets, start = {}, 0
@@ -237,8 +239,7 @@ class FactoredPreconditioner:
 def fit_preconditioner(
     model,
     loss_fn,
-    inputs,
-    targets,
+    data,
     space: ParamSpace,
     damping: float,
     kind: str | None,
@@ -247,27 +248,22 @@ def fit_preconditioner(
 ) -> tuple[FactoredPreconditioner | None, str | None]:
     """The factored preconditioner for ``kind`` ('auto' = EK-FAC, or none where K-FAC cannot be
     fitted) and the kind fitted. Labels are sampled from the model (the Fisher) for a softmax
-    cross-entropy loss and the train labels used otherwise: a preconditioner only has to be close."""
+    cross-entropy loss and the train labels used otherwise (decided on the first batch of the
+    fit's first pass): a preconditioner only has to be close."""
     if kind is None:
         return None, None
-    from influx.influence.kfac import resolve_fisher
-
-    try:
-        fisher = resolve_fisher("auto", model, loss_fn, inputs[:batch_size], targets[:batch_size])
-    except InfluxValueError:
-        fisher = "empirical"
     fitted = "ekfac" if kind == "auto" else kind
     try:
         preconditioner = FactoredPreconditioner(
             model,
             loss_fn,
-            inputs,
-            targets,
+            data,
             space,
             damping,
             fitted,
-            fisher=fisher,
+            fisher="auto",
             batch_size=batch_size,
+            fisher_fallback="empirical",
         )
     except UnsupportedModelError:
         if kind != "auto":
@@ -283,8 +279,7 @@ class IterativeEstimator(Estimator):
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        inputs,
-        targets,
+        data,
         options: IterativeOptions,
         *,
         method: str,
@@ -295,8 +290,7 @@ class IterativeEstimator(Estimator):
         self.operator = TrainCurvature(
             model,
             loss_fn,
-            cast_inputs(inputs, dtype),
-            targets,
+            data,
             kind=options.curvature,
             batch_size=options.batch_size,
             params=options.params,
@@ -324,8 +318,7 @@ class IterativeEstimator(Estimator):
             self.preconditioner, fitted = fit_preconditioner(
                 model,
                 loss_fn,
-                inputs,
-                targets,
+                data,
                 self.space,
                 self.damping,
                 options.preconditioner,
@@ -382,8 +375,10 @@ class IterativeEstimator(Estimator):
         )
         self.diagnostics.update(rank=int(keep.numel()), lanczos_iterations=steps)
 
-    def features(self, inputs, targets):
-        return per_example_gradients(self.model, self.loss_fn, inputs, targets, self.space)
+    def features(self, inputs, targets, loss_fn=None):
+        return per_example_gradients(
+            self.model, loss_fn or self.loss_fn, inputs, targets, self.space
+        )
 
     def _solve_at(self, block: torch.Tensor, damping: float) -> torch.Tensor:
         """One block of right-hand sides solved at ``damping`` (may raise NegativeCurvature)."""

@@ -50,6 +50,7 @@ rank`` and the sums are all-reduced before finalizing: factors are sums over exa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -79,6 +80,7 @@ from influx.grads.capture import capture_streaming
 from influx.grads.common import LossFn, check_finite, check_model, flat_rows, select_parameters
 from influx.grads.engine import plan_layers
 from influx.grads.rules import rule_for
+from influx.influence import stream
 from influx.influence.base import (
     Block,
     Estimator,
@@ -224,8 +226,9 @@ class _Stream:
         self.parameters = [named[n] for n in kinds["kronecker"] + kinds["diagonal"]]
         self.model, self.loss_fn, self.coverage = model, loss_fn, coverage
 
-    def run(self, inputs, targets, on_block, *, offset: int = 0) -> None:
-        """``on_block(name, captured)`` for every block the batch uses."""
+    def run(self, inputs, targets, on_block, *, offset: int = 0, loss_fn=None) -> None:
+        """``on_block(name, captured)`` for every block the batch uses; the gradients are those of
+        ``loss_fn`` (default: the training loss; a query's measurement otherwise)."""
 
         def on_module(name: str, calls) -> None:
             module = self.modules[name]
@@ -240,7 +243,7 @@ class _Stream:
 
         capture_streaming(
             self.model,
-            self.loss_fn,
+            loss_fn or self.loss_fn,
             inputs,
             targets,
             self.modules,
@@ -311,8 +314,9 @@ def _is_cross_entropy(model, loss_fn, inputs, targets) -> bool:
     )
 
 
-def resolve_fisher(fisher: str, model, loss_fn, inputs, targets) -> str:
-    """'sampled' or 'empirical' for ``fisher`` (see the module docstring for ``'auto'``)."""
+def resolve_fisher(fisher: str, model, loss_fn, inputs, targets, *, fallback=None) -> str:
+    """'sampled' or 'empirical' for ``fisher`` (see the module docstring for ``'auto'``); where
+    'auto' cannot decide, ``fallback`` if given (a preconditioner only has to be close)."""
     if fisher == "sampled" and (targets.is_floating_point() or targets.dim() != 1):
         raise InfluxValueError(
             "fisher='sampled' draws class labels from softmax(outputs) and needs integer class "
@@ -324,6 +328,8 @@ def resolve_fisher(fisher: str, model, loss_fn, inputs, targets) -> str:
         return "empirical"
     if _is_cross_entropy(model, loss_fn, inputs, targets):
         return "sampled"
+    if fallback is not None:
+        return fallback
     raise InfluxValueError(
         "fisher='auto' samples labels from softmax(outputs), which is the Fisher of softmax "
         "cross-entropy only, and loss_fn does not match F.cross_entropy(outputs, targets, "
@@ -360,11 +366,11 @@ class KFACEstimator(Estimator):
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        inputs,
-        targets,
+        data,
         options: KFACOptions,
         *,
         eigen_corrected: bool,
+        fisher_fallback: str | None = None,
         _state: dict | None = None,
     ):
         check_model(model)
@@ -377,7 +383,7 @@ class KFACEstimator(Estimator):
             self.factors, self.diagonal = _state["factors"], _state["diagonal"]
             self.tokens, fisher = _state["tokens"], _state["fisher"]
         else:
-            fisher = self._fit(inputs, targets, options)
+            fisher = self._fit(data, options, fisher_fallback)
         self.dampings = {}
         for name, f in (*self.factors.items(), *self.diagonal.items()):
             spectrum = Spectrum.of_eigenvalues(f.eigenvalues.flatten())
@@ -397,33 +403,37 @@ class KFACEstimator(Estimator):
 
     # ---------------------------------------------------------------------------------- fitting
 
-    def _fit(self, inputs, targets, options: KFACOptions) -> str:
-        if inputs.shape[0] == 0:
+    def _fit(self, data, options: KFACOptions, fallback: str | None) -> str:
+        num_train = stream.size(data)
+        if num_train == 0:
             raise InfluxValueError("the training set is empty: K-FAC needs at least one example")
         batch_size = options.batch_size
-        fisher = resolve_fisher(
-            options.fisher, self.model, self.loss_fn, inputs[:batch_size], targets[:batch_size]
-        )
         rank, world, reduce_sum = _ranks(options.split_ranks)
         generator = torch.Generator().manual_seed(options.seed)
+        fisher, draws = None, 1
 
-        draws = fisher_draws(options.fisher_draws, inputs.shape[0]) if fisher == "sampled" else 1
-
-        def draw() -> list:
-            """This rank's batches, one per label draw when the Fisher is sampled (the factors are
-            means over examples and draws)."""
-            batches = []
-            for number, start in enumerate(range(0, inputs.shape[0], batch_size)):
-                x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        def draw() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+            """This rank's batches as the data streams, one per label draw when the Fisher is
+            sampled (the factors are means over examples and draws). The first batch of the
+            first pass resolves ``fisher='auto'`` (no read of its own)."""
+            nonlocal fisher, draws
+            start = 0
+            for number, (x, y, _) in enumerate(stream.batches(data, batch_size)):
+                if fisher is None:
+                    fisher = resolve_fisher(
+                        options.fisher, self.model, self.loss_fn, x, y, fallback=fallback
+                    )
+                    if fisher == "sampled":
+                        draws = fisher_draws(options.fisher_draws, num_train)
                 labels = [y]
                 if fisher == "sampled":
                     # Every rank draws every batch's labels: the draws do not depend on the split.
                     labels = _sample_targets(self.model, x, y, generator, start, draws)
                 if number % world == rank:
-                    batches += [(start, x, drawn) for drawn in labels]
-            return batches
+                    for drawn in labels:
+                        yield start, x, drawn
+                start += x.shape[0]
 
-        batches = draw()
         self.factors: dict[str, KroneckerFactors] = {}
         self.diagonal: dict[str, DiagonalFactors] = {}
         self.tokens: dict[str, int] = {}
@@ -437,7 +447,7 @@ class KFACEstimator(Estimator):
                 numels = tuple(self.model.get_parameter(n).numel() for n in names)
                 accumulate_diagonal_factors(self.diagonal, name, names, numels, captured)
 
-        for start, x, y in batches:
+        for start, x, y in draw():
             self._stream.run(x, y, accumulate, offset=start)
         # Blocks arrive in backward order: keep the coverage's (module) order for the layout.
         self.factors = {n: self.factors[n] for n in self.coverage.kronecker if n in self.factors}
@@ -465,7 +475,8 @@ class KFACEstimator(Estimator):
                 if name in self.factors:
                     accumulate_ekfac_eigenvalues(self.factors, {name: captured}, sums)
 
-            for start, x, y in draw() if fisher == "sampled" else batches:
+            # A second pass: with fresh draws when sampled, else the train labels again.
+            for start, x, y in draw():
                 self._stream.run(x, y, refit, offset=start)
             if world > 1:
                 for name, f in self.factors.items():  # a rank may have seen no call of a layer
@@ -528,7 +539,7 @@ class KFACEstimator(Estimator):
             return eigenbasis_gradients(captured, q_s, q_a).to(dtype).flatten(1)
         return captured.gradients().to(dtype).flatten(1)
 
-    def features(self, inputs, targets):
+    def features(self, inputs, targets, loss_fn=None):
         """Per-example gradients, flat, block by block: a Kronecker layer's [d_out, d_in(+1)]
         in its feature basis, a diagonal block's parameters in coverage order."""
         out = self.new_features(inputs.shape[0], inputs)  # a block the batch skips stays 0
@@ -538,7 +549,7 @@ class KFACEstimator(Estimator):
             blk = self._blocks[name]
             out[:, blk.start : blk.stop] = self._block_features(name, captured, dtype)
 
-        self._stream.run(inputs, targets, write)
+        self._stream.run(inputs, targets, write, loss_fn=loss_fn)
         return out
 
     def score_batch(self, queries, inputs, targets, *, per_layer: bool = False):
@@ -607,7 +618,9 @@ class KFACEstimator(Estimator):
         """Zero features [rows, K] in the model's dtype on ``like``'s device."""
         return like.new_zeros(rows, self.layout.size, dtype=self.dtype)
 
-    def preconditioned_features(self, inputs, targets, check=lambda rows: None, out=None):
+    def preconditioned_features(
+        self, inputs, targets, check=lambda rows: None, out=None, *, loss_fn=None
+    ):
         """``precondition(features(batch))``, each block preconditioned as the backward produces
         it into ``out`` (zeros from :meth:`new_features`; allocated when not given): no second
         [B, K] buffer. The blocks act on each row alone, so ``check`` sees a bad gradient's row
@@ -620,7 +633,7 @@ class KFACEstimator(Estimator):
             block = self._block_features(name, captured, dtype)
             out[:, blk.start : blk.stop] = self._precondition_block(name, block)
 
-        self._stream.run(inputs, targets, write)
+        self._stream.run(inputs, targets, write, loss_fn=loss_fn)
         check(out)
         return out
 
@@ -703,7 +716,6 @@ class KFACEstimator(Estimator):
         return cls(
             model,
             loss_fn,
-            None,
             None,
             KFACOptions(**options),
             eigen_corrected=meta["eigen_corrected"],

@@ -14,13 +14,10 @@ memory, in the same dtype (bfloat16 / float16 scores are stored as float32, whic
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from influx.checks import check_count_or_none
@@ -28,7 +25,9 @@ from influx.errors import InfluxValueError
 from influx.influence.base import FeatureLayout
 from influx.kernels import TopK as KernelTopK
 from influx.kernels import merge_topk, score_topk
-from influx.store import atomic_replace, atomic_write_text
+from influx.store import SCORES_FORMAT, ScoreMatrix, check_matrix_path, read_matrix
+
+STORED_FORMAT = SCORES_FORMAT  # the name this module gave the format first
 
 
 @dataclass(frozen=True, repr=False)
@@ -116,71 +115,43 @@ class _Dense:
         self.values[:, start:stop] = slab
 
 
-STORED_FORMAT = "influx.scores/1"
-
-
-def _check_store_path(path: Path) -> None:
-    if path.suffix != ".npy":
-        raise InfluxValueError(
-            f"store= must name a .npy file (the matrix; its manifest goes next to it as "
-            f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
-        )
-
-
 class _Stored:
-    """A ``.npy`` memmap [Q, N] in the scores' dtype, and a ``.json`` manifest next to it.
+    """The [Q, N] scores on disk in the scores' dtype, as :class:`influx.store.ScoreMatrix`
+    writes them (``.npy`` + ``.json`` manifest, never looking complete before they are)."""
 
-    A stored matrix never looks complete before it is: first the manifest is replaced by one
-    marked ``"complete": false`` and a previous matrix removed, then the matrix is written under
-    a temporary name and renamed into place when whole, and only then is the manifest marked
-    complete. An interrupted run leaves an incomplete manifest, which :func:`read_stored` refuses.
-    """
-
-    def __init__(self, path: str | Path, queries: torch.Tensor, num_train: int, method, sign):
-        path = Path(path)
-        _check_store_path(path)
-        self.path, self.manifest_path = path, path.with_suffix(".json")
+    def __init__(self, path, queries, query_indices, num_train, method, sign, **known):
         dtype = queries.dtype if queries.dtype in (torch.float32, torch.float64) else torch.float32
         self.dtype = dtype
-        self.manifest = {
-            "format": STORED_FORMAT,
-            "complete": False,
-            "method": method,
-            "shape": [queries.shape[0], num_train],
-            "dtype": "float64" if dtype == torch.float64 else "float32",
-            "sign": sign,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.manifest_path, json.dumps(self.manifest))
-        path.unlink(missing_ok=True)
-        self.partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
-        self.memmap = np.lib.format.open_memmap(
-            self.partial,
-            mode="w+",
-            dtype=self.manifest["dtype"],
-            shape=tuple(self.manifest["shape"]),
+        identity = {"method": method, "sign": sign, "query_indices": query_indices.tolist()}
+        if known.get("train_indices") is not None:
+            identity["train_indices"] = known["train_indices"].tolist()
+        self.matrix = ScoreMatrix(
+            path,
+            (queries.shape[0], num_train),
+            "float64" if dtype == torch.float64 else "float32",
+            identity,
+            overwrite=known.get("overwrite", False),
         )
+        self.path = self.matrix.path
 
     def add(self, start: int, stop: int, slab: torch.Tensor) -> None:
-        self.memmap[:, start:stop] = slab.to(device="cpu", dtype=self.dtype).numpy()
+        self.matrix.write(start, stop, slab.to(device="cpu", dtype=self.dtype).numpy())
 
     def finish(self, query_indices, train_indices) -> torch.Tensor:
-        self.memmap.flush()
-        del self.memmap  # closes the file before it is renamed
-        atomic_replace(self.partial, self.path)
-        manifest = {
-            **self.manifest,
-            "complete": True,
+        described = {
             "query_indices": query_indices.tolist(),
             "train_indices": train_indices.tolist(),
         }
-        atomic_write_text(self.manifest_path, json.dumps(manifest))
-        return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
+        return torch.from_numpy(self.matrix.finish(described))
 
     def abort(self) -> None:
-        """Drop the partial matrix; the manifest stays marked incomplete."""
-        self.memmap = None
-        self.partial.unlink(missing_ok=True)
+        self.matrix.abort()
+
+
+def check_scores_path(path) -> None:
+    """Refuse, before any scoring, a ``store=`` path that is not a ``.npy`` name or would
+    overwrite files influx did not write (see :func:`influx.store.check_matrix_path`)."""
+    check_matrix_path(path)
 
 
 def read_stored(path: str | Path) -> Scores:
@@ -189,36 +160,7 @@ def read_stored(path: str | Path) -> Scores:
     Refused: a missing matrix or manifest, and a run that did not finish (an interrupted one
     leaves its manifest marked incomplete), so a half-written matrix is never read as scores.
     """
-    path = Path(path)
-    _check_store_path(path)
-    manifest_path = path.with_suffix(".json")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InfluxValueError(
-            f"no readable scores manifest at {str(manifest_path)!r} ({error}): write the scores "
-            "with scores(..., store=path.npy)"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != STORED_FORMAT:
-        raise InfluxValueError(
-            f"{str(manifest_path)!r} is not an influx scores manifest (format {STORED_FORMAT!r}): "
-            "score again with scores(..., store=path.npy)"
-        )
-    if manifest.get("complete") is not True:
-        raise InfluxValueError(
-            f"the scores at {str(path)!r} are incomplete: the run that wrote them "
-            f"({manifest.get('method')!r}) was interrupted. Score again with store={str(path)!r}"
-        )
-    if not path.is_file():
-        raise InfluxValueError(
-            f"{str(manifest_path)!r} describes a matrix {str(path)!r} that is missing: score again"
-        )
-    values = np.load(path, mmap_mode="r+")
-    if list(values.shape) != manifest["shape"] or str(values.dtype) != manifest["dtype"]:
-        raise InfluxValueError(
-            f"{str(path)!r} holds a {values.dtype} {list(values.shape)} matrix but its manifest "
-            f"says {manifest['dtype']} {manifest['shape']} (changed after writing?): score again"
-        )
+    values, manifest = read_matrix(path)
     return Scores(
         manifest["method"],
         torch.tensor(manifest["query_indices"], dtype=torch.long, device="cpu"),
@@ -327,9 +269,13 @@ def stream_scores(
     top_k: int | None = None,
     per_layer: bool = False,
     store: str | Path | None = None,
+    overwrite: bool = False,
+    train_indices: torch.Tensor | None = None,
 ) -> Scores:
     """Score ``preconditioned_queries`` [Q, K] against train blocks (features [B, K] or score
-    slabs [Q, B], with dataset indices [B])."""
+    slabs [Q, B], with dataset indices [B]). ``train_indices`` (when known before the pass) and
+    ``overwrite`` decide whether a finished matrix at ``store`` may be replaced (see
+    :class:`influx.store.ScoreMatrix`)."""
     check_top_k(top_k)
     if per_layer and not layout.layered:
         raise InfluxValueError(
@@ -339,14 +285,25 @@ def stream_scores(
     if not dense and top_k is None and store is None:
         raise InfluxValueError("nothing to compute: pass dense=True, top_k=k or store=path")
     queries = preconditioned_queries
-    stored = _Stored(store, queries, num_train, method, sign) if store is not None else None
+    stored = None
+    if store is not None:
+        stored = _Stored(
+            store,
+            queries,
+            query_indices,
+            num_train,
+            method,
+            sign,
+            train_indices=train_indices,
+            overwrite=overwrite,
+        )
     matrix = _Dense(queries, num_train) if dense else None
     ranking = _RunningTopK(top_k) if top_k is not None else None
     layers = _PerLayer(queries, num_train, layout, sign) if per_layer else None
-    train_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
+    seen_indices = torch.empty(num_train, dtype=torch.long, device=query_indices.device)
     try:
         seen = _feed_blocks(
-            train_blocks, queries, train_indices, sign, matrix, stored, ranking, layers, top_k
+            train_blocks, queries, seen_indices, sign, matrix, stored, ranking, layers, top_k
         )
         if seen != num_train:
             raise InfluxValueError(f"train blocks held {seen} examples; expected {num_train}")
@@ -358,14 +315,14 @@ def stream_scores(
     values = matrix.values if matrix is not None else None
     path = None
     if stored is not None:
-        on_disk = stored.finish(query_indices, train_indices)
+        on_disk = stored.finish(query_indices, seen_indices)
         path = str(stored.path)
         values = on_disk if values is None else values
     top = ranking.result() if ranking is not None and ranking.running is not None else None
     return Scores(
         method,
         query_indices,
-        train_indices,
+        seen_indices,
         values,
         top,
         layers.values if layers is not None else None,

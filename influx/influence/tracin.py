@@ -117,8 +117,10 @@ def model_at(model: nn.Module, checkpoint) -> nn.Module:
 class TracInEstimator(Estimator):
     """sum_t eta_t over checkpoints; features: sqrt(eta_t) grad l(w_t, z) concatenated [B, T P]."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TracInOptions):
-        # Nothing is fitted: the training set (inputs, targets) is only scored against.
+    fits_nothing = True
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data, options: TracInOptions):
+        # Nothing is fitted: the training set is only scored against.
         check_model(model)
         given, rates = resolve_checkpoints(options.checkpoints, options.learning_rates)
         checkpoints, self.learning_rates = stepped_checkpoints(given, rates)
@@ -132,9 +134,10 @@ class TracInEstimator(Estimator):
             "skipped_zero_rate": len(given) - len(self.models),
         }
 
-    def features(self, inputs, targets):
+    def features(self, inputs, targets, loss_fn=None):
+        loss_fn = loss_fn or self.loss_fn
         parts = [
-            math.sqrt(lr) * per_example_gradients(m, self.loss_fn, inputs, targets, self.space)
+            math.sqrt(lr) * per_example_gradients(m, loss_fn, inputs, targets, self.space)
             for m, lr in zip(self.models, self.learning_rates, strict=True)
         ]
         return torch.cat(parts, dim=1)

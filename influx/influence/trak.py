@@ -30,7 +30,9 @@ from influx.checks import check_integer
 from influx.curvature import ParamSpace, Spectrum, check_damped_spectrum, lanczos, resolve_damping
 from influx.errors import InfluxValueError
 from influx.grads import per_sample_projected
-from influx.grads.common import LossFn, check_model
+from influx.grads.common import LossFn, check_model, select_parameters
+from influx.grads.engine import plan_layers
+from influx.influence import stream
 from influx.influence.base import (
     Block,
     Estimator,
@@ -72,7 +74,7 @@ class TRAKOptions:
 class TRAKEstimator(Estimator):
     """(F_t + damping_t I)^-1 / T per checkpoint; features: projected gradients [B, T K]."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, inputs, targets, options: TRAKOptions):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data, options: TRAKOptions):
         check_model(model)
         self.loss_fn, self.options = loss_fn, options
         checkpoints = (
@@ -85,25 +87,23 @@ class TRAKEstimator(Estimator):
         # transient copy in the conv rule): the largest parameter bounds its memory.
         space = ParamSpace.of(model, options.params)
         self.num_parameters, self.largest_parameter = space.size, max(space.numels)
-        self.layout = self._layout(inputs[:1], targets[:1])
-        batch_size = options.batch_size or default_batch_size(self.bytes_per_example())
-        train_features = torch.cat(
-            [
-                self.features(inputs[s : s + batch_size], targets[s : s + batch_size])
-                for s in range(0, inputs.shape[0], batch_size)
-            ]
-        )
-        self.fitted_train_features = train_features
+        self.modules = len(plan_layers(model, select_parameters(model, options.params)))
+        self.layout: FeatureLayout | None = None
+        self.checkpoint_size = 0
+        grams, kept = self._fit_pass(data)
+        self.fitted_train_features = torch.cat(kept) if kept is not None else None
         self.factors, dampings = [], []
-        size = (
-            options.dim if options.projection == "dense" else self.layout.size // len(self.models)
-        )
+        num_train = stream.size(data)
+        size = self.checkpoint_size
         for t in range(len(self.models)):
-            phi = train_features[:, t * size : (t + 1) * size].to(torch.float64)
-            factor, damping = self._fit_fisher(phi, t)
+            if self.fitted_train_features is not None:
+                phi = self.fitted_train_features[:, t * size : (t + 1) * size].to(torch.float64)
+                gram = phi.T @ phi
+            else:
+                gram = grams[t]
+            factor, damping = self._fit_fisher(gram / num_train, t)
             self.factors.append(factor)
             dampings.append(damping)
-        self.checkpoint_size = size
         self.diagnostics = {
             "dim": options.dim,
             "projection": options.projection,
@@ -111,10 +111,35 @@ class TRAKEstimator(Estimator):
             "damping": dampings,
         }
 
-    def _project(self, model, inputs, targets, t: int, *, by_layer: bool = False):
+    def _fit_pass(self, data) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """One pass over the train set: the projected features of every batch, kept when they
+        fit :data:`influx.influence.stream.CACHE_BYTES` (scores then reuse them), else only their
+        Gram matrices Phi_t^T Phi_t [K, K] (float64), summed batch by batch."""
+        batch_size = self.options.batch_size or default_batch_size(self.bytes_per_example())
+        keep = stream.fits_cache(stream.size(data), self.bytes_per_example())
+        kept: list[torch.Tensor] | None = [] if keep else None
+        grams: list[torch.Tensor] = []
+        for inputs, targets, _ in stream.batches(data, batch_size):
+            if self.layout is None:
+                self.layout = self._layout(inputs[:1], targets[:1])
+                self.checkpoint_size = self.layout.size // len(self.models)
+            features = self.features(inputs, targets)
+            if kept is not None:
+                kept.append(features)
+                continue
+            for t in range(len(self.models)):
+                sl = slice(t * self.checkpoint_size, (t + 1) * self.checkpoint_size)
+                phi = features[:, sl].to(torch.float64)
+                if len(grams) <= t:
+                    grams.append(phi.T @ phi)
+                else:
+                    grams[t] += phi.T @ phi
+        return grams, kept
+
+    def _project(self, model, inputs, targets, t: int, *, by_layer: bool = False, loss_fn=None):
         return per_sample_projected(
             model,
-            self.loss_fn,
+            loss_fn or self.loss_fn,
             inputs,
             targets,
             dim=self.options.dim,
@@ -148,13 +173,13 @@ class TRAKEstimator(Estimator):
                 start += width
         return FeatureLayout(start, tuple(blocks))
 
-    def _fit_fisher(self, phi: torch.Tensor, t: int) -> tuple[torch.Tensor, float]:
-        """Cholesky factor of F_t + damping_t I (float64) and damping_t, from Phi_t [N, K]."""
-        fisher = phi.T @ phi / phi.shape[0]  # [K, K], positive semi-definite
+    def _fit_fisher(self, fisher: torch.Tensor, t: int) -> tuple[torch.Tensor, float]:
+        """Cholesky factor of F_t + damping_t I (float64) and damping_t, from F_t = Phi_t^T
+        Phi_t / N [K, K] (positive semi-definite)."""
         # F is PSD (lambda_min >= 0), so tr(F) / K and a short Lanczos run for lambda_max
         # give the damping and the conditioning check without a K x K eigendecomposition.
         ritz, _ = lanczos(
-            lambda v, f=fisher: v @ f, fisher.shape[0], iterations=30, seed=t, device=phi.device
+            lambda v, f=fisher: v @ f, fisher.shape[0], iterations=30, seed=t, device=fisher.device
         )
         spectrum = Spectrum(
             mean=float(torch.diagonal(fisher).mean()),
@@ -176,12 +201,20 @@ class TRAKEstimator(Estimator):
 
     def bytes_per_example(self) -> int:
         if self.options.projection == "dense":
-            return 8 * max(self.layout.size, 2 * self.largest_parameter)
+            return 8 * max(self.options.dim * len(self.models), 2 * self.largest_parameter)
+        if self.layout is None:
+            # Before the first batch: each checkpoint's Kronecker features hold at most dim
+            # coordinates, or one per module when dim is smaller.
+            return 8 * max(self.options.dim, self.modules) * len(self.models)
         return 8 * self.layout.size
 
-    def features(self, inputs, targets):
+    def features(self, inputs, targets, loss_fn=None):
         return torch.cat(
-            [self._project(m, inputs, targets, t) for t, m in enumerate(self.models)], dim=1
+            [
+                self._project(m, inputs, targets, t, loss_fn=loss_fn)
+                for t, m in enumerate(self.models)
+            ],
+            dim=1,
         )
 
     def precondition(self, features):

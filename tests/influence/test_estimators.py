@@ -344,15 +344,17 @@ def test_batch_size_changes_nothing_but_the_batching(tiny_mlp, method, monkeypat
 
 
 def test_train_features_are_cached_only_within_the_budget(tiny_mlp, monkeypatch):
-    from influx.influence import api
+    from influx.influence import stream
 
     model, loss_fn, train, query = tiny_mlp
-    fitted = influence.fit(model, loss_fn, train, method="grad_dot", batch_size=16)
-    block_bytes = 16 * fitted.estimator.layout.size * train[0].element_size()
-    monkeypatch.setattr(api, "CACHE_BYTES", block_bytes)  # one block fits, the set does not
+    fitted = influence.fit(model, loss_fn, train, method="exact", damping=0.5, batch_size=16)
+    block_bytes = 16 * fitted.estimator.bytes_per_example()
+    monkeypatch.setattr(stream, "CACHE_BYTES", block_bytes)  # one block fits, the set does not
     streamed = fitted.scores(query).values
     assert fitted._train_features is None
-    monkeypatch.setattr(api, "CACHE_BYTES", 1 << 40)
+    # grad_dot fits nothing: over budget, its fit reads nothing and keeps nothing either
+    assert influence.fit(model, loss_fn, train, method="grad_dot")._train_features is None
+    monkeypatch.setattr(stream, "CACHE_BYTES", 1 << 40)
     first, again = fitted.scores(query).values, fitted.scores(query).values
     assert fitted._train_features is not None
     assert_close(first, streamed, rtol=1e-12, name="cached vs streamed")

@@ -53,9 +53,9 @@ def test_another_training_set_of_the_same_size_is_refused(tmp_path):
     }
     for what, train in others.items():
         with pytest.raises(InfluxValueError, match="differs from the training set"):
-            factors_io.load(path, model, loss_fn, train)
+            influence.load(path, model, loss_fn, train)
             pytest.fail(f"{what}: accepted")
-    assert factors_io.load(path, model, loss_fn, (x.clone(), y.clone())).method == "ekfac"
+    assert influence.load(path, model, loss_fn, (x.clone(), y.clone())).method == "ekfac"
 
 
 def test_a_file_saved_without_the_training_set_fingerprint_loads_with_a_warning(tmp_path):
@@ -72,7 +72,7 @@ def test_a_file_saved_without_the_training_set_fingerprint_loads_with_a_warning(
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={"influx": json.dumps(meta)})
     with pytest.warns(UserWarning, match="checked by its size only"):
-        loaded = factors_io.load(old, model, loss_fn, train)
+        loaded = influence.load(old, model, loss_fn, train)
     assert torch.equal(loaded.scores(query).values, fitted.scores(query).values)
     with pytest.raises(InfluxValueError, match="fitted on 40 examples but train has 39"):
-        factors_io.load(old, model, loss_fn, (train[0][:39], train[1][:39]))
+        influence.load(old, model, loss_fn, (train[0][:39], train[1][:39]))

@@ -48,7 +48,7 @@ def test_saved_factors_reload_to_the_same_scores_bit_for_bit(tmp_path, method):
     model, train, query = _setup()
     fitted = influence.fit(model, loss_fn, train, method=method, batch_size=8, fisher="sampled")
     path = factors_io.save(fitted, tmp_path / "factors.safetensors")
-    loaded = factors_io.load(path, model, loss_fn, train)
+    loaded = influence.load(path, model, loss_fn, train)
     assert loaded.method == method and loaded.batch_size == 8
     assert loaded.diagnostics["coverage"] == fitted.diagnostics["coverage"]
     assert loaded.diagnostics["damping"] == fitted.diagnostics["damping"]
@@ -66,17 +66,17 @@ def test_loading_onto_another_model_or_file_is_refused(tmp_path):
     with torch.no_grad():
         other[0].weight.add_(1e-3)
     with pytest.raises(InfluxValueError, match="values differ"):
-        factors_io.load(path, other, loss_fn, train)
+        influence.load(path, other, loss_fn, train)
     wider = nn.Sequential(*list(other)[:-1], nn.Linear(16 * 3 * 3, 6))
     with pytest.raises(InfluxValueError, match=r"do not match.*7.weight"):
-        factors_io.load(path, wider, loss_fn, train)
+        influence.load(path, wider, loss_fn, train)
     with pytest.raises(InfluxValueError, match="fitted on 30 examples but train has 12"):
-        factors_io.load(path, model, loss_fn, (train[0][:12], train[1][:12]))
+        influence.load(path, model, loss_fn, (train[0][:12], train[1][:12]))
     with pytest.raises(InfluxValueError, match="no factors file"):
-        factors_io.load(tmp_path / "missing.safetensors", model, loss_fn, train)
+        influence.load(tmp_path / "missing.safetensors", model, loss_fn, train)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InfluxValueError, match="not a safetensors file"):
-        factors_io.load(tmp_path / "junk.safetensors", model, loss_fn, train)
+        influence.load(tmp_path / "junk.safetensors", model, loss_fn, train)
     with pytest.raises(InfluxValueError, match="only kfac / ekfac"):
         factors_io.save(influence.fit(model, loss_fn, train, method="grad_dot"), path)
 
@@ -113,7 +113,7 @@ def test_two_gloo_ranks_fit_the_same_factors_as_one_process(tmp_path):
     model, train, query = _setup(torch.float64)
     # 30 examples in batches of 7: rank 0 fits batches 0, 2, 4 and rank 1 batches 1, 3.
     single = influence.fit(model, loss_fn, train, method="ekfac", batch_size=7, fisher="sampled")
-    split = factors_io.load(out, model, loss_fn, train)
+    split = influence.load(out, model, loss_fn, train)
     # Sums over the same examples added in another order (float64): agreement to ~1e-15
     # relative; 1e-12 leaves room for the eigendecomposition of nearly equal factors.
     for name, f in single.estimator.factors.items():

@@ -11,20 +11,18 @@ import torch
 from utils import assert_close, tiny_transformer
 
 from influx.curvature import (
+    NegativeCurvature,
     NonPositiveDefiniteWarning,
     Spectrum,
+    conjugate_gradients,
     estimate_spectrum,
     lanczos,
-    resolve_damping,
-)
-from influx.errors import InfluxValueError
-from influx.influence.iterative import (
-    NegativeCurvature,
-    conjugate_gradients,
     largest_eigenvalue,
     lissa,
+    resolve_damping,
     solve_with_positive_damping,
 )
+from influx.errors import InfluxValueError
 
 SIZE, DAMPING = 40, 0.05
 
@@ -165,6 +163,49 @@ def test_solvers_meet_negative_curvature_and_solve_the_raised_damping(indefinite
     assert float(eigenvalues.min()) + damping > 0
     assert damping <= -float(eigenvalues.min()) + margin + 1e-12
     assert_close(solved, _direct(a, rhs, damping), rtol=1e-9, name=f"{solver} raised damping")
+
+
+def test_a_raise_without_a_margin_lands_a_tenth_above_the_curvature_met(indefinite):
+    a, eigenvalues, rhs = indefinite
+    met = []
+
+    def solve_at(damping):
+        try:
+            return conjugate_gradients(
+                lambda v: v @ a, rhs, damping=damping, max_iterations=200, tolerance=1e-13
+            )[0]
+        except NegativeCurvature as error:
+            met.append(error.rayleigh)
+            raise
+
+    with pytest.warns(NonPositiveDefiniteWarning, match="damping raised to"):
+        solved, damping = solve_with_positive_damping(solve_at, 0.01, margin=None, what="cg")
+    # Every raise lands at 1.1 |rho| of the direction met; the last one is the damping solved at.
+    assert met and damping == pytest.approx(1.1 * abs(met[-1]), rel=1e-15)
+    assert_close(solved, _direct(a, rhs, damping), rtol=1e-9, name="cg, margin=None")
+    with pytest.raises(InfluxValueError, match="margin must be > 0 or None"):
+        solve_with_positive_damping(solve_at, 0.01, margin=0.0, what="cg")
+
+
+def test_conjugate_gradients_counts_products_and_leaves_zero_rows_at_zero(problem):
+    a, rhs, expected, _ = problem
+    calls = []
+
+    def operator(v):
+        calls.append(v.shape[0])
+        return v @ a
+
+    zero = torch.zeros_like(rhs)
+    solved, iterations, residual = conjugate_gradients(
+        operator, zero, damping=DAMPING, max_iterations=10, tolerance=1e-12
+    )
+    assert iterations == 0 and not calls and torch.equal(solved, zero) and residual == 0.0
+    mixed = torch.cat([rhs[:1], zero[:1]])
+    solved, iterations, _ = conjugate_gradients(
+        operator, mixed, damping=DAMPING, max_iterations=SIZE + 10, tolerance=1e-12
+    )
+    assert iterations == len(calls) and torch.equal(solved[1], zero[0])
+    assert_close(solved[0], expected[0], rtol=1e-10, name="cg beside a zero row")
 
 
 def test_positive_definite_problems_keep_their_damping(problem):
