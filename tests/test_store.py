@@ -167,3 +167,58 @@ def test_bad_names_are_refused(tmp_path):
     for name in ("../x.npy", "a/b.npy", "manifest.json", "x.sha256", ""):
         with pytest.raises(InfluxValueError, match="shard name"):
             shards.write(name, table(0, 1))
+
+
+# -- one matrix of scores -------------------------------------------------------------------------
+
+
+def write_matrix(path, values: np.ndarray, identity: dict, **kwargs) -> np.ndarray:
+    matrix = store.ScoreMatrix(path, values.shape, str(values.dtype), identity, **kwargs)
+    for start in range(0, values.shape[1], 2):  # in column blocks, as scores are streamed
+        matrix.write(start, start + 2, values[:, start : start + 2])
+    return matrix.finish({"query_indices": list(range(values.shape[0]))})
+
+
+def test_a_score_matrix_is_written_in_blocks_and_read_back(tmp_path):
+    values = np.random.default_rng(0).standard_normal((3, 5))
+    path = tmp_path / "m.npy"
+    identity = {"method": "exact", "sign": -1.0, "query_indices": [0, 1, 2]}
+    assert np.array_equal(write_matrix(path, values, identity), values)
+    read, manifest = store.read_matrix(path)
+    assert np.array_equal(read, values)
+    assert manifest["complete"] is True and manifest["method"] == "exact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.npy"]
+
+
+def test_a_score_matrix_refuses_foreign_files_and_other_questions(tmp_path):
+    values = np.zeros((2, 4))
+    identity = {"method": "exact", "sign": -1.0, "query_indices": [0, 1]}
+    (tmp_path / "a.json").write_text("mine")
+    with pytest.raises(InfluxValueError, match="a.json' exists and influx did not write it"):
+        write_matrix(tmp_path / "a.npy", values, identity)
+    np.save(tmp_path / "b.npy", values)
+    with pytest.raises(InfluxValueError, match="b.npy' exists and influx did not write it"):
+        write_matrix(tmp_path / "b.npy", values, identity, overwrite=True)
+    assert (tmp_path / "a.json").read_text() == "mine" and not (tmp_path / "b.json").exists()
+    for bad in ("", "c.txt", None):
+        with pytest.raises(InfluxValueError, match="must name a .npy file"):
+            store.check_matrix_path(bad if bad is None or not bad else tmp_path / bad)
+    write_matrix(tmp_path / "d.npy", values, identity)
+    write_matrix(tmp_path / "d.npy", values + 1, identity)  # the same question: replaced
+    with pytest.raises(InfluxValueError, match=r"another question \(another query set\)"):
+        write_matrix(tmp_path / "d.npy", values, {**identity, "query_indices": [5, 6]})
+    with pytest.raises(InfluxValueError, match=r"shape \[2, 4\] -> \[2, 2\]"):
+        write_matrix(tmp_path / "d.npy", values[:, :2], identity)
+    assert np.array_equal(store.read_matrix(tmp_path / "d.npy")[0], values + 1)
+    write_matrix(tmp_path / "d.npy", values[:, :2], identity, overwrite=True)
+    assert store.read_matrix(tmp_path / "d.npy")[0].shape == (2, 2)
+
+
+def test_an_unfinished_score_matrix_is_never_read(tmp_path):
+    path = tmp_path / "m.npy"
+    matrix = store.ScoreMatrix(path, (2, 2), "float64", {"method": "kfac"})
+    matrix.write(0, 1, np.ones((2, 1)))
+    matrix.abort()
+    with pytest.raises(InfluxValueError, match="incomplete.*interrupted"):
+        store.read_matrix(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
