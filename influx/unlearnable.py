@@ -46,11 +46,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from influx import commutator, memorization
 from influx.checks import check_choice
 from influx.data import LossFn, as_tensors, iter_batches, num_examples
 from influx.errors import InfluxValueError
+from influx.grads.common import call_loss
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 # retrain(forget, retain) and method(model, loss_fn, forget, retain) return a model, or an
@@ -440,16 +442,38 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _losses_and_hits(model: nn.Module, loss_fn: LossFn, inputs, targets):
+def _losses_and_hits(model: nn.Module, loss_fn: LossFn, data):
+    """Per-example losses (float64, CPU) and top-1 hits of ``data`` in eval mode: a tuple in one
+    batch, a Dataset streamed."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    batches = [tuple(data)] if isinstance(data, tuple) else iter_batches(data, 512)
+    losses, hits = [], []
     try:
-        logits = model(inputs.to(device))
-        targets = targets.to(device)
-        return loss_fn(logits, targets).double().cpu(), (logits.argmax(1) == targets).cpu()
+        for inputs, targets, *_ in batches:
+            logits = model(inputs.to(device))
+            targets = targets.to(device)
+            losses.append(call_loss(loss_fn, logits, targets).double().cpu())
+            hits.append((logits.argmax(1) == targets).cpu())
     finally:
         model.train(was_training)
+    return torch.cat(losses), torch.cat(hits)
+
+
+class _Parts:
+    """Forget / retain parts of the training data by position: tensors for a tuple (as the
+    ``retrain`` callback's tuples), ``Subset`` views of a Dataset (never concatenated)."""
+
+    def __init__(self, train):
+        self.tensors = as_tensors(train)[:2] if isinstance(train, (tuple, list)) else None
+        self.dataset = train.dataset if isinstance(train, DataLoader) else train
+
+    def __call__(self, positions: torch.Tensor):
+        if self.tensors is not None:
+            inputs, targets = self.tensors
+            return inputs[positions], targets[positions]
+        return Subset(self.dataset, positions.tolist())
 
 
 @dataclass(frozen=True)
@@ -530,7 +554,8 @@ def verify(
     """Unlearn the ranked top-k and ``n_random`` random k-sets; compare each with its oracle.
 
     ``model`` is trained on all of ``train``; ``retrain(forget, retain)`` (each a tuple
-    (inputs, targets)) must return a model trained from scratch on ``retain`` with the recipe,
+    (inputs, targets) when ``train`` is a tuple, else a ``Subset`` of its Dataset, which is
+    streamed and never concatenated) must return a model trained from scratch on ``retain`` with the recipe,
     initialization and seed that made ``model`` -- e.g. ``lambda f, r: influx.unlearn.retrain(
     model, loss_fn, f, r, epochs=E, init=initial_state, progress=False)`` -- so the oracle
     differs from ``model`` by the removed examples only. ``ranking``: a :class:`Ranking` or
@@ -545,8 +570,8 @@ def verify(
     take no ``lr``, ``max_steps`` or ``batch_size``, and their ``method_options`` are checked
     against their keywords before any model is trained.
     """
-    inputs, targets, _ = as_tensors(train)
-    n = inputs.shape[0]
+    n = num_examples(train)
+    part = _Parts(train)
     order = (
         ranking.positions
         if isinstance(ranking, Ranking)
@@ -564,22 +589,22 @@ def verify(
     forget_sets = {"ranked": ranked}
     for r in range(n_random):
         forget_sets[f"random_{r}"] = torch.from_numpy(np.sort(rng.choice(rest, k, replace=False)))
-    test_tensors = None if test is None else as_tensors(test)[:2]
+    if isinstance(test, (tuple, list)):
+        test = tuple(as_tensors(test)[:2])
     theta_0 = _flat(model)
     rows, per_example, start_gaps = [], {}, {}
     for set_name, forget_positions in forget_sets.items():
         keep = torch.ones(n, dtype=torch.bool, device="cpu")
         keep[forget_positions] = False
-        forget = (inputs[forget_positions], targets[forget_positions])
-        retain = (inputs[keep], targets[keep])
+        forget, retain = part(forget_positions), part(keep.nonzero().flatten())
         oracle = _model_of(retrain(forget, retain))
         theta_o = _flat(oracle)
-        oracle_losses, oracle_hits = _losses_and_hits(oracle, loss_fn, *forget)
-        start_losses, _ = _losses_and_hits(model, loss_fn, *forget)
+        oracle_losses, oracle_hits = _losses_and_hits(oracle, loss_fn, forget)
+        start_losses, _ = _losses_and_hits(model, loss_fn, forget)
         start_gaps[set_name] = (start_losses - oracle_losses).abs()
         for method_name, method in methods.items():
             unlearned = _model_of(method(copy.deepcopy(model), loss_fn, forget, retain))
-            losses, hits = _losses_and_hits(unlearned, loss_fn, *forget)
+            losses, hits = _losses_and_hits(unlearned, loss_fn, forget)
             per_example[(set_name, method_name)] = (losses - oracle_losses).abs()
             row = dict(
                 forget_set=set_name, method=method_name, k=k,
@@ -589,17 +614,17 @@ def verify(
                 start_forget_loss=float(start_losses.mean()),
                 forget_acc=float(hits.double().mean()),
                 oracle_forget_acc=float(oracle_hits.double().mean()),
-                retain_acc=float(_losses_and_hits(unlearned, loss_fn, *retain)[1].double().mean()),
+                retain_acc=float(_losses_and_hits(unlearned, loss_fn, retain)[1].double().mean()),
             )  # fmt: skip
             row["distance_ratio"] = row["param_distance"] / max(row["start_distance"], 1e-300)
             row["forget_loss_gap"] = abs(row["forget_loss"] - row["oracle_forget_loss"])
             row["forget_acc_gap"] = abs(row["forget_acc"] - row["oracle_forget_acc"])
-            if test_tensors is not None:
+            if test is not None:
                 row["test_acc"] = float(
-                    _losses_and_hits(unlearned, loss_fn, *test_tensors)[1].double().mean()
+                    _losses_and_hits(unlearned, loss_fn, test)[1].double().mean()
                 )
                 row["oracle_test_acc"] = float(
-                    _losses_and_hits(oracle, loss_fn, *test_tensors)[1].double().mean()
+                    _losses_and_hits(oracle, loss_fn, test)[1].double().mean()
                 )
             rows.append(row)
     tests = {}

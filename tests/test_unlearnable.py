@@ -297,3 +297,15 @@ def test_verify_refuses_method_options_a_method_does_not_take():
         n_permutations=10, n_boot=10,
     )  # fmt: skip
     assert len(report.rows) == 2
+
+
+def test_verify_streams_a_dataset_to_the_same_verification():
+    model, (inputs, targets), retrain = _tiny_verification_problem()
+    loss_fn = LOSS
+    dataset = IndexedDataset(inputs, targets, torch.arange(len(inputs)))
+    options = dict(retrain=retrain, k=4, n_random=1, max_steps=3, n_permutations=200, n_boot=50,
+                   methods=("gradient_ascent",))  # fmt: skip
+    by_tensors = unlearnable.verify(model, loss_fn, (inputs, targets), torch.arange(30), **options)
+    by_dataset = unlearnable.verify(model, loss_fn, dataset, torch.arange(30), **options)
+    for row, expected in zip(by_dataset.rows, by_tensors.rows, strict=True):
+        assert row == expected

@@ -92,7 +92,7 @@ def retrain(
         sorted({*range(0, total + 1, record_every), total}) if record_every is not None else ()
     )
     run = train(
-        work, session.retain_set.data, loss=loss_fn, optimizer=optimizer, lr=lr, epochs=epochs,  # type: ignore[arg-type]
+        work, session.retain_set.data, loss_fn=loss_fn, optimizer=optimizer, lr=lr, epochs=epochs,  # type: ignore[arg-type]
         batch_size=batch_size, seed=seed, momentum=momentum, weight_decay=weight_decay,
         lr_schedule=lr_schedule, checkpoints=checkpoints, device=session.device,  # type: ignore[arg-type]
         progress=progress,
