@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from influx.checks import check_integer, check_number
+from influx.checks import check_choice, check_integer, check_number
 from influx.data import LossFn, as_tensors, iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.grads.common import refuse_batchnorm
@@ -129,8 +129,7 @@ def check_training_args(epochs, lr, batch_size, optimizer) -> tuple[int, int]:
     epochs = check_integer("epochs", epochs, minimum=1)
     check_number("lr", lr, above=0)
     batch_size = check_integer("batch_size", batch_size, minimum=1)
-    if optimizer not in _OPTIMIZERS:
-        raise InfluxValueError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+    check_choice("optimizer", optimizer, _OPTIMIZERS)
     return epochs, batch_size
 
 

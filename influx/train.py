@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from influx.aggregate import Aggregator
 from influx.aggregate import mean as _mean_aggregator
-from influx.checks import check_integer, check_number
+from influx.checks import check_choice, check_integer, check_number
 from influx.data import LossFn, iter_batches, iter_ordered_batches, num_examples
 from influx.errors import InfluxValueError
 from influx.seeds import derive_seed
@@ -200,11 +200,10 @@ def _checkpoint_steps(
 def _make_optimizer(
     name: str, parameters: list[nn.Parameter], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    check_choice("optimizer", name, _OPTIMIZERS)
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise InfluxValueError(f"optimizer must be one of {_OPTIMIZERS}; got {name!r}")
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def _lr_at(step: int, total: int, lr: float, schedule: str) -> float:
@@ -376,8 +375,7 @@ def train(
     if batch_size is None:
         batch_size = n
     check_integer("batch_size", batch_size, minimum=1, hint="or None for the full batch")
-    if lr_schedule not in _SCHEDULES:
-        raise InfluxValueError(f"lr_schedule must be one of {_SCHEDULES}; got {lr_schedule!r}")
+    check_choice("lr_schedule", lr_schedule, _SCHEDULES)
     check_number("lr", lr, above=0)
     check_number("momentum", momentum, at_least=0)
     check_number("weight_decay", weight_decay, at_least=0)

@@ -241,6 +241,8 @@ def test_estimate_rejects_bad_settings(digits_subset):
         memorization.estimate(_tiny_mlp, LOSS, train_set, **{**common, "subset_frac": 1.0})
     with pytest.raises(InfluxValueError, match="out=<folder>"):
         memorization.estimate(_tiny_mlp, LOSS, train_set, rank=1, world_size=2, **common)
+    with pytest.raises(InfluxValueError, match=r"optimizer must be one of \('adam', 'sgd'\)"):
+        memorization.estimate(_tiny_mlp, LOSS, train_set, **{**common, "optimizer": "adamw"})
     with pytest.raises(InfluxValueError, match="give both rank and world_size"):
         memorization.estimate(_tiny_mlp, LOSS, train_set, rank=1, **common)
     with pytest.raises(UnsupportedModelError, match="BatchNorm1d .*convert_batchnorm"):
