@@ -153,7 +153,7 @@ def commutation_along_training(model, loss_fn, batch, *, lr: float, steps: int, 
         with torch.no_grad():
             record["loss"].append(loss_fn(model(batch[0]), batch[1]).mean().item())
         if step < steps:
-            train.train(model, batch, loss=loss_fn, optimizer="sgd", lr=lr, steps=every,
+            train.train(model, batch, loss_fn=loss_fn, optimizer="sgd", lr=lr, steps=every,
                         batch_size=None, progress=False)  # fmt: skip
     record["log10_bracket_drop"] = math.log10(
         record["bracket_mean"][-1] / record["bracket_mean"][0]

@@ -4,7 +4,7 @@ LiRA and the loss attack on the unlearned models, each next to its ceiling and i
 Setup (per seed; the seed draws the poison subset, its noise, every initialization, batch order
 and unlearning stream): a fraction of the training set gets Gaussian noise on its inputs (labels
 kept, :func:`influx.poison.gaussian`, the constants of ``gaussian_poisoning.py``). Three ensembles
-of ``--models`` models are trained at once (:func:`influx.memorization.fit_ensemble`, vmapped
+of ``--models`` models are trained at once (:func:`influx.ensembles.fit_ensemble`, vmapped
 minibatch Adam): *trained* on the poisoned set, and two independent *retrained* sets A and B on
 the retain set only. Every method of :mod:`influx.unlearn` then unlearns each trained model on its
 own (the forget set = the poisons, budget ``--budget-fraction`` of the training compute).
@@ -57,7 +57,7 @@ from _setup import (  # noqa: E402
     tuned_unlearning,
 )
 
-from influx import memorization, models, poison, stats, train, unlearn  # noqa: E402
+from influx import ensembles, models, poison, stats, train, unlearn  # noqa: E402
 from influx.audit.forgetting import forgetting_quality  # noqa: E402
 from influx.audit.mia import (  # noqa: E402
     confidence_from_logits,
@@ -176,16 +176,17 @@ def fit(args, dataset, train_xy, keep: torch.Tensor, seed: int, copies: int = 1)
         return model.to(args.device, getattr(torch, args.dtype))
 
     masks = keep.cpu().unsqueeze(0).expand(copies * args.models, -1)
-    joint = memorization.fit_ensemble(build, train_xy, masks, epochs=args.epochs, lr=args.lr,
-                                      batch_size=args.batch_size, seed=seed)  # fmt: skip
+    joint = ensembles.fit_ensemble(build, LOSS, train_xy, masks,
+                                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                   seed=seed)  # fmt: skip
     return [split_ensemble(joint, slice(c * args.models, (c + 1) * args.models))
             for c in range(copies)]  # fmt: skip
 
 
-def split_ensemble(ensemble: memorization.Ensemble, part: slice) -> memorization.Ensemble:
+def split_ensemble(ensemble: ensembles.Ensemble, part: slice) -> ensembles.Ensemble:
     """The models ``part`` of a stacked ensemble."""
     pick = lambda stacked: {name: t[part] for name, t in stacked.items()}  # noqa: E731
-    return memorization.Ensemble(ensemble.module, pick(ensemble.params), pick(ensemble.buffers))
+    return ensembles.Ensemble(ensemble.module, pick(ensemble.params), pick(ensemble.buffers))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def outputs_of_logits(logits: dict, setup: dict) -> dict:
 SPLITS = ("forget", "retain", "test", "nonmembers")
 
 
-def ensemble_outputs(ensemble: memorization.Ensemble, setup: dict) -> dict:
+def ensemble_outputs(ensemble: ensembles.Ensemble, setup: dict) -> dict:
     return outputs_of_logits({s: ensemble.logits(setup[s][0]) for s in SPLITS}, setup)
 
 
