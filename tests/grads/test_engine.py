@@ -38,11 +38,19 @@ def check_all(model, loss_fn, x, y, *, rtol, chunk_size=None):
     by_layer = per_sample_norms(model, loss_fn, x, y, by_layer=True, chunk_size=chunk_size)
     for name in expected:
         assert_close(
-            by_layer[name], expected[name].flatten(1).norm(dim=1), rtol=rtol, name=f"norm {name}"
+            by_layer[name],
+            expected[name].flatten(1).norm(dim=1),
+            rtol=rtol,
+            name=f"norm {name}",
+            elementwise=True,
         )
     total = per_sample_norms(model, loss_fn, x, y, chunk_size=chunk_size)
     assert_close(
-        total, reference.flatten_per_sample(expected).norm(dim=1), rtol=rtol, name="total norm"
+        total,
+        reference.flatten_per_sample(expected).norm(dim=1),
+        rtol=rtol,
+        name="total norm",
+        elementwise=True,
     )
 
 
@@ -80,7 +88,9 @@ def test_float32_engine_matches_float64_loop(mixed_pair):
     for name in expected:
         assert_close(got[name], expected[name], rtol=1e-5, name=name)
     norms = per_sample_norms(model, cross_entropy, x, y)
-    assert_close(norms, reference.flatten_per_sample(expected).norm(dim=1), rtol=1e-5)
+    assert_close(
+        norms, reference.flatten_per_sample(expected).norm(dim=1), rtol=1e-5, elementwise=True
+    )
 
 
 def test_matches_torch_func_reference():
@@ -216,6 +226,7 @@ def test_conv_and_linear_random_shapes(n, c_in, c_out, kernel, size, stride, bia
     assert_close(
         per_sample_norms(model, cross_entropy, x, y),
         reference.flatten_per_sample(expected).norm(dim=1),
+        elementwise=True,
     )
 
 

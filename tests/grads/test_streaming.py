@@ -63,7 +63,7 @@ def test_norms_of_a_dataset_equal_the_tensor_call_and_read_each_example_once(chu
         )]).norm()
         for i in range(n)
     ])  # fmt: skip
-    assert_close(streamed, loop, rtol=1e-12)
+    assert_close(streamed, loop, rtol=1e-12, elementwise=True)
 
 
 def test_a_dataset_reaches_the_model_one_chunk_at_a_time():
