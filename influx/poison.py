@@ -63,6 +63,12 @@ def _random_access(data):
     """``data`` as something examples can be picked from by position: a DataLoader's dataset
     (poisons choose positions, not batches)."""
     if isinstance(data, DataLoader):
+        if num_examples(data) != len(data.dataset):
+            raise InfluxValueError(
+                f"the DataLoader visits {num_examples(data)} of its dataset's "
+                f"{len(data.dataset)} examples, which cannot be picked by position: pass "
+                "Subset(dataset, positions) (or a DataLoader over it)"
+            )
         return data.dataset
     return data
 

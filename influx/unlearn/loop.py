@@ -151,6 +151,13 @@ class UnlearnSet:
             raise InfluxValueError(
                 f"the {what} set is empty: unlearning needs at least one {what} example"
             )
+        if isinstance(data, DataLoader) and self.n != len(data.dataset):
+            # batches are gathered by position in the loader's dataset
+            raise InfluxValueError(
+                f"the {what} DataLoader visits {self.n} of its dataset's {len(data.dataset)} "
+                "examples, which cannot be drawn by position: pass Subset(dataset, positions) "
+                "(or a DataLoader over it)"
+            )
         self.source = data
         self.tensors = as_tensors(data) if isinstance(data, (tuple, list)) else None
         # a tuple as its (inputs, targets, indices); a Dataset or DataLoader as given

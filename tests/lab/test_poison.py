@@ -435,3 +435,11 @@ def test_poisons_read_only_the_chosen_examples_of_a_dataset_or_dataloader():
     assert torch.equal(result.base_inputs, expected.base_inputs)
     by_loader = poison.gaussian(DataLoader(dataset, batch_size=8), count=6, noise_std=0.5, seed=2)
     assert torch.equal(by_loader.noise, expected.noise) and torch.equal(by_loader.indices, chosen)
+
+
+def test_a_dataloader_over_part_of_its_dataset_is_refused():
+    from torch.utils.data import SubsetRandomSampler
+
+    loader = DataLoader(LazyDataset(20), sampler=SubsetRandomSampler(range(10)), batch_size=4)
+    with pytest.raises(InfluxValueError, match="visits 10 of its dataset's 20.*Subset"):
+        poison.gaussian(loader, count=2, noise_std=0.1)

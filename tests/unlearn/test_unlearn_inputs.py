@@ -132,3 +132,12 @@ def test_a_dataloader_is_a_set_too():
     assert result.spent == 6
     with pytest.raises(InfluxValueError, match="share 3"):
         unlearn.scrub(tiny_mlp(), LOSS, forget, DataLoader(dataset), budget=6, progress=False)
+
+
+def test_a_dataloader_over_part_of_its_dataset_is_refused():
+    from torch.utils.data import SubsetRandomSampler
+
+    dataset = _lazy()
+    retain = DataLoader(dataset, sampler=SubsetRandomSampler(list(range(5, 40))), batch_size=4)
+    with pytest.raises(InfluxValueError, match="visits 35 of its dataset's 40.*Subset"):
+        unlearn.fine_tune(tiny_mlp(), LOSS, Subset(dataset, [0]), retain, budget=8)
