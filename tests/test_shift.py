@@ -516,7 +516,7 @@ def _brute_force_kronecker(model, x, seed: int, batch_size: int, eigen_corrected
     return out
 
 
-@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+@pytest.mark.parametrize("curvature", ["kfac", pytest.param("ekfac", marks=pytest.mark.slow)])
 def test_sampled_kronecker_fisher_equals_a_brute_force_fit(curvature):
     # Labels drawn as influence's K-FAC draws them (several per example on a small probe, fresh
     # ones for the EK-FAC refit), factors from per-example gradients written out by hand.

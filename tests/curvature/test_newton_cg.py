@@ -46,6 +46,7 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_negative_curvature_raises_the_damping_and_the_step_is_the_damped_formula_there():
     model, forget, retain = _problem()
     # At damping 0.05 the retain Hessian of this tanh MLP is indefinite (lambda_min ~ -0.27).
@@ -60,6 +61,7 @@ def test_negative_curvature_raises_the_damping_and_the_step_is_the_damped_formul
                  name="newton (cg) at the raised damping")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_restart_is_charged_to_the_same_budget():
     model, forget, retain = _problem()
     n = retain[0].shape[0]
@@ -72,6 +74,7 @@ def test_every_restart_is_charged_to_the_same_budget():
     assert result.options["solved_damping"] > 0.05
 
 
+@pytest.mark.slow
 def test_a_positive_definite_solve_keeps_the_damping_and_matches_the_dense_step():
     model, forget, retain = _problem()
     with warnings.catch_warnings():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 from pathlib import Path
 
@@ -45,15 +46,21 @@ def test_the_solvers_keep_their_old_addresses():
     assert iterative.largest_eigenvalue is spectrum.largest_eigenvalue
 
 
-def _definitions(name: str) -> list[str]:
-    """Every function of the library and the examples whose name holds ``name``."""
+@functools.cache
+def _functions() -> tuple[str, ...]:
+    """``path:name`` of every function of the library and the examples."""
     found = []
     for folder in ("influx", "examples"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.FunctionDef) and name in node.name:
+                if isinstance(node, ast.FunctionDef):
                     found.append(f"{path.relative_to(ROOT)}:{node.name}")
-    return found
+    return tuple(found)
+
+
+def _definitions(name: str) -> list[str]:
+    """Every function of the library and the examples whose name holds ``name``."""
+    return [f for f in _functions() if name in f.rsplit(":", 1)[1]]
 
 
 @pytest.mark.parametrize(
