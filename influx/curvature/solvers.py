@@ -164,6 +164,7 @@ def solve_with_positive_damping(
     margin: float | None,
     what: str,
     max_raises: int = MAX_DAMPING_RAISES,
+    stacklevel: int = 3,
 ) -> tuple[object, float]:
     """``solve_at(damping)``, raising the damping each time the solve meets non-positive curvature.
 
@@ -172,7 +173,9 @@ def solve_with_positive_damping(
     ``margin`` > 0, and the solve starts again; a :class:`NonPositiveDefiniteWarning` names the new
     value. Each raise adds at least ``margin``. A caller that knows no curvature scale passes
     ``margin=None``: each raise then lands at (1 + :data:`DEFAULT_RELATIVE_DAMPING`) |rho|, at
-    least 1.1 times the damping before it. Returns (the solve's result, the damping it used).
+    least 1.1 times the damping before it. ``stacklevel`` points the warning at a caller's caller
+    (3: the caller of the function that calls this one). Returns (the solve's result, the
+    damping it used).
     """
     if margin is not None and not margin > 0:
         raise InfluxValueError(f"margin must be > 0 or None; got {margin!r}")
@@ -190,7 +193,7 @@ def solve_with_positive_damping(
                 f"= {-damping:.3e}, so H + damping I is not positive definite; damping raised to "
                 f"{raised:.3e} and the solve restarted",
                 NonPositiveDefiniteWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
             damping = raised
     raise InfluxRuntimeError(

@@ -128,7 +128,10 @@ def _solve_by_cg(objective, grad, shift: float, *, cap: int, affordable: float, 
         )
         return solved[0]
 
-    step, shift = solve_with_positive_damping(solve_at, shift, margin=None, what="newton (cg)")
+    # The warning points at the user's call of newton (through this function and newton).
+    step, shift = solve_with_positive_damping(
+        solve_at, shift, margin=None, what="newton (cg)", stacklevel=4
+    )
     return step, shift, used
 
 

@@ -50,9 +50,10 @@ def _flat(model):
 def test_negative_curvature_raises_the_damping_and_the_step_is_the_damped_formula_there():
     model, forget, retain = _problem()
     # At damping 0.05 the retain Hessian of this tanh MLP is indefinite (lambda_min ~ -0.27).
-    with pytest.warns(NonPositiveDefiniteWarning, match="newton \\(cg\\).*damping raised to"):
+    with pytest.warns(NonPositiveDefiniteWarning, match="newton \\(cg\\).*raised to") as record:
         result = unlearn.newton(model, LOSS, forget, retain, damping=0.05, solver="cg",
                                 budget=math.inf, progress=False)  # fmt: skip
+    assert record[0].filename == __file__  # the warning points at the user's call
     solved = result.options["solved_damping"]
     # Raised at least above the negative curvature met: past 0.05 + 0.1 * 0.05.
     assert solved > 0.055
