@@ -15,7 +15,8 @@ label seeds each) and compares the Q x N scores, by Spearman pooled over all pai
 Tasks (``--tasks``):
 
 - ``digits``: the digits-MLP reference task (``benchmarks.tasks.digits_mlp``, 1,600 train with
-  10% flipped labels, 50 queries, 4,810 parameters), one model per ``--mlp-seeds`` seed;
+  10% flipped labels, 50 queries, 4,810 parameters; ``--mlp-hidden`` widens it), one model per
+  ``--mlp-seeds`` seed;
 - ``resnet8-w8`` / ``resnet8-w16``: a GroupNorm ResNet-8 of width 8 / 16 on CIFAR-shaped
   synthetic data (``influx.data.load("synthetic")``, 1,000 / 2,000 train by default, 50
   queries), briefly trained with Adam.
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--draws", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--label-seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--mlp-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--mlp-hidden", type=int, default=64, help="digits MLP hidden units")
     parser.add_argument("--reference-draws", type=int, default=32)
     parser.add_argument("--train", type=int, default=None, help="ResNet train size override")
     parser.add_argument("--steps", type=int, default=60, help="ResNet training steps (Adam, 128)")
@@ -186,7 +188,7 @@ def main(argv=None) -> None:
         if task == "digits":
             for seed in args.mlp_seeds:
                 torch.manual_seed(seed)
-                digits = digits_mlp(seed=seed, num_queries=args.queries)
+                digits = digits_mlp(seed=seed, num_queries=args.queries, hidden=args.mlp_hidden)
                 setup = (digits.model, digits.train, digits.query)
                 exact = None
                 if not args.no_exact:
@@ -196,9 +198,11 @@ def main(argv=None) -> None:
                     )
                     exact = fitted.scores(digits.query).values.double()
                     print(f"exact seed {seed}: {time.perf_counter() - start:.1f}s", flush=True)
+                count = sum(p.numel() for p in digits.model.parameters())
                 note = (
-                    f"1,600 train, {args.queries} queries, 4,810 parameters, mean top-class "
-                    f"probability {confidence(digits.model, digits.train[0]):.3f}"
+                    f"1,600 train, {args.queries} queries, {args.mlp_hidden} hidden units, "
+                    f"{count:,} parameters, mean top-class probability "
+                    f"{confidence(digits.model, digits.train[0]):.3f}"
                 )
                 rows += draw_rows(task, seed, *setup, exact, args, note)
                 if exact is not None:
@@ -208,6 +212,9 @@ def main(argv=None) -> None:
                 task, args.train, args.queries, args.steps
             )
             rows += draw_rows(task, 0, model, train_set, query_set, None, args, note)
+    if args.mlp_hidden != 64:
+        for row in rows:
+            row["task"] = row["task"].replace("digits", f"digits-h{args.mlp_hidden}")
     notes = (
         f"EK-FAC at its defaults but fisher_draws, {torch.get_num_threads()} CPU thread(s). "
         "`vs_reference`: Spearman pooled over all query x train pairs with a fit of "

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import assert_close
 
 from benchmarks.suites import stream
 from influx import influence
 from influx.grads import per_sample_norms
 from influx.train import cross_entropy_per_example
-from tests.utils import assert_close
 
 FACTOR_BATCH = 512  # EK-FAC's default factor batch: the first batch is also read by the checks
 
