@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from influx.data import as_tensors
 from influx.errors import InfluxValueError
 from influx.grads.common import (
     LossFn,
@@ -143,6 +145,25 @@ class Influence:
             for _ in stream.batches(self.train, self.batch_size):
                 pass
         return self.train.indices
+
+    @property
+    def train_inputs(self) -> torch.Tensor:
+        """Deprecated: the whole training set's inputs, concatenated."""
+        return self._whole_train("train_inputs")[0]
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """Deprecated: the whole training set's targets, concatenated."""
+        return self._whole_train("train_targets")[1]
+
+    def _whole_train(self, name: str):
+        warnings.warn(
+            f"Influence.{name} is deprecated: the training set is kept as given "
+            "(Influence.train.data) and streamed; read it with influx.data.iter_batches",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return as_tensors(self.train.data)
 
     def __repr__(self) -> str:
         shown = {

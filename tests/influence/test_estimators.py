@@ -174,7 +174,9 @@ def test_self_influence_is_the_diagonal(tiny_mlp, method):
     fitted = _fit(method, tiny_mlp)
     diagonal = torch.diagonal(fitted.scores(train).values)
     # Influence methods: s(z) = -I_up,loss(z, z); tracin / grad_dot / grad_cos: s(z) = score(z, z).
-    assert_close(fitted.self_influence(), fitted.sign * diagonal, rtol=1e-6, name=method)
+    assert_close(
+        fitted.self_influence(), fitted.sign * diagonal, rtol=1e-6, name=method, elementwise=True
+    )
 
 
 @pytest.mark.parametrize("method", ["exact", "cg", "kfac", "ekfac", "tracin", "grad_dot"])
@@ -385,7 +387,13 @@ def test_factored_methods_cover_convolutions(method):
     fitted = influence.fit(model, loss_fn, (x, y), method=method, **options)
     scores = fitted.scores((x, y), per_layer=True)
     assert set(scores.per_layer) == {"0", "3"}
-    assert_close(fitted.self_influence(), -torch.diagonal(scores.values), rtol=1e-8, name=method)
+    assert_close(
+        fitted.self_influence(),
+        -torch.diagonal(scores.values),
+        rtol=1e-8,
+        name=method,
+        elementwise=True,
+    )
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "trak"])
@@ -405,4 +413,10 @@ def test_factored_methods_cover_a_transformer_layer(method):
         assert "0.self_attn.out_proj.weight" in coverage["diagonal"]
         assert "0.linear1.weight" in coverage["kronecker"]
     assert_close(sum(scores.per_layer.values()), scores.values, rtol=1e-10, name=method)
-    assert_close(fitted.self_influence(), -torch.diagonal(scores.values), rtol=1e-8, name=method)
+    assert_close(
+        fitted.self_influence(),
+        -torch.diagonal(scores.values),
+        rtol=1e-8,
+        name=method,
+        elementwise=True,
+    )

@@ -157,7 +157,9 @@ def test_norm_and_lone_bias_parameters_get_diagonal_blocks(method, basis):
     # float64 throughout; the dense solve and the per-block rotations differ in summation order
     # only, and the damped blocks have condition numbers below ~1e4: 1e-9 relative is ample.
     assert_close(fitted.scores((xq, yq)).values, expected, rtol=1e-9, name="scores")
-    assert_close(fitted.self_influence(), expected_self, rtol=1e-9, name="self-influence")
+    assert_close(
+        fitted.self_influence(), expected_self, rtol=1e-9, name="self-influence", elementwise=True
+    )
     per_layer = fitted.scores((xq, yq), per_layer=True).per_layer
     assert set(per_layer) == {"0", "1", "4", "5", "6"}
     assert_close(sum(per_layer.values()), expected, rtol=1e-9, name="per-layer shares")
@@ -174,7 +176,13 @@ def test_others_exclude_scores_linear_and_conv_only():
         frozen.get_parameter(name).requires_grad_(False)
     expected = influence.fit(frozen, loss_fn, (x, y), method="ekfac")
     assert expected.diagnostics["coverage"]["diagonal"] == []
-    assert_close(fitted.self_influence(), expected.self_influence(), rtol=1e-12, name="exclude")
+    assert_close(
+        fitted.self_influence(),
+        expected.self_influence(),
+        rtol=1e-12,
+        name="exclude",
+        elementwise=True,
+    )
     with pytest.raises(InfluxValueError, match="others='exclude'.*1.weight"):
         influence.fit(model, loss_fn, (x, y), method="ekfac", others="exclude",
                       params=["0.weight", "1.weight"])  # fmt: skip

@@ -158,3 +158,16 @@ def test_repeated_dataset_indices_across_batches_are_refused():
 
     with pytest.raises(InfluxValueError, match="indices repeat"):
         influence.fit(mlp(), cross_entropy, Repeats(20, shape=(5,)), method="exact", damping=0.5)
+
+
+def test_another_train_set_is_read_once_per_call():
+    fitted = influence.fit(
+        mlp(), cross_entropy, LazyDataset(20, shape=(5,)), method="ekfac", batch_size=8
+    )
+    other, query = LazyDataset(15, shape=(5,), seed=2), LazyDataset(3, shape=(5,), seed=1)
+    scores = fitted.scores(query, train=other)
+    assert scores.shape == (3, 15) and torch.equal(other.reads, torch.ones(15, dtype=torch.long))
+    fitted.self_influence(other)
+    assert torch.equal(other.reads, torch.full((15,), 2))
+    with pytest.warns(DeprecationWarning, match="train_inputs is deprecated"):
+        assert fitted.train_inputs.shape == (20, 5)
