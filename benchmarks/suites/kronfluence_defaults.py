@@ -13,8 +13,10 @@ default factor batch) and all queries in one batch.
 Task: ``benchmarks.suites.influence_scale``'s GroupNorm ResNet-8 of width 16 (about 0.31M
 parameters) on ``influx.data.load("synthetic")`` CIFAR-shaped data, trained with Adam for 60 steps
 of 128, 100 queries from the test split, N train examples for N in ``INFLUX_KD_SIZES`` (comma
-list; default 2,000, 5,000 and 10,000). 50,000 is out of reach of two CPU cores: at the slopes
-measured here a single run of both sides would take about half an hour.
+list; default 1,000, 2,000, 5,000 and 10,000; rows of other sizes already in the results file are
+kept when they were measured at the same commit on a clean tree). 50,000 is out of reach of two
+CPU cores: at the slopes of ``influence_scale_series-cpu.md`` (about 11 s and 19 s per 1,000
+examples) one run of both sides would take about 25 minutes, three runs 75.
 
 Every run of a row is its own process (``benchmarks/run.py --one``) with 2 threads: warm-up (one
 forward + backward of 8 examples), then one timed run of fit + scores and its peak RSS above the
@@ -33,10 +35,12 @@ import tempfile
 import time
 from argparse import Namespace
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import (
     current_rss_bytes,
     kronfluence_classification_task,
@@ -58,12 +62,13 @@ from influx.influence.kfac import fisher_draws
 from influx.train import cross_entropy_per_example
 
 SUITE = "kronfluence_defaults"
-SIZES = (2000, 5000, 10000)
+SIZES = (1000, 2000, 5000, 10000)
 KRONFLUENCE_BATCH = 512
 THREADS = int(os.environ.get("INFLUX_KD_THREADS", 2))
 COLUMNS = [
     "train", "impl", "model", "fit_s", "score_s", "total_s", "peak_mem_mb", "spread", "runs",
     "time_ratio", "mem_ratio", "spearman_pooled", "spearman_per_query", "top10", "notes",
+    "measured_at",
 ]  # fmt: skip
 NOTES = (
     "GroupNorm ResNet-8 width 16 on CIFAR-shaped synthetic data, 100 queries x N train, both "
@@ -229,15 +234,31 @@ def _size_rows(train: int, runs: int, quick: bool) -> list[dict]:
     return [ours, theirs]
 
 
+def _earlier_rows(sizes: list[int]) -> list[dict]:
+    """The rows of other sizes in the results file when they were measured at this commit on a
+    clean tree: sizes can be measured in separate invocations and still share one table."""
+    try:
+        saved = json.loads((common.RESULTS / f"{SUITE}-cpu.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    sha = common.git_sha()
+    if sha.endswith("+dirty") or saved.get("meta", {}).get("git_sha") != sha:
+        return []
+    return [row for row in saved.get("rows", []) if row.get("train") not in sizes]
+
+
 def run(args: Namespace) -> list[dict]:
     torch.set_num_threads(THREADS)
     quick = getattr(args, "quick", False)
     listed = os.environ.get("INFLUX_KD_SIZES")
     sizes = [int(n) for n in listed.split(",")] if listed else list(SIZES)
+    sizes = sizes[:1] if quick else sizes
     runs = int(os.environ.get("INFLUX_KD_RUNS", 1 if quick else 3))
-    rows = []
-    for train in sizes[:1] if quick else sizes:
-        rows += _size_rows(train, runs, quick)
+    rows = [] if quick else _earlier_rows(sizes)
+    for train in sizes:
+        measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows += [{**row, "measured_at": measured_at} for row in _size_rows(train, runs, quick)]
+        rows.sort(key=lambda row: row["train"])
         # Each size's rows are written when they are done: a run cut short keeps them.
         write_results(SUITE, "cpu", rows, provenance("cpu"), columns=COLUMNS, notes=NOTES)
     return rows
