@@ -104,7 +104,10 @@ OPTIONS = {
 RTOL = {"cg": 1e-8, "lissa": 1e-8}
 
 
-@pytest.mark.parametrize("method", influence.METHODS)
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=pytest.mark.slow) if m in RTOL else m for m in influence.METHODS],
+)
 def test_a_measurement_scores_through_its_own_gradient(tiny_mlp, method):
     model, loss_fn, train, query = tiny_mlp
     options = dict(OPTIONS[method])

@@ -53,6 +53,9 @@ OPTIONS = {
     "grad_dot": {},
     "grad_cos": {},
 }
+# Every curvature-vector product reads the train set again: cg / lissa / arnoldi take seconds.
+SOLVED = ("cg", "lissa", "arnoldi")
+METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in SOLVED else m for m in influence.METHODS]
 CACHED = {"exact": 2, "kfac": 2, "ekfac": 3, "trak": 1, "tracin": 1, "grad_dot": 1, "grad_cos": 1}
 STREAMED = {"exact": 3, "kfac": 3, "ekfac": 4, "trak": 3, "tracin": 2, "grad_dot": 2, "grad_cos": 2}
 
@@ -65,7 +68,7 @@ def options_for(method, model):
 
 
 def expected_passes(method, fitted, cached: bool) -> int:
-    if method in ("cg", "lissa", "arnoldi"):
+    if method in SOLVED:
         preconditioner = fitted.diagnostics["preconditioner"]
         fit = {"ekfac": 2, "kfac": 1, None: 0}[preconditioner]
         return fitted.estimator.operator.passes + fit + (1 if cached else 2)
@@ -81,7 +84,7 @@ def run(method, train, query, model, batch_size=8):
 
 
 @pytest.mark.parametrize("cached", [True, False])
-@pytest.mark.parametrize("method", influence.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_a_dataset_is_read_once_per_pass_and_scores_like_tensors(method, cached, monkeypatch):
     if not cached:
         monkeypatch.setattr(stream, "CACHE_BYTES", 0)
@@ -97,7 +100,9 @@ def test_a_dataset_is_read_once_per_pass_and_scores_like_tensors(method, cached,
     assert torch.equal(scores, tuple_scores) and torch.equal(own, tuple_own)
 
 
-@pytest.mark.parametrize("method", ["exact", "ekfac", "trak", "grad_dot", "cg"])
+@pytest.mark.parametrize(
+    "method", ["exact", "ekfac", "trak", "grad_dot", pytest.param("cg", marks=pytest.mark.slow)]
+)
 def test_a_dataloader_is_a_data_argument(method):
     model = mlp()
     train, query = LazyDataset(30, shape=(5,)), LazyDataset(4, shape=(5,), seed=1)
