@@ -69,3 +69,13 @@ def test_peak_memory_does_not_grow_with_the_number_of_examples(work, monkeypatch
     # The inputs of 18,000 more examples are 211 MB: holding them would fail this by far.
     assert large["peak_rss_mb"] < 1.1 * small["peak_rss_mb"], (small, large)
     assert large["reads_min"] >= 1 and large["reads_max"] <= small["reads_max"]
+
+
+def test_fit_rows_give_seconds_per_thousand_and_memory_growth():
+    rows = [
+        {"work": "w", "train": n, "seconds": 1 + n / 2000, "peak_rss_mb": mb}
+        for n, mb in ((10_000, 600.0), (20_000, 606.0), (40_000, 630.0))
+    ]
+    fit = stream.slope_row("w", rows)
+    assert fit["train"] == "fit" and abs(fit["seconds_per_1000"] - 0.5) < 1e-9
+    assert [r["rss_vs_smallest"] for r in stream.with_growth(rows)] == [1.0, 1.01, 1.05]

@@ -72,8 +72,8 @@ COLUMNS = [
 ]  # fmt: skip
 NOTES = (
     "GroupNorm ResNet-8 width 16 on CIFAR-shaped synthetic data, 100 queries x N train, both "
-    "libraries at their defaults (see the suite's docstring), 2 threads, each run in its own "
-    "process. `total_s` = `fit_s` + `score_s` (the 100 x N pairwise matrix) and `peak_mem_mb` "
+    f"libraries at their defaults (see the suite's docstring), {THREADS} threads, each run in its "
+    "own process. `total_s` = `fit_s` + `score_s` (the 100 x N pairwise matrix) and `peak_mem_mb` "
     "(peak RSS above the process' resident size after its warm-up) are medians over `runs` runs; "
     "`spread`: min..max. `time_ratio` / `mem_ratio`: influx's median over Kronfluence's. "
     "Spearman (pooled over all pairs, mean per query) and top-10 overlap by |score| compare "

@@ -51,17 +51,18 @@ CLASSES = 10
 THREADS = int(os.environ.get("INFLUX_STREAM_THREADS", 2))
 WORKS = ("ekfac_self_influence", "per_sample_norms")
 COLUMNS = [
-    "work", "train", "seconds", "peak_rss_mb", "above_start_mb", "spread", "runs", "reads",
-    "notes",
+    "work", "train", "seconds", "peak_rss_mb", "above_start_mb", "rss_vs_smallest", "spread",
+    "runs", "reads", "seconds_per_1000", "notes",
 ]  # fmt: skip
 NOTES = (
     "A Dataset generating each CIFAR-shaped example ([3, 32, 32] float32, 10 classes) from its "
-    "index; a 13k-parameter MLP after 4x4 average pooling; 2 threads; each run in its own process. Medians over `runs` runs, "
-    "`spread` min..max of seconds and of peak RSS. `peak_rss_mb`: the process' resident "
-    "high-water mark during the work (torch and the model included); `above_start_mb`: that "
-    "peak above the resident size when the work started. `reads`: min..max reads of one "
-    "example over the whole work. Slope rows: least-squares seconds per 1,000 examples (largest "
-    "residual in the notes) and the peak RSS at the largest N over the smallest."
+    f"index; a 13k-parameter MLP after 4x4 average pooling; {THREADS} threads; each run in its "
+    "own process. Medians over `runs` runs, `spread` min..max of seconds and of peak RSS. "
+    "`peak_rss_mb`: the process' resident high-water mark during the work (torch and the model "
+    "included); `above_start_mb`: that peak above the resident size when the work started; "
+    "`rss_vs_smallest`: `peak_rss_mb` over the smallest N's. `reads`: min..max reads of one "
+    "example over the whole work. Fit rows: least-squares seconds per 1,000 examples, intercept "
+    "and largest residual in the notes."
 )
 
 
@@ -166,7 +167,7 @@ def _row(work: str, n: int, runs: list[dict]) -> dict:
 
 
 def slope_row(work: str, rows: list[dict]) -> dict | None:
-    """Seconds per 1,000 examples (least squares) and peak RSS growth over the sizes of ``work``."""
+    """Least-squares seconds per 1,000 examples over the sizes of ``work``."""
     import numpy as np
 
     points = [r for r in rows if r["work"] == work and "seconds" in r]
@@ -176,19 +177,25 @@ def slope_row(work: str, rows: list[dict]) -> dict | None:
     seconds = np.array([r["seconds"] for r in points])
     slope, intercept = np.polyfit(n, seconds, 1)
     residual = float(np.max(np.abs(np.polyval((slope, intercept), n) - seconds)))
-    smallest, largest = points[int(n.argmin())], points[int(n.argmax())]
-    growth = largest["peak_rss_mb"] / smallest["peak_rss_mb"]
     return {
         "work": work,
-        "train": "slope",
-        "seconds": 1000 * slope,
-        "peak_rss_mb": growth,
+        "train": "fit",
+        "seconds_per_1000": float(1000 * slope),
         "notes": (
-            f"seconds per 1,000 examples (intercept {intercept:.3g} s, largest residual "
-            f"{residual:.3g} s); peak_rss_mb column: peak RSS at N = {int(n.max()):,} over "
-            f"N = {int(n.min()):,} ({growth:.3f}x)"
+            f"least squares over N = {', '.join(f'{int(v):,}' for v in n)}: intercept "
+            f"{intercept:.3g} s, largest residual {residual:.3g} s"
         ),
     }
+
+
+def with_growth(rows: list[dict]) -> list[dict]:
+    """``rss_vs_smallest`` on every measured row: its peak RSS over the smallest N's."""
+    measured = [r for r in rows if "peak_rss_mb" in r]
+    if measured:
+        smallest = min(measured, key=lambda r: r["train"])["peak_rss_mb"]
+        for row in measured:
+            row["rss_vs_smallest"] = row["peak_rss_mb"] / smallest
+    return rows
 
 
 def run(args: Namespace) -> list[dict]:
@@ -204,7 +211,7 @@ def run(args: Namespace) -> list[dict]:
             part.append(_row(work, n, [child(work, n) for _ in range(runs)]))
             print(f"stream: {json.dumps(part[-1])}", flush=True)
         slope = slope_row(work, part)
-        rows += part + ([slope] if slope else [])
+        rows += with_growth(part) + ([slope] if slope else [])
         # Each work's rows are written when they are done: a run cut short keeps them.
         write_results("stream", "cpu", rows, provenance("cpu"), columns=COLUMNS, notes=NOTES)
     return rows
