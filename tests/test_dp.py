@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import RTOL, KeywordNet, assert_close
+from utils import RTOL, KeywordNet, LazyDataset, assert_close
 
 from influx import data, dp, models
 from influx.errors import InfluxRuntimeError, InfluxValueError, UnsupportedModelError
@@ -482,3 +482,25 @@ def test_dp_training_on_digits_reaches_a_sane_accuracy():
     _, accuracy = evaluate(model, test_set)
     # non-private training of this MLP reaches ~0.95; eps = 4 costs a few points, chance is 0.1
     assert accuracy > 0.75
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
+def test_dp_training_on_a_dataset_equals_training_on_its_tensors(sampling):
+    def run(train_data):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        result = dp.train(
+            model, train_data, max_grad_norm=1.0, noise_multiplier=1.0, batch_size=8, epochs=2,
+            sampling=sampling, progress=False, seed=3, lr=0.1,
+        )  # fmt: skip
+        return model, result
+
+    dataset = LazyDataset(40)
+    streamed, streamed_run = run(dataset)
+    in_memory, in_memory_run = run(LazyDataset(40).tensors())
+    for a, b in zip(streamed.parameters(), in_memory.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert streamed_run.privacy == in_memory_run.privacy
+    if sampling == "shuffle":  # each of the 2 epochs reads each example once, then the
+        # trainer's final evaluation pass
+        assert torch.equal(dataset.reads, torch.full((40,), 3))
