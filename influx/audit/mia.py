@@ -30,9 +30,9 @@ from torch.func import functional_call, vmap
 
 from influx.checks import check_integer, check_number
 from influx.data import LossFn, as_tensors, iter_batches, num_examples
+from influx.ensembles import fit_weighted
 from influx.errors import InfluxValueError
 from influx.grads.common import call_loss, check_class_targets, example_names
-from influx.train import train_ensemble
 
 __all__ = [
     "LiraResult",
@@ -529,7 +529,7 @@ def lira(
     ``loss_fn(outputs, targets)`` -> [B] the training loss; ``data`` the N candidate examples
     (the shadows train on subsets of them, full batch, so they must fit in memory).
     :func:`shadow_masks` puts each example IN for half of the ``num_shadows`` shadows (seeded);
-    :func:`influx.train.train_ensemble` trains them all at once (vmapped full-batch Adam on the
+    :func:`influx.ensembles.fit_weighted` trains them all at once (vmapped full-batch Adam on the
     summed loss of their subset, ``steps`` steps at ``lr``, ``chunk`` copies at a time); pass
     ``shadow_trainer(in_mask [K, N]) -> {name: [K, *shape]}`` to train them another way (they
     should be trained like the targets). ``targets``: the attacked model(s) — a module, a sequence
@@ -546,13 +546,13 @@ def lira(
     pooled = _resolve_global(global_variance, num_shadows)
     masks = shadow_masks(num_shadows, n, seed=seed)
     if shadow_trainer is None:
+        # full-batch training: every step reads every example, so the set is held whole
         inputs, labels, _ = as_tensors(data)
         reference = next(model.parameters())
-        params = train_ensemble(
+        params = fit_weighted(
             model,
             loss_fn,
-            inputs.to(reference.device),
-            labels.to(reference.device),
+            (inputs.to(reference.device), labels.to(reference.device)),
             masks.to(device=reference.device, dtype=reference.dtype),
             init=init,
             steps=steps,
