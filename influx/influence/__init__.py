@@ -4,6 +4,9 @@
     fitted = influence.fit(model, loss_fn, train, method="ekfac")
     scores = fitted.scores(query)            # Scores; .values is [Q, N]
     s = fitted.self_influence()              # [N], O(N)
+    fitted.scores(query, measurement=margin) # the query through margin(outputs, targets) -> [Q]
+
+``train`` and ``query`` are tuples, Datasets or DataLoaders, streamed batch by batch.
 
 Sign convention (Koh & Liang): ``I_up,loss(z, z_test) = - grad l(z_test)^T H^-1 grad l(z)`` with H
 the Hessian (or GGN) of the mean training loss (1/N) sum_i l(z_i) plus damping I; removing z
