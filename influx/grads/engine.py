@@ -177,7 +177,7 @@ def per_sample_grads(
     with ``targets`` [N] next, or one data argument (a tuple ``(inputs, targets[, indices])``, a
     Dataset or a DataLoader; ``targets`` left out) streamed ``chunk_size`` examples at a time (a
     Dataset 256 when None, a DataLoader its own batches), each example read once, errors naming
-    its dataset indices.
+    its dataset indices; rows follow the order the data yields its examples.
     """
     selected = select_parameters(model, params)
     layers = plan_layers(model, selected)
@@ -235,7 +235,7 @@ def per_sample_norms(
     with ``targets`` [N] next, or one data argument (a tuple ``(inputs, targets[, indices])``, a
     Dataset or a DataLoader; ``targets`` left out) streamed ``chunk_size`` examples at a time (a
     Dataset 256 when None, a DataLoader its own batches), each example read once, errors naming
-    its dataset indices.
+    its dataset indices; rows follow the order the data yields its examples.
     """
     selected = select_parameters(model, params)
     layers = plan_layers(model, selected)
