@@ -76,3 +76,27 @@ def test_a_file_saved_without_the_training_set_fingerprint_loads_with_a_warning(
     assert torch.equal(loaded.scores(query).values, fitted.scores(query).values)
     with pytest.raises(InfluxValueError, match="fitted on 40 examples but train has 39"):
         influence.load(old, model, loss_fn, (train[0][:39], train[1][:39]))
+
+
+def test_factors_io_only_serializes_and_a_dataset_is_hashed_in_one_pass(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from utils import LazyDataset
+
+    source = Path(factors_io.__file__).read_text()
+    imported = {
+        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+    }
+    assert "influx.influence.api" not in imported  # api imports factors_io, not the reverse
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    train, query = LazyDataset(30, shape=(5,)), LazyDataset(4, shape=(5,), seed=1)
+    fitted = influence.fit(model, loss_fn, train, method="ekfac", batch_size=8)
+    path = factors_io.save(fitted, tmp_path / "f.safetensors")
+    assert torch.equal(train.reads, torch.full((30,), 3))  # factors, eigenvalues, the hash
+    loaded = influence.load(path, model, loss_fn, train)
+    assert torch.equal(train.reads, torch.full((30,), 4))  # the hash, which also checks
+    assert torch.equal(loaded.scores(query).values, fitted.scores(query).values)
+    # the digest of the streamed set is that of the same examples as tensors
+    assert influence.load(path, model, loss_fn, train.tensors()).method == "ekfac"
