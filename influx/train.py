@@ -318,11 +318,16 @@ def _check_hooks(
             f"aggregator {aggregator!r} needs at least {needed} gradients; got "
             f"micro_batches={micro_batches}"
         )
-    smallest = min(batch_size, n) if n % batch_size == 0 else n % batch_size
-    if smallest < micro_batches:
+    if min(batch_size, n) < micro_batches:
+        raise InfluxValueError(
+            f"every batch must hold at least micro_batches={micro_batches} examples, but "
+            f"batch_size={batch_size} (N={n}) gives batches of {min(batch_size, n)}: pick "
+            f"batch_size >= {micro_batches}, or fewer micro-batches"
+        )
+    if n % batch_size and n % batch_size < micro_batches:
         raise InfluxValueError(
             f"every batch must hold at least micro_batches={micro_batches} examples, but the last "
-            f"batch of each epoch holds {smallest} (N={n}, batch_size={batch_size}): pick a "
+            f"batch of each epoch holds {n % batch_size} (N={n}, batch_size={batch_size}): pick a "
             "batch_size that divides N, or fewer micro-batches"
         )
 

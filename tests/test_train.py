@@ -371,11 +371,13 @@ def test_a_sampler_sets_each_epoch_order():
         ({"micro_batches": 0}, "micro_batches must be a positive integer"),
         ({"micro_batches": 3, "sampling": "poisson"}, "micro_batches needs batches of a fixed"),
         ({"micro_batches": 4, "batch_size": 6}, "the last batch of each epoch holds 2"),
+        # batches of 2 divide N = 20 already: the fix is a larger batch, not a divisor
+        ({"micro_batches": 4, "batch_size": 2}, r"gives batches of 2: pick batch_size >= 4"),
         ({"micro_batches": 4, "aggregator": "krum"}, "aggregator must be callable"),
         ({"gradient": 3}, "gradient must be a callable"),
     ],
     ids=["sampling", "sampler-length", "micro-batches", "poisson-micro", "last-batch",
-         "aggregator", "gradient"],
+         "small-batches", "aggregator", "gradient"],
 )  # fmt: skip
 def test_invalid_hooks_raise_clear_errors(kwargs, match):
     kwargs = {"batch_size": 10, "epochs": 1, "progress": False, **kwargs}
