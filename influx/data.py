@@ -212,7 +212,14 @@ def iter_ordered_batches(data, order: torch.Tensor, batch_size: int) -> Iterator
             yield inputs[positions], targets[positions], indices[positions]
         return
     if isinstance(data, DataLoader):
-        # Random access goes to the loader's dataset, through the loader's own collation.
+        # Random access goes to the loader's dataset, through the loader's own collation; the
+        # positions mean the dataset's examples, so a loader must visit all of them.
+        if num_examples(data) != len(data.dataset):
+            raise InfluxValueError(
+                f"this DataLoader visits {num_examples(data)} of the {len(data.dataset)} examples "
+                "of its dataset, so positions into it are ambiguous: pass a "
+                "torch.utils.data.Subset of the examples (or a DataLoader over one) instead"
+            )
         loader = DataLoader(
             _IndexedDataset(data.dataset),
             batch_size=batch_size,

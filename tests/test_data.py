@@ -448,3 +448,14 @@ def test_shuffled_loaders_without_indices_and_other_objects_are_refused():
         num_examples(object())
     with pytest.raises(InfluxValueError, match="must be"):
         list(iter_batches(DataLoader([torch.zeros(2)] * 3, batch_size=2), 2))
+
+
+def test_ordered_batches_refuse_a_loader_that_visits_part_of_its_dataset():
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from influx.data import iter_ordered_batches
+
+    pairs = TensorDataset(torch.randn(6, 2), torch.zeros(6, dtype=torch.long))
+    loader = DataLoader(pairs, batch_size=2, sampler=SubsetRandomSampler([0, 1, 2]))
+    with pytest.raises(InfluxValueError, match="visits 3 of the 6 examples"):
+        list(iter_ordered_batches(loader, torch.tensor([0, 1]), 2))
