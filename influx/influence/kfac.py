@@ -60,6 +60,9 @@ from torch import nn
 
 from influx.checks import check_integer
 from influx.curvature import (
+    FACTORED_LAYERS,  # noqa: F401 - re-exported: the one definition is in influx.curvature.factors
+    FISHER_DRAWS_TOTAL,
+    MAX_FISHER_DRAWS,
     DiagonalFactors,
     KroneckerFactors,
     Spectrum,
@@ -73,11 +76,14 @@ from influx.curvature import (
     finalize_diagonal_factors,
     finalize_ekfac_eigenvalues,
     finalize_kronecker_factors,
+    fisher_draws,
+    is_factored,
     resolve_damping,
+    sample_labels,
 )
 from influx.errors import InfluxValueError, UnsupportedModelError
 from influx.grads.capture import capture_streaming
-from influx.grads.common import LossFn, check_finite, check_model, flat_rows, select_parameters
+from influx.grads.common import LossFn, check_model, flat_rows, select_parameters
 from influx.grads.engine import plan_layers
 from influx.grads.rules import rule_for
 from influx.influence import stream
@@ -90,23 +96,9 @@ from influx.influence.base import (
     option,
 )
 
-# Layers whose weight gradient is b^T a per example (the engine's rules match exact types, so
-# subclasses are not included). Grouped convolutions have no single Kronecker factorization.
-FACTORED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# fisher_draws="auto": labels drawn per example so that a factor pass sees at least this many
-# draws. A sampled Fisher's noise limits K-FAC / EK-FAC on small train sets (digits-MLP, 1,600
-# examples, three seeds: EK-FAC's Spearman vs the exact solve 0.338-0.360 with one draw,
-# 0.363-0.395 with the six of 'auto'); from 8,192 examples on one draw each is kept, so large
-# fits cost what they did.
-FISHER_DRAWS_TOTAL = 8192
-MAX_FISHER_DRAWS = 8
 # feature_basis="auto" assumes one query per this many train examples: the query side is
 # preconditioned once, the train side is featurized per example.
 TRAIN_PER_QUERY = 20
-
-
-def _factored(module: nn.Module) -> bool:
-    return type(module) in FACTORED_LAYERS and getattr(module, "groups", 1) == 1
 
 
 @dataclass(frozen=True)
@@ -127,7 +119,7 @@ class Coverage:
         # the engine's plan: each selected parameter with the module whose rule covers it
         for layer in plan_layers(model, select_parameters(model, params)):
             owned = layer.params
-            if _factored(layer.module) and "weight" in owned:
+            if is_factored(layer.module) and "weight" in owned:
                 kronecker[layer.name] = (owned["weight"], owned.get("bias"))
             elif others == "diagonal":
                 diagonal[layer.name] = tuple(owned.values())
@@ -338,24 +330,6 @@ def resolve_fisher(fisher: str, model, loss_fn, inputs, targets, *, fallback=Non
     )
 
 
-def _sample_targets(model, inputs, targets, generator, offset: int, draws: int = 1):
-    """``draws`` label draws from softmax(model(inputs)), [draws, B], from one forward pass."""
-    with torch.no_grad():
-        logits = model(inputs)
-    check_finite(logits.detach(), "model outputs", offset=offset)
-    # Sampled on the CPU generator (reproducible on any device), then moved to the targets' device.
-    probabilities = torch.softmax(logits.to(device="cpu", dtype=torch.float64), dim=-1)
-    sampled = torch.multinomial(probabilities, draws, replacement=True, generator=generator).T
-    return sampled.to(device=targets.device, dtype=targets.dtype)
-
-
-def fisher_draws(option_value, examples: int) -> int:
-    """Labels drawn per example (see :data:`FISHER_DRAWS_TOTAL`)."""
-    if option_value != "auto":
-        return int(option_value)
-    return max(1, min(MAX_FISHER_DRAWS, -(-FISHER_DRAWS_TOTAL // max(examples, 1))))
-
-
 class KFACEstimator(Estimator):
     """(K-FAC or EK-FAC + damping I)^-1 per block; features: per-example gradients, one block per
     Kronecker layer (in its parameter basis or its eigenbasis) and per diagonal module."""
@@ -428,7 +402,9 @@ class KFACEstimator(Estimator):
                 labels = [y]
                 if fisher == "sampled":
                     # Every rank draws every batch's labels: the draws do not depend on the split.
-                    labels = _sample_targets(self.model, x, y, generator, start, draws)
+                    labels = sample_labels(self.model, x, generator, draws=draws, offset=start).to(
+                        device=y.device, dtype=y.dtype
+                    )
                 if number % world == rank:
                     for drawn in labels:
                         yield start, x, drawn
