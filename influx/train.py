@@ -598,10 +598,17 @@ def train_ensemble(
     lr: float,
     chunk: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """Train K copies of ``model`` by full-batch Adam, copy k on ``sum_i weights[k, i] l_i``:
-    :func:`influx.ensembles.fit_weighted` on the data ``(inputs, targets)``. Returns name ->
-    [K, *shape]."""
+    """Deprecated: :func:`influx.ensembles.fit_weighted` on the data ``(inputs, targets)``, which
+    trains K copies of ``model`` by full-batch Adam, copy k on ``sum_i weights[k, i] l_i``.
+    Returns name -> [K, *shape]."""
     from influx import ensembles
+
+    warnings.warn(
+        "influx.train.train_ensemble is deprecated: call influx.ensembles.fit_weighted(model, "
+        "loss_fn, (inputs, targets), weights, ...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
 
     return ensembles.fit_weighted(
         model, loss_fn, (inputs, targets), weights, init=init, steps=steps, lr=lr, chunk=chunk

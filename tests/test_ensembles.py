@@ -209,8 +209,9 @@ def test_fit_weighted_is_train_ensemble_and_independent_adam_runs():
     stacked = ensembles.fit_weighted(
         model, LOSS, (inputs, targets), weights, init=start, steps=4, lr=0.05, chunk=2
     )
-    alias = train_ensemble(model, LOSS, inputs, targets, weights, init=start, steps=4, lr=0.05,
-                           chunk=2)  # fmt: skip
+    with pytest.warns(DeprecationWarning, match="ensembles.fit_weighted"):
+        alias = train_ensemble(model, LOSS, inputs, targets, weights, init=start, steps=4,
+                               lr=0.05, chunk=2)  # fmt: skip
     for name in stacked:
         assert torch.equal(stacked[name], alias[name])
     for k in range(3):

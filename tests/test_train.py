@@ -245,15 +245,15 @@ def test_loss_is_the_deprecated_name_of_loss_fn():
 
 
 def test_ensemble_equals_independent_torch_optim_runs():
-    from influx.train import train_ensemble
+    from influx.ensembles import fit_weighted
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     inputs = torch.randn(12, 4, dtype=torch.float64)
     targets = torch.randint(0, 3, (12,))
     weights = (torch.rand(3, 12) < 0.5).double()
-    stacked = train_ensemble(
-        model, cross_entropy_per_example, inputs, targets, weights, steps=5, lr=0.05, chunk=2
+    stacked = fit_weighted(
+        model, cross_entropy_per_example, (inputs, targets), weights, steps=5, lr=0.05, chunk=2
     )
     for k in range(3):
         copy = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()

@@ -578,7 +578,7 @@ def lira(
         metrics = membership_metrics(scores.flatten(), members.flatten(), fprs=fprs)
     config = dict(
         num_shadows=num_shadows, steps=steps, lr=lr, seed=seed, chunk=chunk,
-        trainer="train_ensemble" if shadow_trainer is None else repr(shadow_trainer),
+        trainer="fit_weighted" if shadow_trainer is None else repr(shadow_trainer),
     )  # fmt: skip
     return LiraResult(
         scores=scores,

@@ -31,10 +31,10 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, vmap
 
+from influx import ensembles
 from influx.data import as_tensors, iter_batches
 from influx.errors import InfluxValueError
 from influx.grads.common import LossFn, check_finite
-from influx.train import train_ensemble
 
 # Query examples per forward of every ensemble member at once.
 LOSS_BATCH = 1024
@@ -168,8 +168,8 @@ def train_subset_models(
     for j in range(num_subsets):
         chosen = torch.randperm(n, generator=generator, device="cpu")[:size]
         masks[j, chosen.to(inputs.device)] = 1.0
-    stacked = train_ensemble(
-        model, loss_fn, inputs, targets, masks / size, init=init, steps=steps, lr=lr
+    stacked = ensembles.fit_weighted(
+        model, loss_fn, (inputs, targets), masks / size, init=init, steps=steps, lr=lr
     )
     return SubsetModels(masks, ensemble_losses(model, loss_fn, stacked, query))
 
@@ -400,7 +400,7 @@ def retrain_ground_truth(
     points = torch.unique(pairs[:, 1])
     weights = torch.full((points.numel() + 1, n), 1.0 / n, dtype=inputs.dtype, device=inputs.device)
     weights[torch.arange(1, points.numel() + 1, device=inputs.device), points] += epsilon
-    stacked = train_ensemble(model, loss_fn, inputs, targets, weights, steps=steps, lr=lr)
+    stacked = ensembles.fit_weighted(model, loss_fn, (inputs, targets), weights, steps=steps, lr=lr)
     losses = ensemble_losses(model, loss_fn, stacked, query)  # [1 + points, Q]
     row = {int(p): j + 1 for j, p in enumerate(points)}
     measured = torch.stack([losses[row[int(z)], int(q)] - losses[0, int(q)] for q, z in pairs])

@@ -27,9 +27,10 @@ from influx.audit.mia import (
     shadow_masks,
 )
 from influx.data import as_tensors, load
+from influx.ensembles import fit_weighted
 from influx.errors import InfluxValueError
 from influx.models import mlp
-from influx.train import cross_entropy_per_example, train_ensemble
+from influx.train import cross_entropy_per_example
 
 # ------------------------------------------------------------------------------------------
 # Signals
@@ -367,17 +368,17 @@ def test_lira_separates_members_on_digits(one_thread):
     model = mlp(hidden=(32,))
     target_members = shadow_masks(2, 200, seed=123)
     loss = cross_entropy_per_example
-    targets = train_ensemble(model, loss, x, y, target_members.float(), steps=150, lr=0.02)
+    targets = fit_weighted(model, loss, (x, y), target_members.float(), steps=150, lr=0.02)
     settings = dict(num_shadows=8, steps=150, lr=0.02, seed=1)
     online = lira(model, loss, (x, y), targets, target_members=target_members, **settings)
     assert online.global_variance  # 8 < 64 shadows
     assert online.scores.shape == (2, 200) and online.shadow_signals.shape == (8, 200)
     assert online.auc > 0.65, online.metrics
 
-    # The same shadows, trained here and handed over: the default trainer is train_ensemble on
+    # The same shadows, trained here and handed over: the default trainer is fit_weighted on
     # shadow_masks(8, 200, seed=1).
-    shadow_params = train_ensemble(
-        model, loss, x, y, shadow_masks(8, 200, seed=1).float(), steps=150, lr=0.02
+    shadow_params = fit_weighted(
+        model, loss, (x, y), shadow_masks(8, 200, seed=1).float(), steps=150, lr=0.02
     )
     reuse = dict(settings, shadow_trainer=lambda masks: shadow_params)
     offline = lira(model, loss, (x, y), targets, target_members=target_members, online=False,
