@@ -78,7 +78,7 @@ def digits_mlp(
     result = train.train(
         model,
         (train_inputs, train_targets),
-        loss="cross_entropy",
+        loss_fn="cross_entropy",
         optimizer="adam",
         lr=lr,
         steps=steps,

@@ -239,7 +239,7 @@ def test_tracin_accepts_the_training_record_of_train():
 
     model, (x, y) = mlp(), data()
     record = train.train(
-        model, (x, y), loss="cross_entropy", optimizer="sgd", lr=0.1, steps=4, batch_size=None,
+        model, (x, y), loss_fn="cross_entropy", optimizer="sgd", lr=0.1, steps=4, batch_size=None,
         checkpoints=[2, 4], progress=False,
     )  # fmt: skip
     from_record = influence.fit(model, ce, (x, y), method="tracin", checkpoints=record)

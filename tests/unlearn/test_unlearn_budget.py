@@ -103,7 +103,7 @@ def test_retrain_records_its_compute_and_matches_train():
     assert result.spent == 3 * RETAIN and counter.count == 4 * RETAIN
     assert math.isinf(result.budget)
     reference = tiny_mlp(7)
-    train(reference, retain, loss=LOSS, lr=0.05, epochs=3, batch_size=16, seed=4, progress=False)
+    train(reference, retain, loss_fn=LOSS, lr=0.05, epochs=3, batch_size=16, seed=4, progress=False)
     assert_close(flat(result.model), flat(reference), rtol=0, name="retrain = train from init")
 
 
@@ -113,11 +113,13 @@ def test_gradient_ascent_raises_and_fine_tune_lowers_the_loss():
     ascent = unlearn.gradient_ascent(model, LOSS, forget, retain, budget=60, lr=0.1,
                                      progress=False)  # fmt: skip
     assert (
-        evaluate(ascent.model, forget, loss=LOSS)[0] > evaluate(model, forget, loss=LOSS)[0] + 0.1
+        evaluate(ascent.model, forget, loss_fn=LOSS)[0]
+        > evaluate(model, forget, loss_fn=LOSS)[0] + 0.1
     )
     tuned = unlearn.fine_tune(model, LOSS, forget, retain, budget=400, lr=0.1, progress=False)
     assert (
-        evaluate(tuned.model, retain, loss=LOSS)[0] < evaluate(model, retain, loss=LOSS)[0] - 0.05
+        evaluate(tuned.model, retain, loss_fn=LOSS)[0]
+        < evaluate(model, retain, loss_fn=LOSS)[0] - 0.05
     )
 
 
@@ -154,7 +156,7 @@ def test_trajectory_states_and_callback():
 
     def on_checkpoint(m, step):
         seen.append(m.training)
-        return {"forget_loss": evaluate(m, forget, loss=LOSS)[0]}
+        return {"forget_loss": evaluate(m, forget, loss_fn=LOSS)[0]}
 
     result = unlearn.fine_tune(model, LOSS, forget, retain, budget=16 * 7, batch_size=16,
                                record_every=3, on_checkpoint=on_checkpoint, progress=False)  # fmt: skip
@@ -166,7 +168,9 @@ def test_trajectory_states_and_callback():
     assert_close(torch.cat([v.reshape(-1) for v in first.state_dict.values()]), flat(model), rtol=0)
     assert_close(torch.cat([v.reshape(-1) for v in last.state_dict.values()]), flat(result.model),
                  rtol=0)  # fmt: skip
-    assert result.metric("forget_loss")[0] == pytest.approx(evaluate(model, forget, loss=LOSS)[0])
+    assert result.metric("forget_loss")[0] == pytest.approx(
+        evaluate(model, forget, loss_fn=LOSS)[0]
+    )
 
 
 def test_results_stay_on_the_models_device_and_inplace_mutates():
