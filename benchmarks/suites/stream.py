@@ -3,18 +3,18 @@
 Two computations over a Dataset that generates each example from its index on every read (no
 tensor of all inputs exists anywhere; ``IndexedSynthetic``): EK-FAC self-influence at its
 defaults, ``influence.fit(model, loss_fn, dataset, method="ekfac").self_influence()``, and the
-per-sample gradient norms ``influx.grads.per_sample_norms(model, loss_fn, dataset)``. The model is
-CIFAR-shaped inputs ([3, 32, 32] float32, 12 KiB each: the inputs of 200,000 examples would take
-2.4 GB) and a small MLP on them (4x4 average pooling, then 192 -> 64 tanh -> 10 classes; 13,002
-parameters), untrained: neither memory nor time depends on its weights.
+per-sample gradient norms ``influx.grads.per_sample_norms(model, loss_fn, dataset)``. The data
+are CIFAR-shaped ([3, 32, 32] float32, 12 KiB an example: the inputs of 200,000 examples would
+take 2.4 GB), the model a small MLP on them (4x4 average pooling, then 192 -> 64 tanh -> 10
+classes; 13,002 parameters), untrained: neither memory nor time depends on its weights.
 
 Every (work, N) run is its own process with ``THREADS`` threads: one warm-up of the same work on
 64 other examples, then the resident high-water mark is reset and the work timed once. Columns:
-``seconds``; ``peak_rss_mb``, the process' peak resident memory during the work; ``above_start_mb``,
-that peak above the resident size when the work started; ``reads``, min..max reads of one
-example (each pass over the data reads each example once); then, per work, least-squares
-seconds per 1,000 examples and the peak RSS of the largest N over the smallest's.
-``INFLUX_STREAM_SIZES`` (comma list; default 10,000 to 200,000), ``INFLUX_STREAM_RUNS``
+``seconds``; ``peak_rss_mb``, the process' peak resident memory during the work;
+``above_start_mb``, that peak above the resident size when the work started; ``rss_vs_smallest``,
+the peak over the smallest N's; ``reads``, min..max reads of one example (each pass over the
+data reads each example once); and one fit row per work with the least-squares seconds per 1,000
+examples. ``INFLUX_STREAM_SIZES`` (comma list; default 10,000 to 200,000), ``INFLUX_STREAM_RUNS``
 (default 3; ``--quick``: 1 run at 2,000 and 20,000) and ``INFLUX_STREAM_THREADS`` (default 2)
 override the sizes, runs and threads.
 """
