@@ -397,20 +397,22 @@ def _scores_manifest(path: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _npy_path(path, rule: str) -> Path:
+    """``path`` as a ``.npy`` file name, or an error saying ``rule`` and the name to use."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InfluxValueError(f"{rule}; got {path!r}")
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise InfluxValueError(f"{rule}; got {str(path)!r}: use {str(path.with_suffix('.npy'))!r}")
+    return path
+
+
 def check_matrix_path(path) -> Path:
     """``path`` as a place to store a matrix of scores, refused before any work when it is not
     a ``.npy`` file name or when writing there would overwrite a file influx did not write: the
     ``.json`` beside it (the matrix's manifest goes there) or the ``.npy`` itself."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise InfluxValueError(
-            f"store= must name a .npy file (e.g. store='scores.npy'); got {path!r}"
-        )
-    path = Path(path)
-    if path.suffix != ".npy":
-        raise InfluxValueError(
-            f"store= must name a .npy file (the matrix; its manifest goes next to it as "
-            f".json); got {str(path)!r}: use e.g. store={str(path.with_suffix('.npy'))!r}"
-        )
+    path = _npy_path(path, "store= must name a .npy file (the matrix; its manifest goes next "
+                     "to it as .json), e.g. store='scores.npy'")  # fmt: skip
     manifest_path = path.with_suffix(".json")
     ours = _scores_manifest(manifest_path) is not None
     for taken in (manifest_path, path):
@@ -509,14 +511,7 @@ def read_matrix(path) -> tuple[np.ndarray, dict[str, Any]]:
     Refused: a missing matrix or manifest, and a run that did not finish (an interrupted one
     leaves its manifest marked incomplete), so a half-written matrix is never read as scores.
     """
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise InfluxValueError(f"the path must name a .npy file of stored scores; got {path!r}")
-    path = Path(path)
-    if path.suffix != ".npy":
-        raise InfluxValueError(
-            f"stored scores are a .npy file; got {str(path)!r}: use "
-            f"{str(path.with_suffix('.npy'))!r}"
-        )
+    path = _npy_path(path, "stored scores are a .npy file")
     manifest_path = path.with_suffix(".json")
     try:
         manifest = json.loads(manifest_path.read_text())
