@@ -469,7 +469,7 @@ def _brute_force_kronecker(model, x, seed: int, batch_size: int, eigen_corrected
     fresh draws for the EK-FAC refit), every per-example gradient from torch.func."""
     from influx.curvature import fisher_draws
 
-    n, draws = x.shape[0], fisher_draws("auto", x.shape[0])
+    n, draws = x.shape[0], fisher_draws("auto", x.shape[0], model, x)
     generator = torch.Generator().manual_seed(seed)
     params = {k: v.detach() for k, v in model.named_parameters()}
 

@@ -58,7 +58,7 @@ from benchmarks.suites.influence_scale import (
     trained_setup,
 )
 from influx import influence
-from influx.influence.kfac import fisher_draws
+from influx.curvature import fisher_draws
 from influx.train import cross_entropy_per_example
 
 SUITE = "kronfluence_defaults"
@@ -103,7 +103,7 @@ def _influx(model, train_set, query_set):
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     scores = fitted.scores(query_set).values
-    draws = fisher_draws("auto", train_set[0].shape[0])
+    draws = fisher_draws("auto", train_set[0].shape[0], model, train_set[0])
     return scores, fit_seconds, time.perf_counter() - start, f"fisher_draws 'auto' = {draws}"
 
 

@@ -272,8 +272,9 @@ class KFACOptions:
     )
     fisher_draws: int | str = option(
         "auto",
-        "labels drawn per example for fisher='sampled' (each factor pass), or 'auto' = enough "
-        f"for {FISHER_DRAWS_TOTAL} draws over the train set, at most {MAX_FISHER_DRAWS} each",
+        "labels drawn per example for fisher='sampled' (each factor pass), or 'auto' = one, and "
+        f"more only for small models: up to {MAX_FISHER_DRAWS} each and {FISHER_DRAWS_TOTAL} per "
+        "pass while the extra passes cost little (influx.curvature.fisher_draws)",
     )
     split_ranks: bool = option(
         False,
@@ -398,7 +399,7 @@ class KFACEstimator(Estimator):
                         options.fisher, self.model, self.loss_fn, x, y, fallback=fallback
                     )
                     if fisher == "sampled":
-                        draws = fisher_draws(options.fisher_draws, num_train)
+                        draws = fisher_draws(options.fisher_draws, num_train, self.model, x)
                 labels = [y]
                 if fisher == "sampled":
                     # Every rank draws every batch's labels: the draws do not depend on the split.
