@@ -96,6 +96,8 @@ ALLOWED = {
     ("influence.kfac.resolve_fisher", "model-first"): "the Fisher option is the subject; the "
     "model and batch only resolve 'auto'",
     ("influence.kfac.resolve_fisher", "loss-second"): "as model-first",
+    ("curvature.fisher_draws", "model-first"): "the option is the subject; the model and a "
+    "batch of inputs only size 'auto' (multiply-adds per example)",
     ("influence.stream.checked", "model-first"): "wraps `data`, its subject, for a check of its "
     "first pass; the model and loss only evaluate it",
     ("influence.stream.checked", "loss-second"): "as model-first",
