@@ -347,14 +347,14 @@ def fisher_draws(option_value, examples: int, model: nn.Module, inputs: torch.Te
       0.77-0.79 / 0.82 / 0.85; against the exact solve 0.338-0.361 / 0.354-0.384 / 0.359-0.391
       / 0.368-0.400, where Kronfluence's EK-FAC (one draw) reaches 0.236-0.243 at its default
       damping and 0.344-0.372 at influx's damping rule, so one draw would trail it at the same
-      damping. 'auto' draws 6 (the 8,192-per-pass bound), for about 0.3 s more fit on one core.
+      damping. 'auto' draws 6 (the 8,192-per-pass bound), for under 0.1 s more fit.
       With 256 hidden units (19,210 parameters), against a 32-draw fit: 0.56 / 0.58 / 0.63 /
       0.63; 'auto' draws 6.
     - Convolutional networks gain nothing measurable and pay two passes per draw. GroupNorm
       ResNet-8 on 1,000 CIFAR-shaped examples, against a 16-draw fit: width 8 (4.2M
-      multiply-adds per example) 0.9987 / 0.9991 / 0.9994 / 0.9996 trained, 0.9991 / 0.9995 /
+      multiply-adds per example) 0.9985 / 0.9991 / 0.9995 / 0.9996 trained, 0.9991 / 0.9995 /
       0.9998 (1 / 2 / 4) after 8 Adam steps (mean top-class probability 0.12: the noisiest
-      labels); width 16 (16M) against an 8-draw fit 0.9966 / 0.9976 (1 / 2). Kronfluence's
+      labels); width 16 (16M) against an 8-draw fit 0.9962 / 0.9980 (1 / 2). Kronfluence's
       fit + scores at its defaults is about three passes, and influx's with one draw about
       half its time: a second draw (two more passes) would cost more than the margin to 0.7x.
       'auto' draws 1 on every ResNet-8 of width >= 2 from 1,000 examples on.
