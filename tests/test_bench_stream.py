@@ -1,5 +1,5 @@
 """The stream suite at a small scale: its lazily generated dataset, each example read once per
-pass by EK-FAC self-influence and per-sample gradient norms with the values of the same data as
+pass by EK-FAC self-influence, per-sample gradient norms and GUS with the values of the same data as
 tensors, and (slow) peak memory that does not grow from 2,000 to 20,000 examples. Times are not
 checked."""
 
@@ -11,6 +11,7 @@ from utils import assert_close
 
 from benchmarks.suites import stream
 from influx import influence
+from influx.audit import gus
 from influx.grads import per_sample_norms
 from influx.train import cross_entropy_per_example
 
@@ -41,6 +42,18 @@ def test_per_sample_norms_read_each_example_once():
     norms = per_sample_norms(model, cross_entropy_per_example, dataset)
     assert dataset.reads.tolist() == [1] * 700
     assert_close(norms, reference)
+
+
+def test_gus_reads_each_example_once_and_equals_the_tensor_call():
+    model = stream.build_model()
+    dataset = stream.IndexedSynthetic(600)
+    inputs, targets = tensors_of(dataset)
+    noise = stream.noise_of(torch.arange(600))
+    reference = gus(model, cross_entropy_per_example, inputs, targets, noise, stream.GUS_NOISE_STD)
+    streamed = gus(model, cross_entropy_per_example, dataset, stream.noise_of, stream.GUS_NOISE_STD)
+    assert dataset.reads.tolist() == [1] * 600
+    assert torch.equal(streamed.scores, reference.scores)
+    assert streamed.z == reference.z
 
 
 @pytest.mark.slow
@@ -79,3 +92,15 @@ def test_fit_rows_give_seconds_per_thousand_and_memory_growth():
     fit = stream.slope_row("w", rows)
     assert fit["train"] == "fit" and abs(fit["seconds_per_1000"] - 0.5) < 1e-9
     assert [r["rss_vs_smallest"] for r in stream.with_growth(rows)] == [1.0, 1.01, 1.05]
+
+
+def test_gus_of_a_loader_that_drops_its_last_batch_scores_the_points_it_yields():
+    model = stream.build_model()
+    dataset = stream.IndexedSynthetic(10)
+    inputs, targets = tensors_of(dataset)
+    noise = stream.noise_of(torch.arange(10))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, drop_last=True)
+    dropped = gus(model, cross_entropy_per_example, loader, stream.noise_of, stream.GUS_NOISE_STD)
+    whole = gus(model, cross_entropy_per_example, inputs, targets, noise, stream.GUS_NOISE_STD)
+    assert dropped.indices.tolist() == list(range(8))
+    assert torch.equal(dropped.scores, whole.scores[:8])

@@ -1,9 +1,12 @@
 """Streaming at scale: time and peak memory in N for data that never sits whole in memory.
 
-Two computations over a Dataset that generates each example from its index on every read (no
+Three computations over a Dataset that generates each example from its index on every read (no
 tensor of all inputs exists anywhere; ``IndexedSynthetic``): EK-FAC self-influence at its
-defaults, ``influence.fit(model, loss_fn, dataset, method="ekfac").self_influence()``, and the
-per-sample gradient norms ``influx.grads.per_sample_norms(model, loss_fn, dataset)``. The data
+defaults, ``influence.fit(model, loss_fn, dataset, method="ekfac").self_influence()``, the
+per-sample gradient norms ``influx.grads.per_sample_norms(model, loss_fn, dataset)``, and the
+Gaussian Unlearning Score of every example taken as a poison,
+``influx.audit.gus(model, loss_fn, dataset, noise, 0.1)``, its noise N(0, 0.1^2 I) generated
+from the dataset indices batch by batch (``noise_of``). The data
 are CIFAR-shaped ([3, 32, 32] float32, 12 KiB an example: the inputs of 200,000 examples would
 take 2.4 GB), the model a small MLP on them (4x4 average pooling, then 192 -> 64 tanh -> 10
 classes; 13,002 parameters), untrained: neither memory nor time depends on its weights.
@@ -41,6 +44,7 @@ from benchmarks.common import (
     write_results,
 )
 from influx import influence, models
+from influx.audit import gus
 from influx.grads import per_sample_norms
 from influx.train import cross_entropy_per_example
 
@@ -49,7 +53,8 @@ QUICK_SIZES = (2_000, 20_000)
 INPUT_SHAPE = (3, 32, 32)
 CLASSES = 10
 THREADS = int(os.environ.get("INFLUX_STREAM_THREADS", 2))
-WORKS = ("ekfac_self_influence", "per_sample_norms")
+WORKS = ("ekfac_self_influence", "per_sample_norms", "gus")
+GUS_NOISE_STD = 0.1
 COLUMNS = [
     "work", "train", "seconds", "peak_rss_mb", "above_start_mb", "rss_vs_smallest", "spread",
     "runs", "reads", "seconds_per_1000", "notes",
@@ -96,10 +101,22 @@ def build_model() -> nn.Module:
     )
 
 
+def noise_of(indices: torch.Tensor) -> torch.Tensor:
+    """The training noise of the examples ``indices`` [b]: N(0, GUS_NOISE_STD^2 I) from a
+    generator seeded by the index, so no tensor of all the noise exists."""
+    rows = []
+    for index in indices.tolist():
+        generator = torch.Generator(device="cpu").manual_seed(7_000_003 + int(index))
+        rows.append(GUS_NOISE_STD * torch.randn(INPUT_SHAPE, generator=generator, device="cpu"))
+    return torch.stack(rows)
+
+
 def do_work(work: str, model, dataset) -> torch.Tensor:
     if work == "ekfac_self_influence":
         fitted = influence.fit(model, cross_entropy_per_example, dataset, method="ekfac")
         return fitted.self_influence()
+    if work == "gus":
+        return gus(model, cross_entropy_per_example, dataset, noise_of, GUS_NOISE_STD).scores
     return per_sample_norms(model, cross_entropy_per_example, dataset)
 
 

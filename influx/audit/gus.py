@@ -216,18 +216,26 @@ class _NullNoise:
     def __init__(self, total: int, dtype: torch.dtype, seed: int):
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.total, self.dtype, self.drawn = total, dtype, 0
-        self.buffer = torch.empty(0, dtype=dtype, device="cpu")
+        self.block = torch.empty(0, dtype=dtype, device="cpu")
+        self.used = 0  # values of ``block`` handed out
 
     def take(self, count: int) -> torch.Tensor:
-        while self.buffer.numel() < count:
-            left = self.total - self.drawn
-            # the last draw takes all that is left (at least 16 when the whole would): it is
-            # the one that ends the sequence, as the single draw does
-            size = left if left <= 2 * _NULL_BLOCK else _NULL_BLOCK
-            block = torch.randn(size, generator=self.generator, dtype=self.dtype, device="cpu")
-            self.buffer = torch.cat([self.buffer, block])
-            self.drawn += size
-        piece, self.buffer = self.buffer[:count], self.buffer[count:]
+        # Copied out of fixed-size blocks into one new tensor: allocations of a few fixed sizes,
+        # which the allocator reuses, so resident memory stays flat over any number of points.
+        piece = torch.empty(count, dtype=self.dtype, device="cpu")
+        filled = 0
+        while filled < count:
+            if self.used == self.block.numel():
+                left = self.total - self.drawn
+                # the last draw takes all that is left (at least 16 when the whole would): it is
+                # the one that ends the sequence, as the single draw does
+                size = left if left <= 2 * _NULL_BLOCK else _NULL_BLOCK
+                self.block = torch.randn(size, generator=self.generator, dtype=self.dtype,
+                                         device="cpu")  # fmt: skip
+                self.drawn, self.used = self.drawn + size, 0
+            step = min(count - filled, self.block.numel() - self.used)
+            piece[filled : filled + step] = self.block[self.used : self.used + step]
+            filled, self.used = filled + step, self.used + step
         return piece
 
 
@@ -315,7 +323,9 @@ def gus(
     noise_of = _noise_of(noise, n_points)
     loss = _loss_in(loss_fn, loss_dtype)
     threshold = statistics.NormalDist().inv_cdf(1.0 - fpr)
-    parts: list[tuple[torch.Tensor, ...]] = []
+    # Written into [n] outputs allocated once: small per-batch results kept alive between the
+    # batches' large buffers would fragment the heap and grow resident memory with n.
+    columns: tuple[torch.Tensor, ...] = ()
     null = None
     position = 0
     for inputs, _, labels, grads in gradient_batches(model, loss, iter_batches(data, batch_size)):
@@ -340,8 +350,15 @@ def gus(
         scale = noise_std * norms
         scores = (train_noise.flatten(1).to(descent) * descent).sum(dim=1) / scale
         null_scores = (null_noise.flatten(1) * descent).sum(dim=1) / scale
-        parts.append((scores, null_scores, norms == 0, labels.to(inputs.device)))
-    scores, null_scores, zero, labels = (torch.cat(column) for column in zip(*parts))
+        found = (scores, null_scores, norms == 0, labels.to(inputs.device))
+        if not columns:
+            columns = tuple(part.new_empty(n_points) for part in found)
+        for column, part in zip(columns, found, strict=True):
+            column[positions[0] : positions[-1] + 1] = part
+    if not columns:
+        raise InfluxValueError("GUS needs at least one poisoned point; the data yielded none")
+    # a DataLoader that drops its last batch yields fewer points than its sampler counts
+    scores, null_scores, zero, labels = (column[:position] for column in columns)
     if zero.all():
         raise InfluxValueError(
             "every point has a zero input gradient (the loss is flat at all of them): GUS is "
