@@ -24,8 +24,8 @@ products per decomposition, any model size, cost ~4 backward passes per probe ex
 ``"kfac"`` / ``"ekfac"`` use Kronecker factors with labels sampled from the model (the true
 Fisher), block-diagonal over Linear / Conv layers of one group, fitted by
 ``influx.curvature.fit_sampled_kronecker_factors``, the rule of the influence estimators' K-FAC:
-``fisher_draws("auto")`` labels per probe example (8 on small probes, one from 8,192 on),
-fresh draws for the EK-FAC eigenvalue refit. Parameters of other layers (normalization affine,
+``fisher_draws("auto")`` labels per probe example (several only while a pass is cheap: small
+probes of small models; one otherwise), fresh draws for the EK-FAC eigenvalue refit. Parameters of other layers (normalization affine,
 embeddings, grouped convolutions) are left out of the Fisher quantities and listed in
 ``Decomposition.excluded``. Both are the true Fisher, with labels drawn from the model, not the
 empirical Fisher of the observed labels: ``"exact"`` takes the expectation over labels in closed
