@@ -146,9 +146,12 @@ def fingerprint(*objects) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_child(suite: str, one: str, args, *, quick: bool | None = None) -> dict:
+def run_child(
+    suite: str, one: str, args, *, quick: bool | None = None, note_column: str = "note"
+) -> dict:
     """Run one row of ``suite`` in a fresh process (``benchmarks/run.py --one``) and return the
-    JSON object the child printed on its last stdout line, or ``{"note": "failed: ..."}``."""
+    JSON object the child printed on its last stdout line, or ``{note_column: "failed: ..."}``
+    (the column the suite's table keeps its notes in)."""
     command = [
         sys.executable, str(Path(__file__).resolve().parent / "run.py"), "--suite", suite,
         "--device", getattr(args, "device", "cpu"), "--one", one,
@@ -162,7 +165,7 @@ def run_child(suite: str, one: str, args, *, quick: bool | None = None) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"note": f"failed (exit {done.returncode}): {tail[:200]}"}
+        return {note_column: f"failed (exit {done.returncode}): {tail[:200]}"}
 
 
 def json_of_child(command: list[str]) -> dict:

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -46,6 +43,7 @@ from benchmarks.common import (
     kronfluence_classification_task,
     peak_rss_bytes,
     provenance,
+    run_child,
     write_results,
 )
 from benchmarks.suites.influence_scale import (
@@ -53,6 +51,7 @@ from benchmarks.suites.influence_scale import (
     Sizes,
     _agreement,
     _describe,
+    _median_row,
     _warm_up,
     build_model,
     trained_setup,
@@ -179,30 +178,7 @@ def run_one(args: Namespace) -> int:
 
 
 def _child(impl: str, folder: str) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    command = [
-        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", SUITE,
-        "--one", f"{impl}:{folder}",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        return {"notes": f"failed: {last[0][:200]}"}
-
-
-def _median_row(runs: list[dict]) -> dict:
-    done = [r for r in runs if "total_s" in r]
-    if not done:
-        return {"runs": 0, "notes": runs[-1].get("notes")}
-    row = {k: statistics.median(r[k] for r in done) for k in ("fit_s", "score_s", "total_s")}
-    row["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in done)
-    totals, peaks = [r["total_s"] for r in done], [r["peak_mem_mb"] for r in done]
-    row["spread"] = f"{min(totals):.3g}..{max(totals):.3g} s; {min(peaks):.0f}..{max(peaks):.0f} MB"
-    row["runs"] = len(done)
-    row["notes"] = done[-1]["notes"]
-    return row
+    return run_child(SUITE, f"{impl}:{folder}", None, quick=False, note_column="notes")
 
 
 def _size_rows(train: int, runs: int, quick: bool) -> list[dict]:

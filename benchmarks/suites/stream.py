@@ -27,11 +27,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +38,7 @@ from benchmarks.common import (
     memory_mark,
     peak_rss_bytes,
     provenance,
+    run_child,
     write_results,
 )
 from influx import influence, models
@@ -155,17 +153,7 @@ def run_one(args: Namespace) -> int:
 
 
 def child(work: str, n: int) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    command = [
-        sys.executable, str(root / "benchmarks" / "run.py"), "--suite", "stream",
-        "--one", f"{work}:{n}",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        return {"notes": f"failed: {last[0][:200]}"}
+    return run_child("stream", f"{work}:{n}", None, quick=False, note_column="notes")
 
 
 def _row(work: str, n: int, runs: list[dict]) -> dict:
